@@ -1,0 +1,43 @@
+# geomap: the two set-up commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: run test install install-test lint clean
+
+# torch goes in first, pinned by constraints.txt: a bare `torch` requirement would pull a CUDA build.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/geomap trace "The storm is"
+
+test:
+	@t0=$$(date +%s); \
+	$(MAKE) --no-print-directory install-test || exit $$?; \
+	t1=$$(date +%s); echo "phase install: $$((t1 - t0))s"; \
+	$(BIN)/ruff check geomap tests || exit $$?; \
+	t2=$$(date +%s); echo "phase lint: $$((t2 - t1))s"; \
+	$(BIN)/pytest --durations=15; rc=$$?; \
+	t3=$$(date +%s); echo "phase tests: $$((t3 - t2))s"; exit $$rc
+
+lint: install-test
+	$(BIN)/ruff check geomap tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,80 @@
+"""What one capture records: positions, layers, top-k sizes and the overflow policy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+Positions = Literal["last", "all"] | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Options of a capture; its canonical JSON is part of every stored prompt's key.
+
+    Attributes:
+        attn_positions: Query positions whose attention internals (q, k, v, scores, weights, head
+            outputs, head shares) and MLP features are kept: ``"last"``, ``"all"`` or explicit indices
+            (negative counts from the end).
+        lens_positions: Positions the logit lens reads, same forms.
+        layers: Residual boundaries (0..L) read by the lens and decoder layers (0..L-1) whose attention
+            internals are kept; ``None`` means all.
+        top_k: Candidates kept per lens readout and per final distribution.
+        mlp_top: MLP neurons kept per layer and position, by magnitude.
+        overflow: ``"error"`` for prompts longer than the context window, or ``"truncate"`` to keep the
+            last tokens (and the BOS token, if any).
+        attn_base: Attention kernel the capture delegates to: ``"sdpa"`` (fast) or ``"eager"``.
+    """
+
+    attn_positions: Positions = "last"
+    lens_positions: Positions = "last"
+    layers: tuple[int, ...] | None = None
+    top_k: int = 50
+    mlp_top: int = 32
+    overflow: Literal["error", "truncate"] = "error"
+    attn_base: Literal["sdpa", "eager"] = "sdpa"
+
+    def __post_init__(self):
+        for name in ("attn_positions", "lens_positions"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+            elif not isinstance(value, tuple) and value not in ("last", "all"):
+                raise ValueError(f"{name} must be 'last', 'all' or a list of positions, not {value!r}")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
+        if self.top_k < 1 or self.mlp_top < 1:
+            raise ValueError("top_k and mlp_top must be at least 1")
+        if self.overflow not in ("error", "truncate"):
+            raise ValueError(f"overflow must be 'error' or 'truncate', not {self.overflow!r}")
+        if self.attn_base not in ("sdpa", "eager"):
+            raise ValueError(f"attn_base must be 'sdpa' or 'eager', not {self.attn_base!r}")
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal configs give equal strings."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def resolve_positions(selector: Positions, length: int) -> np.ndarray:
+    """Turn a position selector into sorted unique indices for a prompt of ``length`` tokens."""
+    if selector == "last":
+        return np.array([length - 1], dtype=np.int64)
+    if selector == "all":
+        return np.arange(length, dtype=np.int64)
+    idx = np.array([p + length if p < 0 else p for p in selector], dtype=np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= length):
+        raise ValueError(f"positions {list(selector)} fall outside a prompt of {length} tokens")
+    return np.unique(idx)
+
+
+def resolve_layers(layers: tuple[int, ...] | None, n_layers: int) -> np.ndarray:
+    """Residual boundaries selected by ``layers`` (0..n_layers), sorted; negative counts from the end."""
+    if layers is None:
+        return np.arange(n_layers + 1, dtype=np.int64)
+    idx = np.array([ell + n_layers + 1 if ell < 0 else ell for ell in layers], dtype=np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() > n_layers):
+        raise ValueError(f"layers {list(layers)} fall outside 0..{n_layers}")
+    return np.unique(idx)

@@ -1,0 +1,201 @@
+"""One forward pass over a batch of prompts → one `Journey` per prompt.
+
+Prompts are right-padded (so position ids need no adjustment), sorted by length into batches to cut
+padding, and read back per prompt without the padding. Per-prompt failures (empty, too long) become
+`PromptFailure` records while the rest of the batch proceeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from geomap.capture.config import CaptureConfig, resolve_layers, resolve_positions
+from geomap.capture.journey import AttentionInside, Journey, LensReadout, MlpFeatures, PromptFailure, Stream
+from geomap.capture.lens import Unembed, to_readout
+from geomap.capture.recorder import Recorder
+from geomap.capture.tokens import Encoded, describe_tokens, encode
+from geomap.errors import PromptError
+from geomap.models.loading import LoadedModel
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _pad_index(rows: list[np.ndarray], device) -> torch.Tensor:
+    """(B, Q) index: each row's positions, padded by repeating its last one."""
+    width = max(len(r) for r in rows)
+    return torch.tensor(np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows]), device=device)
+
+
+def _head_shares(loaded: LoadedModel, rec: Recorder, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's part of the attention update at the query rows, and the W_O bias's part."""
+    a = loaded.anatomy
+    w_o, bias = a.w_o(layer)  # (d, H*Dh)
+    head_out = rec.head_out[layer].float()  # (B, Q, H, Dh)
+    weight = w_o.float().view(a.d_model, a.n_heads, a.head_dim)
+    share = torch.einsum("bqhe,dhe->bqhd", head_out, weight)
+    bias_share = (bias.float() if bias is not None else torch.zeros(a.d_model, device=share.device)).expand(
+        *share.shape[:2], a.d_model)
+    post = a.post_attn_norm(layer)
+    if post is not None:  # freeze the post-attention norm at the scale it applied to the whole output
+        scale = a.norm_scale(post, rec._rows(rec.o_out[layer], 1))[..., None]
+        share = a.norm_frozen(post, share, scale)
+        bias_share = a.norm_frozen(post, bias_share, scale[..., 0])
+    return share, bias_share
+
+
+def _or_empty(x: np.ndarray, tail: tuple[int, ...]) -> np.ndarray:
+    return x if x.ndim > 1 else np.zeros((0, *tail), np.float32)
+
+
+def _heads_last(x: np.ndarray, tail: tuple[int, ...]) -> np.ndarray:
+    """(La, heads, rows, Dh) → (La, rows, heads, Dh); empty when no layer is captured."""
+    return x.transpose(0, 2, 1, 3) if x.ndim > 1 else np.zeros((0, *tail), np.float32)
+
+
+@torch.no_grad()
+def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: CaptureConfig) -> list[Journey]:
+    """Capture a batch of already-encoded prompts in one forward pass."""
+    a, model, device = loaded.anatomy, loaded.model, loaded.device
+    lengths = [len(e.ids) for e in batch]
+    width, n_layers = max(lengths), a.n_layers
+    pad = loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, : len(e.ids)] = torch.from_numpy(e.ids)
+        mask[row, : len(e.ids)] = 1
+    attn_pos = [resolve_positions(config.attn_positions, n) for n in lengths]
+    lens_pos = [resolve_positions(config.lens_positions, n) for n in lengths]
+    boundaries = resolve_layers(config.layers, n_layers)
+    layers = [int(x) for x in boundaries if x < n_layers]
+    last = sorted({n - 1 for n in lengths})
+    with Recorder(a, _pad_index(attn_pos, device), layers, config.mlp_top, config.attn_base) as rec:
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    logits_to_keep=torch.tensor(last, device=device), use_cache=False)
+    resid = torch.stack(rec.resid)  # (L+1, B, T, d)
+    unembed = Unembed(a)
+    valid = mask.bool().to(device)
+    final = unembed.readout(resid[-1][valid], config.top_k)
+    top1 = torch.zeros(mask.shape, dtype=torch.long, device=device)
+    top1[valid] = torch.from_numpy(final["ids"][:, 0]).to(device)
+    lens_rows = [(b, torch.as_tensor(p, device=device)) for b, p in enumerate(lens_pos)]
+    lens_h = torch.cat([resid[boundaries][:, b, p].reshape(-1, a.d_model) for b, p in lens_rows])
+    lens_ref = torch.cat([resid[-1][b, p].expand(len(boundaries), -1, -1).reshape(-1, a.d_model)
+                          for b, p in lens_rows])
+    lens_ids = torch.cat([top1[b, p].expand(len(boundaries), -1).reshape(-1) for b, p in lens_rows])
+    lens = unembed.readout(lens_h, config.top_k, reference=lens_ref, reference_ids=lens_ids)
+    shares = {layer: _head_shares(loaded, rec, layer) for layer in layers}
+
+    # One transfer per tensor, then per-prompt numpy slices.
+    r, at, ml = _np(resid), _np(torch.stack(rec.attn_add)), _np(torch.stack(rec.mlp_add))
+    k_norms = len(a.spec.layer_norms)
+    scales = _np(torch.stack([rec.norm_scale[(i, k)] for i in range(n_layers) for k in range(k_norms)]))
+    scales = scales.reshape(n_layers, k_norms, *mask.shape)
+    final_scale = _np(rec.final_scale)
+    inside = {name: [_np(getattr(rec, name)[layer]) for layer in layers]
+              for name in ("q", "k", "v", "scores", "weights", "head_out", "mlp_value")}
+    mlp_index = [rec.mlp_index[layer].cpu().numpy() for layer in layers]
+    share_np = [(_np(s), _np(bs)) for s, bs in (shares[layer] for layer in layers)]
+    last_logits = _np(out.logits)
+    flat_final = np.cumsum([0, *lengths])
+    flat_lens = np.cumsum([0, *[len(boundaries) * len(p) for p in lens_pos]])
+
+    def per_prompt(name: str, b: int, *index) -> np.ndarray:
+        """Stack one prompt's slice of a per-layer capture; (0, ...) when no layer is captured."""
+        if name == "head_share":
+            arrays = [s[0] for s in share_np]
+        elif name == "bias_share":
+            arrays = [s[1] for s in share_np]
+        else:
+            arrays = mlp_index if name == "mlp_index" else inside[name]
+        if not arrays:
+            return np.zeros((0,), np.float32)
+        return np.stack([x[(b, *index)] for x in arrays])
+
+    journeys = []
+    for b, e in enumerate(batch):
+        n, nq, npos = lengths[b], len(attn_pos[b]), len(lens_pos[b])
+        all_, q_rows, keys = slice(None), slice(0, nq), slice(0, n)
+        attention = AttentionInside(
+            layers=np.asarray(layers, dtype=np.int64).reshape(-1),
+            positions=attn_pos[b],
+            scaling=np.asarray([rec.scaling[layer] for layer in layers], dtype=np.float32),
+            q=_heads_last(per_prompt("q", b, all_, q_rows), (nq, a.n_heads, a.head_dim)),
+            k=_heads_last(per_prompt("k", b, all_, keys), (n, a.n_kv_heads, a.head_dim)),
+            v=_heads_last(per_prompt("v", b, all_, keys), (n, a.n_kv_heads, a.head_dim)),
+            scores=_or_empty(per_prompt("scores", b, all_, q_rows, keys), (a.n_heads, nq, n)),
+            weights=_or_empty(per_prompt("weights", b, all_, q_rows, keys), (a.n_heads, nq, n)),
+            head_out=_or_empty(per_prompt("head_out", b, q_rows), (nq, a.n_heads, a.head_dim)),
+            head_share=_or_empty(per_prompt("head_share", b, q_rows), (nq, a.n_heads, a.d_model)),
+            bias_share=_or_empty(per_prompt("bias_share", b, q_rows), (nq, a.d_model)),
+        )
+        mlp = MlpFeatures(
+            index=_or_empty(per_prompt("mlp_index", b, q_rows), (nq, config.mlp_top)).astype(np.int64),
+            value=_or_empty(per_prompt("mlp_value", b, q_rows), (nq, config.mlp_top)),
+        )
+        fsl = slice(flat_final[b], flat_final[b + 1])
+        lsl = slice(flat_lens[b], flat_lens[b + 1])
+        lead = (len(boundaries), npos)
+        journeys.append(Journey(
+            text=e.text,
+            model=loaded.name,
+            tokens=describe_tokens(loaded.tokenizer, e.ids),
+            stream=Stream(resid=r[:, b, :n], attn=at[:, b, :n], mlp=ml[:, b, :n],
+                          norm_scale=scales[:, :, b, :n], norm_names=a.spec.layer_norms,
+                          final_norm_scale=final_scale[b, :n]),
+            attention=attention,
+            mlp=mlp,
+            final=to_readout({k: v[fsl] for k, v in final.items()}, (n,)),
+            last_logits=last_logits[b, last.index(n - 1)],
+            lens=LensReadout(
+                layers=boundaries, positions=lens_pos[b],
+                top=to_readout({k: v[lsl] for k, v in lens.items()}, lead),
+                kl_to_final=lens["kl"][lsl].reshape(lead).astype(np.float32),
+                final_rank=lens["rank"][lsl].reshape(lead).astype(np.int64),
+                final_prob=lens["prob"][lsl].reshape(lead).astype(np.float32),
+            ),
+            truncated=e.truncated,
+        ))
+    return journeys
+
+
+def iter_capture(loaded: LoadedModel, texts: Iterable[str], config: CaptureConfig | None = None,
+                 batch_size: int = 8) -> Iterator[tuple[int, Journey | PromptFailure]]:
+    """Capture prompts batch by batch, yielding ``(index, Journey or PromptFailure)`` as each batch ends.
+
+    Batches are formed from consecutive prompts, sorted by length inside the batch window.
+    """
+    config = config or CaptureConfig()
+    window: list[tuple[int, Encoded]] = []
+
+    def flush():
+        window.sort(key=lambda item: len(item[1].ids))
+        journeys = capture_batch(loaded, [e for _, e in window], config)
+        done = [(i, j) for (i, _), j in zip(window, journeys)]
+        window.clear()
+        return done
+
+    for index, text in enumerate(texts):
+        try:
+            window.append((index, encode(loaded.tokenizer, text, loaded.anatomy.context_window, config.overflow)))
+        except PromptError as exc:
+            yield index, PromptFailure(index, text if isinstance(text, str) else repr(text), str(exc))
+            continue
+        if len(window) == batch_size:
+            yield from flush()
+    if window:
+        yield from flush()
+
+
+def capture(loaded: LoadedModel, texts: Sequence[str] | str, config: CaptureConfig | None = None,
+            batch_size: int = 8) -> list[Journey | PromptFailure]:
+    """Capture prompts; returns one `Journey` (or `PromptFailure`) per prompt, in input order."""
+    if isinstance(texts, str):
+        texts = [texts]
+    results = dict(iter_capture(loaded, texts, config, batch_size))
+    return [results[i] for i in range(len(texts))]
