@@ -69,7 +69,8 @@ class Unembed:
             }
             if reference is not None:
                 ref = self.logits(reference[start:stop])
-                got["kl"] = (p * (logp - torch.log_softmax(ref, dim=-1))).sum(-1)
+                ref_logp = ref - torch.logsumexp(ref, dim=-1, keepdim=True)  # same arithmetic as logp
+                got["kl"] = (p * (logp - ref_logp)).sum(-1).clamp_min(0.0)
             if reference_ids is not None:
                 ids = reference_ids[start:stop, None]
                 got["rank"] = 1 + (z > z.gather(-1, ids)).sum(-1)

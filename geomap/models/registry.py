@@ -247,7 +247,7 @@ class Anatomy:
         Summing this over the parts of a vector gives the norm of the whole, minus any LayerNorm bias.
         """
         xf = x.float()
-        weight = norm.weight.float()
+        weight = norm.weight.detach().float()
         if self.spec.norm_kind == "layer":
             xf = xf - xf.mean(-1, keepdim=True)
         elif self.spec.norm_kind == "rms_plus_one":

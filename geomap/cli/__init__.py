@@ -1,0 +1,101 @@
+"""The ``geomap`` command line: a thin layer over the stages."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from geomap.errors import GeomapError
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' own progress bars and advice; geomap prints its own progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="geomap")
+def cli() -> None:
+    """Measure, store and explore the journey of an inference token through a real language model."""
+
+
+@cli.command()
+@click.argument("text", required=False)
+@click.option("--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Trace every prompt of a text file (one per line) instead of TEXT.")
+@click.option("--model", "model_name", default=None, help="Preset, local model directory or hub id.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available, else CPU).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Weights dtype (default: float32 on CPU).")
+@click.option("--overflow", default="error", type=click.Choice(["error", "truncate"]),
+              help="What to do with a prompt longer than the context window.")
+@click.option("--top", default=10, show_default=True, help="Next-token candidates to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+def trace(text: str | None, prompt_file: str | None, model_name: str | None, device: str | None,
+          dtype: str | None, overflow: str, top: int, as_json: bool) -> None:
+    """Print the journey of the last token of TEXT: tokens, logit lens per layer, heads, next tokens.
+
+    With --file, every prompt of the file is traced; a prompt that fails is reported and the others proceed.
+    """
+    from geomap.capture import CaptureConfig, PromptFailure, capture
+    from geomap.capture.prompts import read_prompt_lines
+    from geomap.cli.summary import format_trace, trace_summary
+    from geomap.errors import PromptError
+    from geomap.models import DEFAULT_MODEL, load_model
+
+    if (text is None) == (prompt_file is None):
+        raise click.UsageError("Give either TEXT or --file PATH.")
+    texts = read_prompt_lines(prompt_file) if prompt_file else [text]
+    if text is not None and not text.strip():
+        raise PromptError(f"Prompt is empty or whitespace only: {text!r}")
+    _quiet_transformers()
+    loaded = load_model(model_name or DEFAULT_MODEL, device=device, dtype=dtype)
+    failed = 0
+    for result in capture(loaded, texts, CaptureConfig(overflow=overflow, top_k=max(top, 10))):
+        if isinstance(result, PromptFailure):
+            failed += 1
+            click.echo(f"error: prompt {result.index + 1}: {result.reason}", err=True)
+            continue
+        summary = trace_summary(result, loaded.tokenizer, next_top=top)
+        click.echo(json.dumps(summary, ensure_ascii=False) if as_json else format_trace(summary) + "\n")
+    if failed:
+        sys.exit(2)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List the model presets, where each comes from, and whether it is converted and cached."""
+    from geomap.models import DEFAULT_MODEL, PRESETS, cache_home
+
+    rows = [{"name": p.name, "default": p.name == DEFAULT_MODEL, "description": p.description,
+             "source": p.source, "install": p.install, "cached": p.is_cached,
+             "path": str(p.cache_dir) if p.is_cached else None} for p in PRESETS.values()]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"cache home: {cache_home()}  (set GEOMAP_HOME to move it)\n")
+    for r in rows:
+        state = f"converted and cached at {r['path']}" if r["cached"] else "not converted yet (first use converts)"
+        click.echo(f"{r['name']}{' (default)' if r['default'] else ''}: {r['description']}")
+        click.echo(f"    source:  {r['source']}\n    install: {r['install']}\n    status:  {state}\n")
+    click.echo("Any local Hugging Face model directory or hub id (with network) works too: --model PATH_OR_ID")
+
+
+def main() -> None:
+    """Console entry point: turns geomap's own errors into one clear line and exit status 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except GeomapError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
