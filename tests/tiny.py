@@ -34,7 +34,7 @@ def build_tokenizer():
 
 def build_config(arch: str, vocab: int):
     """A 2-3 layer config with grouped-query attention where the architecture has it."""
-    from transformers import GPT2Config, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
