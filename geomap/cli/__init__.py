@@ -87,6 +87,16 @@ def models(as_json: bool) -> None:
     click.echo("Any local Hugging Face model directory or hub id (with network) works too: --model PATH_OR_ID")
 
 
+def _add_store_commands() -> None:
+    from geomap.cli.store_cmds import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_store_commands()
+
+
 def main() -> None:
     """Console entry point: turns geomap's own errors into one clear line and exit status 2."""
     try:

@@ -1,0 +1,158 @@
+"""Store commands: run, ingest, sql, neighbors, index."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         help="DuckDB store (default: $GEOMAP_DB, else data/geomap.duckdb).")
+
+
+def _db(db: Path | None) -> Path:
+    from geomap.store.db import default_db_path
+
+    return db or default_db_path()
+
+
+def _report(summary, as_json: bool) -> None:
+    from geomap.store.ingest import summary_json
+
+    if as_json:
+        click.echo(summary_json(summary))
+    else:
+        click.echo(f"run {summary.run_id}: stored {summary.stored} prompts ({summary.tokens} tokens), skipped "
+                   f"{summary.skipped} already stored, {summary.failed} failed, in {summary.seconds:.1f}s", err=True)
+    for line in summary.failures:
+        click.echo(f"error: {line}", err=True)
+
+
+@click.command()
+@click.argument("pipeline_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@db_option
+@click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool) -> None:
+    """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
+    from geomap.cli import _quiet_transformers
+    from geomap.models import load_model
+    from geomap.store.ingest import ingest
+    from geomap.store.pipeline import load_pipeline
+
+    pipe = load_pipeline(pipeline_file)
+    prompts = pipe.prompts()
+    _quiet_transformers()
+    loaded = load_model(pipe.model, device=device)
+    summary = ingest(loaded, prompts, db or pipe.store, pipe.capture, pipe.vector_dtype, pipe.batch_size,
+                     pipeline=pipe.name)
+    _report(summary, as_json)
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@db_option
+@click.option("--model", "model_name", default=None, help="Preset, local model directory or hub id.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--attn-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
+@click.option("--lens-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
+@click.option("--vector-dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, device: str | None, batch_size: int,
+           attn_positions: str, lens_positions: str, vector_dtype: str, as_json: bool) -> None:
+    """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc."""
+    from geomap.capture import CaptureConfig
+    from geomap.cli import _quiet_transformers
+    from geomap.models import DEFAULT_MODEL, load_model
+    from geomap.store.ingest import ingest as run_ingest
+    from geomap.store.sources import read_source
+
+    prompts = [spec for path in files for spec in read_source(path)]
+    _quiet_transformers()
+    loaded = load_model(model_name or DEFAULT_MODEL, device=device)
+    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)
+    _report(run_ingest(loaded, prompts, _db(db), config, vector_dtype, batch_size), as_json)
+
+
+@click.command()
+@click.argument("query")
+@db_option
+@click.option("--format", "fmt", default="table", type=click.Choice(["table", "csv", "json"]), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--time-limit", default=5.0, show_default=True, help="Seconds before the query is interrupted.")
+@click.option("--max-rows", default=10_000, show_default=True, help="Row cap.")
+def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int) -> None:
+    """Run a read-only SQL query against the store."""
+    from geomap.store.sql import run_sql
+
+    result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
+    click.echo(result.format("json" if as_json else fmt))
+    if result.truncated:
+        click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)
+
+
+@click.command()
+@db_option
+@click.option("--prompt", "prompt_id", type=int, required=True, help="Stored prompt id.")
+@click.option("--layer", type=int, required=True, help="Residual boundary 0..L.")
+@click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
+@click.option("-k", "k", default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: int, as_json: bool) -> None:
+    """The stored states nearest to one state (cosine of per-layer standardised residuals)."""
+    from geomap.store.query import neighbors as find
+
+    frame = find(_db(db), prompt_id, layer, pos, k)
+    if as_json:
+        cols = ["prompt_id", "pos", "layer", "token", "prompt_text", "similarity"]
+        click.echo(json.dumps(json.loads(frame[cols].to_json(orient="records")), ensure_ascii=False))
+    else:
+        click.echo(frame.drop(columns=["state_id"]).to_string(index=False))
+
+
+@click.group()
+def index() -> None:
+    """Check or rebuild the FAISS indexes derived from the store."""
+
+
+@index.command("rebuild")
+@db_option
+@click.option("--kind", default="auto", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), show_default=True)
+def index_rebuild(db: Path | None, kind: str) -> None:
+    """Rebuild every state index from DuckDB (recomputing the standardisation)."""
+    from geomap.store.db import connect
+    from geomap.store.vectors import build_state_indexes
+
+    path = _db(db)
+    con = connect(path)
+    try:
+        rows = build_state_indexes(con, path, kind=kind)
+    finally:
+        con.close()
+    click.echo(f"rebuilt {len(rows)} indexes ({sum(r['ntotal'] for r in rows)} vectors)")
+
+
+@index.command("verify")
+@db_option
+def index_verify(db: Path | None) -> None:
+    """Check every index file against its manifest row and DuckDB."""
+    from geomap.store.db import connect
+    from geomap.store.vectors import verify_indexes
+
+    path = _db(db)
+    con = connect(path, read_only=True)
+    try:
+        problems = verify_indexes(con, path)
+    finally:
+        con.close()
+    for line in problems:
+        click.echo(f"problem: {line}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo("all indexes match their manifest and DuckDB")
+
+
+COMMANDS = (run, ingest, sql, neighbors, index)

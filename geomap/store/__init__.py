@@ -1,0 +1,1 @@
+"""Store stage: DuckDB tables (source of truth) and derived FAISS indexes."""

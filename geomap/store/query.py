@@ -1,0 +1,57 @@
+"""Read-side helpers over a store: state vectors and nearest stored neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geomap.store.codec import from_blob
+from geomap.store.db import StoreError, connect
+
+
+def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tuple[int, np.ndarray]:
+    """The stored residual of a prompt at a layer and position (default: its last), as (state id, vector)."""
+    if pos is None:
+        rows = con.execute("SELECT n_tokens - 1 FROM prompts WHERE id = ? AND status = 'done'", [prompt_id]).fetchall()
+        if not rows:
+            raise StoreError(f"No stored prompt with id {prompt_id}")
+        pos = rows[0][0]
+    row = con.execute("SELECT id, vec, vec_bf16 FROM states WHERE prompt_id = ? AND layer = ? AND pos = ?",
+                      [prompt_id, layer, pos]).fetchall()
+    if not row:
+        raise StoreError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}")
+    state_id, vec, blob = row[0]
+    return state_id, (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
+
+
+def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None = None, k: int = 10) -> pd.DataFrame:
+    """The k stored states nearest to one state at the same layer, through its FAISS index, joined back to DuckDB.
+
+    Similarity is the cosine of per-layer standardised residuals (see `geomap.store.vectors`).
+
+    Returns:
+        Columns ``prompt_id, pos, layer, token, prompt_text, lens_top1, similarity, state_id``, nearest first
+        (the query state itself comes first, with similarity 1).
+    """
+    from geomap.store.vectors import open_state_index
+
+    con = connect(db_path, read_only=True)
+    try:
+        _, vec = state_vector(con, prompt_id, layer, pos)
+        ids, sims = open_state_index(con, Path(db_path), layer).search(vec[None], k)
+        hits = pd.DataFrame({"state_id": ids[0], "similarity": sims[0], "rank": np.arange(len(ids[0]))})
+        hits = hits[hits.state_id >= 0]
+        con.register("_hits", hits)
+        out = con.execute("""
+            SELECT s.prompt_id, s.pos, s.layer, t.text AS token, p.text AS prompt_text, tr.top1_token AS lens_top1,
+                   h.similarity, h.state_id
+            FROM _hits h JOIN states s ON s.id = h.state_id
+            JOIN prompts p ON p.id = s.prompt_id
+            JOIN tokens t ON t.prompt_id = s.prompt_id AND t.pos = s.pos
+            LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
+            ORDER BY h.rank""").df()
+        return out
+    finally:
+        con.close()

@@ -1,0 +1,204 @@
+-- geomap store schema. DuckDB is the source of truth; FAISS indexes are derived from `states`.
+-- Part 1 is static. Part 2 (after the marker line) holds the vector tables; `{d}` is the residual width of the
+-- store's model, fixed by the first run (a store holds one width; FLOAT[{d}] is DuckDB's fixed-size array).
+
+CREATE TABLE IF NOT EXISTS store_meta (
+    key VARCHAR PRIMARY KEY,                -- 'schema_version', 'd_model', 'model', 'weights_sha256'
+    value VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    model VARCHAR,                          -- preset name, directory or hub id
+    model_type VARCHAR,                     -- config.model_type
+    weights_sha256 VARCHAR,                 -- sha256 of the safetensors weights
+    dtype VARCHAR,                          -- compute dtype
+    vector_dtype VARCHAR,                   -- 'float32' or 'bfloat16' (storage of state vectors)
+    capture_config JSON,                    -- canonical JSON of CaptureConfig
+    pipeline VARCHAR,                       -- pipeline name, or 'ingest'
+    status VARCHAR,                         -- 'running', 'done', 'failed'
+    n_layers INTEGER, d_model INTEGER, n_heads INTEGER, n_kv_heads INTEGER, head_dim INTEGER, vocab_size INTEGER
+);
+
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY,
+    key VARCHAR UNIQUE,                     -- sha256(model id + weights hash, capture config JSON, text[, decoding])
+    run_id INTEGER,
+    text VARCHAR,
+    source VARCHAR,                         -- file the prompt came from, or 'inline'
+    source_id VARCHAR,                      -- id given by the source (jsonl/csv/parquet `id`), if any
+    tags VARCHAR[],
+    n_tokens INTEGER,
+    status VARCHAR,                         -- 'done' or 'error'
+    error VARCHAR,                          -- why it failed (status 'error')
+    truncated BOOLEAN,
+    parent_id INTEGER,                      -- generations: the prompt they continue
+    decoding JSON                           -- generations: decoding settings and seed
+);
+
+CREATE TABLE IF NOT EXISTS vocab (          -- one row per token of each model's vocabulary
+    weights_sha256 VARCHAR,
+    token_id INTEGER,
+    text VARCHAR,                           -- display text (U+FFFD inside unfinished UTF-8)
+    raw BLOB,
+    special BOOLEAN,
+    PRIMARY KEY (weights_sha256, token_id)
+);
+
+CREATE TABLE IF NOT EXISTS tokens (
+    prompt_id INTEGER,
+    pos INTEGER,
+    token_id INTEGER,
+    text VARCHAR,
+    raw BLOB,
+    special BOOLEAN,
+    generated BOOLEAN,                      -- produced by `geomap generate` rather than the prompt
+    PRIMARY KEY (prompt_id, pos)
+);
+
+CREATE TABLE IF NOT EXISTS norm_names (     -- what `norms.norm` means for each architecture
+    model_type VARCHAR,
+    norm SMALLINT,                          -- 0..K-1 in-layer norms in execution order; K = the final norm
+    name VARCHAR,
+    PRIMARY KEY (model_type, norm)
+);
+
+CREATE TABLE IF NOT EXISTS norms (
+    prompt_id INTEGER,
+    pos INTEGER,
+    layer SMALLINT,                         -- decoder layer; the final norm is stored at layer L
+    norm SMALLINT,
+    scale FLOAT                             -- the scalar the norm multiplied its input by (1/rms or 1/std)
+);
+
+CREATE TABLE IF NOT EXISTS mlp_features (
+    prompt_id INTEGER,
+    pos INTEGER,                            -- a captured query position
+    layer SMALLINT,
+    neurons INTEGER[],                      -- most active hidden neurons, largest |activation| first
+    activations FLOAT[]
+);
+
+CREATE TABLE IF NOT EXISTS lens (
+    prompt_id INTEGER,
+    pos INTEGER,
+    layer SMALLINT,                         -- residual boundary 0..L
+    token_ids INTEGER[],                    -- top-k under the lens, best first
+    logits FLOAT[],
+    probs FLOAT[]
+);
+
+CREATE TABLE IF NOT EXISTS lens_stats (
+    prompt_id INTEGER,
+    pos INTEGER,
+    layer SMALLINT,
+    top1_id INTEGER,
+    top1_prob FLOAT,
+    entropy FLOAT,                          -- nats
+    logsumexp FLOAT,
+    kl_to_final FLOAT,                      -- KL(lens || final), nats
+    final_rank INTEGER,                     -- 1-based rank of the final top-1 token under the lens
+    final_prob FLOAT,
+    PRIMARY KEY (prompt_id, pos, layer)
+);
+
+CREATE TABLE IF NOT EXISTS next_token (
+    prompt_id INTEGER,
+    pos INTEGER,
+    token_ids INTEGER[],                    -- the model's final top-k at this position, best first
+    logits FLOAT[],
+    probs FLOAT[],
+    entropy FLOAT,
+    logsumexp FLOAT,
+    PRIMARY KEY (prompt_id, pos)
+);
+
+CREATE TABLE IF NOT EXISTS final_logits (
+    prompt_id INTEGER PRIMARY KEY,          -- the last position's full-vocabulary logits
+    logits FLOAT[]
+);
+
+CREATE TABLE IF NOT EXISTS faiss_manifest (
+    layer SMALLINT,                         -- residual boundary; -1 for vocabulary indexes
+    kind VARCHAR,                           -- 'states:flat', 'states:ivf', 'states:hnsw'
+    path VARCHAR,                           -- relative to the store's index folder
+    dim INTEGER,
+    metric VARCHAR,                         -- 'inner_product' on standardised, L2-normalised states
+    ntotal BIGINT,
+    max_id BIGINT,
+    sha256 VARCHAR,
+    mean FLOAT[],                           -- per-layer standardisation frozen at build
+    std FLOAT[],
+    built_at TIMESTAMP,
+    PRIMARY KEY (layer, kind)
+);
+
+-- @@ vector tables @@
+
+CREATE TABLE IF NOT EXISTS states (
+    id BIGINT PRIMARY KEY,                  -- also the FAISS id
+    prompt_id INTEGER,
+    pos INTEGER,
+    layer SMALLINT,                         -- residual boundary 0..L (0 = embedding output)
+    norm FLOAT,                             -- L2 norm of the residual
+    cos_final FLOAT,                        -- cosine to the same position's final-layer residual
+    vec FLOAT[{d}],                         -- the residual (vector_dtype 'float32'), else NULL
+    vec_bf16 BLOB                           -- vector_dtype 'bfloat16': d little-endian uint16, the top half of each float32
+);
+
+CREATE TABLE IF NOT EXISTS contributions (
+    prompt_id INTEGER,
+    pos INTEGER,
+    layer SMALLINT,                         -- decoder layer: resid[layer] + attn + mlp = resid[layer + 1]
+    attn FLOAT[{d}],
+    mlp FLOAT[{d}],
+    attn_norm FLOAT,
+    mlp_norm FLOAT,
+    attn_bias FLOAT[{d}]                    -- W_O bias share at captured query positions (else NULL)
+);
+
+CREATE TABLE IF NOT EXISTS attention (
+    prompt_id INTEGER,
+    layer SMALLINT,
+    head SMALLINT,
+    pos INTEGER,                            -- query position
+    scores FLOAT[],                         -- q·k × scaling over key positions 0..T-1, before the mask
+    weights FLOAT[],                        -- softmax(scores + mask), sums to 1
+    entropy FLOAT,                          -- of `weights`, nats
+    q FLOAT[],                              -- post-RoPE query of this head
+    k FLOAT[],                              -- post-RoPE key of this head's KV group at the query position
+    v FLOAT[],                              -- value of this head's KV group at the query position
+    head_out FLOAT[],                       -- the head's weighted sum of values
+    share FLOAT[{d}],                       -- the head's part of the attention update (through W_O)
+    share_norm FLOAT
+);
+
+-- Views: the common questions as one short query.
+
+CREATE OR REPLACE VIEW trajectory AS
+SELECT s.prompt_id, s.pos, s.layer, s.norm, s.cos_final,
+       l.top1_id, v.text AS top1_token, l.top1_prob, l.entropy, l.kl_to_final, l.final_rank, l.final_prob
+FROM states s
+LEFT JOIN lens_stats l USING (prompt_id, pos, layer)
+LEFT JOIN prompts p ON p.id = s.prompt_id
+LEFT JOIN runs r ON r.id = p.run_id
+LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = l.top1_id;
+
+CREATE OR REPLACE VIEW journey AS
+WITH last AS (SELECT id AS prompt_id, n_tokens - 1 AS pos FROM prompts WHERE status = 'done'),
+depth AS (
+    SELECT l.prompt_id, coalesce(max(l.layer) FILTER (WHERE l.final_rank > 1) + 1, 0) AS prediction_depth
+    FROM lens_stats l JOIN last USING (prompt_id, pos) GROUP BY l.prompt_id
+)
+SELECT p.id AS prompt_id, p.run_id, p.text, p.tags, p.n_tokens,
+       t.text AS last_token, n.token_ids[1] AS top1_id, v.text AS top1_token, n.probs[1] AS top1_prob,
+       n.entropy, d.prediction_depth
+FROM prompts p
+JOIN last ON last.prompt_id = p.id
+JOIN tokens t ON t.prompt_id = p.id AND t.pos = last.pos
+JOIN next_token n ON n.prompt_id = p.id AND n.pos = last.pos
+JOIN runs r ON r.id = p.run_id
+LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = n.token_ids[1]
+LEFT JOIN depth d ON d.prompt_id = p.id;

@@ -1,0 +1,118 @@
+"""The DuckDB store: rows match the capture, keys make reruns idempotent, bad input never corrupts it."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pytest
+
+from geomap.capture import CaptureConfig, capture
+from geomap.store.codec import decode_bf16, encode_bf16, from_blob
+from geomap.store.db import StoreLockedError, connect, ensure_schema
+from geomap.store.ingest import ingest
+from geomap.store.writer import PromptSpec, write_batch
+
+PROMPTS = ["The storm is", "Paris", "def add(a, b):", ""]
+ALL = CaptureConfig(attn_positions="all", lens_positions="all", top_k=5)
+
+
+@pytest.fixture
+def llama(tiny_models):
+    return tiny_models["llama"]
+
+
+def counts(db) -> dict[str, int]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        tables = ["prompts", "tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens",
+                  "lens_stats", "next_token", "final_logits"]
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+    finally:
+        con.close()
+
+
+def test_row_counts_match_the_capture(llama, tmp_path):
+    db = tmp_path / "s.duckdb"
+    summary = ingest(llama, [PromptSpec(t) for t in PROMPTS], db, ALL, progress=False, index=False)
+    assert (summary.stored, summary.failed, summary.skipped) == (3, 1, 0)
+    journeys = [j for j in capture(llama, PROMPTS[:3], ALL)]
+    a = llama.anatomy
+    n_tok = sum(len(j.tokens) for j in journeys)
+    got = counts(db)
+    assert got["prompts"] == 4 and got["tokens"] == n_tok
+    assert got["states"] == (a.n_layers + 1) * n_tok
+    assert got["contributions"] == a.n_layers * n_tok
+    assert got["attention"] == a.n_layers * a.n_heads * n_tok
+    assert got["lens"] == got["lens_stats"] == (a.n_layers + 1) * n_tok
+    assert got["next_token"] == n_tok and got["final_logits"] == 3
+    assert got["mlp_features"] == a.n_layers * n_tok
+    con = duckdb.connect(str(db), read_only=True)
+    j = journeys[0]
+    vec = np.array(con.execute("SELECT vec FROM states WHERE prompt_id = 1 AND layer = 2 AND pos = 1").fetchone()[0])
+    np.testing.assert_array_equal(vec, j.stream.resid[2, 1])
+    weights = con.execute("SELECT weights FROM attention WHERE prompt_id = 1 AND layer = 1 AND head = 2 AND pos = 3"
+                          ).fetchone()[0]
+    np.testing.assert_allclose(weights, j.attention.weights[1, 2, 3], rtol=1e-6)
+    error = con.execute("SELECT status, error FROM prompts WHERE text = ''").fetchone()
+    assert error[0] == "error" and "empty" in error[1]
+    assert con.execute("SELECT count(*) FROM journey").fetchone()[0] == 3
+
+
+def test_rerun_is_idempotent_and_config_changes_store_new_rows(llama, tmp_path):
+    db = tmp_path / "s.duckdb"
+    specs = [PromptSpec(t) for t in PROMPTS[:3]]
+    ingest(llama, specs, db, ALL, progress=False, index=False)
+    before = counts(db)
+    again = ingest(llama, specs, db, ALL, progress=False, index=False)
+    assert again.skipped == 3 and again.stored == 0 and counts(db) == before
+    other = ingest(llama, specs, db, dataclasses.replace(ALL, top_k=7), progress=False, index=False)
+    assert other.stored == 3 and counts(db)["prompts"] == 6
+
+
+def test_bfloat16_round_trip_keeps_gemma_residuals_finite(real, tmp_path):
+    (j,) = capture(real, ["The storm is"])
+    resid = j.stream.resid
+    assert np.abs(resid).max() > 65504, "Gemma-3 residuals exceed float16's range"
+    assert not np.isfinite(resid.astype(np.float16)).all()
+    back = decode_bf16(encode_bf16(resid))
+    assert np.isfinite(back).all()
+    assert (np.abs(back - resid) <= np.abs(resid) * 2.0 ** -8).all()
+    db = tmp_path / "bf16.duckdb"
+    ingest(real, [PromptSpec("The storm is")], db, CaptureConfig(), vector_dtype="bfloat16", progress=False,
+           index=False)
+    con = duckdb.connect(str(db), read_only=True)
+    vec, blob = con.execute("SELECT vec, vec_bf16 FROM states WHERE layer = 18 AND pos = 3").fetchone()
+    assert vec is None
+    np.testing.assert_array_equal(from_blob(blob), back[18, 3])
+
+
+def test_nan_states_are_refused_naming_the_prompt(llama, tmp_path):
+    (j,) = capture(llama, ["The storm is"])
+    resid = j.stream.resid.copy()
+    resid[1, 0, 0] = np.nan
+    bad = dataclasses.replace(j, stream=dataclasses.replace(j.stream, resid=resid))
+    con = connect(tmp_path / "s.duckdb")
+    ensure_schema(con, llama.anatomy.d_model)
+    result = write_batch(con, 1, "float32", [(PromptSpec("The storm is"), "k1", bad)])
+    assert "The storm is" in result["errors"]["The storm is"] and "NaN" in result["errors"]["The storm is"]
+    assert con.execute("SELECT count(*) FROM states").fetchone()[0] == 0
+    assert con.execute("SELECT status FROM prompts").fetchone()[0] == "error"
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    db = tmp_path / "s.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
+                               "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreLockedError, match=rf"locked by process {holder.pid}"):
+            connect(db)
+    finally:
+        holder.kill()
+        holder.wait()
+    con = connect(db)  # nothing corrupted: the store opens once the holder is gone
+    con.close()
