@@ -1,0 +1,429 @@
+"""FAISS indexes derived from a store: one index of residual states per layer, and cached vocabulary indexes.
+
+What similarity means:
+    Raw residuals are dominated by a few huge dimensions, so a raw cosine mostly compares those. Each layer's vectors
+    are standardised per dimension, ``(x - mean) / std``, with mean and std over that layer's states computed at build
+    time (frozen in ``faiss_manifest.mean``/``std``: a rebuild recomputes them, a sync reuses them), then
+    L2-normalised, and searched by inner product: a similarity is the cosine of standardised states, in [-1, 1].
+    `StateIndex.search` puts queries through the same frozen transform.
+
+Index kinds (manifest ``kind`` ``states:flat|ivf|hnsw``; FAISS ids are ``states.id``):
+    ``auto`` picks exact ``IndexFlatIP`` (in ``IndexIDMap2``) below ``threshold`` vectors per layer, else
+    ``IndexIVFFlat``: nlist = 4·sqrt(n) (at most n/39 and 4096), trained on ≤ 50·nlist sampled vectors, nprobe the
+    smallest power of two with recall@10 ≥ 0.95 against exact search for 256 stored states (self excluded), saved in
+    the file. A sync only appends with the frozen stats: a flat index grown past the threshold stays flat (exact,
+    slower) and an IVF keeps its centroids and nprobe, until ``geomap index rebuild``.
+
+Files and crashes:
+    ``states-L{layer:03d}.faiss`` in `index_dir`. A build writes ``<name>.tmp`` (fsynced), commits the manifest row
+    and its sha256 in a DuckDB transaction, then renames the temp file into place and fsyncs the folder. Opening
+    checks the sha256: a leftover temp file with the manifest's sha256 finishes an interrupted rename; any other
+    mismatch raises `IndexCorruptError`. A bad index is never silently replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import faiss
+import numpy as np
+
+from geomap.models.presets import cache_home
+from geomap.store.codec import decode_bf16
+from geomap.store.db import StoreError, index_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 50_000
+TARGET_RECALL = 0.95
+_CHUNK = 16_384
+_N_CALIBRATION = 256
+_REBUILD = "Run `geomap index rebuild` to rebuild it from the store."
+_COLUMNS = "layer, kind, path, dim, metric, ntotal, max_id, sha256, mean, std, built_at"
+
+
+class IndexCorruptError(StoreError):
+    """A derived index file is missing or does not match the sha256 recorded in its manifest row."""
+
+
+@dataclass
+class StateIndex:
+    """One layer's state index with its frozen standardisation."""
+
+    layer: int
+    kind: str
+    path: Path
+    index: faiss.Index
+    mean: np.ndarray
+    std: np.ndarray
+
+    def prepare(self, raw_vectors: np.ndarray) -> np.ndarray:
+        """Standardise and L2-normalise raw residuals (n, d) as the index's vectors were."""
+        return _standardise(np.atleast_2d(raw_vectors), self.mean, self.std)
+
+    def search(self, raw_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest stored states to raw residuals by cosine of standardised states.
+
+        Args:
+            raw_vectors: (n, d) raw residuals (float32).
+            k: neighbours per query; slots beyond the index's size hold id -1.
+
+        Returns:
+            ``ids`` (n, k) int64 ``states.id``, best first, and ``sims`` (n, k) float32.
+        """
+        x = np.atleast_2d(raw_vectors)
+        if x.shape[1] != self.index.d:
+            raise ValueError(f"Queries have width {x.shape[1]}; the layer {self.layer} index has {self.index.d}.")
+        sims, ids = self.index.search(self.prepare(x), k)
+        return ids.astype(np.int64), sims.astype(np.float32)
+
+
+def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    z = np.ascontiguousarray((np.asarray(x, dtype=np.float32) - mean) / std, dtype=np.float32)
+    faiss.normalize_L2(z)
+    return z
+
+
+def _chunks(con: duckdb.DuckDBPyConnection, layer: int, after: int = -(2**63)) -> Iterator[tuple[np.ndarray, ...]]:
+    """Yield ``(ids, vectors)`` of a layer's states with id > ``after``, by id, decoding bf16 rows."""
+    query = "SELECT id, vec, vec_bf16 FROM states WHERE layer = $layer AND id > $after ORDER BY id"
+    # The reader is drained or closed before the connection runs anything else (DuckDB refuses otherwise).
+    reader = con.sql(query, params={"layer": layer, "after": after}).to_arrow_reader(_CHUNK)
+    try:
+        for batch in reader:
+            ids = batch.column(0).to_numpy().astype(np.int64)
+            vec = batch.column(1)
+            d = vec.type.list_size
+            out = np.empty((len(ids), d), dtype=np.float32)
+            null = np.asarray(vec.is_null(), dtype=bool)
+            out[~null] = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+            if null.any():
+                blobs = batch.column(2).filter(vec.is_null()).to_pylist()
+                for state_id, blob in zip(ids[null], blobs):
+                    if blob is None or len(blob) != 2 * d:
+                        raise StoreError(f"State {state_id} (layer {layer}) has no vec and no {2 * d}-byte vec_bf16.")
+                out[null] = decode_bf16(np.frombuffer(b"".join(blobs), dtype="<u2").reshape(-1, d))
+            yield ids, out
+    finally:
+        reader.close()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_temp(tmp: Path, content: faiss.Index | bytes) -> str:
+    """Write an index (or bytes) to ``tmp``, flushed and fsynced; return the sha256 of what was written."""
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+
+        def sink(block: bytes) -> None:
+            h.update(block)
+            f.write(block)
+
+        if isinstance(content, bytes):
+            sink(content)
+        else:  # the temporary writer is released (and flushed) when write_index returns
+            faiss.write_index(content, faiss.PyCallbackIOWriter(sink))
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` over ``final`` and make the rename durable."""
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(con: duckdb.DuckDBPyConnection) -> dict[int, dict]:
+    rows = con.execute(f"SELECT {_COLUMNS} FROM faiss_manifest WHERE kind LIKE 'states%' ORDER BY layer").fetchall()
+    return {int(r[0]): dict(zip(_COLUMNS.split(", "), r)) for r in rows}
+
+
+def _commit(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, index: faiss.Index, kind: str,
+            mean: np.ndarray, std: np.ndarray, max_id: int) -> dict:
+    """Write the index (temp + fsync), commit its manifest row, then rename it into place."""
+    folder = index_dir(Path(db_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"states-L{layer:03d}.faiss"
+    tmp = final.with_name(final.name + ".tmp")
+    row = {
+        "layer": layer, "kind": f"states:{kind}", "path": final.name, "dim": int(index.d),
+        "metric": "inner_product", "ntotal": int(index.ntotal), "max_id": int(max_id),
+        "sha256": _write_temp(tmp, index), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "built_at": datetime.now(UTC).replace(tzinfo=None),
+    }
+    con.begin()
+    try:
+        con.execute("DELETE FROM faiss_manifest WHERE layer = ? AND kind LIKE 'states%'", [layer])
+        con.execute(f"INSERT INTO faiss_manifest ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    _publish(tmp, final)
+    return row
+
+
+def _file_problem(folder: Path, row: dict, roll_forward: bool) -> str | None:
+    """Why an index file does not match its manifest row, or None (after finishing an interrupted rename)."""
+    final = folder / row["path"]
+    expected = row["sha256"]
+    actual = _sha256(final) if final.exists() else None
+    if actual == expected:
+        return None
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists() and _sha256(tmp) == expected:
+        if not roll_forward:
+            return f"Index file {final}: an interrupted build left {tmp.name}; opening the index will finish it."
+        log.info("Finishing an interrupted index build: %s -> %s", tmp, final)
+        _publish(tmp, final)
+        return None
+    if actual is None:
+        state = "the file is missing"
+    elif final.stat().st_size == 0:
+        state = "the file is empty (truncated)"
+    else:
+        state = f"actual sha256 {actual} ({final.stat().st_size} bytes; truncated or damaged)"
+    return f"Index file {final} does not match the store's manifest: expected sha256 {expected}, {state}. {_REBUILD}"
+
+
+def _nlist(n: int) -> int:
+    return max(1, min(round(4 * math.sqrt(n)), n // 39, 4096))
+
+
+def _new_index(kind: str, d: int, nlist: int) -> faiss.Index:
+    if kind == "ivf":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    inner = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)  # no add_with_ids of its own
+    inner.hnsw.efConstruction, inner.hnsw.efSearch = 80, 64
+    return faiss.IndexIDMap2(inner)
+
+
+def _choose_nprobe(index: faiss.IndexIVF, queries: np.ndarray, qids: np.ndarray, truth: np.ndarray) -> float:
+    """Set the smallest power-of-two nprobe with recall@10 ≥ TARGET_RECALL (self excluded); return that recall."""
+    k, nprobe = min(10, index.ntotal - 1), 1
+    want = [set([i for i in row if i != q][:k]) for row, q in zip(truth, qids)]
+    while k >= 1:
+        index.nprobe = min(nprobe, index.nlist)
+        found = index.search(queries, k + 1)[1].tolist()
+        recall = float(np.mean([len(w & set(f)) / k for w, f in zip(want, found)]))
+        if recall >= TARGET_RECALL or index.nprobe == index.nlist:
+            return recall
+        nprobe *= 2
+    return 1.0
+
+
+def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind: str, threshold: int) -> dict | None:
+    if kind not in ("auto", "flat", "ivf", "hnsw"):
+        raise ValueError(f"Unknown index kind {kind!r}; use 'auto', 'flat', 'ivf' or 'hnsw'.")
+    n = con.execute("SELECT count(*) FROM states WHERE layer = ?", [layer]).fetchall()[0][0]
+    if n == 0:
+        return None
+    chosen = kind if kind != "auto" else ("flat" if n < threshold else "ivf")
+    nlist = _nlist(n) if chosen == "ivf" else 0
+    n_train = min(n, 50 * nlist)
+    rng = np.random.default_rng(layer)
+    # Pass 1: per-dimension mean/std (chunked Chan merge in float64) and a raw training sample.
+    seen, mean, m2, sample, sample_ids = 0, None, None, [], []
+    for ids, x in _chunks(con, layer):
+        x64 = x.astype(np.float64)
+        c_mean = x64.mean(0)
+        c_m2 = ((x64 - c_mean) ** 2).sum(0)
+        mean, m2 = (np.zeros_like(c_mean), np.zeros_like(c_mean)) if mean is None else (mean, m2)
+        delta, total = c_mean - mean, seen + len(ids)
+        mean = mean + delta * len(ids) / total
+        m2 = m2 + c_m2 + delta**2 * seen * len(ids) / total
+        seen = total
+        if n_train:
+            pick = rng.random(len(ids)) < n_train / n
+            sample.append(x[pick])
+            sample_ids.append(ids[pick])
+    std = np.sqrt(m2 / max(seen - 1, 1))
+    std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
+    mean = mean.astype(np.float32)
+    index = _new_index(chosen, len(mean), nlist)
+    queries = qids = truth_s = truth_i = None
+    if chosen == "ivf":
+        train = _standardise(np.concatenate(sample), mean, std)
+        index.train(train)
+        pick = rng.permutation(len(train))[:_N_CALIBRATION]
+        queries, qids = train[pick], np.concatenate(sample_ids)[pick]
+        truth_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        truth_i = np.zeros((len(queries), 0), dtype=np.int64)
+    # Pass 2: add the standardised vectors; for IVF also keep exact top-11 of the calibration queries.
+    max_id = -1
+    for ids, x in _chunks(con, layer):
+        z = _standardise(x, mean, std)
+        index.add_with_ids(z, ids)
+        max_id = int(ids[-1])
+        if queries is not None:
+            sims = np.concatenate([truth_s, queries @ z.T], axis=1)
+            cand = np.concatenate([truth_i, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
+            keep = np.argpartition(-sims, min(10, sims.shape[1] - 1), axis=1)[:, :11]  # running exact top-11
+            truth_s, truth_i = np.take_along_axis(sims, keep, 1), np.take_along_axis(cand, keep, 1)
+    if queries is not None:
+        truth = np.take_along_axis(truth_i, np.argsort(-truth_s, axis=1), 1)
+        recall = _choose_nprobe(index, queries, qids, truth.tolist())
+        log.info("Layer %d: IVF n=%d nlist=%d nprobe=%d recall@10=%.3f", layer, n, nlist, index.nprobe, recall)
+    return _commit(con, db_path, layer, index, chosen, mean, std, max_id)
+
+
+def build_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, layers: list[int] | None = None,
+                        kind: str = "auto", threshold: int = DEFAULT_THRESHOLD) -> list[dict]:
+    """Rebuild state indexes from DuckDB, recomputing each layer's standardisation.
+
+    Args:
+        con: read-write connection to the store.
+        db_path: the store's DuckDB file (indexes go to `index_dir`).
+        layers: layers to build; None for every layer with states. Layers without states are skipped.
+        kind: 'auto' (flat below ``threshold``, else IVF), 'flat', 'ivf' or 'hnsw'.
+        threshold: vectors per layer from which 'auto' picks IVF.
+
+    Returns:
+        The manifest rows written, one per built layer.
+    """
+    if layers is None:
+        layers = [r[0] for r in con.execute("SELECT DISTINCT layer FROM states ORDER BY layer").fetchall()]
+    rows = [_build_layer(con, db_path, int(layer), kind, threshold) for layer in layers]
+    return [r for r in rows if r is not None]
+
+
+def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str = "auto",
+                       threshold: int = DEFAULT_THRESHOLD) -> int:
+    """Append states with id > the manifest's max_id to each layer's index, with its frozen standardisation.
+
+    A layer without an index is built (``kind``/``threshold`` apply); one whose older states changed (count of
+    ids ≤ max_id ≠ ntotal) is rebuilt with a warning. Existing indexes keep their kind: a flat index that grows past
+    ``threshold`` stays flat until a rebuild.
+
+    Returns:
+        The number of vectors added (all vectors of built or rebuilt layers).
+
+    Raises:
+        IndexCorruptError: an index to extend does not match its manifest.
+    """
+    manifest, added = _manifest(con), 0
+    layers = con.execute("SELECT layer, count(*), max(id) FROM states GROUP BY layer ORDER BY layer").fetchall()
+    for layer, n, max_id in layers:
+        row = manifest.get(layer)
+        if row is not None and (n, max_id) == (row["ntotal"], row["max_id"]):
+            continue
+        if row is not None:
+            old = con.execute("SELECT count(*) FROM states WHERE layer = ? AND id <= ?", [layer, row["max_id"]])
+            if old.fetchall()[0][0] != row["ntotal"]:
+                log.warning("Layer %d: states at or below id %d changed since the index was built; rebuilding.",
+                            layer, row["max_id"])
+                row = None
+        if row is None:
+            added += _build_layer(con, db_path, layer, kind, threshold)["ntotal"]
+            continue
+        state, last = open_state_index(con, db_path, layer), row["max_id"]
+        for ids, x in _chunks(con, layer, after=row["max_id"]):
+            state.index.add_with_ids(state.prepare(x), ids)
+            added, last = added + len(ids), int(ids[-1])
+        _commit(con, db_path, layer, state.index, state.kind, state.mean, state.std, last)
+    return added
+
+
+def verify_indexes(con: duckdb.DuckDBPyConnection, db_path: Path) -> list[str]:
+    """Check every state index against its manifest row and the states table (changes nothing).
+
+    Returns:
+        One line per problem (sha256 mismatch, missing file, ntotal/max_id out of step, layer without index);
+        empty when all is well.
+    """
+    folder, problems = index_dir(Path(db_path)), []
+    counts = {r[0]: (r[1], r[2]) for r in
+              con.execute("SELECT layer, count(*), max(id) FROM states GROUP BY layer").fetchall()}
+    manifest = _manifest(con)
+    for layer, row in manifest.items():
+        if problem := _file_problem(folder, row, roll_forward=False):
+            problems.append(problem)
+        n, max_id = counts.get(layer, (0, None))
+        if n != row["ntotal"] or max_id != row["max_id"]:
+            problems.append(f"Layer {layer}: the index holds {row['ntotal']} vectors up to id {row['max_id']}, the "
+                            f"store {n} states up to id {max_id}; sync or rebuild the indexes.")
+    problems += [f"Layer {layer}: {n} states but no index." for layer, (n, _) in sorted(counts.items())
+                 if layer not in manifest]
+    return problems
+
+
+def open_state_index(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int) -> StateIndex:
+    """Load one layer's state index after checking its sha256 against the manifest.
+
+    Raises:
+        StoreError: the layer has no index.
+        IndexCorruptError: the file is missing, truncated or altered (an interrupted rename is finished instead).
+    """
+    folder = index_dir(Path(db_path))
+    row = _manifest(con).get(layer)
+    if row is None:
+        raise StoreError(f"Layer {layer} has no state index in {folder}. {_REBUILD}")
+    if problem := _file_problem(folder, row, roll_forward=True):
+        raise IndexCorruptError(problem)
+    path = folder / row["path"]
+    index = faiss.read_index(str(path))
+    if index.d != row["dim"] or index.ntotal != row["ntotal"]:
+        raise IndexCorruptError(f"Index file {path} holds {index.ntotal}×{index.d}, its manifest says "
+                                f"{row['ntotal']}×{row['dim']}. {_REBUILD}")
+    mean, std = (np.asarray(row[c], dtype=np.float32) for c in ("mean", "std"))
+    return StateIndex(layer, row["kind"].split(":")[-1], path, index, mean, std)
+
+
+def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, tied: bool = False) -> faiss.Index:
+    """Exact inner-product index over a vocabulary matrix's rows, cached once per model.
+
+    No normalisation: a score is the logit without bias. Exact on purpose: HNSW is no usable shortcut for inner
+    product over a 262k vocabulary (top-10 overlap 0.28 measured). The cache file,
+    ``cache_home()/faiss/<weights_hash[:16]>-<which>.faiss``, is written atomically with a ``.sha256`` sidecar; a
+    file that fails the check is rebuilt (it derives from the weights) with a warning.
+
+    Args:
+        matrix: (V, d) float32 rows (embedding or unembedding).
+        weights_hash: sha256 of the model's weights.
+        which: 'embed' or 'unembed'.
+        tied: embedding and unembedding are the same matrix; both then share the 'unembed' file.
+
+    Returns:
+        An ``IndexFlatIP`` holding the V rows (ids = token ids).
+    """
+    which = "unembed" if tied else which
+    x = np.ascontiguousarray(matrix, dtype=np.float32)
+    path = cache_home() / "faiss" / f"{weights_hash[:16]}-{which}.faiss"
+    sidecar = path.with_name(path.name + ".sha256")
+    if path.exists():
+        expected = sidecar.read_text().strip() if sidecar.exists() else None
+        if expected == _sha256(path):
+            index = faiss.read_index(str(path))
+            if (index.ntotal, index.d) == x.shape:
+                return index
+            log.warning("Vocabulary index %s holds %d×%d, not %s; rebuilding it.", path, index.ntotal, index.d, x.shape)
+        else:
+            log.warning("Vocabulary index %s fails its sha256 check; rebuilding it from the weights.", path)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    digest = _write_temp(tmp, index)
+    _publish(tmp, path)
+    tmp = sidecar.with_name(sidecar.name + ".tmp")  # a crash before this rename: the next call rebuilds, warning
+    _write_temp(tmp, f"{digest}\n".encode())
+    _publish(tmp, sidecar)
+    return index
