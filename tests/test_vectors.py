@@ -18,8 +18,8 @@ from geomap.store.vectors import (
     open_state_index,
     sync_state_indexes,
     verify_indexes,
-    vocab_index,
 )
+from geomap.store.vocab_index import vocab_index
 
 D = 16
 _CENTRES = np.random.default_rng(0).normal(size=(40, D)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""FAISS indexes derived from a store: one index of residual states per layer, and cached vocabulary indexes.
+"""FAISS indexes derived from a store: one index of residual states per layer (vocabulary indexes: `vocab_index`).
 
 What similarity means:
     Raw residuals are dominated by a few huge dimensions, so a raw cosine mostly compares those. Each layer's vectors
@@ -36,7 +36,6 @@ import duckdb
 import faiss
 import numpy as np
 
-from geomap.models.presets import cache_home
 from geomap.store.codec import decode_bf16
 from geomap.store.db import StoreError, index_dir
 
@@ -385,45 +384,3 @@ def open_state_index(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int) 
                                 f"{row['ntotal']}×{row['dim']}. {_REBUILD}")
     mean, std = (np.asarray(row[c], dtype=np.float32) for c in ("mean", "std"))
     return StateIndex(layer, row["kind"].split(":")[-1], path, index, mean, std)
-
-
-def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, tied: bool = False) -> faiss.Index:
-    """Exact inner-product index over a vocabulary matrix's rows, cached once per model.
-
-    No normalisation: a score is the logit without bias. Exact on purpose: HNSW is no usable shortcut for inner
-    product over a 262k vocabulary (top-10 overlap 0.28 measured). The cache file,
-    ``cache_home()/faiss/<weights_hash[:16]>-<which>.faiss``, is written atomically with a ``.sha256`` sidecar; a
-    file that fails the check is rebuilt (it derives from the weights) with a warning.
-
-    Args:
-        matrix: (V, d) float32 rows (embedding or unembedding).
-        weights_hash: sha256 of the model's weights.
-        which: 'embed' or 'unembed'.
-        tied: embedding and unembedding are the same matrix; both then share the 'unembed' file.
-
-    Returns:
-        An ``IndexFlatIP`` holding the V rows (ids = token ids).
-    """
-    which = "unembed" if tied else which
-    x = np.ascontiguousarray(matrix, dtype=np.float32)
-    path = cache_home() / "faiss" / f"{weights_hash[:16]}-{which}.faiss"
-    sidecar = path.with_name(path.name + ".sha256")
-    if path.exists():
-        expected = sidecar.read_text().strip() if sidecar.exists() else None
-        if expected == _sha256(path):
-            index = faiss.read_index(str(path))
-            if (index.ntotal, index.d) == x.shape:
-                return index
-            log.warning("Vocabulary index %s holds %d×%d, not %s; rebuilding it.", path, index.ntotal, index.d, x.shape)
-        else:
-            log.warning("Vocabulary index %s fails its sha256 check; rebuilding it from the weights.", path)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    digest = _write_temp(tmp, index)
-    _publish(tmp, path)
-    tmp = sidecar.with_name(sidecar.name + ".tmp")  # a crash before this rename: the next call rebuilds, warning
-    _write_temp(tmp, f"{digest}\n".encode())
-    _publish(tmp, sidecar)
-    return index
