@@ -95,6 +95,31 @@ def test_lens_at_last_layer_equals_model_logits(subject, journeys):
         np.testing.assert_allclose(j.final.entropy, entropy, rtol=1e-3, atol=1e-4)
 
 
+def test_lens_statistics_at_every_layer_match_a_plain_float64_softmax(subject, journeys):
+    """Entropy, KL to final, rank and probability of the final top-1, recomputed naively per layer."""
+    a = subject.anatomy
+    j = journeys[0]
+    with torch.no_grad():
+        resid = torch.from_numpy(j.stream.resid)  # (L+1, T, d)
+        logits = subject.model.lm_head(a.final_norm(resid)).double()
+        if a.final_logit_softcap is not None:
+            logits = torch.tanh(logits / a.final_logit_softcap) * a.final_logit_softcap
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1).numpy()
+    kl = (logp.exp() * (logp - logp[-1])).sum(-1).numpy()
+    top1 = torch.from_numpy(j.final.ids[:, 0])
+    chosen = logits.gather(-1, top1.expand(logits.shape[0], -1)[..., None])
+    rank = 1 + (logits > chosen).sum(-1).numpy()
+    prob = logp.exp().gather(-1, top1.expand(logits.shape[0], -1)[..., None])[..., 0].numpy()
+    layers = j.lens.layers
+    np.testing.assert_allclose(j.lens.top.entropy, entropy[layers], rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(j.lens.kl_to_final, kl[layers], rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(j.lens.final_prob, prob[layers], rtol=1e-3, atol=1e-6)
+    near_tie = np.abs(rank[layers] - j.lens.final_rank) > 0
+    assert near_tie.mean() < 0.01, f"ranks differ at {near_tie.sum()} of {near_tie.size} cells"
+    np.testing.assert_allclose(j.lens.top.logsumexp, torch.logsumexp(logits, -1).numpy()[layers], rtol=1e-5)
+
+
 def _mask(subject, layer: int, length: int) -> np.ndarray:
     """The additive mask this layer applies: causal, plus Gemma's sliding window on sliding layers."""
     q, k = np.arange(length)[:, None], np.arange(length)[None, :]

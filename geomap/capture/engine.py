@@ -48,6 +48,36 @@ def _head_shares(loaded: LoadedModel, rec: Recorder, layer: int) -> tuple[torch.
     return share, bias_share
 
 
+def _readouts(unembed: Unembed, resid: torch.Tensor, boundaries: np.ndarray, lens_pos: list[np.ndarray],
+              lengths: list[int], top_k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Final readout at every real position (prompt-major), and the lens at the lens positions.
+
+    Returns:
+        ``(final, lens)``: ``final`` arrays lead with the sum of ``lengths``; ``lens`` arrays lead with
+        (sum of lens positions, boundaries), prompt-major then position.
+    """
+    device = resid.device
+    rows_b = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(lens_pos)]).to(device)
+    rows_p = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in lens_pos]).to(device)
+    bounds = torch.as_tensor(np.asarray(boundaries), dtype=torch.long, device=device)
+    lens_h = resid[bounds][:, rows_b, rows_p].transpose(0, 1)  # (P, B, d)
+    fin_lens, lens = unembed.lens(lens_h, resid[-1][rows_b, rows_p], top_k)
+    offsets = np.cumsum([0, *lengths])
+    covered = np.zeros(offsets[-1], dtype=bool)
+    lens_index = np.concatenate([offsets[b] + np.asarray(p, dtype=np.int64) for b, p in enumerate(lens_pos)])
+    covered[lens_index] = True
+    rest = np.flatnonzero(~covered)
+    rest_b = np.searchsorted(offsets, rest, side="right") - 1
+    fin_rest = unembed.readout(resid[-1][torch.as_tensor(rest_b), torch.as_tensor(rest - offsets[rest_b])],
+                               top_k)
+    final = {}
+    for key, value in fin_lens.items():
+        merged = np.empty((offsets[-1], *value.shape[1:]), dtype=value.dtype)
+        merged[lens_index], merged[rest] = value, fin_rest[key]
+        final[key] = merged
+    return final, lens
+
+
 def _or_empty(x: np.ndarray, tail: tuple[int, ...]) -> np.ndarray:
     return x if x.ndim > 1 else np.zeros((0, *tail), np.float32)
 
@@ -79,16 +109,7 @@ def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: Capture
                     logits_to_keep=torch.tensor(last, device=device), use_cache=False)
     resid = torch.stack(rec.resid)  # (L+1, B, T, d)
     unembed = Unembed(a)
-    valid = mask.bool().to(device)
-    final = unembed.readout(resid[-1][valid], config.top_k)
-    top1 = torch.zeros(mask.shape, dtype=torch.long, device=device)
-    top1[valid] = torch.from_numpy(final["ids"][:, 0]).to(device)
-    lens_rows = [(b, torch.as_tensor(p, device=device)) for b, p in enumerate(lens_pos)]
-    lens_h = torch.cat([resid[boundaries][:, b, p].reshape(-1, a.d_model) for b, p in lens_rows])
-    lens_ref = torch.cat([resid[-1][b, p].expand(len(boundaries), -1, -1).reshape(-1, a.d_model)
-                          for b, p in lens_rows])
-    lens_ids = torch.cat([top1[b, p].expand(len(boundaries), -1).reshape(-1) for b, p in lens_rows])
-    lens = unembed.readout(lens_h, config.top_k, reference=lens_ref, reference_ids=lens_ids)
+    final, lens = _readouts(unembed, resid, boundaries, lens_pos, lengths, config.top_k)
     shares = {layer: _head_shares(loaded, rec, layer) for layer in layers}
 
     # One transfer per tensor, then per-prompt numpy slices.
@@ -103,7 +124,7 @@ def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: Capture
     share_np = [(_np(s), _np(bs)) for s, bs in (shares[layer] for layer in layers)]
     last_logits = _np(out.logits)
     flat_final = np.cumsum([0, *lengths])
-    flat_lens = np.cumsum([0, *[len(boundaries) * len(p) for p in lens_pos]])
+    flat_lens = np.cumsum([0, *[len(p) for p in lens_pos]])
 
     def per_prompt(name: str, b: int, *index) -> np.ndarray:
         """Stack one prompt's slice of a per-layer capture; (0, ...) when no layer is captured."""
@@ -141,6 +162,7 @@ def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: Capture
         fsl = slice(flat_final[b], flat_final[b + 1])
         lsl = slice(flat_lens[b], flat_lens[b + 1])
         lead = (len(boundaries), npos)
+        lens_b = {key: np.swapaxes(value[lsl], 0, 1) for key, value in lens.items()}  # (B, P, ...)
         journeys.append(Journey(
             text=e.text,
             model=loaded.name,
@@ -154,10 +176,10 @@ def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: Capture
             last_logits=last_logits[b, last.index(n - 1)],
             lens=LensReadout(
                 layers=boundaries, positions=lens_pos[b],
-                top=to_readout({k: v[lsl] for k, v in lens.items()}, lead),
-                kl_to_final=lens["kl"][lsl].reshape(lead).astype(np.float32),
-                final_rank=lens["rank"][lsl].reshape(lead).astype(np.int64),
-                final_prob=lens["prob"][lsl].reshape(lead).astype(np.float32),
+                top=to_readout(lens_b, lead),
+                kl_to_final=lens_b["kl"].reshape(lead).astype(np.float32),
+                final_rank=lens_b["rank"].reshape(lead).astype(np.int64),
+                final_prob=lens_b["prob"].reshape(lead).astype(np.float32),
             ),
             truncated=e.truncated,
         ))

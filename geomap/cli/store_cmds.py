@@ -88,9 +88,10 @@ def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float,
     """Run a read-only SQL query against the store."""
     from geomap.store.sql import run_sql
 
+    fmt = "json" if as_json else fmt
     result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
-    click.echo(result.format("json" if as_json else fmt))
-    if result.truncated:
+    click.echo(result.format(fmt))
+    if result.truncated and fmt != "table":  # the table's own footer already says so
         click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)
 
 
@@ -100,17 +101,19 @@ def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float,
 @click.option("--layer", type=int, required=True, help="Residual boundary 0..L.")
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
 @click.option("-k", "k", default=10, show_default=True)
+@click.option("--last", "last_only", is_flag=True, help="Only each prompt's last position: the nearest prompts.")
 @click.option("--json", "as_json", is_flag=True)
-def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: int, as_json: bool) -> None:
+def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: int, last_only: bool,
+              as_json: bool) -> None:
     """The stored states nearest to one state (cosine of per-layer standardised residuals)."""
     from geomap.store.query import neighbors as find
 
-    frame = find(_db(db), prompt_id, layer, pos, k)
+    frame = find(_db(db), prompt_id, layer, pos, k, last_only=last_only)
     if as_json:
         cols = ["prompt_id", "pos", "layer", "token", "prompt_text", "similarity"]
         click.echo(json.dumps(json.loads(frame[cols].to_json(orient="records")), ensure_ascii=False))
     else:
-        click.echo(frame.drop(columns=["state_id"]).to_string(index=False))
+        click.echo(frame.drop(columns=["state_id"]).to_string(index=False, na_rep=""))
 
 
 @click.group()

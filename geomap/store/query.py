@@ -26,10 +26,20 @@ def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tup
     return state_id, (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
 
 
-def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None = None, k: int = 10) -> pd.DataFrame:
+def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None = None, k: int = 10,
+              last_only: bool = False) -> pd.DataFrame:
     """The k stored states nearest to one state at the same layer, through its FAISS index, joined back to DuckDB.
 
     Similarity is the cosine of per-layer standardised residuals (see `geomap.store.vectors`).
+
+    Args:
+        db_path: The store.
+        prompt_id: The query state's prompt.
+        layer: Residual boundary 0..L; neighbours come from the same layer.
+        pos: The query state's position (default: the prompt's last).
+        k: How many neighbours.
+        last_only: Search only the last position of each stored prompt: the nearest prompts rather than
+            the nearest contexts.
 
     Returns:
         Columns ``prompt_id, pos, layer, token, prompt_text, lens_top1, similarity, state_id``, nearest first
@@ -40,7 +50,11 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
     con = connect(db_path, read_only=True)
     try:
         _, vec = state_vector(con, prompt_id, layer, pos)
-        ids, sims = open_state_index(con, Path(db_path), layer).search(vec[None], k)
+        allowed = None
+        if last_only:
+            allowed = con.execute("""SELECT s.id FROM states s JOIN prompts p ON p.id = s.prompt_id
+                                     WHERE s.layer = ? AND s.pos = p.n_tokens - 1""", [layer]).fetchnumpy()["id"]
+        ids, sims = open_state_index(con, Path(db_path), layer).search(vec[None], k, allowed)
         hits = pd.DataFrame({"state_id": ids[0], "similarity": sims[0], "rank": np.arange(len(ids[0]))})
         hits = hits[hits.state_id >= 0]
         con.register("_hits", hits)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from geomap.errors import GeomapError
 from geomap.store.db import connect
@@ -161,6 +162,8 @@ def _text(v: Any) -> str:
 
 def _cell(v: Any) -> str:
     """A value for the plain-text table: one line, at most ``_CELL_WIDTH`` characters."""
+    if isinstance(v, float) and math.isfinite(v) and float(np.float32(v)) == v:
+        v = float(str(np.float32(v)))  # a FLOAT column's value, shown by its shortest float32 digits
     text = "NULL" if v is None else _text(v).replace("\n", "\\n")
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 

@@ -1,0 +1,41 @@
+"""The README documents every table, view and column of the store's schema."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import duckdb
+
+from geomap.store.db import ensure_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_sections() -> dict[str, str]:
+    """The README's schema reference: ``#### `name` `` headings → the text under each."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    reference = text.split("### Schema reference", 1)[1]
+    parts = re.split(r"^#### `(\w+)`.*$", reference, flags=re.MULTILINE)
+    return {name: body.split("\n## ", 1)[0] for name, body in zip(parts[1::2], parts[2::2])}
+
+
+def test_every_table_view_and_column_is_documented(tmp_path):
+    con = duckdb.connect(str(tmp_path / "s.duckdb"))
+    ensure_schema(con, 8)
+    relations = con.execute("SELECT table_name, table_type FROM information_schema.tables "
+                            "WHERE table_schema = 'main' ORDER BY table_name").fetchall()
+    sections = readme_sections()
+    assert {"states", "trajectory", "journey"} <= {name for name, _ in relations}
+    missing = []
+    for name, kind in relations:
+        body = sections.get(name)
+        if body is None:
+            missing.append(f"{kind.lower()} {name}")
+            continue
+        columns = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                             "WHERE table_name = ? ORDER BY ordinal_position", [name]).fetchall()]
+        missing += [f"{name}.{c}" for c in columns if f"`{c}`" not in body]
+    assert not missing, f"undocumented in README's schema reference: {missing}"
+    extra = set(sections) - {name for name, _ in relations}
+    assert not extra, f"README documents relations the schema does not have: {extra}"
