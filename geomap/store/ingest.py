@@ -112,7 +112,8 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
         run_id = _start_run(con, loaded, config, vector_dtype, pipeline)
         done = failed = n_tokens = 0
         failures = []
-        bar = tqdm(total=len(todo), unit="prompt", disable=not progress, desc=f"run {run_id}", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
+                   dynamic_ncols=True)
         pending = []
         for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
             spec, key = todo[index_]

@@ -1,0 +1,92 @@
+"""Read what an analysis needs from a store, as plain data (the store stays upstream of analysis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+
+from geomap.analysis.decoding import Candidates
+from geomap.store.codec import from_blob
+from geomap.store.db import StoreError
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """One stored prompt and the run that stored it."""
+
+    id: int
+    text: str
+    n_tokens: int
+    run_id: int
+    model: str
+    weights_sha256: str
+    n_layers: int
+    capture_config: str
+
+
+def prompt_info(con: duckdb.DuckDBPyConnection, prompt_id: int) -> PromptInfo:
+    """A stored prompt, or a `StoreError` naming the id."""
+    rows = con.execute("""SELECT p.id, p.text, p.n_tokens, p.run_id, r.model, r.weights_sha256, r.n_layers,
+                                 r.capture_config, p.status, p.error
+                          FROM prompts p JOIN runs r ON r.id = p.run_id WHERE p.id = ?""", [prompt_id]).fetchall()
+    if not rows:
+        raise StoreError(f"No stored prompt with id {prompt_id}; list them with "
+                         "`geomap sql \"SELECT id, text FROM prompts\"`.")
+    *values, status, error = rows[0]
+    if status != "done":
+        raise StoreError(f"Prompt {prompt_id} was not captured ({error}).")
+    return PromptInfo(*values)
+
+
+def resolve_pos(info: PromptInfo, pos: int | None) -> int:
+    """A position of the prompt (default its last; negative counts from the end), checked."""
+    pos = info.n_tokens - 1 if pos is None else (pos + info.n_tokens if pos < 0 else pos)
+    if not 0 <= pos < info.n_tokens:
+        raise StoreError(f"Prompt {info.id} has {info.n_tokens} tokens; position {pos} does not exist.")
+    return pos
+
+
+def candidates(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> Candidates:
+    """The next-token logits stored at a position: all of them at the last position, else the top-k."""
+    if pos == info.n_tokens - 1:
+        rows = con.execute("SELECT logits FROM final_logits WHERE prompt_id = ?", [info.id]).fetchall()
+        if rows and rows[0][0] is not None:
+            return Candidates.from_full(np.asarray(rows[0][0], dtype=np.float32))
+    rows = con.execute("SELECT token_ids, logits, logsumexp FROM next_token WHERE prompt_id = ? AND pos = ?",
+                       [info.id, pos]).fetchall()
+    if not rows:
+        raise StoreError(f"No next-token distribution stored for prompt {info.id} at position {pos}.")
+    ids, logits, lse = rows[0]
+    return Candidates(np.asarray(ids, np.int64), np.asarray(logits, np.float32), float(lse), False)
+
+
+def token_texts(con: duckdb.DuckDBPyConnection, weights_sha256: str, ids) -> dict[int, str]:
+    """Display text of token ids under a model's vocabulary."""
+    ids = sorted({int(i) for i in ids})
+    if not ids:
+        return {}
+    rows = con.execute("SELECT token_id, text FROM vocab WHERE weights_sha256 = ? AND token_id IN (SELECT unnest(?))",
+                       [weights_sha256, ids]).fetchall()
+    return dict(rows)
+
+
+def token_id(con: duckdb.DuckDBPyConnection, weights_sha256: str, text: str) -> int:
+    """The id of a vocabulary entry given its display text (e.g. ``" coming"``), or a clear error."""
+    rows = con.execute("SELECT token_id FROM vocab WHERE weights_sha256 = ? AND text = ? ORDER BY token_id",
+                       [weights_sha256, text]).fetchall()
+    if not rows:
+        raise StoreError(f"{text!r} is not a single token of this model's vocabulary (mind the leading space: "
+                         f"{' ' + text.strip()!r} and {text.strip()!r} differ).")
+    return int(rows[0][0])
+
+
+def state(con: duckdb.DuckDBPyConnection, prompt_id: int, layer: int, pos: int) -> np.ndarray:
+    """The stored residual (d,) of a prompt at a boundary and position."""
+    rows = con.execute("SELECT vec, vec_bf16 FROM states WHERE prompt_id = ? AND layer = ? AND pos = ?",
+                       [prompt_id, layer, pos]).fetchall()
+    if not rows:
+        raise StoreError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}.")
+    vec, blob = rows[0]
+    return np.asarray(vec, np.float32) if vec is not None else from_blob(blob)
