@@ -112,3 +112,37 @@ def test_exact_flag_is_honest_on_top_k_candidates():
 def test_bad_parameters_are_named(kwargs):
     with pytest.raises(DecodingError, match=next(iter(kwargs))):
         Strategy(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama", pytest.param("real", marks=pytest.mark.real)])
+def test_stored_logits_decide_like_transformers_and_decisions_are_stored(name, tiny_models, request, tmp_path):
+    import duckdb
+
+    from geomap.analysis import load
+    from geomap.analysis.api import decode
+    from geomap.store.ingest import ingest
+    from geomap.store.writer import PromptSpec
+
+    model = request.getfixturevalue("real") if name == "real" else tiny_models[name]
+    db = tmp_path / "d.duckdb"
+    ingest(model, [PromptSpec("The storm is")], db, progress=False, index=False)
+    con = duckdb.connect(str(db), read_only=True)
+    info = load.prompt_info(con, 1)
+    full = load.candidates(con, info, info.n_tokens - 1)
+    stored_logits = np.asarray(con.execute("SELECT logits FROM final_logits").fetchall()[0][0], np.float32)
+    con.close()
+    assert full.complete
+    sizes = [assert_matches_transformers(stored_logits, s) for s in [
+        Strategy(temperature=1.7, top_p=0.9), Strategy(temperature=0.6, top_k=80, min_p=0.02),
+        Strategy(temperature=1.4, min_p=0.005)]]
+    assert max(sizes) > 50, sizes
+    frame = decode(db, 1, Strategy(temperature=1.7, top_p=0.9, seed=4))
+    assert frame.attrs["exact"] and len(frame) == sizes[0]
+    approx = decode(db, 1, Strategy(temperature=1.7, top_p=0.9, seed=4), pos=1)
+    assert not approx.attrs["exact"] and approx.attrs["cut_mass"] is None and len(approx) <= 50
+    con = duckdb.connect(str(db), read_only=True)
+    stored = con.execute("SELECT pos, exact, len(kept_ids), chosen_id, seed, source FROM decisions ORDER BY id"
+                         ).fetchall()
+    con.close()
+    assert stored == [(info.n_tokens - 1, True, sizes[0], frame.attrs["chosen"]["id"], 4, "decode"),
+                      (1, False, len(approx), approx.attrs["chosen"]["id"], 4, "decode")]

@@ -41,7 +41,97 @@ def decode(db_path: str | Path, prompt_id: int, strategy: Strategy, pos: int | N
     frame = pd.DataFrame({"id": d.kept_ids.astype(int), "token": [texts.get(int(i)) for i in d.kept_ids],
                           "prob": d.kept_probs.astype(float)})
     frame.attrs.update(
-        chosen={"id": d.chosen_id, "token": texts.get(d.chosen_id), "rank": d.chosen_rank, "prob": d.chosen_prob},
+        chosen={"id": d.chosen_id, "token": texts.get(d.chosen_id), "rank": d.chosen_rank, "prob": d.chosen_prob,
+                "model_prob": d.model_prob},
         exact=d.exact, cut_mass=d.cut_mass, tail_mass=d.tail_mass, strategy=strategy.to_dict(), pos=pos,
         prompt_id=prompt_id, decision_id=decision_id)
     return frame
+
+
+def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strategy: Strategy,
+             config=None, vector_dtype: str = "float32") -> pd.DataFrame:
+    """Generate after ``text``, store the generation as a prompt linked to its parent, with a decision per step.
+
+    The parent is the stored prompt with this text and model (the first one), else ``text`` is stored first
+    with ``config``; the parent is never modified. The
+    generation's key covers the model, the capture config, the text, the strategy, its seed and
+    ``max_new_tokens``, so asking again returns the stored generation.
+
+    Returns:
+        The generated tokens (``id, token, prob``: the model's own probability of each). ``attrs``
+        holds ``prompt_id`` (the generation's row), ``parent_id``, ``text``, ``stopped`` and ``decision_ids``.
+    """
+    import json
+
+    from geomap.analysis.generate import capture_generation, generate_tokens, generation_config
+    from geomap.capture.config import CaptureConfig
+    from geomap.store.ingest import _start_run, ensure_vocab, ingest, model_identity
+    from geomap.store.vectors import sync_state_indexes
+    from geomap.store.writer import PromptSpec, prompt_key, write_batch
+
+    config = config or CaptureConfig()
+    identity, config_json = model_identity(loaded), config.to_json()
+    parent_key = _stored_prompt_key(db_path, loaded, text)
+    if parent_key is None:
+        ingest(loaded, [PromptSpec(text)], db_path, config, vector_dtype, progress=False)
+        parent_key = prompt_key(identity, config_json, text)
+    decoding = json.dumps({**strategy.to_dict(), "max_new_tokens": max_new_tokens, "parent": parent_key},
+                          sort_keys=True, separators=(",", ":"))
+    key = prompt_key(identity, config_json, text, decoding)
+    con = connect(db_path)
+    try:
+        ensure_schema(con, loaded.anatomy.d_model)
+        parent_id = con.execute("SELECT id FROM prompts WHERE key = ?", [parent_key]).fetchall()[0][0]
+        found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
+        if not found:
+            generation = generate_tokens(loaded, text, max_new_tokens, strategy)
+            journey = capture_generation(loaded, generation, generation_config(config, generation))
+            ensure_vocab(con, loaded)
+            run_id = _start_run(con, loaded, config, vector_dtype, "generate")
+            spec = PromptSpec(journey.text, "generate", None, (), parent_id, decoding, len(generation.prompt_ids))
+            write_batch(con, run_id, vector_dtype, [(spec, key, journey)])
+            prompt_id = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()[0][0]
+            n0 = len(generation.prompt_ids)
+            insert_rows(con, "decisions", [decision_row(d, prompt_id, n0 - 1 + i, "generate", i)
+                                           for i, d in enumerate(generation.decisions)], with_id=True)
+            sync_state_indexes(con, Path(db_path))
+            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
+        else:
+            prompt_id = found[0][0]
+        rows = con.execute("""SELECT d.id, d.chosen_id, v.text, d.model_prob, p.text
+                              FROM decisions d JOIN prompts p ON p.id = d.prompt_id
+                              JOIN runs r ON r.id = p.run_id
+                              LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = d.chosen_id
+                              WHERE d.prompt_id = ? AND d.source = 'generate' ORDER BY d.step""",
+                           [prompt_id]).fetchall()
+    finally:
+        con.close()
+    frame = pd.DataFrame({"id": [r[1] for r in rows], "token": [r[2] for r in rows],
+                          "prob": [float(r[3]) for r in rows]})
+    eos = bool(rows) and rows[-1][1] in _eos(loaded)
+    frame.attrs.update(prompt_id=prompt_id, parent_id=parent_id, text=rows[0][4] if rows else text,
+                       stopped="eos" if eos else "max_new_tokens", decision_ids=[r[0] for r in rows],
+                       strategy=strategy.to_dict())
+    return frame
+
+
+def _stored_prompt_key(db_path: str | Path, loaded, text: str) -> str | None:
+    """The key of an already stored (non-generated) prompt with this text and model, if any."""
+    if not Path(db_path).exists():
+        return None
+    con = connect(db_path)
+    try:
+        ensure_schema(con)
+        rows = con.execute("""SELECT p.key FROM prompts p JOIN runs r ON r.id = p.run_id
+                              WHERE p.text = ? AND r.weights_sha256 = ? AND p.parent_id IS NULL
+                                AND p.status = 'done' ORDER BY p.id LIMIT 1""",
+                           [text, loaded.weights_hash]).fetchall()
+    finally:
+        con.close()
+    return rows[0][0] if rows else None
+
+
+def _eos(loaded) -> set[int]:
+    from geomap.analysis.generate import eos_ids
+
+    return eos_ids(loaded)

@@ -125,6 +125,7 @@ class Decision:
         chosen_id: The chosen token.
         chosen_rank: Its 1-based rank by raw logit among all candidates.
         chosen_prob: Its renormalised probability.
+        model_prob: Its probability under the model's own distribution (temperature 1, no cut).
         exact: False when the unseen tail could change the decision (see the module docstring).
         tail_mass: Mass of the tokens beyond the stored candidates at temperature 1 (0 with full logits).
     """
@@ -136,6 +137,7 @@ class Decision:
     chosen_id: int
     chosen_rank: int
     chosen_prob: float
+    model_prob: float
     exact: bool
     tail_mass: float
 
@@ -146,8 +148,9 @@ def decide(candidates: Candidates, strategy: Strategy) -> Decision:
     tail_mass = candidates.tail_mass
     if strategy.greedy:
         top = float(candidates.logits[0])
-        return Decision(strategy, ids[:1], np.ones(1, np.float32), math.exp(top - candidates.logsumexp),
-                        int(ids[0]), 1, 1.0, True, tail_mass)
+        p_top = math.exp(top - candidates.logsumexp)
+        return Decision(strategy, ids[:1], np.ones(1, np.float32), p_top, int(ids[0]), 1, 1.0, p_top, True,
+                        tail_mass)
     # Work in vocabulary order with full logits (so ties break as in transformers), else in stored order.
     if candidates.complete:
         z = torch.empty(len(ids), dtype=torch.float32)
@@ -190,7 +193,8 @@ def decide(candidates: Candidates, strategy: Strategy) -> Decision:
     rank = 1 + int((z > z[pick]).sum())
     return Decision(strategy, token[order.numpy()], probs[order].numpy().astype(np.float32),
                     None if cut_mass is None else min(cut_mass, 1.0),
-                    int(token[pick]), rank, float(probs[pick]), closed and not broken, tail_mass)
+                    int(token[pick]), rank, float(probs[pick]), math.exp(float(z[pick]) - candidates.logsumexp),
+                    closed and not broken, tail_mass)
 
 
 def _stage(closed: bool, broken: bool, closes: bool) -> tuple[bool, bool]:

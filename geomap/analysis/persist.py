@@ -21,7 +21,8 @@ def decision_row(d: Decision, prompt_id: int, pos: int, source: str, step: int |
             "temperature": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"], "min_p": s["min_p"],
             "seed": s["seed"], "exact": d.exact, "tail_mass": d.tail_mass, "cut_mass": d.cut_mass,
             "kept_ids": [int(i) for i in d.kept_ids], "kept_probs": [float(p) for p in d.kept_probs],
-            "chosen_id": d.chosen_id, "chosen_rank": d.chosen_rank, "chosen_prob": d.chosen_prob}
+            "chosen_id": d.chosen_id, "chosen_rank": d.chosen_rank, "chosen_prob": d.chosen_prob,
+            "model_prob": d.model_prob}
 
 
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict], with_id: bool = False) -> list[int]:

@@ -71,4 +71,37 @@ def decode(prompt_id: int, pos: int | None, temperature, top_k, top_p, min_p, se
                f"{a['decision_id']}")
 
 
-COMMANDS = [decode]
+@click.command()
+@click.argument("text")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@strategy_options
+@click.option("--model", "model_name", default=None, help="Preset, local model directory or hub id.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@db_option
+@json_option
+def generate(text: str, max_new_tokens: int, temperature, top_k, top_p, min_p, seed, model_name, device,
+             db: Path | None, as_json: bool) -> None:
+    """Generate after TEXT, storing the generation (linked to TEXT's prompt row) and each step's decision."""
+    from geomap.analysis.api import generate as run
+    from geomap.cli import _quiet_transformers
+    from geomap.models import load_model
+
+    strategy = make_strategy(temperature, top_k, top_p, min_p, seed)
+    _quiet_transformers()
+    loaded = load_model(model_name, device=device)
+    frame = run(_db(db), loaded, text, max_new_tokens, strategy)
+    a = frame.attrs
+    if as_json:
+        click.echo(json.dumps({"prompt_id": a["prompt_id"], "parent_id": a["parent_id"], "text": a["text"],
+                               "stopped": a["stopped"], **a["strategy"],
+                               "generated": frame.to_dict(orient="records"), "decision_ids": a["decision_ids"]},
+                              ensure_ascii=False))
+        return
+    click.echo(f"{a['text']!r}")
+    click.echo(f"generation stored as prompt {a['prompt_id']} (parent {a['parent_id']}), "
+               f"{a['strategy']['strategy']}, stopped at {a['stopped']}")
+    for step, row in enumerate(frame.itertuples()):
+        click.echo(f"  step {step}: {_show(row.token):<20} id {row.id:>7}  p={row.prob:.4f}")
+
+
+COMMANDS = [decode, generate]

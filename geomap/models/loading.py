@@ -108,12 +108,12 @@ def resolve_model_path(name: str) -> Path | str:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
+    name: str | None = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
 ) -> LoadedModel:
     """Load a causal LM for capture.
 
     Args:
-        name: A preset (see ``geomap models``), a local model directory or a hub id.
+        name: A preset (see ``geomap models``), a local model directory or a hub id; None: the default preset.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default float32 on CPU, bfloat16 on GPU.
 
@@ -122,6 +122,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = name or DEFAULT_MODEL
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     source = resolve_model_path(name)

@@ -16,7 +16,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     kept_probs FLOAT[],                     -- their renormalised probabilities
     chosen_id INTEGER,
     chosen_rank INTEGER,                    -- 1-based rank by raw logit
-    chosen_prob FLOAT,
+    chosen_prob FLOAT,                      -- in the kept set
+    model_prob FLOAT,                       -- under the model's own distribution (T = 1, no cut)
     created_at TIMESTAMP
 );
 

@@ -23,12 +23,18 @@ class PromptSpec:
         source: The file it came from, or ``"inline"``.
         source_id: The id the source gave it, if any.
         tags: Free-form labels.
+        parent_id: For a generation, the stored prompt it continues.
+        decoding: For a generation, the canonical JSON of its decoding settings and seed.
+        generated_from: For a generation, the first generated position (earlier ones are the parent's tokens).
     """
 
     text: str
     source: str = "inline"
     source_id: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    parent_id: int | None = None
+    decoding: str | None = None
+    generated_from: int | None = None
 
 
 def prompt_key(model_identity: str, config_json: str, text: str, decoding: str | None = None) -> str:
@@ -63,8 +69,12 @@ def check_finite(journey: Journey) -> str | None:
     return None
 
 
-def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype: str) -> dict[str, pa.Table]:
-    """All rows one journey adds, as Arrow tables keyed by table name (columns in schema order)."""
+def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype: str,
+                   generated_from: int | None = None) -> dict[str, pa.Table]:
+    """All rows one journey adds, as Arrow tables keyed by table name (columns in schema order).
+
+    ``generated_from`` flags the tokens from that position on as generated.
+    """
     s, att, n_layers = j.stream, j.attention, j.n_layers
     length, width = s.resid.shape[1], s.resid.shape[2]
     pid = lambda n: pa.array(np.full(n, prompt_id, np.int32))  # noqa: E731
@@ -99,8 +109,13 @@ def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype
         "attn_bias": pa.FixedSizeListArray.from_arrays(pa.array(np.nan_to_num(bias).reshape(-1)), width,
                                                        mask=pa.array(~has_bias)),
     })
-    return {"states": states, "contributions": contributions, **_inside_tables(j, prompt_id), **_readout_tables(
+    tables = {"states": states, "contributions": contributions, **_inside_tables(j, prompt_id), **_readout_tables(
         j, prompt_id)}
+    if generated_from is not None:
+        flags = pa.array(np.arange(length) >= generated_from)
+        tokens = tables["tokens"]
+        tables["tokens"] = tokens.set_column(tokens.schema.get_field_index("generated"), "generated", flags)
+    return tables
 
 
 def _inside_tables(j: Journey, prompt_id: int) -> dict[str, pa.Table]:
@@ -204,17 +219,19 @@ def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
             n_tokens = None if isinstance(result, PromptFailure) else len(result.tokens)
             truncated = None if isinstance(result, PromptFailure) else result.truncated
             prompt_rows.append((next_prompt, key, run_id, spec.text, spec.source, spec.source_id, list(spec.tags),
-                                n_tokens, "error" if reason else "done", reason, truncated))
+                                n_tokens, "error" if reason else "done", reason, truncated, spec.parent_id,
+                                spec.decoding))
             if reason is not None:
                 errors[spec.text] = reason
             else:
-                tables = journey_tables(result, next_prompt, next_state, vector_dtype)
+                tables = journey_tables(result, next_prompt, next_state, vector_dtype, spec.generated_from)
                 next_state += tables["states"].num_rows
                 for name, table in tables.items():
                     parts[name].append(table)
             next_prompt += 1
         con.executemany("INSERT INTO prompts (id, key, run_id, text, source, source_id, tags, n_tokens, status, "
-                        "error, truncated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", prompt_rows)
+                        "error, truncated, parent_id, decoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        prompt_rows)
         counts: dict = {"prompts": len(prompt_rows), "errors": errors}
         for name, tables in parts.items():
             if tables:
