@@ -11,7 +11,7 @@ import pandas as pd
 
 from geomap.analysis import load
 from geomap.analysis.decoding import Strategy, decide
-from geomap.analysis.persist import decision_row, insert_rows
+from geomap.analysis.persist import decision_row, insert_rows, transaction
 from geomap.store.db import connect, ensure_schema
 
 
@@ -135,3 +135,111 @@ def _eos(loaded) -> set[int]:
     from geomap.analysis.generate import eos_ids
 
     return eos_ids(loaded)
+
+
+def model_for(info, loaded=None):
+    """The model a stored prompt was captured with: ``loaded`` if its weights match, else loaded by name."""
+    from geomap.models import load_model
+    from geomap.store.db import StoreError
+
+    loaded = loaded or load_model(info.model)
+    if loaded.weights_hash != info.weights_sha256:
+        raise StoreError(f"Prompt {info.id} was captured with {info.model} (weights {info.weights_sha256[:12]}), "
+                         f"not with the model given ({loaded.name}, weights {loaded.weights_hash[:12]}).")
+    return loaded
+
+
+def geometry(db_path: str | Path, prompt_id: int, layer: int | None = None, pos: int | None = None,
+             contrast: tuple[str, ...] = (), k: int = 10, loaded=None) -> pd.DataFrame:
+    """The unembedding geometry of a stored state, stored in ``geometry`` and ``margins``.
+
+    Defaults: the final layer, the last position.
+
+    Returns:
+        One row per compared token: ``role`` (candidate, contrast, nearest, embedding), ``rank``, ``id``,
+        ``token``, ``dot``, ``cosine``. ``attrs`` holds ``margin``, ``direction_dot``, ``bias_diff``, ``top1``,
+        ``top2``, ``normed_norm``, ``layer``, ``pos``.
+    """
+    import numpy as np
+
+    from geomap.analysis.geometry import unembedding_geometry
+    from geomap.store.db import StoreError
+
+    con = connect(db_path)
+    try:
+        ensure_schema(con)
+        info = load.prompt_info(con, prompt_id)
+        pos = load.resolve_pos(info, pos)
+        layer = info.n_layers if layer is None else layer
+        if not 0 <= layer <= info.n_layers:
+            raise StoreError(f"layer must lie in 0..{info.n_layers}, not {layer}")
+        loaded = model_for(info, loaded)
+        contrast_ids = [load.token_id(con, info.weights_sha256, t) for t in contrast]
+        g = unembedding_geometry(loaded, load.state(con, prompt_id, layer, pos), layer, contrast_ids, k)
+        rows = []
+        for role, block in (("candidate", g.candidates), ("contrast", g.contrast), ("nearest", g.nearest),
+                            ("embedding", g.embedding)):
+            if block is None:
+                continue
+            rows += [{"prompt_id": prompt_id, "pos": pos, "layer": layer, "role": role, "rank": r,
+                      "token_id": int(t), "dot": float(dv), "cosine": float(c)}
+                     for r, (t, dv, c) in enumerate(zip(block.token_ids, block.dot, block.cosine), start=1)]
+        with transaction(con):
+            con.execute("DELETE FROM geometry WHERE prompt_id = ? AND pos = ? AND layer = ?", [prompt_id, pos, layer])
+            con.execute("DELETE FROM margins WHERE prompt_id = ? AND pos = ? AND layer = ?", [prompt_id, pos, layer])
+            insert_rows(con, "geometry", rows)
+            insert_rows(con, "margins", [{"prompt_id": prompt_id, "pos": pos, "layer": layer,
+                                          "top1_id": g.top1_id, "top2_id": g.top2_id, "margin": g.margin,
+                                          "direction_dot": g.direction_dot, "bias_diff": g.bias_diff,
+                                          "normed_norm": float(np.linalg.norm(g.normed))}])
+        texts = load.token_texts(con, info.weights_sha256, [r["token_id"] for r in rows] + [g.top1_id, g.top2_id])
+    finally:
+        con.close()
+    frame = pd.DataFrame([{"role": r["role"], "rank": r["rank"], "id": r["token_id"],
+                           "token": texts.get(r["token_id"]), "dot": r["dot"], "cosine": r["cosine"]} for r in rows])
+    frame.attrs.update(margin=g.margin, direction_dot=g.direction_dot, bias_diff=g.bias_diff,
+                       top1={"id": g.top1_id, "token": texts.get(g.top1_id)},
+                       top2={"id": g.top2_id, "token": texts.get(g.top2_id)},
+                       normed_norm=float(np.linalg.norm(g.normed)), layer=layer, pos=pos, prompt_id=prompt_id)
+    return frame
+
+
+def attribute(db_path: str | Path, prompt_id: int, token: str | None = None, pos: int | None = None,
+              loaded=None) -> pd.DataFrame:
+    """Direct logit attribution of a token's logit at a stored position, stored in ``attributions``.
+
+    Defaults: the model's top-1 token, the last position.
+
+    Returns:
+        One row per part: ``level`` (layer or head), ``component``, ``layer``, ``head``, ``value``. ``attrs`` holds
+        ``token`` (``id, token``), ``logit`` (rebuilt from the parts), ``model_logit`` (as captured), ``pos``.
+    """
+    from geomap.analysis.attribution import attribute as decompose
+
+    con = connect(db_path)
+    try:
+        ensure_schema(con)
+        info = load.prompt_info(con, prompt_id)
+        pos = load.resolve_pos(info, pos)
+        if token is None:
+            token_id = int(con.execute("SELECT token_ids[1] FROM next_token WHERE prompt_id = ? AND pos = ?",
+                                       [prompt_id, pos]).fetchall()[0][0])
+        else:
+            token_id = load.token_id(con, info.weights_sha256, token)
+        loaded = model_for(info, loaded)
+        result = decompose(loaded, load.stream_parts(con, info, pos), token_id)
+        rows = [{"prompt_id": prompt_id, "pos": pos, "token_id": token_id,
+                 "level": "head" if c in ("head", "attn_bias") else "layer", "component": c, "layer": layer,
+                 "head": head, "value": v} for c, layer, head, v in result.parts]
+        with transaction(con):
+            con.execute("DELETE FROM attributions WHERE prompt_id = ? AND pos = ? AND token_id = ?",
+                        [prompt_id, pos, token_id])
+            insert_rows(con, "attributions", rows)
+        model_logit = load.stored_logit(con, info, pos, token_id)
+        text = load.token_texts(con, info.weights_sha256, [token_id]).get(token_id)
+    finally:
+        con.close()
+    frame = pd.DataFrame(rows).drop(columns=["prompt_id", "pos", "token_id"])
+    frame.attrs.update(token={"id": token_id, "token": text}, logit=result.logit, model_logit=model_logit, pos=pos,
+                       prompt_id=prompt_id)
+    return frame

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 
+from geomap.analysis.attribution import StreamParts
 from geomap.analysis.decoding import Candidates
 from geomap.store.codec import from_blob
 from geomap.store.db import StoreError
@@ -90,3 +91,36 @@ def state(con: duckdb.DuckDBPyConnection, prompt_id: int, layer: int, pos: int) 
         raise StoreError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}.")
     vec, blob = rows[0]
     return np.asarray(vec, np.float32) if vec is not None else from_blob(blob)
+
+
+def stream_parts(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> StreamParts:
+    """The residual stream's parts at one position, for direct logit attribution."""
+    rows = con.execute("SELECT attn, mlp FROM contributions WHERE prompt_id = ? AND pos = ? ORDER BY layer",
+                       [info.id, pos]).fetchall()
+    heads = con.execute("""SELECT a.layer, list(a.share ORDER BY a.head), any_value(c.attn_bias)
+                           FROM attention a JOIN contributions c USING (prompt_id, pos, layer)
+                           WHERE a.prompt_id = ? AND a.pos = ? GROUP BY a.layer ORDER BY a.layer""",
+                        [info.id, pos]).fetchall()
+    scale = con.execute("SELECT scale FROM norms WHERE prompt_id = ? AND pos = ? AND layer = ?",
+                        [info.id, pos, info.n_layers]).fetchall()
+    if not rows or not scale:
+        raise StoreError(f"Prompt {info.id} has no stored contributions or final norm scale at position {pos}.")
+    d = len(rows[0][0])
+    return StreamParts(
+        embed=state(con, info.id, 0, pos),
+        attn=np.asarray([r[0] for r in rows], np.float32), mlp=np.asarray([r[1] for r in rows], np.float32),
+        head_layers=np.asarray([h[0] for h in heads], np.int64),
+        heads=np.asarray([h[1] for h in heads], np.float32).reshape(len(heads), -1, d),
+        attn_bias=np.asarray([h[2] for h in heads], np.float32).reshape(len(heads), d),
+        final_scale=float(scale[0][0]))
+
+
+def stored_logit(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int, token: int) -> float | None:
+    """The model's own logit of ``token`` at ``pos`` as captured (None if not among what was stored)."""
+    if pos == info.n_tokens - 1:
+        rows = con.execute("SELECT logits[? + 1] FROM final_logits WHERE prompt_id = ?", [token, info.id]).fetchall()
+        if rows and rows[0][0] is not None:
+            return float(rows[0][0])
+    rows = con.execute("""SELECT logits[list_position(token_ids, ?)] FROM next_token
+                          WHERE prompt_id = ? AND pos = ?""", [token, info.id, pos]).fetchall()
+    return float(rows[0][0]) if rows and rows[0][0] is not None else None

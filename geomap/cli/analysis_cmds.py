@@ -104,4 +104,101 @@ def generate(text: str, max_new_tokens: int, temperature, top_k, top_p, min_p, s
         click.echo(f"  step {step}: {_show(row.token):<20} id {row.id:>7}  p={row.prob:.4f}")
 
 
-COMMANDS = [decode, generate]
+@click.command()
+@prompt_option
+@click.option("--layer", type=int, default=None, help="Residual boundary 0..L (default: L, the final layer).")
+@click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
+@click.option("--contrast", multiple=True, help="A token to compare, e.g. ' banana' (repeatable).")
+@click.option("-k", "k", default=10, show_default=True, help="Candidates and neighbours to show.")
+@db_option
+@json_option
+def geometry(prompt_id: int, layer: int | None, pos: int | None, contrast: tuple[str, ...], k: int,
+             db: Path | None, as_json: bool) -> None:
+    """How a stored state lines up with the unembedding vectors: dots, cosines, the top-1 vs top-2 margin."""
+    from geomap.analysis.api import geometry as run
+    from geomap.cli import _quiet_transformers
+
+    _quiet_transformers()
+    frame = run(_db(db), prompt_id, layer, pos, contrast, k)
+    a = frame.attrs
+
+    def block(role, score="dot"):
+        rows = frame[frame.role == role]
+        return [{"id": int(r.id), "token": r.token, **({"score": float(r.dot)} if score == "score" else
+                                                        {"dot": float(r.dot), "cosine": float(r.cosine)})}
+                for r in rows.itertuples()]
+
+    if as_json:
+        click.echo(json.dumps({"prompt_id": prompt_id, "layer": a["layer"], "pos": a["pos"],
+                               "candidates": block("candidate"), "contrast": block("contrast"),
+                               "margin": a["margin"], "direction_dot": a["direction_dot"],
+                               "bias_diff": a["bias_diff"], "top1": a["top1"], "top2": a["top2"],
+                               "normed_norm": a["normed_norm"], "nearest": block("nearest", "score"),
+                               "embedding": block("embedding")}, ensure_ascii=False))
+        return
+    click.echo(f"prompt {prompt_id}, layer {a['layer']}, position {a['pos']}: |h̃| = {a['normed_norm']:.2f} "
+               "(the state after the final norm)")
+    for role, title in (("candidate", "top candidates (u·h̃ is the logit without bias)"),
+                        ("contrast", "contrast tokens"), ("nearest", "nearest unembedding directions (FAISS)"),
+                        ("embedding", "nearest input-embedding rows (cosine with the raw state)")):
+        rows = frame[frame.role == role]
+        if len(rows):
+            click.echo(f"{title}:")
+            for r in rows.itertuples():
+                click.echo(f"  {r.rank:>2}. {_show(r.token):<20} dot {r.dot:>9.3f}  cos {r.cosine:.4f}")
+    click.echo(f"margin {_show(a['top1']['token'])} − {_show(a['top2']['token'])}: {a['margin']:.4f} = "
+               f"(u1 − u2)·h̃ {a['direction_dot']:.4f} + bias {a['bias_diff']:.4f}")
+
+
+@click.command()
+@prompt_option
+@click.option("--token", default=None, help="Token text to attribute, e.g. ' coming' (default: the top-1).")
+@click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
+@click.option("--top", default=5, show_default=True, help="Promoting and suppressing parts to show.")
+@db_option
+@json_option
+def attribute(prompt_id: int, token: str | None, pos: int | None, top: int, db: Path | None, as_json: bool) -> None:
+    """Direct logit attribution: a token's logit as the sum of the embedding, each attention (and head), each MLP."""
+    from geomap.analysis.api import attribute as run
+    from geomap.cli import _quiet_transformers
+
+    _quiet_transformers()
+    frame = run(_db(db), prompt_id, token, pos)
+    a = frame.attrs
+
+    def parts(rows):
+        return [{"component": r.component, "layer": None if r.layer != r.layer else int(r.layer),
+                 "head": None if r.head != r.head else int(r.head), "value": float(r.value)}
+                for r in rows.itertuples()]
+
+    fine = frame[(frame.level == "head") | ~frame.component.isin(["attn"] if (frame.level == "head").any() else [])]
+    ranked = fine.sort_values("value")
+    if as_json:
+        click.echo(json.dumps({"prompt_id": prompt_id, "pos": a["pos"], "token": a["token"]["token"],
+                               "token_id": a["token"]["id"], "logit": a["logit"], "model_logit": a["model_logit"],
+                               "parts": parts(frame), "promoting": parts(ranked[::-1].head(top)),
+                               "suppressing": parts(ranked.head(top))}, ensure_ascii=False))
+        return
+    layer_sum = frame[frame.level == "layer"].value.sum()
+    click.echo(f"prompt {prompt_id}, position {a['pos']}: logit of {_show(a['token']['token'])} = {a['logit']:.4f} "
+               f"(the model's: {a['model_logit'] if a['model_logit'] is None else round(a['model_logit'], 4)}); "
+               f"the parts sum to {layer_sum:.4f}")
+    by = frame[frame.level == "layer"]
+    emb = by[by.component == "embed"].value.sum()
+    click.echo(f"  embedding {emb:+.3f}   biases {by[by.component == 'bias'].value.sum():+.3f}")
+    click.echo("  layer      attn       mlp")
+    for layer in sorted({int(x) for x in by.layer.dropna()}):
+        at = by[(by.component == "attn") & (by.layer == layer)].value.sum()
+        ml = by[(by.component == "mlp") & (by.layer == layer)].value.sum()
+        click.echo(f"  {layer:>5}  {at:+8.3f}  {ml:+8.3f}")
+
+    def name(r):
+        if r.component == "head":
+            return f"L{int(r.layer)} head {int(r.head)}"
+        return r.component if r.layer != r.layer else f"L{int(r.layer)} {r.component}"
+
+    for title, rows in (("most promoting:  ", ranked[::-1].head(top)), ("most suppressing:", ranked.head(top))):
+        click.echo(f"{title} " + ", ".join(f"{name(r)} {r.value:+.3f}" for r in rows.itertuples()))
+
+
+COMMANDS = [decode, generate, geometry, attribute]

@@ -54,8 +54,7 @@ CREATE TABLE IF NOT EXISTS attributions (   -- direct logit attribution of one t
     component VARCHAR,                      -- 'embed', 'attn', 'mlp', 'bias', 'head', 'attn_bias'
     layer SMALLINT,                         -- decoder layer; NULL for embed and bias
     head SMALLINT,                          -- NULL unless component = 'head'
-    value FLOAT,
-    PRIMARY KEY (prompt_id, pos, token_id, level, component, layer, head)
+    value FLOAT
 );
 
 CREATE TABLE IF NOT EXISTS projections (
