@@ -124,3 +124,41 @@ def stored_logit(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int, tok
     rows = con.execute("""SELECT logits[list_position(token_ids, ?)] FROM next_token
                           WHERE prompt_id = ? AND pos = ?""", [token, info.id, pos]).fetchall()
     return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+@dataclass(frozen=True)
+class StateSet:
+    """Stored states with their coordinates in the store: ``ids, prompt_ids, pos, layers`` (n,), ``x`` (n, d)."""
+
+    ids: np.ndarray
+    prompt_ids: np.ndarray
+    pos: np.ndarray
+    layers: np.ndarray
+    x: np.ndarray
+
+
+def run_states(con: duckdb.DuckDBPyConnection, run_id: int, layers: list[int] | None = None) -> StateSet:
+    """Every stored state of a run's prompts (at ``layers``, default all), decoded to float32."""
+    from geomap.store.codec import decode_bf16
+
+    where = "" if layers is None else f"AND s.layer IN ({', '.join(str(int(x)) for x in layers)})"
+    table = con.sql(f"""SELECT s.id, s.prompt_id, s.pos, s.layer, s.vec, s.vec_bf16
+                        FROM states s JOIN prompts p ON p.id = s.prompt_id
+                        WHERE p.run_id = $run AND p.status = 'done' {where} ORDER BY s.id""",
+                    params={"run": run_id}).to_arrow_table()
+    n = table.num_rows
+    if n == 0:
+        raise StoreError(f"Run {run_id} has no stored states" + ("" if layers is None else f" at layers {layers}"))
+    vec = table.column("vec").combine_chunks()
+    d = vec.type.list_size
+    x = np.zeros((n, d), np.float32)
+    valid = ~np.asarray(vec.is_null().to_numpy(zero_copy_only=False))
+    if valid.any():
+        flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        x[valid] = flat.reshape(-1, d) if len(flat) == valid.sum() * d else flat.reshape(n, d)[valid]
+    if (~valid).any():
+        blobs = table.column("vec_bf16").to_pylist()
+        x[~valid] = decode_bf16(np.stack([np.frombuffer(blobs[i], "<u2") for i in np.flatnonzero(~valid)]))
+    col = {name: table.column(name).to_numpy() for name in ("id", "prompt_id", "pos", "layer")}
+    return StateSet(col["id"].astype(np.int64), col["prompt_id"].astype(np.int64), col["pos"].astype(np.int64),
+                    col["layer"].astype(np.int64), x)

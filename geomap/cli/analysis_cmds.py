@@ -201,4 +201,33 @@ def attribute(prompt_id: int, token: str | None, pos: int | None, top: int, db: 
         click.echo(f"{title} " + ", ".join(f"{name(r)} {r.value:+.3f}" for r in rows.itertuples()))
 
 
-COMMANDS = [decode, generate, geometry, attribute]
+@click.command()
+@click.option("--run", "run_id", type=int, required=True, help="Stored run id (see `SELECT * FROM runs`).")
+@click.option("--method", default="pca", show_default=True, type=click.Choice(["pca", "umap", "tsne"]))
+@click.option("--layers", default=None, help="Comma-separated boundaries (default: all).")
+@click.option("--per-layer", is_flag=True, help="One fit per layer instead of one basis across layers.")
+@click.option("--seed", default=0, show_default=True)
+@db_option
+@json_option
+def project(run_id: int, method: str, layers: str | None, per_layer: bool, seed: int, db: Path | None,
+            as_json: bool) -> None:
+    """Fit 2-D maps (PCA, UMAP, t-SNE) of a run's states after the final norm; stored in `projections`."""
+    from geomap.analysis.maps import project as run
+    from geomap.cli import _quiet_transformers
+
+    chosen = None if layers is None else [int(v) for v in layers.split(",") if v.strip()]
+    _quiet_transformers()
+    frame = run(_db(db), run_id, method, chosen, joint=not per_layer, seed=seed)
+    a = frame.attrs
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, "method": method, "joint": a["joint"], "layers": a["layers"],
+                               "tokens": a["tokens"], "projections": frame.to_dict(orient="records")}))
+        return
+    for row in frame.itertuples():
+        where = "all layers (one basis)" if row.layer is None or row.layer != row.layer else f"layer {int(row.layer)}"
+        explained = "" if row.explained is None else " · explained " + ", ".join(f"{v:.3f}" for v in row.explained)
+        click.echo(f"projection {row.projection_id}: {method} of {row.n_points} states, {where}{explained}")
+    click.echo("query: SELECT * FROM projection_points WHERE projection_id = ...")
+
+
+COMMANDS = [decode, generate, geometry, attribute, project]

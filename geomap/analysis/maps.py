@@ -1,0 +1,116 @@
+"""Fit, store and read back 2-D maps of a run's states (the API behind `geomap project`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geomap.analysis import load
+from geomap.analysis.persist import insert_rows, next_id, transaction
+from geomap.analysis.projection import fit_projection
+from geomap.store.db import StoreError, connect, ensure_schema
+
+
+def normed_states(loaded, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """States (n, d) after the model's own final norm, in chunks."""
+    norm = loaded.anatomy.final_norm
+    out = np.empty_like(x, dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(x), chunk):
+            part = torch.as_tensor(x[start:start + chunk]).to(norm.weight.device, norm.weight.dtype)
+            out[start:start + chunk] = norm(part).float().cpu().numpy()
+    return out
+
+
+def run_model(con, run_id: int, loaded=None):
+    """The model a run was captured with (``loaded`` if its weights match)."""
+    from geomap.analysis.api import model_for
+
+    rows = con.execute("SELECT id FROM prompts WHERE run_id = ? AND status = 'done' ORDER BY id LIMIT 1",
+                       [run_id]).fetchall()
+    if not rows:
+        raise StoreError(f"Run {run_id} has no stored prompts; list runs with `geomap sql \"SELECT * FROM runs\"`.")
+    return model_for(load.prompt_info(con, rows[0][0]), loaded)
+
+
+def top_candidates(con, run_id: int, limit: int = 12) -> list[int]:
+    """The run's most frequent final top-1 tokens at the prompts' last positions."""
+    rows = con.execute("""SELECT n.token_ids[1] AS t, count(*) AS c
+                          FROM next_token n JOIN prompts p ON p.id = n.prompt_id
+                          WHERE p.run_id = ? AND n.pos = p.n_tokens - 1 GROUP BY t ORDER BY c DESC, t LIMIT ?""",
+                       [run_id, limit]).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def project(db_path: str | Path, run_id: int, method: str = "pca", layers: list[int] | None = None,
+            joint: bool = True, seed: int = 0, loaded=None) -> pd.DataFrame:
+    """Fit 2-D maps of a run's states after the final norm, and store them.
+
+    Results go to ``projections``, ``projection_points`` and ``projection_tokens``.
+
+    Args:
+        db_path: The store.
+        run_id: The run whose states are mapped.
+        method: ``pca``, ``umap`` or ``tsne``.
+        layers: Boundaries to include (default all).
+        joint: One basis across all ``layers`` (a token's path is a polyline in it), else one fit per layer.
+        seed: Random state of the fit.
+        loaded: The model (loaded by name from the run when None).
+
+    Returns:
+        One row per fit: ``projection_id, layer (None when joint), n_points, explained`` (PCA).
+    """
+    con = connect(db_path)
+    try:
+        ensure_schema(con)
+        loaded = run_model(con, run_id, loaded)
+        states = load.run_states(con, run_id, layers)
+        x = normed_states(loaded, states.x)
+        token_ids = top_candidates(con, run_id)
+        w_u = loaded.anatomy.unembed.weight.detach().float().cpu().numpy()
+        groups = [(None, np.arange(len(x)))] if joint else [
+            (int(ell), np.flatnonzero(states.layers == ell)) for ell in np.unique(states.layers)]
+        chosen = sorted({int(v) for v in np.unique(states.layers)})
+        out = []
+        for layer, idx in groups:
+            fit = fit_projection(x[idx], method, w_u[token_ids], seed=seed)
+            with transaction(con):
+                pid = next_id(con, "projections")
+                insert_rows(con, "projections", [{
+                    "id": pid, "run_id": run_id, "method": method, "space": "normed", "layers": chosen,
+                    "joint": joint, "layer": layer, "params": json.dumps(fit.params), "n_points": int(len(idx)),
+                    "center": None if fit.center is None else fit.center.tolist(),
+                    "components": None if fit.components is None else fit.components.tolist(),
+                    "explained": None if fit.explained is None else fit.explained.tolist(),
+                    "token_scale": fit.token_scale}])
+                _insert_points(con, pid, states, idx, fit.coords)
+                insert_rows(con, "projection_tokens", [
+                    {"projection_id": pid, "token_id": t, "x": float(c[0]), "y": float(c[1])}
+                    for t, c in zip(token_ids, fit.token_coords)])
+            out.append({"projection_id": pid, "layer": layer, "n_points": int(len(idx)),
+                        "explained": None if fit.explained is None else [float(v) for v in fit.explained]})
+    finally:
+        con.close()
+    frame = pd.DataFrame(out)
+    frame.attrs.update(run_id=run_id, method=method, joint=joint, layers=chosen, tokens=token_ids)
+    return frame
+
+
+def _insert_points(con, projection_id: int, states: load.StateSet, idx: np.ndarray, coords: np.ndarray) -> None:
+    import pyarrow as pa
+
+    table = pa.table({"projection_id": pa.array(np.full(len(idx), projection_id, np.int32)),
+                      "state_id": pa.array(states.ids[idx]),
+                      "prompt_id": pa.array(states.prompt_ids[idx].astype(np.int32)),
+                      "pos": pa.array(states.pos[idx].astype(np.int32)),
+                      "layer": pa.array(states.layers[idx].astype(np.int16)),
+                      "x": pa.array(coords[:, 0].astype(np.float32)), "y": pa.array(coords[:, 1].astype(np.float32))})
+    con.register("_points", table)
+    try:
+        con.execute("INSERT INTO projection_points SELECT * FROM _points")
+    finally:
+        con.unregister("_points")
