@@ -230,4 +230,67 @@ def project(run_id: int, method: str, layers: str | None, per_layer: bool, seed:
     click.echo("query: SELECT * FROM projection_points WHERE projection_id = ...")
 
 
-COMMANDS = [decode, generate, geometry, attribute, project]
+@click.command()
+@prompt_option
+@click.option("--layer", type=int, default=None, help="Decoder layer (default: every layer with stored attention).")
+@click.option("--head", type=int, default=None, help="Head (default: all).")
+@click.option("--key-pos", type=int, default=None, help="Key position (default: the one each head attends most).")
+@click.option("--max-distance", default=64, show_default=True)
+@db_option
+@json_option
+def position(prompt_id: int, layer: int | None, head: int | None, key_pos: int | None, max_distance: int,
+             db: Path | None, as_json: bool) -> None:
+    """How position enters: RoPE angles and q·k by distance (or learned position vectors); stored."""
+    from geomap.analysis.positions_api import position as run
+    from geomap.cli import _quiet_transformers
+
+    _quiet_transformers()
+    frame = run(_db(db), prompt_id, layer, head, key_pos, max_distance)
+    a = frame.attrs
+    if as_json:
+        click.echo(json.dumps({**a, "rows": json.loads(frame.to_json(orient="records"))}))
+        return
+    if a["kind"] == "learned":
+        click.echo(f"learned absolute positions: {a['positions']} vectors, mean norm {a['mean_norm']:.3f}")
+        for row in frame[frame.distance.isin([0, 1, 2, 4, 8, 16, 32, 64, 128])].itertuples():
+            click.echo(f"  distance {row.distance:>4}: mean cosine {row.mean_cosine:+.4f}")
+        return
+    for name, r in a["ropes"].items():
+        click.echo(f"RoPE '{name}': {r['pairs']} frequency pairs, {r['inv_freq_first']:.3g} … "
+                   f"{r['inv_freq_last']:.3g} rad per position")
+    shown = [d for d in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256) if d <= max_distance]
+    click.echo(f"q·k (scaled) of the last query (position {a['q_pos']}) and one key, moved Δ apart:")
+    click.echo("  layer head  key " + "".join(f"{'Δ=' + str(d):>9}" for d in shown))
+    for (ell, h), rows in frame.groupby(["layer", "head"]):
+        by = dict(zip(rows["distance"], rows["score"]))
+        click.echo(f"  {ell:>5} {h:>4} {int(rows['key_pos'].iloc[0]):>4} " + "".join(f"{by[d]:>9.3f}" for d in shown))
+
+
+@click.command()
+@prompt_option
+@click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
+@db_option
+@json_option
+def stats(prompt_id: int, pos: int | None, db: Path | None, as_json: bool) -> None:
+    """Trajectory statistics of one position: lens top-1 and margin, entropy, KL, norm growth, cosine to final."""
+    from geomap.analysis.api import trajectory_stats
+
+    frame = trajectory_stats(_db(db), prompt_id, pos)
+    a = frame.attrs
+    if as_json:
+        click.echo(json.dumps({**a, "layers": json.loads(frame.to_json(orient="records"))}, ensure_ascii=False))
+        return
+    click.echo(f"prompt {prompt_id} {a['text']!r}, position {a['pos']}: the model predicts "
+               f"{_show(a['final']['token'])}; prediction depth {a['prediction_depth']}")
+    click.echo("layer  lens top-1          p      margin  entropy     KL  rank      norm  growth  cos_final")
+    for r in frame.itertuples():
+        if r.top1_id != r.top1_id or r.top1_id is None:  # no lens at this boundary
+            click.echo(f"{r.layer:>5}  {'':<18} {'':>6} {'':>7} {'':>8} {'':>6} {'':>5} {r.norm:>9.1f}")
+            continue
+        growth = "" if r.norm_growth != r.norm_growth else f"{r.norm_growth:.3f}"
+        click.echo(f"{r.layer:>5}  {_show(r.top1_token):<18} {r.top1_prob:>6.3f} {r.lens_margin:>7.3f} "
+                   f"{r.entropy:>8.3f} {r.kl_to_final:>6.2f} {int(r.final_rank):>5} {r.norm:>9.1f} {growth:>7} "
+                   f"{r.cos_final:>10.3f}")
+
+
+COMMANDS = [decode, generate, geometry, attribute, project, position, stats]

@@ -36,6 +36,7 @@ class ArchSpec:
         norm_kind: ``"rms"`` (x·s·w), ``"rms_plus_one"`` (x·s·(1+w), Gemma) or ``"layer"`` (LayerNorm).
         o_proj_conv1d: GPT-2's ``Conv1D`` stores W_O as (in, out) rather than (out, in).
         pos_embed: Path to a learned position embedding, if the model has one.
+        rotary: Path to the rotary embedding module (RoPE), if the model rotates q and k.
     """
 
     layers: str
@@ -52,6 +53,7 @@ class ArchSpec:
     norm_kind: str = "rms"
     o_proj_conv1d: bool = False
     pos_embed: str | None = None
+    rotary: str | None = "model.rotary_emb"
 
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm")
@@ -87,6 +89,7 @@ REGISTRY: dict[str, ArchSpec] = {
         norm_kind="layer",
         o_proj_conv1d=True,
         pos_embed="transformer.wpe",
+        rotary=None,
     ),
 }
 
@@ -230,6 +233,25 @@ class Anatomy:
         proj = self._get(self.spec.o_proj, self.attn(layer))
         weight = proj.weight.T if self.spec.o_proj_conv1d else proj.weight
         return weight, getattr(proj, "bias", None)
+
+    def rope(self, layer: int) -> tuple[str, torch.Tensor, float] | None:
+        """The rotation a layer applies to q and k: ``(name, inv_freq (head_dim/2,), attention_scaling)``.
+
+        ``name`` is ``"default"``, or the layer type when the model keeps one rotation per type (Gemma-3's sliding
+        and full attention). None for models without RoPE.
+        """
+        if self.spec.rotary is None:
+            return None
+        module = self._get(self.spec.rotary)
+        if hasattr(module, "inv_freq"):
+            return "default", module.inv_freq, float(getattr(module, "attention_scaling", 1.0))
+        kind = self.config.layer_types[layer]
+        return kind, getattr(module, f"{kind}_inv_freq"), float(getattr(module, f"{kind}_attention_scaling", 1.0))
+
+    @cached_property
+    def position_embedding(self) -> nn.Module | None:
+        """The learned absolute position embedding, if the model has one."""
+        return self._get(self.spec.pos_embed) if self.spec.pos_embed else None
 
     # --- norm arithmetic ---------------------------------------------------------------------
     def norm_scale(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
