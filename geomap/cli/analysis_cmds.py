@@ -293,4 +293,28 @@ def stats(prompt_id: int, pos: int | None, db: Path | None, as_json: bool) -> No
                    f"{r.cos_final:>10.3f}")
 
 
-COMMANDS = [decode, generate, geometry, attribute, project, position, stats]
+@click.command("tuned-lens")
+@click.option("--run", "run_id", type=int, required=True, help="Stored run whose states train the lens.")
+@click.option("--steps", default=150, show_default=True, help="Adam steps per layer.")
+@click.option("--heldout-every", default=5, show_default=True, help="Hold out every N-th prompt for the report.")
+@db_option
+@json_option
+def tuned_lens(run_id: int, steps: int, heldout_every: int, db: Path | None, as_json: bool) -> None:
+    """Train a tuned lens (per-layer affine translators) on a run; compare it with the logit lens on held-out data."""
+    from geomap.analysis.tuned_api import tuned_lens as run
+    from geomap.cli import _quiet_transformers
+
+    _quiet_transformers()
+    frame = run(_db(db), run_id, steps, heldout_every)
+    a = frame.attrs
+    if as_json:
+        click.echo(json.dumps({**a, "layers": frame.to_dict(orient="records")}))
+        return
+    click.echo(f"tuned lens {a['lens_id']}: trained on {a['train_prompts']} prompts, {a['heldout_prompts']} held out "
+               f"({a['positions']} positions without BOS); held-out mean KL(lens ‖ final), nats:")
+    click.echo("layer   tuned   logit  step kept")
+    for r in frame.itertuples():
+        click.echo(f"{r.layer:>5} {r.tuned_kl:>7.3f} {r.logit_kl:>7.3f} {r.steps:>10}")
+
+
+COMMANDS = [decode, generate, geometry, attribute, project, position, stats, tuned_lens]
