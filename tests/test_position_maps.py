@@ -119,3 +119,16 @@ def test_trajectory_statistics_agree_with_the_lens(stored):
     heads = query(db, "SELECT to_previous, to_first, to_self, entropy FROM head_stats WHERE prompt_id = 1")
     assert len(heads) == a.n_layers * a.n_heads
     assert all(0 <= v <= 1 for row in heads for v in row[:3]) and all(row[3] >= 0 for row in heads)
+
+
+def test_a_journey_is_placed_into_a_fitted_map(stored):
+    from geomap.analysis.maps import place
+
+    model, db = stored
+    frame = project(db, 1, "pca", layers=[0, 2], loaded=model)
+    pid = int(frame["projection_id"].iloc[0])
+    placed = place(db, pid, 2, loaded=model)
+    assert placed.attrs["exact"] and len(placed) == 2 * query(db, "SELECT n_tokens FROM prompts WHERE id = 2")[0][0]
+    stored_xy = query(db, """SELECT p.x, p.y FROM projection_points p WHERE projection_id = ? AND prompt_id = 2
+                             ORDER BY layer, pos""", pid)
+    np.testing.assert_allclose(placed[["x", "y"]].to_numpy(), np.asarray(stored_xy), rtol=1e-3, atol=1e-3)

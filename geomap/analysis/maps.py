@@ -114,3 +114,46 @@ def _insert_points(con, projection_id: int, states: load.StateSet, idx: np.ndarr
         con.execute("INSERT INTO projection_points SELECT * FROM _points")
     finally:
         con.unregister("_points")
+
+
+def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None) -> pd.DataFrame:
+    """Place a stored journey (any run, same model) into a fitted map.
+
+    PCA places it exactly with the stored mean and basis; UMAP and t-SNE place each state at the
+    inverse-distance-weighted mean of its 10 nearest fitted states (their fitted models are not stored).
+
+    Returns:
+        Rows ``pos, layer, x, y`` for the prompt's states at the map's layers; ``attrs`` holds ``exact``.
+    """
+    from geomap.analysis.projection import place_by_neighbours, place_pca
+
+    con = connect(db_path)
+    try:
+        rows = con.execute("SELECT run_id, method, layers, joint, layer, center, components FROM projections "
+                           "WHERE id = ?", [projection_id]).fetchall()
+        if not rows:
+            raise StoreError(f"No projection with id {projection_id}.")
+        run_id, method, layers, joint, layer, center, components = rows[0]
+        loaded = run_model(con, run_id, loaded)
+        info = load.prompt_info(con, prompt_id)
+        if info.weights_sha256 != loaded.weights_hash:
+            raise StoreError(f"Prompt {prompt_id} was captured with other weights than projection {projection_id}.")
+        wanted = list(layers) if joint else [layer]
+        vecs = [(p, ell, load.state(con, prompt_id, ell, p)) for ell in wanted for p in range(info.n_tokens)]
+        x = normed_states(loaded, np.stack([v for _, _, v in vecs]))
+        if method == "pca":
+            coords = place_pca(x, np.asarray(center, np.float32), np.asarray(components, np.float32))
+        else:
+            fitted = con.execute("SELECT state_id, x, y FROM projection_points WHERE projection_id = ? "
+                                 "ORDER BY state_id", [projection_id]).fetchnumpy()
+            ids = fitted["state_id"].astype(np.int64)
+            fit_states = load.run_states(con, run_id, wanted)
+            order = np.searchsorted(fit_states.ids, ids)
+            fit_x = normed_states(loaded, fit_states.x[order])
+            coords = place_by_neighbours(fit_x, np.stack([fitted["x"], fitted["y"]], 1).astype(np.float32), x)
+    finally:
+        con.close()
+    frame = pd.DataFrame({"pos": [p for p, _, _ in vecs], "layer": [ell for _, ell, _ in vecs],
+                          "x": coords[:, 0], "y": coords[:, 1]})
+    frame.attrs.update(exact=method == "pca", projection_id=projection_id, prompt_id=prompt_id)
+    return frame

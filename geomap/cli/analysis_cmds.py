@@ -227,7 +227,8 @@ def project(run_id: int, method: str, layers: str | None, per_layer: bool, seed:
         where = "all layers (one basis)" if row.layer is None or row.layer != row.layer else f"layer {int(row.layer)}"
         explained = "" if row.explained is None else " · explained " + ", ".join(f"{v:.3f}" for v in row.explained)
         click.echo(f"projection {row.projection_id}: {method} of {row.n_points} states, {where}{explained}")
-    click.echo("query: SELECT * FROM projection_points WHERE projection_id = ...")
+    ids = ", ".join(str(v) for v in frame["projection_id"])
+    click.echo(f"points: SELECT * FROM projection_points WHERE projection_id IN ({ids})")
 
 
 @click.command()
