@@ -318,4 +318,29 @@ def tuned_lens(run_id: int, steps: int, heldout_every: int, db: Path | None, as_
         click.echo(f"{r.layer:>5} {r.tuned_kl:>7.3f} {r.logit_kl:>7.3f} {r.steps:>10}")
 
 
-COMMANDS = [decode, generate, geometry, attribute, project, position, stats, tuned_lens]
+@click.group()
+def report() -> None:
+    """Write HTML reports (self-contained pages under reports/, listed in reports/index.html)."""
+
+
+@report.command("journey")
+@click.option("--prompt", "prompt_id", type=int, default=None, help="Stored prompt id.")
+@click.option("--text", default=None, help="A prompt to store (everything captured) and report on.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file (default: reports/journey-<id>.html).")
+@click.option("--single-file", is_flag=True, help="Inline the stylesheet and script (no assets/ folder).")
+@db_option
+def report_journey(prompt_id: int | None, text: str | None, out: Path | None, single_file: bool,
+                   db: Path | None) -> None:
+    """The journey of a prompt's last token, section by section, with the store's numbers."""
+    from geomap.cli import _quiet_transformers
+    from geomap.report.api import journey_report
+
+    if (prompt_id is None) == (text is None):
+        raise click.UsageError("Give exactly one of --prompt ID or --text TEXT.")
+    _quiet_transformers()
+    done = journey_report(_db(db), prompt_id, text, out, single_file)
+    click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
+
+
+COMMANDS = [decode, generate, geometry, attribute, project, position, stats, tuned_lens, report]

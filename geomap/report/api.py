@@ -1,0 +1,84 @@
+"""Report API: build a page from the store, write it under ``reports/``, show it inline in Jupyter."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+from geomap.report.pages import journey_page, write_page
+
+DEFAULT_FOLDER = Path("reports")
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rendered report: its HTML, and the file it was written to (if any)."""
+
+    html: str
+    path: Path | None = None
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: the page in a sandboxed iframe (its scripts run there, isolated from the notebook)."""
+        return (f'<iframe sandbox="allow-scripts" style="width:100%;height:720px;border:1px solid #ddd" '
+                f'srcdoc="{html.escape(self.html, quote=True)}"></iframe>')
+
+
+def _load(db_path, prompt_id: int, loaded):
+    from geomap.analysis import load
+    from geomap.analysis.api import model_for
+    from geomap.store.db import connect
+
+    con = connect(db_path, read_only=True)
+    try:
+        info = load.prompt_info(con, prompt_id)
+    finally:
+        con.close()
+    return model_for(info, loaded)
+
+
+def store_text(db_path: str | Path, text: str, loaded=None) -> int:
+    """Store ``text`` (attention and lens at every position) if it is not stored yet; return its prompt id."""
+    from geomap.capture import CaptureConfig
+    from geomap.models import load_model
+    from geomap.store.db import connect
+    from geomap.store.ingest import ingest, model_identity
+    from geomap.store.writer import PromptSpec, prompt_key
+
+    loaded = loaded or load_model()
+    config = CaptureConfig(attn_positions="all", lens_positions="all")
+    ingest(loaded, [PromptSpec(text)], db_path, config, progress=False)
+    key = prompt_key(model_identity(loaded), config.to_json(), text)
+    con = connect(db_path, read_only=True)
+    try:
+        return int(con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()[0][0])
+    finally:
+        con.close()
+
+
+def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str | None = None,
+                   out: str | Path | None = None, single_file: bool = False, loaded=None,
+                   write: bool = True) -> Report:
+    """The journey report of a stored prompt's last token (or of ``text``, stored first).
+
+    Args:
+        db_path: The store.
+        prompt_id: A stored prompt, or None with ``text``.
+        text: A prompt to store (attention and lens at every position) and report on.
+        out: The HTML file (default ``reports/journey-<id>.html``).
+        single_file: Inline the stylesheet and script instead of linking ``assets/`` beside the page.
+        loaded: The model (loaded by name when None).
+        write: Write the file (and refresh the folder's ``index.html``).
+    """
+    from geomap.report.data import journey_data
+
+    if (prompt_id is None) == (text is None):
+        raise ValueError("Give exactly one of a prompt id or a text.")
+    if prompt_id is None:
+        prompt_id = store_text(db_path, text, loaded)
+    loaded = _load(db_path, prompt_id, loaded)
+    page = journey_page(journey_data(db_path, prompt_id, loaded), single_file)
+    path = None
+    if write:
+        path = write_page(page, Path(out) if out else DEFAULT_FOLDER / f"journey-{prompt_id}.html", single_file)
+    return Report(page, path)

@@ -1,0 +1,40 @@
+"""Write reports to disk: journey pages, and the index of all reports in a folder."""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+from geomap.report.render import render, write_assets
+
+
+def write_page(html_text: str, out: Path, single_file: bool) -> Path:
+    """Write one page (and, unless ``single_file``, the shared assets beside it); refresh the folder's index."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not single_file:
+        write_assets(out.parent / "assets")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html_text, encoding="utf-8")
+    tmp.replace(out)
+    write_index(out.parent)
+    return out
+
+
+def journey_page(data: dict, single_file: bool = False) -> str:
+    """The journey report's HTML."""
+    return render("journey.html.j2", data, single_file)
+
+
+def write_index(folder: Path) -> Path:
+    """``index.html`` listing every report in ``folder`` (by the title of each page)."""
+    entries = []
+    for page in sorted(folder.glob("*.html")):
+        if page.name == "index.html":
+            continue
+        head = page.read_text(encoding="utf-8", errors="replace")[:4000]
+        match = re.search(r"<title>(.*?)</title>", head, re.S)
+        entries.append({"href": page.name, "title": html.unescape(match.group(1)) if match else page.stem})
+    out = folder / "index.html"
+    out.write_text(render("index.html.j2", {"entries": entries}, single_file=True), encoding="utf-8")
+    return out

@@ -1,0 +1,110 @@
+"""Render report data as HTML: autoescaped Jinja templates, JSON through a safe dumper, no network loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib.resources import files
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup
+
+ASSETS = ("geomap.css", "geomap.js")
+CSP = ("default-src 'none'; img-src data:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+       "connect-src 'none'; form-action 'none'; base-uri 'none'")
+
+
+def safe_json(value) -> Markup:
+    """JSON for a ``<script type="application/json">`` block: ``<``, ``>``, ``&``, U+2028 and U+2029 escaped."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_default)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                         ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return Markup(text)  # noqa: S704 (escaped above; only ever placed inside a JSON script block)
+
+
+def _default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for display (``–`` for missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    v = float(value)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -digits):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}f}"
+
+
+def heat(value, top: float = 1.0) -> str:
+    """A background colour for a value in [0, top] (white to deep blue)."""
+    x = 0.0 if value is None else max(0.0, min(1.0, float(value) / (top or 1.0)))
+    light = int(round(97 - 55 * x))
+    return f"background:hsl(215,70%,{light}%);color:{'#fff' if x > 0.6 else '#111'}"
+
+
+def diverge(value, top: float) -> str:
+    """A background colour for a signed value: red below zero, green above."""
+    x = 0.0 if value is None else max(-1.0, min(1.0, float(value) / (top or 1.0)))
+    hue = 140 if x >= 0 else 0
+    light = int(round(97 - 50 * abs(x)))
+    return f"background:hsl({hue},60%,{light}%)"
+
+
+def polyline(values, width: int = 260, height: int = 70, pad: int = 4) -> str:
+    """SVG ``points`` for a line through ``values`` (None skipped)."""
+    pts = [(i, float(v)) for i, v in enumerate(values) if v is not None and not math.isnan(float(v))]
+    if not pts:
+        return ""
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    span, n = (hi - lo) or 1.0, max(len(values) - 1, 1)
+    return " ".join(f"{pad + i * (width - 2 * pad) / n:.1f},{height - pad - (v - lo) * (height - 2 * pad) / span:.1f}"
+                    for i, v in pts)
+
+
+def scale_points(points, width: int = 420, height: int = 320, pad: int = 14) -> list[dict]:
+    """Map ``{x, y, ...}`` points into an SVG box (all sets sharing one scale when concatenated)."""
+    if not points:
+        return []
+    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx, sy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    return [{**p, "sx": pad + (p["x"] - x0) * (width - 2 * pad) / sx,
+             "sy": height - pad - (p["y"] - y0) * (height - 2 * pad) / sy} for p in points]
+
+
+def environment() -> jinja2.Environment:
+    """The report templates, autoescaped."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=fmt, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
+    env.globals.update(scale_points=scale_points, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
+    return env
+
+
+def asset_text(name: str) -> str:
+    """The text of a bundled asset (``geomap.css`` or ``geomap.js``)."""
+    return files("geomap.report").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def render(template: str, data: dict, single_file: bool = False, asset_prefix: str = "assets/") -> str:
+    """Render a report page; assets are inlined with ``single_file``, else linked from ``asset_prefix``."""
+    # The bundled assets are geomap's own files, trusted: inlined as they are (escaping would break the script).
+    assets = {name: Markup(asset_text(name)) for name in ASSETS} if single_file else None  # noqa: S704
+    return environment().get_template(template).render(d=data, csp=CSP, assets=assets, asset_prefix=asset_prefix)
+
+
+def write_assets(folder: Path) -> None:
+    """Copy the shared assets next to reports that link them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ASSETS:
+        target = folder / name
+        text = asset_text(name)
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            target.write_text(text, encoding="utf-8")

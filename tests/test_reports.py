@@ -1,0 +1,214 @@
+"""Journey reports: every section and itinerary step present, numbers equal to the store, safe with hostile text,
+and working in headless Chromium (no console errors, no network, live decoding controls)."""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from geomap.analysis.api import decode, generate
+from geomap.analysis.decoding import Strategy
+from geomap.capture import CaptureConfig
+from geomap.report.api import journey_report
+from geomap.store.ingest import ingest
+from geomap.store.writer import PromptSpec
+
+XSS = "</script><img src=x onerror=alert(1)> <bos> <s>"
+PROMPTS = ["The storm is", "The market is", "Paris is the capital of", XSS]
+SECTIONS = ["tokenization", "embedding", "position", "inside-head", "attention", "lens", "trajectory", "decoding",
+            "geometry", "neighbours", "append"]
+CHROMIUM = "/usr/bin/chromium"
+
+
+class Page(HTMLParser):
+    """Sections, itinerary steps and the numbers inside them, by their data attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[tuple[str, dict]] = []
+        self.sections: list[str] = []
+        self.steps: dict[str, list[str]] = {}
+        self.numbers: list[tuple[str, str, str | None, str | None]] = []  # (section, src, value, step)
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag in ("br", "input", "meta", "link", "circle", "rect", "polyline"):
+            return
+        self.stack.append((tag, attrs))
+        if tag == "section" and "id" in attrs:
+            self.sections.append(attrs["id"])
+        if "num" in (attrs.get("class") or "").split():
+            section = next((a["id"] for t, a in reversed(self.stack) if t == "section" and "id" in a), None)
+            step = next((a["data-step"] for _, a in reversed(self.stack) if "data-step" in a), None)
+            self.numbers.append((section, attrs.get("data-src", ""), attrs.get("data-value"), step))
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            if self.stack.pop()[0] == tag:
+                break
+
+
+def parse(text: str) -> Page:
+    page = Page()
+    page.feed(text)
+    return page
+
+
+@pytest.fixture(params=["llama", pytest.param("real", marks=pytest.mark.real)], scope="module")
+def reports(request, tiny_models, tmp_path_factory):
+    model = request.getfixturevalue("real") if request.param == "real" else tiny_models[request.param]
+    folder = tmp_path_factory.mktemp(f"reports-{request.param}")
+    db = folder / "r.duckdb"
+    ingest(model, [PromptSpec(t) for t in PROMPTS], db, CaptureConfig(attn_positions="all", lens_positions="all"),
+           progress=False)
+    decode(db, 1, Strategy(temperature=0.8, top_p=0.9, seed=2))
+    generate(db, model, PROMPTS[0], 3, Strategy())
+    out = folder / "reports"
+    pages = {pid: journey_report(db, pid, out=out / f"journey-{pid}.html", loaded=model) for pid in (1, 4)}
+    single = journey_report(db, 1, out=folder / "single" / "journey-1.html", single_file=True, loaded=model)
+    return model, db, pages, single
+
+
+def store(db, sql, *params):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def test_every_section_and_itinerary_step_shows_stored_numbers(reports):
+    _, _, pages, _ = reports
+    page = parse(pages[1].html)
+    assert page.sections == SECTIONS
+    with_numbers = {step for _, _, value, step in page.numbers if step and value not in (None, "")}
+    assert {str(i) for i in range(1, 18)} <= with_numbers, sorted(with_numbers)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "journey.md").read_text(encoding="utf-8")
+    for step in range(1, 18):
+        assert f"| {step} |" in docs, f"docs/journey.md does not map itinerary step {step}"
+
+
+def test_numbers_match_the_store(reports):
+    model, db, pages, _ = reports
+    page = parse(pages[1].html)
+    values = lambda src: [float(v) for _, s, v, _ in page.numbers if s == src and v not in (None, "")]  # noqa: E731
+    n = store(db, "SELECT n_tokens FROM prompts WHERE id = 1")[0][0]
+    assert values("tokens.token_id") == [r[0] for r in store(
+        db, "SELECT token_id FROM tokens WHERE prompt_id = 1 ORDER BY pos")]
+    lens = store(db, "SELECT probs[1:8] FROM lens WHERE prompt_id = 1 AND pos = ? ORDER BY layer", n - 1)
+    np.testing.assert_allclose(values("lens.probs"), [p for (row,) in lens for p in row], rtol=1e-5)
+    weights = store(db, "SELECT weights[1:?] FROM attention WHERE prompt_id = 1 AND pos = ? ORDER BY layer, head",
+                    n, n - 1)
+    inside = values("attention.weights")
+    head_table = inside[-len(weights) * n:]  # the per-layer table follows the inside-one-head row
+    np.testing.assert_allclose(head_table, [w for (row,) in weights for w in row], rtol=1e-5, atol=1e-7)
+    logits = np.asarray(store(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0])
+    np.testing.assert_allclose(values("final_logits"), np.sort(logits)[::-1][:15], rtol=1e-5)
+    parts = store(db, "SELECT value FROM attributions WHERE prompt_id = 1 AND level = 'layer' "
+                      "AND component IN ('attn', 'mlp')")
+    shown = values("attributions.value")
+    assert len(shown) >= len(parts)
+    assert np.isclose(sorted(shown)[-1], max(max(r[0] for r in parts), max(shown)), rtol=1e-5)
+    depth = store(db, "SELECT prediction_depth FROM position_stats WHERE prompt_id = 1 AND pos = ?", n - 1)[0][0]
+    assert values("position_stats.prediction_depth") == [depth]
+    assert "generation" in pages[1].html and "journey-" in pages[1].html  # the append-and-repeat loop links
+
+
+def test_hostile_text_is_shown_not_run(reports):
+    _, _, pages, _ = reports
+    text = pages[4].html
+    page = parse(text)
+    assert "img" not in page.tags and "s" not in page.tags
+    assert html.escape(XSS, quote=False) in text
+    body, _, data = text.rpartition('<script type="application/json" id="geomap-data">')
+    assert "</script><img" not in data.split("</script>")[0]
+    assert 'http-equiv="Content-Security-Policy"' in text and "default-src 'none'" in html.unescape(text)
+
+
+def test_page_weight_files_and_jupyter(reports):
+    _, _, pages, single = reports
+    path = pages[1].path
+    assert path.stat().st_size < 1_000_000
+    assert (path.parent / "assets" / "geomap.js").exists() and 'src="assets/geomap.js"' in pages[1].html
+    assert "<script src" not in single.html and "geomap-data" in single.html
+    index = (path.parent / "index.html").read_text(encoding="utf-8")
+    assert "journey-1.html" in index and "journey-4.html" in index
+    frame = pages[1]._repr_html_()
+    assert frame.startswith("<iframe") and 'sandbox="allow-scripts"' in frame and "<script" not in frame
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("GEOMAP_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing; `make test` installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    events = {"console": [], "requests": [], "dialogs": []}
+    page.on("console", lambda m: events["console"].append((m.type, m.text)) if m.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda e: events["console"].append(("pageerror", str(e))))
+    page.on("request", lambda r: events["requests"].append(r.url))
+    page.on("dialog", lambda d: (events["dialogs"].append(d.message), d.dismiss()))
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, events
+
+
+@pytest.mark.browser
+def test_in_chromium_no_errors_no_network_live_controls(reports, browser, tmp_path):
+    _, _, pages, single = reports
+    for report in (pages[1], single):
+        page, events = open_page(browser, report.path)
+        assert events["console"] == []
+        assert all(url.startswith("file://") for url in events["requests"]), events["requests"]
+        before = page.locator("[data-dist] tr:nth-child(2) td:nth-child(4)").text_content()
+        page.fill("input[name=temperature]", "2.2")
+        page.locator("input[name=temperature]").dispatch_event("input")
+        after = page.locator("[data-dist] tr:nth-child(2) td:nth-child(4)").text_content()
+        assert float(after) < float(before), (before, after)
+        page.fill("input[name=top_k]", "3")
+        page.locator("input[name=top_k]").dispatch_event("input")
+        assert page.locator("[data-dist] tr.kept").count() == 3
+        shot = tmp_path / "shot.png"
+        page.screenshot(path=str(shot))
+        from PIL import Image
+
+        colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is None or len(colours) > 50, "the screenshot is blank"
+        page.close()
+
+
+@pytest.mark.browser
+def test_in_chromium_the_xss_prompt_runs_nothing(reports, browser):
+    _, _, pages, _ = reports
+    page, events = open_page(browser, pages[4].path)
+    page.wait_for_timeout(300)
+    assert events["dialogs"] == [] and events["console"] == []
+    assert page.locator("img").count() == 0
+    assert XSS in page.locator("header").text_content()
+    page.close()
+
+
+def test_reports_folder_is_rewritten_atomically(reports, tmp_path):
+    _, _, pages, _ = reports
+    shutil.copytree(pages[1].path.parent, tmp_path / "copy")
+    assert not list((tmp_path / "copy").glob("*.tmp"))
