@@ -111,6 +111,10 @@ def test_numbers_match_the_store(reports):
     inside = values("attention.weights")
     head_table = inside[-len(weights) * n:]  # the per-layer table follows the inside-one-head row
     np.testing.assert_allclose(head_table, [w for (row,) in weights for w in row], rtol=1e-5, atol=1e-7)
+    scores = store(db, "SELECT scores[1:?] FROM attention WHERE prompt_id = 1 AND pos = ? ORDER BY layer, head",
+                   n, n - 1)
+    np.testing.assert_allclose(values("attention.scores")[-len(scores) * n:], [v for (row,) in scores for v in row],
+                               rtol=1e-5, atol=1e-6)
     logits = np.asarray(store(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0])
     np.testing.assert_allclose(values("final_logits"), np.sort(logits)[::-1][:15], rtol=1e-5)
     parts = store(db, "SELECT value FROM attributions WHERE prompt_id = 1 AND level = 'layer' "
@@ -185,6 +189,9 @@ def test_in_chromium_no_errors_no_network_live_controls(reports, browser, tmp_pa
         page.locator("input[name=temperature]").dispatch_event("input")
         after = page.locator("[data-dist] tr:nth-child(2) td:nth-child(4)").text_content()
         assert float(after) < float(before), (before, after)
+        page.check("input[value=scores]")
+        assert page.locator("[data-heat-table=scores]").is_visible()
+        assert not page.locator("[data-heat-table=weights]").is_visible()
         page.fill("input[name=top_k]", "3")
         page.locator("input[name=top_k]").dispatch_event("input")
         assert page.locator("[data-dist] tr.kept").count() == 3
@@ -212,3 +219,41 @@ def test_reports_folder_is_rewritten_atomically(reports, tmp_path):
     _, _, pages, _ = reports
     shutil.copytree(pages[1].path.parent, tmp_path / "copy")
     assert not list((tmp_path / "copy").glob("*.tmp"))
+
+
+def test_run_and_compare_reports_match_the_store(reports):
+    from geomap.report.api import compare_report, run_report
+
+    model, db, pages, _ = reports
+    folder = pages[1].path.parent
+    run = run_report(db, 1, out=folder / "run-1.html", loaded=model)
+    page = parse(run.html)
+    assert page.sections == ["map", "curves", "depth", "heads", "prompts"]
+    depths = [r[0] for r in store(db, "SELECT prediction_depth FROM journey WHERE run_id = 1")]
+    counts = [float(v) for _, s, v, _ in page.numbers if s == "journey.prediction_depth"]
+    assert counts == [float(depths.count(d)) for d in range(model.anatomy.n_layers + 1)]
+    probs = [float(v) for _, s, v, _ in page.numbers if s == "journey.top1_prob"]
+    np.testing.assert_allclose(probs, [r[0] for r in store(
+        db, "SELECT top1_prob FROM journey WHERE run_id = 1 ORDER BY prompt_id")], rtol=1e-6)
+    assert "journey-1.html" in run.html and run.html.count("<circle") == len(depths)
+    pair = compare_report(db, 1, 2, out=folder / "compare-1-2.html", loaded=model)
+    assert parse(pair.html).sections == ["summary", "lens", "decoding", "attribution"]
+    assert "compare-1-2.html" in (folder / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_pipeline_run_writes_its_reports(tiny_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from geomap.cli import cli
+
+    (tmp_path / "p.txt").write_text("The storm is\nThe market is\n", encoding="utf-8")
+    (tmp_path / "tiny.toml").write_text(
+        f'name = "tiny"\nmodel = "{tiny_dirs["llama"]}"\nstore = "{tmp_path / "s.duckdb"}"\n'
+        f'reports = "{tmp_path / "reports"}"\n[capture]\nattn_positions = "all"\n[[sources]]\npath = "p.txt"\n',
+        encoding="utf-8")
+    done = CliRunner().invoke(cli, ["run", str(tmp_path / "tiny.toml")])
+    assert done.exit_code == 0, done.output
+    names = sorted(p.name for p in (tmp_path / "reports").glob("*.html"))
+    assert names == ["index.html", "journey-1.html", "journey-2.html", "run-1.html"]
+    again = CliRunner().invoke(cli, ["run", str(tmp_path / "tiny.toml")])
+    assert again.exit_code == 0 and "1 written" in again.output  # only the run report is rewritten

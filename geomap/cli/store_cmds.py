@@ -35,7 +35,8 @@ def _report(summary, as_json: bool) -> None:
 @db_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool) -> None:
+@click.option("--no-reports", is_flag=True, help="Skip the HTML reports the pipeline asks for.")
+def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool) -> None:
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
     from geomap.cli import _quiet_transformers
     from geomap.models import load_model
@@ -46,9 +47,17 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool)
     prompts = pipe.prompts()
     _quiet_transformers()
     loaded = load_model(pipe.model, device=device)
-    summary = ingest(loaded, prompts, db or pipe.store, pipe.capture, pipe.vector_dtype, pipe.batch_size,
-                     pipeline=pipe.name)
+    store = db or pipe.store
+    summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
+    if pipe.reports and not no_reports:
+        from geomap.report.api import pipeline_reports
+        from geomap.store.ingest import model_identity
+        from geomap.store.writer import prompt_key
+
+        keys = [prompt_key(model_identity(loaded), pipe.capture.to_json(), spec.text) for spec in prompts]
+        written = pipeline_reports(store, keys, pipe.reports, loaded)
+        click.echo(f"reports: {written} written; open {pipe.reports / 'index.html'}", err=True)
 
 
 @click.command()

@@ -82,3 +82,60 @@ def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str 
     if write:
         path = write_page(page, Path(out) if out else DEFAULT_FOLDER / f"journey-{prompt_id}.html", single_file)
     return Report(page, path)
+
+
+def run_report(db_path: str | Path, run_id: int, out: str | Path | None = None, single_file: bool = False,
+               loaded=None, write: bool = True) -> Report:
+    """One page for a whole run (default file ``reports/run-<id>.html``)."""
+    from geomap.report.render import render
+    from geomap.report.run_data import run_data
+
+    page = render("run.html.j2", run_data(db_path, run_id, loaded), single_file)
+    path = write_page(page, Path(out) if out else DEFAULT_FOLDER / f"run-{run_id}.html", single_file) if write else None
+    return Report(page, path)
+
+
+def compare_report(db_path: str | Path, first: int, second: int, out: str | Path | None = None,
+                   single_file: bool = False, loaded=None, write: bool = True) -> Report:
+    """Two journeys side by side (default file ``reports/compare-<a>-<b>.html``)."""
+    from geomap.report.data import journey_data
+    from geomap.report.render import render
+
+    loaded = _load(db_path, first, loaded)
+    data = {"a": journey_data(db_path, first, loaded), "b": journey_data(db_path, second, _load(db_path, second,
+                                                                                                   loaded))}
+    page = render("compare.html.j2", data, single_file)
+    target = Path(out) if out else DEFAULT_FOLDER / f"compare-{first}-{second}.html"
+    return Report(page, write_page(page, target, single_file) if write else None)
+
+
+def pipeline_reports(db_path: str | Path, keys: list[str], folder: str | Path, loaded=None,
+                     progress: bool = True) -> int:
+    """Write the reports of a pipeline's prompts.
+
+    A journey report for each stored prompt with one of these keys (existing files are kept), then the report
+    of each of their runs, and the folder's index.
+
+    Returns:
+        How many pages were written.
+    """
+    from tqdm import tqdm
+
+    from geomap.store.db import connect
+
+    folder = Path(folder)
+    con = connect(db_path, read_only=True)
+    try:
+        rows = con.execute("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) AND status = 'done' "
+                           "ORDER BY id", [list(keys)]).fetchall()
+    finally:
+        con.close()
+    todo = [pid for pid, _ in rows if not (folder / f"journey-{pid}.html").exists()]
+    written = 0
+    for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
+        journey_report(db_path, pid, out=folder / f"journey-{pid}.html", loaded=loaded)
+        written += 1
+    for run_id in sorted({run for _, run in rows}):
+        run_report(db_path, run_id, out=folder / f"run-{run_id}.html", loaded=loaded)
+        written += 1
+    return written

@@ -91,10 +91,8 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     maps = {}
     for method in ("pca", "umap"):
         pid = next((p for p, m in projections if m == method), None)
-        if pid is None and method == "pca":
-            pid = int(project(db_path, info.run_id, "pca", loaded=loaded)["projection_id"].iloc[0])
-        if pid is None:
-            continue
+        if pid is None:  # fitted once per run, stored, and reused by every later report of the run
+            pid = int(project(db_path, info.run_id, method, loaded=loaded)["projection_id"].iloc[0])
         placed = place(db_path, pid, prompt_id, loaded=loaded)
         maps[method] = _map(db_path, pid, placed, last)
 

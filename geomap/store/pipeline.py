@@ -27,6 +27,8 @@ class Pipeline:
         capture: Capture options.
         vector_dtype: ``"float32"`` or ``"bfloat16"`` storage of state vectors.
         sources: ``(path, format or None, tags)`` per source; paths relative to the pipeline file.
+        reports: Folder for HTML reports written after the run (a journey report per prompt, the run report and
+            ``index.html``), or None for none.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Pipeline:
     capture: CaptureConfig
     vector_dtype: str
     sources: tuple[tuple[Path, str | None, tuple[str, ...]], ...]
+    reports: Path | None = None
 
     def prompts(self) -> list[PromptSpec]:
         """Read every source, in order."""
@@ -57,7 +60,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
-    known = {"name", "model", "store", "batch_size", "capture", "sources"}
+    known = {"name", "model", "store", "batch_size", "capture", "sources", "reports"}
     if unknown := set(data) - known:
         raise GeomapError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     cap = dict(data.get("capture", {}))
@@ -86,4 +89,5 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise GeomapError(f"{path}: batch_size must be at least 1")
     return Pipeline(name=str(data.get("name", path.stem)), model=str(data.get("model", DEFAULT_MODEL)),
                     store=Path(data.get("store", "data/geomap.duckdb")), batch_size=batch, capture=capture,
-                    vector_dtype=vector_dtype, sources=tuple(sources))
+                    vector_dtype=vector_dtype, sources=tuple(sources),
+                    reports=Path(data["reports"]) if data.get("reports") else None)

@@ -11,6 +11,7 @@ from geomap.models.presets import cache_home
 from geomap.store.vectors import _publish, _sha256, _write_temp
 
 log = logging.getLogger(__name__)
+_OPEN: dict[tuple, tuple[tuple, faiss.Index]] = {}  # indexes this process read: key → (file signature, index)
 
 
 def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, tied: bool = False) -> faiss.Index:
@@ -31,6 +32,26 @@ def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, tied: bool = 
         An ``IndexFlatIP`` holding the V rows (ids = token ids).
     """
     which = "unembed" if tied else which
+    key = (weights_hash, which, tuple(matrix.shape))
+    path = cache_home() / "faiss" / f"{weights_hash[:16]}-{which}.faiss"
+    cached = _OPEN.get(key)
+    if cached is not None and cached[0] == _signature(path):  # same file as checked before: skip the sha256
+        return cached[1]
+    index = _load_or_build(matrix, weights_hash, which)
+    _OPEN[key] = (_signature(path), index)
+    return index
+
+
+def _signature(path) -> tuple:
+    """(path, size, mtime) of a file, or None when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _load_or_build(matrix: np.ndarray, weights_hash: str, which: str) -> faiss.Index:
     x = np.ascontiguousarray(matrix, dtype=np.float32)
     path = cache_home() / "faiss" / f"{weights_hash[:16]}-{which}.faiss"
     sidecar = path.with_name(path.name + ".sha256")

@@ -58,6 +58,14 @@
     redraw(form, table, note);
   }
 
+  document.querySelectorAll("[data-heat]").forEach(function (radio) {
+    radio.addEventListener("change", function () {
+      document.querySelectorAll("[data-heat-table]").forEach(function (t) {
+        t.hidden = t.getAttribute("data-heat-table") !== radio.value;
+      });
+    });
+  });
+
   var select = document.querySelector("[data-neighbour-layer]");
   if (select) {
     select.addEventListener("change", function () {
