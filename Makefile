@@ -23,14 +23,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 # Browser tests drive Debian's Chromium through Playwright (never `playwright install`).
-/usr/bin/chromium:
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
 	  echo "browser tests need Debian's chromium: run 'apt-get install chromium chromium-driver' as root"; exit 1; fi; \
 	$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test /usr/bin/chromium
+install-test: $(VENV)/.installed-test $(CHROMIUM)
 
 # The demo: 35 prompts through Gemma-3-270M into data/geomap.duckdb (a rerun skips what is stored), then a summary.
 run: install
