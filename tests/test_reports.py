@@ -257,3 +257,27 @@ def test_a_pipeline_run_writes_its_reports(tiny_dirs, tmp_path):
     assert names == ["index.html", "journey-1.html", "journey-2.html", "run-1.html"]
     again = CliRunner().invoke(cli, ["run", str(tmp_path / "tiny.toml")])
     assert again.exit_code == 0 and "1 written" in again.output  # only the run report is rewritten
+
+
+def test_report_commands(tiny_dirs, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from geomap.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("The storm is\nThe market is\n", encoding="utf-8")
+    runner = CliRunner()
+    db = str(tmp_path / "s.duckdb")
+    assert runner.invoke(cli, ["ingest", "p.txt", "--db", db, "--model", str(tiny_dirs["llama"]),
+                               "--attn-positions", "all"]).exit_code == 0
+    done = runner.invoke(cli, ["report", "journey", "--prompt", "2", "--db", db, "--single-file"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "reports" / "journey-2.html").exists() and not (tmp_path / "reports" / "assets").exists()
+    assert runner.invoke(cli, ["report", "compare", "--prompt", "1", "--prompt", "2", "--db", db]).exit_code == 0
+    assert runner.invoke(cli, ["report", "run", "--run", "1", "--db", db]).exit_code == 0
+    bad = runner.invoke(cli, ["report", "compare", "--prompt", "1", "--db", db])
+    assert bad.exit_code != 0 and "exactly twice" in bad.output
+    both = runner.invoke(cli, ["report", "journey", "--db", db])
+    assert both.exit_code != 0 and "--prompt ID or --text" in both.output
+    index = (tmp_path / "reports" / "index.html").read_text(encoding="utf-8")
+    assert all(name in index for name in ("journey-2.html", "compare-1-2.html", "run-1.html"))
