@@ -124,7 +124,16 @@ def test_numbers_match_the_store(reports):
     assert np.isclose(sorted(shown)[-1], max(max(r[0] for r in parts), max(shown)), rtol=1e-5)
     depth = store(db, "SELECT prediction_depth FROM position_stats WHERE prompt_id = 1 AND pos = ?", n - 1)[0][0]
     assert values("position_stats.prediction_depth") == [depth]
-    assert "generation" in pages[1].html and "journey-" in pages[1].html  # the append-and-repeat loop links
+    # The append-and-repeat loop links each generation step to the journey of the token it decided from.
+    gen, n0 = store(db, "SELECT id, n_tokens FROM prompts WHERE parent_id = 1")[0][0], n
+    for step in range(3):
+        pos = n0 - 1 + step
+        step_page = pages[1].path.parent / f"journey-{gen}-p{pos}.html"
+        assert f'href="{step_page.name}"' in pages[1].html and step_page.exists()
+    step_page = parse(step_page.read_text(encoding="utf-8"))
+    shown = [float(v) for _, s_, v, _ in step_page.numbers if s_ == "lens.probs"]
+    lens = store(db, "SELECT probs[1:8] FROM lens WHERE prompt_id = ? AND pos = ? ORDER BY layer", gen, pos)
+    np.testing.assert_allclose(shown, [p for (row,) in lens for p in row], rtol=1e-5)
 
 
 def test_hostile_text_is_shown_not_run(reports):

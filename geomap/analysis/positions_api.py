@@ -14,12 +14,13 @@ from geomap.store.db import StoreError, connect, ensure_schema
 
 
 def position(db_path: str | Path, prompt_id: int, layer: int | None = None, head: int | None = None,
-             key_pos: int | None = None, max_distance: int = 64, loaded=None) -> pd.DataFrame:
+             key_pos: int | None = None, max_distance: int = 64, loaded=None, pos: int | None = None) -> pd.DataFrame:
     """How position shapes a stored prompt's attention scores; stored in ``rope_angles`` and ``position_scores``.
 
-    For RoPE models, each chosen head's last query and one key (``key_pos``; default: the stored key that head
-    attends to most) are moved Δ = 0..``max_distance`` apart. For learned positions (GPT-2), the position
-    vectors' norms and mean cosine by distance go to ``position_vectors`` and ``position_similarity``.
+    For RoPE models, each chosen head's query at ``pos`` (default: the last) and one key (``key_pos``; default:
+    the stored key that head attends to most) are moved Δ = 0..``max_distance`` apart. For learned positions
+    (GPT-2), the position vectors' norms and mean cosine by distance go to ``position_vectors`` and
+    ``position_similarity``.
 
     Returns:
         RoPE: rows ``layer, head, key_pos, distance, score, captured`` (the captured score at the key's real
@@ -36,13 +37,13 @@ def position(db_path: str | Path, prompt_id: int, layer: int | None = None, head
         a = loaded.anatomy
         if a.rope(0) is None:
             return _learned(con, loaded, max_distance)
-        q_pos = info.n_tokens - 1
+        q_pos = load.resolve_pos(info, pos)
         rows = con.execute("""SELECT layer, head, pos, q, k, scores, weights FROM attention
                               WHERE prompt_id = ? ORDER BY layer, head, pos""", [prompt_id]).fetchall()
         stored = {(r[0], r[1], r[2]): r for r in rows}
         layers = sorted({r[0] for r in rows if r[2] == q_pos})
         if not layers:
-            raise StoreError(f"Prompt {prompt_id} has no attention stored at its last position {q_pos}.")
+            raise StoreError(f"Prompt {prompt_id} has no attention stored at position {q_pos}.")
         if layer is not None:
             if layer not in layers:
                 raise StoreError(f"Layer {layer} has no stored attention for prompt {prompt_id} (stored: {layers}).")

@@ -17,11 +17,12 @@ def report() -> None:
 @report.command("journey")
 @click.option("--prompt", "prompt_id", type=int, default=None, help="Stored prompt id.")
 @click.option("--text", default=None, help="A prompt to store (everything captured) and report on.")
+@click.option("--pos", type=int, default=None, help="Token position (default: the last; e.g. a generation step).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="HTML file (default: reports/journey-<id>.html).")
 @click.option("--single-file", is_flag=True, help="Inline the stylesheet and script (no assets/ folder).")
 @db_option
-def report_journey(prompt_id: int | None, text: str | None, out: Path | None, single_file: bool,
+def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out: Path | None, single_file: bool,
                    db: Path | None) -> None:
     """The journey of a prompt's last token, section by section, with the store's numbers."""
     from geomap.cli import _quiet_transformers
@@ -30,7 +31,7 @@ def report_journey(prompt_id: int | None, text: str | None, out: Path | None, si
     if (prompt_id is None) == (text is None):
         raise click.UsageError("Give exactly one of --prompt ID or --text TEXT.")
     _quiet_transformers()
-    done = journey_report(_db(db), prompt_id, text, out, single_file)
+    done = journey_report(_db(db), prompt_id, text, out, single_file, pos=pos)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
 
 

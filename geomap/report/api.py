@@ -56,10 +56,15 @@ def store_text(db_path: str | Path, text: str, loaded=None) -> int:
         con.close()
 
 
+def page_name(prompt_id: int, pos: int | None = None) -> str:
+    """``journey-<id>.html`` for a prompt's last token, ``journey-<id>-p<pos>.html`` for another position."""
+    return f"journey-{prompt_id}.html" if pos is None else f"journey-{prompt_id}-p{pos}.html"
+
+
 def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str | None = None,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
-                   write: bool = True) -> Report:
-    """The journey report of a stored prompt's last token (or of ``text``, stored first).
+                   write: bool = True, pos: int | None = None, linked: bool = True) -> Report:
+    """The journey report of a stored prompt's token (default its last; or of ``text``, stored first).
 
     Args:
         db_path: The store.
@@ -69,6 +74,8 @@ def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str 
         single_file: Inline the stylesheet and script instead of linking ``assets/`` beside the page.
         loaded: The model (loaded by name when None).
         write: Write the file (and refresh the folder's ``index.html``).
+        pos: The token's position (default: the last).
+        linked: Also write the missing pages of the generation steps the page links to.
     """
     from geomap.report.data import journey_data
 
@@ -77,10 +84,17 @@ def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str 
     if prompt_id is None:
         prompt_id = store_text(db_path, text, loaded)
     loaded = _load(db_path, prompt_id, loaded)
-    page = journey_page(journey_data(db_path, prompt_id, loaded), single_file)
+    data = journey_data(db_path, prompt_id, loaded, pos=pos)
+    page = journey_page(data, single_file)
     path = None
     if write:
-        path = write_page(page, Path(out) if out else DEFAULT_FOLDER / f"journey-{prompt_id}.html", single_file)
+        name = page_name(prompt_id, None if data["prompt"]["is_last"] else data["prompt"]["pos"])
+        path = write_page(page, Path(out) if out else DEFAULT_FOLDER / name, single_file)
+        for step in data["generations"] if linked else []:
+            target = path.parent / page_name(step["prompt_id"], step["pos"])
+            if not target.exists():
+                journey_report(db_path, step["prompt_id"], out=target, single_file=single_file, loaded=loaded,
+                               pos=step["pos"], linked=False)
     return Report(page, path)
 
 

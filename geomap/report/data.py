@@ -21,8 +21,8 @@ def _token_map(con, sha: str, ids) -> dict[int, str]:
 
 
 def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[int, int] | None = None,
-                 knn: int = 6) -> dict:
-    """Everything the journey report of a prompt's last token shows.
+                 knn: int = 6, pos: int | None = None) -> dict:
+    """Everything the journey report of one token shows (default: the prompt's last).
 
     Args:
         db_path: The store.
@@ -31,6 +31,7 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         head: ``(layer, head)`` for the "inside one head" section (default: the head whose weight on an earlier,
             non-BOS token is largest).
         knn: Neighbours per layer.
+        pos: The token's position (a generation's step ``i`` is position ``n_prompt - 1 + i``).
     """
     from geomap.analysis import api
     from geomap.analysis.maps import place, project
@@ -45,23 +46,24 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     finally:
         con.close()
     loaded = api.model_for(info, loaded)
-    n, L, last = info.n_tokens, info.n_layers, info.n_tokens - 1
-    geo_final = api.geometry(db_path, prompt_id, loaded=loaded)
-    geo_zero = api.geometry(db_path, prompt_id, layer=0, loaded=loaded)
-    attribution = api.attribute(db_path, prompt_id, loaded=loaded)
-    stats = api.trajectory_stats(db_path, prompt_id)
-    pos_frame = position(db_path, prompt_id, max_distance=32, loaded=loaded)
+    n, L = info.n_tokens, info.n_layers
+    last = load.resolve_pos(info, pos)
+    geo_final = api.geometry(db_path, prompt_id, pos=last, loaded=loaded)
+    geo_zero = api.geometry(db_path, prompt_id, layer=0, pos=last, loaded=loaded)
+    attribution = api.attribute(db_path, prompt_id, pos=last, loaded=loaded)
+    stats = api.trajectory_stats(db_path, prompt_id, last)
+    pos_frame = position(db_path, prompt_id, max_distance=32, loaded=loaded, pos=last)
     con = connect(db_path)
     try:
         sha = info.weights_sha256
         tokens = [{"pos": p, "id": t, "text": x, "bytes": b.hex(" ") if b else "", "special": s, "generated": g}
                   for p, t, x, b, s, g in _rows(con, "SELECT pos, token_id, text, raw, special, generated FROM tokens "
-                                                     "WHERE prompt_id = ? ORDER BY pos", prompt_id)]
+                                                     "WHERE prompt_id = ? AND pos <= ? ORDER BY pos", prompt_id, last)]
         attn = _rows(con, """SELECT layer, head, scores, weights, entropy, q, k, v, head_out, share_norm
                              FROM attention WHERE prompt_id = ? AND pos = ? ORDER BY layer, head""", prompt_id, last)
         if not attn:
-            raise StoreError(f"Prompt {prompt_id} has no attention stored at its last position; capture it with "
-                             "attention at the last position (the default).")
+            raise StoreError(f"Prompt {prompt_id} has no attention stored at position {last}; capture it with "
+                             "attention there (the last position is captured by default).")
         keys = {(r[0], r[1], r[2]): r for r in _rows(
             con, "SELECT layer, head, pos, k, v FROM attention WHERE prompt_id = ?", prompt_id)}
         contrib = _rows(con, "SELECT layer, attn_norm, mlp_norm FROM contributions WHERE prompt_id = ? AND pos = ? "
@@ -73,14 +75,13 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
                          "pos = ? ORDER BY layer", prompt_id, last)
         lens = _rows(con, "SELECT layer, token_ids[1:8], probs[1:8] FROM lens WHERE prompt_id = ? AND pos = ? "
                           "ORDER BY layer", prompt_id, last)
-        final = np.asarray(_rows(con, "SELECT logits FROM final_logits WHERE prompt_id = ?", prompt_id)[0][0],
-                           np.float32)
+        candidates = load.candidates(con, info, last)  # all logits at the last position, else the stored top-k
         decisions = _rows(con, "SELECT id, strategy, temperature, top_k, top_p, min_p, seed, exact, cut_mass, "
                                "len(kept_ids), chosen_id, chosen_rank, chosen_prob, model_prob FROM decisions "
-                               "WHERE prompt_id = ? AND pos = ? AND source = 'decode' ORDER BY id", prompt_id, last)
+                               "WHERE prompt_id = ? AND pos = ? ORDER BY id", prompt_id, last)
         generations = _rows(con, """SELECT p.id, p.text, d.step, d.chosen_id, d.model_prob, d.strategy, d.pos
                                     FROM prompts p JOIN decisions d ON d.prompt_id = p.id AND d.source = 'generate'
-                                    WHERE p.parent_id = ? ORDER BY p.id, d.step""", prompt_id)
+                                    WHERE p.parent_id = ? OR p.id = ? ORDER BY p.id, d.step""", prompt_id, prompt_id)
         projections = _rows(con, "SELECT id, method FROM projections WHERE run_id = ? AND joint AND "
                                  "method IN ('pca', 'umap') ORDER BY id DESC", info.run_id)
         emb_row = loaded.anatomy.embed.weight[int(tokens[-1]["id"])].detach().float().cpu().numpy()
@@ -98,18 +99,20 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
 
     ids = set(int(t) for r in lens for t in r[1]) | {int(r[3]) for r in generations}
     ids |= {int(v) for v in geo_final["id"]} | {int(v) for v in geo_zero["id"]}
-    order = np.argsort(-final, kind="stable")[:TEMPERATURE_TOP]
+    order = np.asarray(candidates.ids[:TEMPERATURE_TOP], dtype=np.int64)
+    top_logits = np.asarray(candidates.logits[:TEMPERATURE_TOP], dtype=np.float64)
     ids |= {int(v) for v in order[:50]} | {int(r[10]) for r in decisions}
     texts_con = connect(db_path, read_only=True)
     try:
         texts = _token_map(texts_con, sha, ids | {int(v) for v in order})
     finally:
         texts_con.close()
-    lse = float(np.log(np.exp(final.astype(np.float64) - final.max()).sum()) + final.max())
+    lse = float(candidates.logsumexp)
     head_layer, head_index = head or _chosen_head(attn, last)
     inside = _inside_head(attn, keys, head_layer, head_index, last, tokens)
     return {
-        "prompt": {"id": prompt_id, "text": info.text, "n_tokens": n, "run_id": info.run_id},
+        "prompt": {"id": prompt_id, "text": info.text, "n_tokens": n, "run_id": info.run_id, "pos": last,
+                   "is_last": last == n - 1},
         "model": {"name": run[0], "type": run[1], "n_layers": L, "d_model": run[3], "n_heads": run[4],
                   "n_kv_heads": run[5], "head_dim": run[6], "vocab_size": run[7]},
         "tokens": tokens,
@@ -129,9 +132,9 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
                   "curves": _frame_rows(stats[["layer", "entropy", "kl_to_final", "norm", "cos_final",
                                                "lens_margin"]])},
         "maps": maps,
-        "decoding": {"top": [{"id": int(t), "token": texts.get(int(t)), "logit": float(final[t]),
-                              "prob": float(np.exp(float(final[t]) - lse))} for t in order],
-                     "logsumexp": lse, "vocab_size": int(len(final)),
+        "decoding": {"top": [{"id": int(t), "token": texts.get(int(t)), "logit": float(z),
+                              "prob": float(np.exp(z - lse))} for t, z in zip(order, top_logits)],
+                     "logsumexp": lse, "vocab_size": int(run[7]), "complete": bool(candidates.complete),
                      "decisions": [dict(zip(("id", "strategy", "temperature", "top_k", "top_p", "min_p", "seed",
                                              "exact", "cut_mass", "kept", "chosen_id", "chosen_rank", "chosen_prob",
                                              "model_prob"), r)) | {"chosen": texts.get(int(r[10]))}
@@ -140,7 +143,7 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         "attribution": {"attrs": _clean(attribution.attrs), "rows": [
             {**r, "layer": None if r["layer"] is None else int(r["layer"]),
              "head": None if r["head"] is None else int(r["head"])} for r in _frame_rows(attribution)]},
-        "neighbours": _neighbours(db_path, prompt_id, L, knn),
+        "neighbours": _neighbours(db_path, prompt_id, L, knn, last),
         "generations": [{"prompt_id": g, "text": t, "step": s, "id": c, "token": texts.get(int(c)), "prob": p,
                          "strategy": st, "pos": ps} for g, t, s, c, p, st, ps in generations],
     }
@@ -243,13 +246,13 @@ def _map(db_path, projection_id: int, placed, last: int) -> dict:
             "tokens": [{"x": float(x), "y": float(y), "token": t} for x, y, t in toks]}
 
 
-def _neighbours(db_path, prompt_id: int, n_layers: int, k: int) -> list[dict]:
+def _neighbours(db_path, prompt_id: int, n_layers: int, k: int, pos: int) -> list[dict]:
     from geomap.store.query import neighbors
 
     out = []
     for layer in range(n_layers + 1):
         try:
-            frame = neighbors(db_path, prompt_id, layer, None, k + 1)
+            frame = neighbors(db_path, prompt_id, layer, pos, k + 1)
         except StoreError:
             continue
         rows = frame[(frame["prompt_id"] != prompt_id) | (frame["pos"] != frame["pos"].iloc[0])].head(k)
