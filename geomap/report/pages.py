@@ -29,7 +29,11 @@ def journey_page(data: dict, single_file: bool = False) -> str:
 def write_index(folder: Path) -> Path:
     """``index.html`` listing every report in ``folder`` (by the title of each page)."""
     entries = []
-    for page in sorted(folder.glob("*.html")):
+    def order(page: Path) -> tuple:  # journeys by prompt id and position, then the other pages
+        numbers = [int(n) for n in re.findall(r"\d+", page.stem)]
+        return (not page.stem.startswith("journey"), page.stem.split("-")[0], numbers)
+
+    for page in sorted(folder.glob("*.html"), key=order):
         if page.name == "index.html":
             continue
         head = page.read_text(encoding="utf-8", errors="replace")[:4000]

@@ -42,6 +42,15 @@ def fmt(value, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def showtok(text) -> str:
+    """A token for display: whitespace-only tokens made visible (␣ space, ⏎ newline, ⇥ tab)."""
+    if text is None:
+        return "?"
+    if text.strip():
+        return text
+    return text.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+
+
 def heat(value, top: float = 1.0) -> str:
     """A background colour for a value in [0, top] (white to deep blue)."""
     x = 0.0 if value is None else max(0.0, min(1.0, float(value) / (top or 1.0)))
@@ -83,7 +92,7 @@ def environment() -> jinja2.Environment:
     """The report templates, autoescaped."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=fmt, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
+    env.filters.update(fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
     env.globals.update(scale_points=scale_points, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
     return env
 
