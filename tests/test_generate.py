@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import duckdb
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from geomap.analysis.api import generate
 from geomap.analysis.decoding import Strategy
 from geomap.analysis.generate import generate_tokens
+from tests.storedb import rows
 
 PROMPT = "The storm is"
 
@@ -29,14 +29,6 @@ def test_greedy_equals_transformers_generate(model):
     assert ours.new_ids.tolist() == theirs[:n].tolist()
     assert ours.stopped == "eos" or n == 8
     assert all(d.exact and d.chosen_rank == 1 for d in ours.decisions)
-
-
-def rows(db, sql, *params):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 def test_generation_is_stored_linked_and_idempotent(model, tmp_path):

@@ -9,7 +9,6 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -19,6 +18,7 @@ from geomap.capture import CaptureConfig
 from geomap.report.api import journey_report
 from geomap.store.ingest import ingest
 from geomap.store.writer import PromptSpec
+from tests.storedb import rows
 
 XSS = "</script><img src=x onerror=alert(1)> <bos> <s>"
 PROMPTS = ["The storm is", "The market is", "Paris is the capital of", XSS]
@@ -78,14 +78,6 @@ def reports(request, tiny_models, tmp_path_factory):
     return model, db, pages, single
 
 
-def store(db, sql, *params):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
-
-
 def test_every_section_and_itinerary_step_shows_stored_numbers(reports):
     _, _, pages, _ = reports
     page = parse(pages[1].html)
@@ -101,38 +93,38 @@ def test_numbers_match_the_store(reports):
     model, db, pages, _ = reports
     page = parse(pages[1].html)
     values = lambda src: [float(v) for _, s, v, _ in page.numbers if s == src and v not in (None, "")]  # noqa: E731
-    n = store(db, "SELECT n_tokens FROM prompts WHERE id = 1")[0][0]
-    assert values("tokens.token_id") == [r[0] for r in store(
+    n = rows(db, "SELECT n_tokens FROM prompts WHERE id = 1")[0][0]
+    assert values("tokens.token_id") == [r[0] for r in rows(
         db, "SELECT token_id FROM tokens WHERE prompt_id = 1 ORDER BY pos")]
-    lens = store(db, "SELECT probs[1:8] FROM lens WHERE prompt_id = 1 AND pos = ? ORDER BY layer", n - 1)
+    lens = rows(db, "SELECT probs[1:8] FROM lens WHERE prompt_id = 1 AND pos = ? ORDER BY layer", n - 1)
     np.testing.assert_allclose(values("lens.probs"), [p for (row,) in lens for p in row], rtol=1e-5)
-    weights = store(db, "SELECT weights[1:?] FROM attention WHERE prompt_id = 1 AND pos = ? ORDER BY layer, head",
+    weights = rows(db, "SELECT weights[1:?] FROM attention WHERE prompt_id = 1 AND pos = ? ORDER BY layer, head",
                     n, n - 1)
     inside = values("attention.weights")
     head_table = inside[-len(weights) * n:]  # the per-layer table follows the inside-one-head row
     np.testing.assert_allclose(head_table, [w for (row,) in weights for w in row], rtol=1e-5, atol=1e-7)
-    scores = store(db, "SELECT scores[1:?] FROM attention WHERE prompt_id = 1 AND pos = ? ORDER BY layer, head",
+    scores = rows(db, "SELECT scores[1:?] FROM attention WHERE prompt_id = 1 AND pos = ? ORDER BY layer, head",
                    n, n - 1)
     np.testing.assert_allclose(values("attention.scores")[-len(scores) * n:], [v for (row,) in scores for v in row],
                                rtol=1e-5, atol=1e-6)
-    logits = np.asarray(store(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0])
+    logits = np.asarray(rows(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0])
     np.testing.assert_allclose(values("final_logits"), np.sort(logits)[::-1][:15], rtol=1e-5)
-    parts = store(db, "SELECT value FROM attributions WHERE prompt_id = 1 AND level = 'layer' "
+    parts = rows(db, "SELECT value FROM attributions WHERE prompt_id = 1 AND level = 'layer' "
                       "AND component IN ('attn', 'mlp')")
     shown = values("attributions.value")
     assert len(shown) >= len(parts)
     assert np.isclose(sorted(shown)[-1], max(max(r[0] for r in parts), max(shown)), rtol=1e-5)
-    depth = store(db, "SELECT prediction_depth FROM position_stats WHERE prompt_id = 1 AND pos = ?", n - 1)[0][0]
+    depth = rows(db, "SELECT prediction_depth FROM position_stats WHERE prompt_id = 1 AND pos = ?", n - 1)[0][0]
     assert values("position_stats.prediction_depth") == [depth]
     # The append-and-repeat loop links each generation step to the journey of the token it decided from.
-    gen, n0 = store(db, "SELECT id, n_tokens FROM prompts WHERE parent_id = 1")[0][0], n
+    gen, n0 = rows(db, "SELECT id, n_tokens FROM prompts WHERE parent_id = 1")[0][0], n
     for step in range(3):
         pos = n0 - 1 + step
         step_page = pages[1].path.parent / f"journey-{gen}-p{pos}.html"
         assert f'href="{step_page.name}"' in pages[1].html and step_page.exists()
     step_page = parse(step_page.read_text(encoding="utf-8"))
     shown = [float(v) for _, s_, v, _ in step_page.numbers if s_ == "lens.probs"]
-    lens = store(db, "SELECT probs[1:8] FROM lens WHERE prompt_id = ? AND pos = ? ORDER BY layer", gen, pos)
+    lens = rows(db, "SELECT probs[1:8] FROM lens WHERE prompt_id = ? AND pos = ? ORDER BY layer", gen, pos)
     np.testing.assert_allclose(shown, [p for (row,) in lens for p in row], rtol=1e-5)
 
 
@@ -238,11 +230,11 @@ def test_run_and_compare_reports_match_the_store(reports):
     run = run_report(db, 1, out=folder / "run-1.html", loaded=model)
     page = parse(run.html)
     assert page.sections == ["map", "curves", "depth", "heads", "prompts"]
-    depths = [r[0] for r in store(db, "SELECT prediction_depth FROM journey WHERE run_id = 1")]
+    depths = [r[0] for r in rows(db, "SELECT prediction_depth FROM journey WHERE run_id = 1")]
     counts = [float(v) for _, s, v, _ in page.numbers if s == "journey.prediction_depth"]
     assert counts == [float(depths.count(d)) for d in range(model.anatomy.n_layers + 1)]
     probs = [float(v) for _, s, v, _ in page.numbers if s == "journey.top1_prob"]
-    np.testing.assert_allclose(probs, [r[0] for r in store(
+    np.testing.assert_allclose(probs, [r[0] for r in rows(
         db, "SELECT top1_prob FROM journey WHERE run_id = 1 ORDER BY prompt_id")], rtol=1e-6)
     assert "journey-1.html" in run.html and run.html.count("<circle") == len(depths)
     pair = compare_report(db, 1, 2, out=folder / "compare-1-2.html", loaded=model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import faiss
@@ -9,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from geomap.store import vectors
+from geomap.store import files
 from geomap.store.codec import decode_bf16, encode_bf16
 from geomap.store.db import StoreError, connect, ensure_schema, index_dir
 from geomap.store.vectors import (
@@ -134,7 +135,7 @@ def test_corrupt_index_detected_not_replaced_then_rebuilt(store, damage):
         open_state_index(con, db, 1)
     message = str(err.value)
     assert str(path) in message and "geomap index rebuild" in message
-    assert vectors.hashlib.sha256(good).hexdigest() in message
+    assert hashlib.sha256(good).hexdigest() in message
     assert (path.read_bytes() if path.exists() else None) == before
     assert any("states-L001.faiss" in p for p in verify_indexes(con, db))
     insert(con, np.arange(500, 510), 1, residuals(10, seed=3))
@@ -155,7 +156,7 @@ def test_interrupted_build_rolls_forward(store, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt("killed between manifest commit and rename")
 
-    monkeypatch.setattr(vectors.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         sync_state_indexes(con, db)
     monkeypatch.undo()

@@ -63,7 +63,7 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
     """
     import json
 
-    from geomap.analysis.generate import capture_generation, generate_tokens, generation_config
+    from geomap.analysis.generate import capture_generation, eos_ids, generate_tokens, generation_config
     from geomap.capture.config import CaptureConfig
     from geomap.store.ingest import _start_run, ensure_vocab, ingest, model_identity
     from geomap.store.vectors import sync_state_indexes
@@ -108,7 +108,7 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
         con.close()
     frame = pd.DataFrame({"id": [r[1] for r in rows], "token": [r[2] for r in rows],
                           "prob": [float(r[3]) for r in rows]})
-    eos = bool(rows) and rows[-1][1] in _eos(loaded)
+    eos = bool(rows) and rows[-1][1] in eos_ids(loaded)
     frame.attrs.update(prompt_id=prompt_id, parent_id=parent_id, text=rows[0][4] if rows else text,
                        stopped="eos" if eos else "max_new_tokens", decision_ids=[r[0] for r in rows],
                        strategy=strategy.to_dict())
@@ -131,12 +131,6 @@ def _stored_prompt_key(db_path: str | Path, loaded, text: str) -> str | None:
     return rows[0][0] if rows else None
 
 
-def _eos(loaded) -> set[int]:
-    from geomap.analysis.generate import eos_ids
-
-    return eos_ids(loaded)
-
-
 def model_for(info, loaded=None):
     """The model a stored prompt was captured with: ``loaded`` if its weights match, else loaded by name."""
     from geomap.models import load_model
@@ -147,6 +141,16 @@ def model_for(info, loaded=None):
         raise StoreError(f"Prompt {info.id} was captured with {info.model} (weights {info.weights_sha256[:12]}), "
                          f"not with the model given ({loaded.name}, weights {loaded.weights_hash[:12]}).")
     return loaded
+
+
+def model_for_prompt(db_path: str | Path, prompt_id: int, loaded=None):
+    """The model a stored prompt was captured with (``loaded`` if its weights match, else loaded by name)."""
+    con = connect(db_path, read_only=True)
+    try:
+        info = load.prompt_info(con, prompt_id)
+    finally:
+        con.close()
+    return model_for(info, loaded)
 
 
 def geometry(db_path: str | Path, prompt_id: int, layer: int | None = None, pos: int | None = None,

@@ -51,12 +51,21 @@ class Geometry:
     bias_diff: float
 
 
-def normed_state(loaded: LoadedModel, state: np.ndarray) -> np.ndarray:
-    """The state after the model's own final norm (what the unembedding reads)."""
+def normed_states(loaded: LoadedModel, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """States (n, d) after the model's own final norm (what the unembedding reads), in chunks."""
     norm = loaded.anatomy.final_norm
+    x = np.asarray(x, np.float32)
+    out = np.empty_like(x)
     with torch.no_grad():
-        x = torch.as_tensor(np.asarray(state, np.float32))[None].to(norm.weight.device, norm.weight.dtype)
-        return norm(x)[0].float().cpu().numpy()
+        for start in range(0, len(x), chunk):
+            part = torch.as_tensor(x[start:start + chunk]).to(norm.weight.device, norm.weight.dtype)
+            out[start:start + chunk] = norm(part).float().cpu().numpy()
+    return out
+
+
+def normed_state(loaded: LoadedModel, state: np.ndarray) -> np.ndarray:
+    """One state (d,) after the model's own final norm."""
+    return normed_states(loaded, np.asarray(state, np.float32)[None])[0]
 
 
 def _align(matrix: np.ndarray, ids: np.ndarray, x: np.ndarray) -> TokenAlignment:

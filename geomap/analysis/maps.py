@@ -7,23 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from geomap.analysis import load
+from geomap.analysis.geometry import normed_states
 from geomap.analysis.persist import insert_rows, next_id, transaction
 from geomap.analysis.projection import fit_projection
 from geomap.store.db import StoreError, connect, ensure_schema
-
-
-def normed_states(loaded, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """States (n, d) after the model's own final norm, in chunks."""
-    norm = loaded.anatomy.final_norm
-    out = np.empty_like(x, dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, len(x), chunk):
-            part = torch.as_tensor(x[start:start + chunk]).to(norm.weight.device, norm.weight.dtype)
-            out[start:start + chunk] = norm(part).float().cpu().numpy()
-    return out
 
 
 def run_model(con, run_id: int, loaded=None):

@@ -24,19 +24,6 @@ class Report:
                 f'srcdoc="{html.escape(self.html, quote=True)}"></iframe>')
 
 
-def _load(db_path, prompt_id: int, loaded):
-    from geomap.analysis import load
-    from geomap.analysis.api import model_for
-    from geomap.store.db import connect
-
-    con = connect(db_path, read_only=True)
-    try:
-        info = load.prompt_info(con, prompt_id)
-    finally:
-        con.close()
-    return model_for(info, loaded)
-
-
 def store_text(db_path: str | Path, text: str, loaded=None) -> int:
     """Store ``text`` (attention and lens at every position) if it is not stored yet; return its prompt id."""
     from geomap.capture import CaptureConfig
@@ -83,7 +70,9 @@ def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str 
         raise ValueError("Give exactly one of a prompt id or a text.")
     if prompt_id is None:
         prompt_id = store_text(db_path, text, loaded)
-    loaded = _load(db_path, prompt_id, loaded)
+    from geomap.analysis.api import model_for_prompt
+
+    loaded = model_for_prompt(db_path, prompt_id, loaded)
     data = journey_data(db_path, prompt_id, loaded, pos=pos)
     page = journey_page(data, single_file)
     path = None
@@ -112,12 +101,13 @@ def run_report(db_path: str | Path, run_id: int, out: str | Path | None = None, 
 def compare_report(db_path: str | Path, first: int, second: int, out: str | Path | None = None,
                    single_file: bool = False, loaded=None, write: bool = True) -> Report:
     """Two journeys side by side (default file ``reports/compare-<a>-<b>.html``)."""
+    from geomap.analysis.api import model_for_prompt
     from geomap.report.data import journey_data
     from geomap.report.render import render
 
-    loaded = _load(db_path, first, loaded)
-    data = {"a": journey_data(db_path, first, loaded), "b": journey_data(db_path, second, _load(db_path, second,
-                                                                                                   loaded))}
+    loaded = model_for_prompt(db_path, first, loaded)
+    data = {"a": journey_data(db_path, first, loaded),
+            "b": journey_data(db_path, second, model_for_prompt(db_path, second, loaded))}
     page = render("compare.html.j2", data, single_file)
     target = Path(out) if out else DEFAULT_FOLDER / f"compare-{first}-{second}.html"
     return Report(page, write_page(page, target, single_file) if write else None)

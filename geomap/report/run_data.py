@@ -12,7 +12,8 @@ from geomap.store.db import StoreError, connect, ensure_schema
 def run_data(db_path: str | Path, run_id: int, loaded=None) -> dict:
     """A whole pipeline run: final-state map, per-layer curves, depth histogram, head entropy, prompt table."""
     from geomap.analysis import load
-    from geomap.analysis.maps import normed_states, run_model
+    from geomap.analysis.geometry import normed_states
+    from geomap.analysis.maps import run_model
     from geomap.analysis.projection import fit_projection
 
     con = connect(db_path)

@@ -24,10 +24,8 @@ Files and crashes:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +37,7 @@ import numpy as np
 
 from geomap.store.codec import decode_bf16
 from geomap.store.db import StoreError, index_dir
+from geomap.store.files import publish, sha256_of, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -133,39 +132,6 @@ def _chunks(con: duckdb.DuckDBPyConnection, layer: int, after: int = -(2**63)) -
         reader.close()
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_temp(tmp: Path, content: faiss.Index | bytes) -> str:
-    """Write an index (or bytes) to ``tmp``, flushed and fsynced; return the sha256 of what was written."""
-    h = hashlib.sha256()
-    with open(tmp, "wb") as f:
-
-        def sink(block: bytes) -> None:
-            h.update(block)
-            f.write(block)
-
-        if isinstance(content, bytes):
-            sink(content)
-        else:  # the temporary writer is released (and flushed) when write_index returns
-            faiss.write_index(content, faiss.PyCallbackIOWriter(sink))
-        f.flush()
-        os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` over ``final`` and make the rename durable."""
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _manifest(con: duckdb.DuckDBPyConnection) -> dict[int, dict]:
     rows = con.execute(f"SELECT {_COLUMNS} FROM faiss_manifest WHERE kind LIKE 'states%' ORDER BY layer").fetchall()
     return {int(r[0]): dict(zip(_COLUMNS.split(", "), r)) for r in rows}
@@ -181,7 +147,7 @@ def _commit(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, index: fa
     row = {
         "layer": layer, "kind": f"states:{kind}", "path": final.name, "dim": int(index.d),
         "metric": "inner_product", "ntotal": int(index.ntotal), "max_id": int(max_id),
-        "sha256": _write_temp(tmp, index), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "sha256": write_temp(tmp, index), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "built_at": datetime.now(UTC).replace(tzinfo=None),
     }
     con.begin()
@@ -192,7 +158,7 @@ def _commit(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, index: fa
     except BaseException:
         con.rollback()
         raise
-    _publish(tmp, final)
+    publish(tmp, final)
     return row
 
 
@@ -200,15 +166,15 @@ def _file_problem(folder: Path, row: dict, roll_forward: bool) -> str | None:
     """Why an index file does not match its manifest row, or None (after finishing an interrupted rename)."""
     final = folder / row["path"]
     expected = row["sha256"]
-    actual = _sha256(final) if final.exists() else None
+    actual = sha256_of(final) if final.exists() else None
     if actual == expected:
         return None
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists() and _sha256(tmp) == expected:
+    if tmp.exists() and sha256_of(tmp) == expected:
         if not roll_forward:
             return f"Index file {final}: an interrupted build left {tmp.name}; opening the index will finish it."
         log.info("Finishing an interrupted index build: %s -> %s", tmp, final)
-        _publish(tmp, final)
+        publish(tmp, final)
         return None
     if actual is None:
         state = "the file is missing"

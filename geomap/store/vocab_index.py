@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from geomap.models.presets import cache_home
-from geomap.store.vectors import _publish, _sha256, _write_temp
+from geomap.store.files import publish, sha256_of, write_temp
 
 log = logging.getLogger(__name__)
 _OPEN: dict[tuple, tuple[tuple, faiss.Index]] = {}  # indexes this process read: key → (file signature, index)
@@ -57,7 +57,7 @@ def _load_or_build(matrix: np.ndarray, weights_hash: str, which: str) -> faiss.I
     sidecar = path.with_name(path.name + ".sha256")
     if path.exists():
         expected = sidecar.read_text().strip() if sidecar.exists() else None
-        if expected == _sha256(path):
+        if expected == sha256_of(path):
             index = faiss.read_index(str(path))
             if (index.ntotal, index.d) == x.shape:
                 return index
@@ -68,9 +68,9 @@ def _load_or_build(matrix: np.ndarray, weights_hash: str, which: str) -> faiss.I
     index.add(x)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    digest = _write_temp(tmp, index)
-    _publish(tmp, path)
+    digest = write_temp(tmp, index)
+    publish(tmp, path)
     tmp = sidecar.with_name(sidecar.name + ".tmp")  # a crash before this rename: the next call rebuilds, warning
-    _write_temp(tmp, f"{digest}\n".encode())
-    _publish(tmp, sidecar)
+    write_temp(tmp, f"{digest}\n".encode())
+    publish(tmp, sidecar)
     return index

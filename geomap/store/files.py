@@ -1,0 +1,43 @@
+"""Durable files: write to a temporary file with fsync and a sha256, then rename it into place atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import faiss
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_temp(tmp: Path, content: faiss.Index | bytes) -> str:
+    """Write an index (or bytes) to ``tmp``, flushed and fsynced; return the sha256 of what was written."""
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+
+        def sink(block: bytes) -> None:
+            h.update(block)
+            f.write(block)
+
+        if isinstance(content, bytes):
+            sink(content)
+        else:  # the temporary writer is released (and flushed) when write_index returns
+            faiss.write_index(content, faiss.PyCallbackIOWriter(sink))
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` over ``final`` and make the rename durable."""
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
