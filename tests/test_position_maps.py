@@ -124,3 +124,18 @@ def test_a_journey_is_placed_into_a_fitted_map(stored):
     stored_xy = rows(db, """SELECT p.x, p.y FROM projection_points p WHERE projection_id = ? AND prompt_id = 2
                              ORDER BY layer, pos""", pid)
     np.testing.assert_allclose(placed[["x", "y"]].to_numpy(), np.asarray(stored_xy), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["pca", "umap"])
+def test_unembedding_directions_are_placed_like_the_fitted_ones(stored, method):
+    """Placing a map's own token directions again reproduces the coordinates stored when it was fitted."""
+    from geomap.analysis.maps import place
+
+    model, db = stored
+    pid = int(project(db, 1, method, loaded=model)["projection_id"].iloc[0])
+    fitted = rows(db, "SELECT token_id, x, y FROM projection_tokens WHERE projection_id = ? ORDER BY token_id", pid)
+    assert fitted
+    placed = place(db, pid, 2, loaded=model, tokens=[r[0] for r in fitted]).attrs["tokens"]
+    assert placed["token_id"].tolist() == [r[0] for r in fitted]
+    np.testing.assert_allclose(placed[["x", "y"]].to_numpy(), np.asarray([r[1:] for r in fitted]), rtol=1e-3,
+                               atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,6 +17,7 @@ from geomap.analysis.api import decode, generate
 from geomap.analysis.decoding import Strategy
 from geomap.capture import CaptureConfig
 from geomap.report.api import journey_report
+from geomap.report.render import showtok
 from geomap.store.ingest import ingest
 from geomap.store.writer import PromptSpec
 from tests.storedb import rows
@@ -128,6 +130,21 @@ def test_numbers_match_the_store(reports):
     np.testing.assert_allclose(shown, [p for (row,) in lens for p in row], rtol=1e-5)
 
 
+def test_trajectory_maps_label_the_top_candidates(reports):
+    _, db, pages, _ = reports
+    n = rows(db, "SELECT n_tokens FROM prompts WHERE id = 1")[0][0]
+    top = rows(db, """SELECT v.text FROM (SELECT unnest(token_ids[1:5]) AS t FROM next_token
+                      WHERE prompt_id = 1 AND pos = ?) c JOIN vocab v ON v.token_id = c.t
+                      JOIN runs r ON r.weights_sha256 = v.weights_sha256 AND r.id = 1""", n - 1)
+    trajectory = pages[1].html.split('id="trajectory"')[1].split("</section>")[0]
+    for figure in trajectory.split("</figure>")[:-1]:
+        if "zoomed" in figure:
+            continue
+        labels = re.findall(r'class="utok own"><title>(.*?)</title>', figure)
+        members = {m for t in labels for m in html.unescape(t).split(" · ")}
+        assert {showtok(t) for (t,) in top} <= members, (members, top)
+
+
 def test_hostile_text_is_shown_not_run(reports):
     _, _, pages, _ = reports
     text = pages[4].html
@@ -236,7 +253,11 @@ def test_run_and_compare_reports_match_the_store(reports):
     probs = [float(v) for _, s, v, _ in page.numbers if s == "journey.top1_prob"]
     np.testing.assert_allclose(probs, [r[0] for r in rows(
         db, "SELECT top1_prob FROM journey WHERE run_id = 1 ORDER BY prompt_id")], rtol=1e-6)
-    assert "journey-1.html" in run.html and run.html.count("<circle") == len(depths)
+    assert "journey-1.html" in run.html and run.html.count("<circle") == 2 * len(depths)  # by token, by tag
+    by_token = run.html.split('data-colour="token"')[1].split("</figure>")[0]
+    fills = dict(re.findall(r'style="fill:([^"]+)"><title>#\d+ .*? → (.*?)</title>', by_token))
+    predicted = [r[0] for r in rows(db, "SELECT top1_token FROM journey WHERE run_id = 1")]
+    assert len(set(fills)) == min(len(set(predicted)), 8) + (len(set(predicted)) > 8)  # one colour per token, grey rest
     pair = compare_report(db, 1, 2, out=folder / "compare-1-2.html", loaded=model)
     assert parse(pair.html).sections == ["summary", "lens", "decoding", "attribution"]
     assert "compare-1-2.html" in (folder / "index.html").read_text(encoding="utf-8")

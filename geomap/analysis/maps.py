@@ -105,24 +105,33 @@ def _insert_points(con, projection_id: int, states: load.StateSet, idx: np.ndarr
         con.unregister("_points")
 
 
-def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None) -> pd.DataFrame:
+def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
+          tokens: list[int] | None = None) -> pd.DataFrame:
     """Place a stored journey (any run, same model) into a fitted map.
 
     PCA places it exactly with the stored mean and basis; UMAP and t-SNE place each state at the
     inverse-distance-weighted mean of its 10 nearest fitted states (their fitted models are not stored).
 
+    Args:
+        db_path: The store.
+        projection_id: A fitted map (``projections.id``).
+        prompt_id: The journey to place.
+        loaded: The model (loaded by name from the run when None).
+        tokens: Token ids whose unembedding directions are placed too, scaled like the map's own.
+
     Returns:
-        Rows ``pos, layer, x, y`` for the prompt's states at the map's layers; ``attrs`` holds ``exact``.
+        Rows ``pos, layer, x, y`` for the prompt's states at the map's layers; ``attrs`` holds ``exact`` and
+        ``tokens`` (a frame ``token_id, x, y``).
     """
     from geomap.analysis.projection import place_by_neighbours, place_pca
 
     con = connect(db_path)
     try:
-        rows = con.execute("SELECT run_id, method, layers, joint, layer, center, components FROM projections "
-                           "WHERE id = ?", [projection_id]).fetchall()
+        rows = con.execute("SELECT run_id, method, layers, joint, layer, center, components, token_scale "
+                           "FROM projections WHERE id = ?", [projection_id]).fetchall()
         if not rows:
             raise StoreError(f"No projection with id {projection_id}.")
-        run_id, method, layers, joint, layer, center, components = rows[0]
+        run_id, method, layers, joint, layer, center, components, token_scale = rows[0]
         loaded = run_model(con, run_id, loaded)
         info = load.prompt_info(con, prompt_id)
         if info.weights_sha256 != loaded.weights_hash:
@@ -130,8 +139,12 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None) 
         wanted = list(layers) if joint else [layer]
         vecs = [(p, ell, load.state(con, prompt_id, ell, p)) for ell in wanted for p in range(info.n_tokens)]
         x = normed_states(loaded, np.stack([v for _, _, v in vecs]))
+        token_ids = [int(t) for t in tokens or []]
+        w_u = loaded.anatomy.unembed.weight[token_ids].detach().float().cpu().numpy()
+        dirs = w_u / np.maximum(np.linalg.norm(w_u, axis=1, keepdims=True), 1e-30) * float(token_scale or 1.0)
         if method == "pca":
-            coords = place_pca(x, np.asarray(center, np.float32), np.asarray(components, np.float32))
+            basis = np.asarray(center, np.float32), np.asarray(components, np.float32)
+            coords, token_coords = place_pca(x, *basis), place_pca(dirs, *basis)
         else:
             fitted = con.execute("SELECT state_id, x, y FROM projection_points WHERE projection_id = ? "
                                  "ORDER BY state_id", [projection_id]).fetchnumpy()
@@ -139,10 +152,13 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None) 
             fit_states = load.run_states(con, run_id, wanted)
             order = np.searchsorted(fit_states.ids, ids)
             fit_x = normed_states(loaded, fit_states.x[order])
-            coords = place_by_neighbours(fit_x, np.stack([fitted["x"], fitted["y"]], 1).astype(np.float32), x)
+            fit_xy = np.stack([fitted["x"], fitted["y"]], 1).astype(np.float32)
+            coords = place_by_neighbours(fit_x, fit_xy, x)
+            token_coords = place_by_neighbours(fit_x, fit_xy, dirs) if token_ids else np.zeros((0, 2), np.float32)
     finally:
         con.close()
     frame = pd.DataFrame({"pos": [p for p, _, _ in vecs], "layer": [ell for _, ell, _ in vecs],
                           "x": coords[:, 0], "y": coords[:, 1]})
-    frame.attrs.update(exact=method == "pca", projection_id=projection_id, prompt_id=prompt_id)
+    frame.attrs.update(exact=method == "pca", projection_id=projection_id, prompt_id=prompt_id,
+                       tokens=pd.DataFrame({"token_id": token_ids, "x": token_coords[:, 0], "y": token_coords[:, 1]}))
     return frame

@@ -10,6 +10,7 @@ from geomap.analysis import load
 from geomap.store.db import StoreError, connect, ensure_schema
 
 TEMPERATURE_TOP = 2000  # logits embedded for the in-browser decoding controls
+MAP_CANDIDATES = 5  # this position's top candidates whose unembedding directions the trajectory maps show
 
 
 def _rows(con, sql: str, *params) -> list[tuple]:
@@ -88,15 +89,6 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     finally:
         con.close()
 
-    # Trajectory maps: the run's joint PCA (fitted now if missing) and UMAP when one is stored.
-    maps = {}
-    for method in ("pca", "umap"):
-        pid = next((p for p, m in projections if m == method), None)
-        if pid is None:  # fitted once per run, stored, and reused by every later report of the run
-            pid = int(project(db_path, info.run_id, method, loaded=loaded)["projection_id"].iloc[0])
-        placed = place(db_path, pid, prompt_id, loaded=loaded)
-        maps[method] = _map(db_path, pid, placed, last)
-
     ids = set(int(t) for r in lens for t in r[1]) | {int(r[3]) for r in generations}
     ids |= {int(v) for v in geo_final["id"]} | {int(v) for v in geo_zero["id"]}
     order = np.asarray(candidates.ids[:TEMPERATURE_TOP], dtype=np.int64)
@@ -107,6 +99,17 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         texts = _token_map(texts_con, sha, ids | {int(v) for v in order})
     finally:
         texts_con.close()
+    # Trajectory maps: the run's joint PCA and UMAP (fitted once per run, stored, and reused by later reports),
+    # with this position's top candidates' unembedding directions placed in them.
+    maps = {}
+    own = [int(t) for t in order[:MAP_CANDIDATES]]
+    for method in ("pca", "umap"):
+        pid = next((p for p, m in projections if m == method), None)
+        if pid is None:
+            pid = int(project(db_path, info.run_id, method, loaded=loaded)["projection_id"].iloc[0])
+        placed = place(db_path, pid, prompt_id, loaded=loaded, tokens=own)
+        maps[method] = _map(db_path, pid, placed, last, texts)
+
     lse = float(candidates.logsumexp)
     head_layer, head_index = head or _chosen_head(attn, last)
     inside = _inside_head(attn, keys, head_layer, head_index, last, tokens)
@@ -226,24 +229,28 @@ def _layer_rows(attn, contrib, norms, mlp, stats, tokens, last) -> list[dict]:
     return [by_layer[k] for k in sorted(by_layer)]
 
 
-def _map(db_path, projection_id: int, placed, last: int) -> dict:
+def _map(db_path, projection_id: int, placed, last: int, texts: dict[int, str]) -> dict:
     con = connect(db_path, read_only=True)
     try:
         pts = con.execute("""SELECT p.x, p.y, p.layer, p.prompt_id, j.top1_token FROM projection_points p
                              JOIN prompts q ON q.id = p.prompt_id
                              LEFT JOIN journey j ON j.prompt_id = p.prompt_id
                              WHERE p.projection_id = ? AND p.pos = q.n_tokens - 1""", [projection_id]).fetchall()
-        toks = con.execute("""SELECT t.x, t.y, v.text FROM projection_tokens t
+        toks = con.execute("""SELECT t.x, t.y, v.text, t.token_id FROM projection_tokens t
                               JOIN projections pr ON pr.id = t.projection_id JOIN runs r ON r.id = pr.run_id
                               LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = t.token_id
                               WHERE t.projection_id = ?""", [projection_id]).fetchall()
     finally:
         con.close()
     path = placed[placed["pos"] == last].sort_values("layer")
+    own = placed.attrs["tokens"]
+    mine = {int(t) for t in own["token_id"]}
     return {"projection_id": projection_id, "exact": bool(placed.attrs["exact"]),
             "background": [{"x": float(x), "y": float(y), "layer": int(ell)} for x, y, ell, _, _ in pts],
             "path": [{"x": float(r.x), "y": float(r.y), "layer": int(r.layer)} for r in path.itertuples()],
-            "tokens": [{"x": float(x), "y": float(y), "token": t} for x, y, t in toks]}
+            "tokens": [{"x": float(r.x), "y": float(r.y), "token": texts.get(int(r.token_id), "?"), "own": True}
+                       for r in own.itertuples()]
+            + [{"x": float(x), "y": float(y), "token": t, "own": False} for x, y, t, i in toks if int(i) not in mine]}
 
 
 def _neighbours(db_path, prompt_id: int, n_layers: int, k: int, pos: int) -> list[dict]:

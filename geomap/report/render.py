@@ -10,6 +10,8 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
+from geomap.report import svgmap
+
 ASSETS = ("geomap.css", "geomap.js")
 CSP = ("default-src 'none'; img-src data:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
        "connect-src 'none'; form-action 'none'; base-uri 'none'")
@@ -77,23 +79,13 @@ def polyline(values, width: int = 260, height: int = 70, pad: int = 4) -> str:
                     for i, v in pts)
 
 
-def scale_points(points, width: int = 420, height: int = 320, pad: int = 14) -> list[dict]:
-    """Map ``{x, y, ...}`` points into an SVG box (all sets sharing one scale when concatenated)."""
-    if not points:
-        return []
-    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx, sy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
-    return [{**p, "sx": pad + (p["x"] - x0) * (width - 2 * pad) / sx,
-             "sy": height - pad - (p["y"] - y0) * (height - 2 * pad) / sy} for p in points]
-
-
 def environment() -> jinja2.Environment:
     """The report templates, autoescaped."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
-    env.globals.update(scale_points=scale_points, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
+    env.globals.update(scale_points=svgmap.scale_points, map_view=svgmap.map_view, needs_zoom=svgmap.needs_zoom,
+                       palette=svgmap.palette, showtok=showtok, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
     return env
 
 

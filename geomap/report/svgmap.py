@@ -1,0 +1,167 @@
+"""Lay out 2-D maps for SVG: scaling, a zoomed frame on the end of a path, labels that do not overlap.
+
+Input maps are the plain dicts of :func:`geomap.report.data.journey_data` (``background``, ``path``, ``tokens``, each a
+list of ``{x, y, ...}``); outputs are lists of dicts in SVG pixel coordinates, ready for the templates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHAR_W, LABEL_H = 6.0, 11.0  # approximate glyph width and line height of the 10 px label font
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The data rectangle ``[x0, x1] × [y0, y1]`` drawn into a ``width × height`` box with ``pad`` pixels of margin."""
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    width: int
+    height: int
+    pad: int = 14
+
+    @classmethod
+    def around(cls, points, width: int, height: int, pad: int = 14, grow: float = 0.0) -> Frame:
+        """The smallest frame holding ``points``, widened by ``grow`` of its span on each side."""
+        xs, ys = [float(p["x"]) for p in points], [float(p["y"]) for p in points]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        gx, gy = (x1 - x0) * grow, (y1 - y0) * grow
+        return cls(x0 - gx, x1 + gx, y0 - gy, y1 + gy, width, height, pad)
+
+    def inside(self, p) -> bool:
+        """Whether a data point lies in the frame."""
+        return self.x0 <= p["x"] <= self.x1 and self.y0 <= p["y"] <= self.y1
+
+    def place(self, p) -> dict:
+        """``p`` with its pixel position ``sx, sy`` added (y grows downwards in SVG)."""
+        sx = (self.x1 - self.x0) or 1.0
+        sy = (self.y1 - self.y0) or 1.0
+        return {**p, "sx": round(self.pad + (p["x"] - self.x0) * (self.width - 2 * self.pad) / sx, 1),
+                "sy": round(self.height - self.pad - (p["y"] - self.y0) * (self.height - 2 * self.pad) / sy, 1)}
+
+
+def scale_points(points, width: int = 420, height: int = 320, pad: int = 14) -> list[dict]:
+    """Map ``{x, y, ...}`` points into an SVG box, all sharing one scale."""
+    if not points:
+        return []
+    frame = Frame.around(points, width, height, pad)
+    return [frame.place(p) for p in points]
+
+
+def _overlaps(box, boxes) -> bool:
+    x0, y0, x1, y1 = box
+    return any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in boxes)
+
+
+def _label(anchor: dict, x: float, y: float, box: tuple) -> dict:
+    return {"x": round(x, 1), "y": round(y, 1), "ax": anchor["sx"], "ay": anchor["sy"], "text": anchor["text"],
+            "members": [anchor["text"]], "box": box, "cls": anchor.get("cls", "")}
+
+
+def place_labels(anchors: list[dict], width: int, height: int, taken: list | None = None) -> list[dict]:
+    """Place labels greedily so that none overlaps another.
+
+    Each label tries four spots around its anchor; one that fits nowhere joins the label nearest to it (shown as
+    ``a +2``, with the full list in ``title``).
+
+    Args:
+        anchors: ``{sx, sy, text}`` in priority order (earlier labels win space).
+        width: Box width, labels stay inside.
+        height: Box height.
+        taken: Pixel boxes ``(x0, y0, x1, y1)`` already occupied.
+
+    Returns:
+        One ``{x, y, ax, ay, text, label, title, members, box}`` per shown label (``x, y`` the text baseline start,
+        ``box`` the pixels it reserves).
+    """
+    boxes = list(taken or [])
+    shown: list[dict] = []
+    for a in anchors:
+        w = CHAR_W * (len(a["text"]) + 4) + 2  # room for a " +NN" suffix if others merge in later
+        spots = [(a["sx"] + 4, a["sy"] - 3), (a["sx"] - 4 - w, a["sy"] - 3),
+                 (a["sx"] - w / 2, a["sy"] - 6), (a["sx"] - w / 2, a["sy"] + LABEL_H + 2)]
+        for x, y in spots:
+            box = (x, y - LABEL_H + 2, x + w, y + 2)
+            if box[0] >= 0 and box[2] <= width and box[1] >= 0 and box[3] <= height and not _overlaps(box, boxes):
+                boxes.append(box)
+                shown.append(_label(a, x, y, box))
+                break
+        else:
+            if shown:
+                near = min(shown, key=lambda s: (s["ax"] - a["sx"]) ** 2 + (s["ay"] - a["sy"]) ** 2)
+                near["members"].append(a["text"])
+            else:  # the first label is never lost: it goes to its first spot, pulled inside the box
+                x = min(max(spots[0][0], 0.0), max(width - w, 0.0))
+                y = min(max(spots[0][1], LABEL_H - 2), height - 2.0)
+                box = (x, y - LABEL_H + 2, x + w, y + 2)
+                boxes.append(box)
+                shown.append(_label(a, x, y, box))
+    for s in shown:
+        extra = len(s["members"]) - 1
+        s["label"] = s["text"] if not extra else f"{s['text']} +{extra}"
+        s["title"] = " · ".join(s["members"])
+    return shown
+
+
+def map_view(m: dict, width: int = 420, height: int = 320, zoom: bool = False, show=str) -> dict:
+    """A journey map laid out for SVG, whole or zoomed on the last third of the path.
+
+    Args:
+        m: ``{background, path, tokens}`` point lists.
+        width: SVG width.
+        height: SVG height.
+        zoom: Frame the last third of the path (where the prediction forms) instead of everything.
+        show: How a token's text is displayed (for example with visible whitespace).
+
+    Returns:
+        ``{background, path, labels, layer_labels, hidden, zoom}``: placed points, the token labels that fit, layer
+        numbers along the path, and how many token directions fall outside a zoomed frame.
+    """
+    everything = m["background"] + m["path"] + m["tokens"]
+    if not everything:
+        return {"background": [], "path": [], "labels": [], "layer_labels": [], "hidden": 0, "zoom": zoom}
+    if zoom and m["path"]:
+        tail = m["path"][-max(2, len(m["path"]) // 3):]
+        frame = Frame.around(tail, width, height, grow=0.6)
+        full = Frame.around(everything, width, height)
+        # never zoom in further than a tenth of the full span: tokens and neighbours need room
+        cx, cy = (frame.x0 + frame.x1) / 2, (frame.y0 + frame.y1) / 2
+        hx = max((frame.x1 - frame.x0) / 2, (full.x1 - full.x0) / 20)
+        hy = max((frame.y1 - frame.y0) / 2, (full.y1 - full.y0) / 20)
+        frame = Frame(cx - hx, cx + hx, cy - hy, cy + hy, width, height)
+    else:
+        frame = Frame.around(everything, width, height)
+    bg = [frame.place(p) for p in m["background"] if frame.inside(p)]
+    path = [frame.place(p) for p in m["path"]]  # the path is drawn whole, clipped by the SVG box
+    toks = [frame.place({**t, "text": show(t["token"]), "cls": "own" if t.get("own") else ""})
+            for t in m["tokens"] if frame.inside(t)]
+    dots = [(p["sx"] - 4, p["sy"] - 4, p["sx"] + 4, p["sy"] + 4) for p in path]
+    visible = [p for p in path if 0 <= p["sx"] <= width and 0 <= p["sy"] <= height]
+    labels = place_labels(toks, width, height, taken=dots)  # token labels first: they matter most
+    layer_anchors = [{**p, "text": str(p["layer"])} for p in visible[::-1]]
+    layer_labels = place_labels(layer_anchors, width, height, taken=dots + [s["box"] for s in labels])
+    return {"background": bg, "path": path, "labels": labels, "layer_labels": layer_labels,
+            "hidden": len(m["tokens"]) - len(toks), "zoom": zoom}
+
+
+def needs_zoom(m: dict) -> bool:
+    """Whether the end of the path is crowded into a small part of the whole map (then a zoomed view helps)."""
+    everything = m["background"] + m["path"] + m["tokens"]
+    if len(m["path"]) < 3 or not everything:
+        return False
+    full = Frame.around(everything, 1, 1)
+    tail = Frame.around(m["path"][-max(2, len(m["path"]) // 3):], 1, 1)
+    return (tail.x1 - tail.x0) < 0.25 * (full.x1 - full.x0) and (tail.y1 - tail.y0) < 0.25 * (full.y1 - full.y0)
+
+
+def palette(values: list, top: int = 8) -> dict:
+    """Colours for the ``top`` most frequent values (the rest share grey): ``{value: css colour}``."""
+    counts: dict = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    ranked = sorted(counts, key=lambda v: (-counts[v], str(v)))
+    colours = {v: f"hsl({(i * 47) % 360},65%,45%)" for i, v in enumerate(ranked[:top])}
+    return {v: colours.get(v, "#9aa3ad") for v in ranked}
