@@ -9,6 +9,11 @@ import click
 from geomap.cli.store_cmds import _db, db_option
 
 
+def _fetched(path: Path) -> None:
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, rendered by the server as a single file); "
+               f"index: {path.parent / 'index.html'}")
+
+
 @click.group()
 def report() -> None:
     """Write HTML reports (self-contained pages under reports/, listed in reports/index.html)."""
@@ -26,10 +31,24 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
                    db: Path | None) -> None:
     """The journey of a prompt's last token, section by section, with the store's numbers."""
     from geomap.cli import _quiet_transformers
-    from geomap.report.api import journey_report
+    from geomap.cli.remote import fetch_report, run_job, server_for
+    from geomap.report.api import DEFAULT_FOLDER, journey_report, page_name
 
     if (prompt_id is None) == (text is None):
         raise click.UsageError("Give exactly one of --prompt ID or --text TEXT.")
+    if (client := server_for(_db(db))) is not None:
+        if prompt_id is None:
+            from geomap.capture import CaptureConfig
+            from geomap.models import DEFAULT_MODEL
+            from geomap.store.writer import PromptSpec
+
+            config = CaptureConfig(attn_positions="all", lens_positions="all")
+            _, view = run_job(client, [PromptSpec(text)], DEFAULT_MODEL, config, "float32", 1, "report",
+                              progress=False)
+            prompt_id = view["progress"]["prompts"][0][0]
+        page = page_name(prompt_id, pos)
+        _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))
+        return
     _quiet_transformers()
     done = journey_report(_db(db), prompt_id, text, out, single_file, pos=pos)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
@@ -44,8 +63,12 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
 def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None) -> None:
     """One page for a whole run: final-state map, layer curves, prediction depth, head entropy, prompts."""
     from geomap.cli import _quiet_transformers
-    from geomap.report.api import run_report
+    from geomap.cli.remote import fetch_report, server_for
+    from geomap.report.api import DEFAULT_FOLDER, run_report
 
+    if (client := server_for(_db(db))) is not None:
+        _fetched(fetch_report(client, f"run-{run_id}.html", out or DEFAULT_FOLDER / f"run-{run_id}.html"))
+        return
     _quiet_transformers()
     done = run_report(_db(db), run_id, out, single_file)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB)")
@@ -60,10 +83,15 @@ def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None
 def report_compare(prompt_ids: tuple[int, ...], out: Path | None, single_file: bool, db: Path | None) -> None:
     """Two journeys side by side, e.g. --prompt 1 --prompt 2."""
     from geomap.cli import _quiet_transformers
-    from geomap.report.api import compare_report
+    from geomap.cli.remote import fetch_report, server_for
+    from geomap.report.api import DEFAULT_FOLDER, compare_report
 
     if len(prompt_ids) != 2:
         raise click.UsageError("Give --prompt exactly twice.")
+    if (client := server_for(_db(db))) is not None:
+        page = f"compare-{prompt_ids[0]}-{prompt_ids[1]}.html"
+        _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))
+        return
     _quiet_transformers()
     done = compare_report(_db(db), prompt_ids[0], prompt_ids[1], out, single_file)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB)")

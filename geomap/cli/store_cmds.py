@@ -45,9 +45,25 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 
     pipe = load_pipeline(pipeline_file)
     prompts = pipe.prompts()
+    store = db or pipe.store
+    from geomap.cli.remote import server_for
+
+    if (client := server_for(store)) is not None:
+        from geomap.cli.remote import fetch_report, run_job
+
+        summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
+                                pipe.name)
+        _report(summary, as_json)
+        if pipe.reports and not no_reports:
+            stored = view["progress"].get("prompts", [])
+            pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
+            pages += [f"run-{run}.html" for run in sorted({run for _, run in stored})]
+            for page in pages:
+                fetch_report(client, page, pipe.reports / page)
+            click.echo(f"reports: {len(pages)} written; open {pipe.reports / 'index.html'}", err=True)
+        return
     _quiet_transformers()
     loaded = load_model(pipe.model, device=device)
-    store = db or pipe.store
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
     if pipe.reports and not no_reports:
@@ -80,9 +96,15 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     from geomap.store.sources import read_source
 
     prompts = [spec for path in files for spec in read_source(path)]
+    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)
+    from geomap.cli.remote import run_job, server_for
+
+    if (client := server_for(_db(db))) is not None:
+        _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest")[0],
+                as_json)
+        return
     _quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device)
-    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)
     _report(run_ingest(loaded, prompts, _db(db), config, vector_dtype, batch_size), as_json)
 
 
@@ -95,10 +117,15 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
 @click.option("--max-rows", default=10_000, show_default=True, help="Row cap.")
 def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int) -> None:
     """Run a read-only SQL query against the store."""
-    from geomap.store.sql import run_sql
+    from geomap.cli.remote import server_for
+    from geomap.store.sql import SqlResult, run_sql
 
     fmt = "json" if as_json else fmt
-    result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
+    if (client := server_for(_db(db))) is not None:
+        got = client.request("POST", "/sql", {"sql": query, "time_limit": time_limit, "max_rows": max_rows})
+        result = SqlResult(got["columns"], [tuple(r) for r in got["rows"]], got["truncated"], got["elapsed_s"])
+    else:
+        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
     click.echo(result.format(fmt))
     if result.truncated and fmt != "table":  # the table's own footer already says so
         click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)
@@ -115,9 +142,17 @@ def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float,
 def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: int, last_only: bool,
               as_json: bool) -> None:
     """The stored states nearest to one state (cosine of per-layer standardised residuals)."""
+    import pandas as pd
+
+    from geomap.cli.remote import server_for
     from geomap.store.query import neighbors as find
 
-    frame = find(_db(db), prompt_id, layer, pos, k, last_only=last_only)
+    if (client := server_for(_db(db))) is not None:
+        query = f"prompt_id={prompt_id}&layer={layer}&k={k}&last={str(last_only).lower()}"
+        got = client.request("GET", "/neighbors?" + query + ("" if pos is None else f"&pos={pos}"))
+        frame = pd.DataFrame(got["neighbors"])
+    else:
+        frame = find(_db(db), prompt_id, layer, pos, k, last_only=last_only)
     if as_json:
         cols = ["prompt_id", "pos", "layer", "token", "prompt_text", "similarity"]
         click.echo(json.dumps(json.loads(frame[cols].to_json(orient="records")), ensure_ascii=False))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import threading
 from importlib.resources import files
 from pathlib import Path
 
@@ -40,9 +42,50 @@ def index_dir(db_path: Path) -> Path:
     return db_path.with_name(db_path.stem + ".indexes")
 
 
+# Stores this process serves (``geomap serve``): one locked-down DuckDB instance each, opened once. Every `connect` to
+# such a store gets a cursor of that instance (a read-only one inside a READ ONLY transaction: a consistent snapshot
+# that DuckDB itself keeps from writing), so the server is the file's single writer and never conflicts with itself.
+_SERVED: dict[Path, duckdb.DuckDBPyConnection] = {}
+_SERVED_LOCK = threading.Lock()
+
+
+def serve_store(db_path: str | Path, config: dict) -> duckdb.DuckDBPyConnection:
+    """Open a store as this process's single served instance (see `connect`); returns its anchor connection."""
+    path = Path(db_path).resolve()
+    with _SERVED_LOCK:
+        if path in _SERVED:
+            raise StoreError(f"The store {path} is already served by this process.")
+        anchor = connect(path, config=config)
+        _SERVED[path] = anchor
+    return anchor
+
+
+def release_store(db_path: str | Path) -> None:
+    """Stop serving a store: close its anchor connection (the file lock goes with the last cursor)."""
+    with _SERVED_LOCK:
+        anchor = _SERVED.pop(Path(db_path).resolve(), None)
+    if anchor is not None:
+        anchor.close()
+
+
+def served(db_path: str | Path) -> bool:
+    """Whether this process serves the store at ``db_path``."""
+    return Path(db_path).resolve() in _SERVED
+
+
 def connect(db_path: str | Path, read_only: bool = False, config: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """Connect to a store's DuckDB file, turning lock conflicts into a clear `StoreLockedError`."""
+    """Connect to a store's DuckDB file, turning lock conflicts into a clear `StoreLockedError`.
+
+    In a process that serves the store (`serve_store`), this returns a cursor of the served instance instead; a
+    ``read_only`` cursor runs inside a READ ONLY transaction, so it sees one snapshot and cannot write.
+    """
     path = Path(db_path)
+    anchor = _SERVED.get(path.resolve())
+    if anchor is not None:
+        cursor = anchor.cursor()
+        if read_only:
+            cursor.execute("BEGIN TRANSACTION READ ONLY")
+        return cursor
     if read_only and not path.exists():
         raise StoreError(f"No store at {path}; create one with `geomap run` or `geomap ingest`.")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,17 +118,31 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) ->
         StoreError: ``d_model`` differs from the width the store already holds.
     """
     static, vectors = schema_parts()
-    con.execute(static)
-    rows = con.execute("SELECT value FROM store_meta WHERE key = 'd_model'").fetchall()
-    stored = int(rows[0][0]) if rows else None
+    analysis = files("geomap.store").joinpath("analysis.sql").read_text()
+    digest = hashlib.sha256((static + vectors + analysis).encode()).hexdigest()
+    meta = dict(_meta(con))
+    stored = int(meta["d_model"]) if "d_model" in meta else None
     if stored is not None and d_model is not None and stored != d_model:
         raise StoreError(f"This store holds vectors of width {stored}; a model of width {d_model} needs another --db.")
+    if stored is not None and meta.get("schema_sha256") == digest:
+        return stored  # this exact schema is in place: no DDL (concurrent cursors of a served store never race on it)
+    con.execute(static)
     width = stored if stored is not None else d_model
     if width is None:
         return None
     con.execute(vectors.replace("{d}", str(int(width))))
-    con.execute(files("geomap.store").joinpath("analysis.sql").read_text())
+    con.execute(analysis)
     if stored is None:
         con.execute("INSERT INTO store_meta VALUES ('d_model', ?), ('schema_version', ?)",
                     [str(width), SCHEMA_VERSION])
+    con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+    con.execute("INSERT INTO store_meta VALUES ('schema_sha256', ?)", [digest])
     return width
+
+
+def _meta(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """The store's ``store_meta`` pairs; none before the table exists."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'store_meta' "
+                       "AND database_name = current_database() AND schema_name = 'main'").fetchall()[0][0]:
+        return []
+    return con.execute("SELECT key, value FROM store_meta").fetchall()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +63,21 @@ def ensure_vocab(con, loaded: LoadedModel) -> None:
                     [(a.model_type, i, name) for i, name in enumerate(names)])
 
 
-def _start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str) -> int:
-    con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")  # we hold the write lock
+def reserve_run(con, pipeline: str) -> int:
+    """Insert a ``queued`` run row (filled in when its ingestion starts) and return its id."""
     run_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM runs").fetchall()[0][0]
+    con.execute("INSERT INTO runs (id, started_at, status, pipeline) VALUES (?, now(), 'queued', ?)",
+                [run_id, pipeline])
+    return int(run_id)
+
+
+def _start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str,
+               run_id: int | None = None) -> int:
+    con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")  # we hold the write lock
+    if run_id is None:
+        run_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM runs").fetchall()[0][0]
+    else:
+        con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued'", [run_id])
     a = loaded.anatomy
     con.execute(
         "INSERT INTO runs VALUES (?, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
@@ -77,7 +89,8 @@ def _start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: st
 
 def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Path,
            config: CaptureConfig | None = None, vector_dtype: str = "float32", batch_size: int = 8,
-           pipeline: str = "ingest", progress: bool = True, index: bool = True) -> RunSummary:
+           pipeline: str = "ingest", progress: bool = True, index: bool = True, run_id: int | None = None,
+           on_progress: Callable[[dict], None] | None = None) -> RunSummary:
     """Capture and store prompts; already stored prompts (same key) are skipped.
 
     Args:
@@ -90,6 +103,9 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
         pipeline: Name recorded on the run.
         progress: Show a progress bar (prompts/s, tokens/s, ETA) on stderr.
         index: Bring the FAISS indexes up to date at the end.
+        run_id: A ``queued`` run row (from `reserve_run`) to fill in, instead of a new run.
+        on_progress: Called after every stored batch (and once at the start) with ``run_id, total, stored,
+            skipped, failed, tokens``.
 
     Returns:
         A summary of the run.
@@ -109,9 +125,16 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             if key not in seen:
                 todo.append((spec, key))
                 seen.add(key)
-        run_id = _start_run(con, loaded, config, vector_dtype, pipeline)
+        run_id = _start_run(con, loaded, config, vector_dtype, pipeline, run_id)
         done = failed = n_tokens = 0
         failures = []
+
+        def report() -> None:
+            if on_progress is not None:
+                on_progress({"run_id": run_id, "total": len(todo), "stored": done, "skipped": len(keyed) - len(todo),
+                             "failed": failed, "tokens": n_tokens})
+
+        report()
         bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
                    dynamic_ncols=True)
         pending = []
@@ -129,6 +152,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
                         done += 1
                         n_tokens += len(r.tokens)
                 bar.update(len(pending))
+                report()
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(tok_s=f"{n_tokens / elapsed:.0f}", rows=counts.get("states", 0))
                 pending = []

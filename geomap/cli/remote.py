@@ -1,0 +1,64 @@
+"""CLI commands through a running ``geomap serve`` that owns the store (instead of failing on its file lock)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from geomap.serve.client import Client, find_server
+from geomap.store.ingest import RunSummary
+
+
+def server_for(db_path: Path) -> Client | None:
+    """The server owning ``db_path``, announced on stderr, or None."""
+    client = find_server(db_path)
+    if client is not None:
+        click.echo(f"geomap serve owns {db_path}: going through {client.url}", err=True)
+    return client
+
+
+def run_job(client: Client, prompts, model: str, capture, vector_dtype: str, batch_size: int, name: str,
+            progress: bool = True) -> tuple[RunSummary, dict]:
+    """Submit prompts as a server job, follow its progress, and return its summary and final job view."""
+    from tqdm import tqdm
+
+    body = {"prompts": [{"text": p.text, "tags": list(p.tags), "source_id": p.source_id} for p in prompts],
+            "model": model, "capture": json.loads(capture.to_json()), "vector_dtype": vector_dtype,
+            "batch_size": batch_size, "name": name}
+    job = client.request("POST", "/runs", body)
+    run_id = job["run_id"]
+    bar = tqdm(total=len(prompts), unit="prompt", desc=f"run {run_id} (server)", disable=not progress,
+               dynamic_ncols=True)
+
+    def show(view: dict) -> None:
+        p = view.get("progress") or {}
+        bar.total = p.get("total", bar.total) + p.get("skipped", 0)
+        bar.n = p.get("stored", 0) + p.get("failed", 0) + p.get("skipped", 0)
+        bar.refresh()
+
+    state = client.wait_run(run_id, show)
+    bar.close()
+    view = state.get("job") or {}
+    if view.get("status") != "done":
+        from geomap.errors import GeomapError
+
+        raise GeomapError(f"run {run_id} failed on the server: {view.get('error')}")
+    p = view["progress"]
+    summary = RunSummary(run_id, p.get("stored", 0), p.get("skipped", 0), p.get("failed", 0), p.get("tokens", 0),
+                         float(p.get("seconds", 0.0)), tuple(p.get("failures", ())))
+    return summary, view
+
+
+def fetch_report(client: Client, page: str, out: Path) -> Path:
+    """Fetch a rendered report page from the server and write it (a single file) to ``out``."""
+    from geomap.report.pages import write_index
+
+    html = client.request("GET", f"/reports/{page}", raw=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    write_index(out.parent)
+    return out

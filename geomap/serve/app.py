@@ -1,0 +1,222 @@
+"""``geomap serve``: the store over HTTP, as a FastAPI application that owns the DuckDB file.
+
+Design (see docs/architecture.md, "Serving"): the process opens the store once, as one DuckDB instance locked down
+with `geomap.store.sql.sql_connection_config` (no file, network or extension access; settings locked). geomap's own
+writer needs none of that, so the lockdown costs it nothing. Every request and the ingestion worker take cursors of
+that instance (`geomap.store.db.connect` hands them out); read-only work, user SQL included, runs in READ ONLY
+transactions, which give it a snapshot and let DuckDB itself refuse any write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from geomap.errors import GeomapError
+from geomap.serve.jobs import JobRunner
+from geomap.serve.security import LOOPBACK_NAMES, BodyTooLarge, Perimeter
+from geomap.store.db import StoreError, connect, ensure_schema, release_store, serve_store
+from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, sql_connection_config
+
+log = logging.getLogger("geomap.serve")
+
+
+@dataclass
+class Settings:
+    """How a server runs.
+
+    Attributes:
+        db_path: The store it owns.
+        token: Bearer token required on every request but ``/healthz`` (None: none; loopback binds only).
+        allowed_hosts: Names accepted in ``Host``/``Origin`` besides the loopback names.
+        max_body: Largest request body, bytes.
+        sql_time_limit: Upper bound on a query's time limit, seconds.
+        sql_max_rows: Upper bound on a query's row cap.
+        models: Model names or directories jobs may load (default: the presets), besides the models of stored runs;
+            the first is the default model of jobs.
+        pipelines: Folder of pipeline TOML files that ``POST /runs {"pipeline": NAME}`` may run.
+        preloaded: Already loaded models by name (tests, notebooks).
+    """
+
+    db_path: Path
+    token: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_body: int = 1_000_000
+    sql_time_limit: float = 10.0
+    sql_max_rows: int = 10_000
+    models: tuple[str, ...] = ()
+    pipelines: Path = Path("pipelines")
+    preloaded: dict = field(default_factory=dict)
+
+
+class Server:
+    """What the routes share: settings, the loaded models, the job runner, a lock for report writes."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db_path = settings.db_path.resolve()
+        self._models = dict(settings.preloaded)
+        self._model_lock = threading.Lock()
+        self.report_lock = threading.Lock()  # reports may persist analyses (projections, geometry): one at a time
+        self.jobs: JobRunner | None = None
+
+    @property
+    def default_model(self) -> str:
+        """The model of jobs that name none: the first ``--model``, else the default preset."""
+        from geomap.models.presets import DEFAULT_MODEL
+
+        return (self.settings.models or (DEFAULT_MODEL,))[0]
+
+    def allowed_model(self, name: str) -> bool:
+        """The ``--model`` names (else the presets), preloaded models, and the models of stored runs."""
+        from geomap.models.presets import PRESETS
+
+        if name in (self.settings.models or tuple(PRESETS)) or name in self._models:
+            return True
+        con = connect(self.db_path, read_only=True)
+        try:
+            return bool(con.execute("SELECT count(*) FROM runs WHERE model = ?", [name]).fetchall()[0][0])
+        except Exception:  # noqa: BLE001 - an empty store has no runs table yet
+            return False
+        finally:
+            con.close()
+
+    def model(self, name: str):
+        """The loaded model for a name, loaded once and kept."""
+        with self._model_lock:
+            if name not in self._models:
+                from geomap.models import load_model
+
+                self._models[name] = load_model(name)
+            return self._models[name]
+
+    def model_for_run(self, run_id: int):
+        """The model that computed a stored run."""
+        con = connect(self.db_path, read_only=True)
+        try:
+            rows = con.execute("SELECT model FROM runs WHERE id = ?", [run_id]).fetchall()
+        finally:
+            con.close()
+        if not rows or rows[0][0] is None:
+            raise StoreError(f"No finished run with id {run_id}.")
+        return self.model(rows[0][0])
+
+    def model_for_prompt(self, prompt_id: int):
+        """The model that computed a stored prompt."""
+        con = connect(self.db_path, read_only=True)
+        try:
+            rows = con.execute("SELECT run_id FROM prompts WHERE id = ?", [prompt_id]).fetchall()
+        finally:
+            con.close()
+        if not rows:
+            raise StoreError(f"No stored prompt with id {prompt_id}.")
+        return self.model_for_run(int(rows[0][0]))
+
+    def _reserve(self, pipeline: str) -> int:
+        from geomap.store.ingest import reserve_run
+
+        con = connect(self.db_path)
+        try:
+            ensure_schema(con)
+            return reserve_run(con, pipeline)
+        finally:
+            con.close()
+
+    def _fail(self, run_id: int) -> None:
+        con = connect(self.db_path)
+        try:
+            con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = ?", [run_id])
+        finally:
+            con.close()
+
+    def start(self) -> None:
+        """Open the store as this process's served instance and start the job worker."""
+        serve_store(self.db_path, sql_connection_config())
+        con = connect(self.db_path)
+        try:
+            ensure_schema(con)
+            con.execute("UPDATE runs SET status = 'interrupted' WHERE status IN ('queued', 'running')")
+        finally:
+            con.close()
+        self.jobs = JobRunner(self.db_path, self.model, self._reserve, self._fail)
+
+    def stop(self) -> None:
+        """Stop the worker and close the store."""
+        if self.jobs is not None:
+            self.jobs.stop()
+        release_store(self.db_path)
+
+
+def _status(exc: Exception) -> int:
+    if isinstance(exc, SqlTimeout):
+        return 408
+    if isinstance(exc, SqlRefused):
+        return 403
+    if isinstance(exc, SqlError):
+        return 400
+    if isinstance(exc, StoreError) and str(exc).startswith("No "):
+        return 404
+    return 400
+
+
+def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one readable sentence first, then FastAPI's itemised errors."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            problems.append(f"malformed JSON in the request body at character {err['loc'][-1]}: {reason}")
+        else:
+            problems.append(f"{where}: {err.get('msg')}")
+    errors = json.loads(json.dumps(exc.errors(), default=str))
+    return JSONResponse({"detail": "Invalid request: " + "; ".join(problems) + ".", "errors": errors}, status_code=422)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The application, wrapped in its perimeter (Host/Origin checks, token, body size limit)."""
+    from geomap.serve.routes import router
+
+    server = Server(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = FastAPI(title="geomap", version=_version(), lifespan=lifespan,
+                  description="The journeys of tokens through a language model, stored in DuckDB and FAISS: runs, "
+                              "prompts, trajectories, attention, lens, neighbours, read-only SQL, ingestion jobs "
+                              "and HTML reports.")
+    app.state.server = server
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _validation)
+
+    @app.exception_handler(GeomapError)
+    async def geomap_error(request: Request, exc: GeomapError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=_status(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": f"Request body too large: the limit is {settings.max_body} bytes."},
+                            status_code=413)
+
+    hosts = {h.lower() for h in (*LOOPBACK_NAMES, *settings.allowed_hosts)}
+    return Perimeter(app, hosts, settings.token, settings.max_body)  # type: ignore[return-value]
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("geomap")

@@ -1,0 +1,79 @@
+"""The CLI's way to a running server: find it from the store's discovery file, then talk JSON over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from geomap.errors import GeomapError
+from geomap.serve.runner import discovery_path
+
+
+class ServerError(GeomapError):
+    """The server answered with an error (its message is kept)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"server: {detail}" if status < 500 else f"server error {status}: {detail}")
+        self.status = status
+
+
+class Client:
+    """JSON over HTTP to one geomap server (standard library only)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
+        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+
+    def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
+        """Send a request; the decoded JSON answer (or text with ``raw``).
+
+        Raises:
+            ServerError: Any non-2xx answer, with the server's ``detail``.
+        """
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("content-type", "application/json")
+        if self.token:
+            req.add_header("authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - our own server's URL
+                text = resp.read().decode("utf-8")
+        except urllib.error.HTTPError as exc:
+            payload = exc.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(payload).get("detail", payload)
+            except ValueError:
+                detail = payload
+            raise ServerError(exc.code, detail if isinstance(detail, str) else json.dumps(detail)) from None
+        return text if raw else json.loads(text)
+
+    def wait_run(self, run_id: int, on_progress=None, poll: float = 0.5) -> dict:
+        """Poll ``GET /runs/{id}`` until its job ends; the final answer."""
+        while True:
+            state = self.request("GET", f"/runs/{run_id}")
+            job = state.get("job") or {}
+            if on_progress is not None:
+                on_progress(job)
+            if job.get("status") in ("done", "failed", None):
+                return state
+            time.sleep(poll)
+
+
+def find_server(db_path: str | Path) -> Client | None:
+    """The server that owns the store at ``db_path``, if one is running (a stale discovery file is ignored)."""
+    path = discovery_path(db_path)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    client = Client(info["url"], info.get("token"), timeout=600.0)
+    try:
+        health = Client(info["url"], info.get("token"), timeout=3.0).request("GET", "/healthz")
+    except (GeomapError, OSError):
+        return None
+    return client if health.get("db") == str(Path(db_path).resolve()) else None

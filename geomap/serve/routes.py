@@ -1,0 +1,346 @@
+"""The server's endpoints: thin JSON views over the store, SQL, neighbours, ingestion jobs and reports."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from geomap.errors import GeomapError
+from geomap.store.db import StoreError, connect
+from geomap.store.sql import _json_value, run_sql
+
+router = APIRouter()
+Id = Annotated[int, Field(ge=0, le=2**31 - 1)]
+PIPELINE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+
+
+def _server(request: Request):
+    return request.app.state.server
+
+
+def _rows(server, sql: str, *params) -> list[dict]:
+    con = connect(server.db_path, read_only=True)
+    try:
+        cur = con.execute(sql, list(params))
+        cols = [d[0] for d in cur.description]
+        return [{c: _json_value(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+    finally:
+        con.close()
+
+
+class Health(BaseModel):
+    """Liveness, and which store this server owns (shown to authorised callers only)."""
+
+    status: Literal["ok"]
+    version: str
+    db: str | None
+    jobs_busy: bool
+
+
+@router.get("/healthz", response_model=Health, tags=["meta"])
+def healthz(request: Request) -> dict:
+    """The server is up; with a valid token (or none needed) it also names its store."""
+    server = _server(request)
+    token = server.settings.token
+    given = request.headers.get("authorization", "").partition(" ")[2].strip()
+    shown = token is None or given == token
+    return {"status": "ok", "version": request.app.version, "db": str(server.db_path) if shown else None,
+            "jobs_busy": server.jobs.busy() if server.jobs else False}
+
+
+# ---- runs and prompts ----------------------------------------------------------------------------------------------
+
+@router.get("/runs", tags=["runs"])
+def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+    """Stored runs, newest first."""
+    return _rows(_server(request), "SELECT id, started_at, finished_at, status, pipeline, model, model_type, "
+                 "vector_dtype, n_layers, d_model, n_heads, (SELECT count(*) FROM prompts p WHERE p.run_id = r.id) "
+                 "AS n_prompts FROM runs r ORDER BY id DESC LIMIT ? OFFSET ?", limit, offset)
+
+
+class PromptIn(BaseModel):
+    """One prompt to ingest."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=100_000)
+    tags: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=32)
+    source_id: str | None = Field(default=None, max_length=200)
+
+
+class RunRequest(BaseModel):
+    """An ingestion job: inline prompts, or the name of a pipeline in the server's pipelines folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[PromptIn | Annotated[str, Field(min_length=1, max_length=100_000)]] | None = Field(
+        default=None, min_length=1, max_length=10_000)
+    pipeline: str | None = Field(default=None, pattern=PIPELINE_NAME)
+    name: str = Field(default="api", pattern=PIPELINE_NAME, description="Recorded as the run's pipeline name.")
+    model: str | None = Field(default=None, max_length=300,
+                              description="Default: the pipeline's, else the server's first --model or the preset.")
+    capture: dict[str, Any] = Field(default_factory=dict, description="CaptureConfig fields, e.g. attn_positions.")
+    vector_dtype: Literal["float32", "bfloat16"] = "float32"
+    batch_size: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunRequest:
+        if (self.prompts is None) == (self.pipeline is None):
+            raise ValueError("give exactly one of 'prompts' (inline) or 'pipeline' (a name)")
+        return self
+
+
+def _job_spec(server, body: RunRequest):
+    from geomap.capture.config import CaptureConfig
+    from geomap.serve.jobs import JobSpec
+    from geomap.store.pipeline import load_pipeline
+    from geomap.store.writer import PromptSpec
+
+    if body.pipeline is not None:
+        path = (server.settings.pipelines / f"{body.pipeline}.toml").resolve()
+        if path.parent != server.settings.pipelines.resolve() or not path.exists():
+            raise HTTPException(404, f"No pipeline named {body.pipeline!r} in the server's pipelines folder.")
+        pipe = load_pipeline(path)
+        spec = JobSpec(tuple(pipe.prompts()), body.model or pipe.model, pipe.capture, pipe.vector_dtype,
+                       pipe.batch_size, pipe.name)
+    else:
+        cap = dict(body.capture)
+        for key in ("attn_positions", "lens_positions", "layers"):
+            if isinstance(cap.get(key), list):
+                cap[key] = tuple(cap[key])
+        try:
+            capture = CaptureConfig(**cap)
+        except (TypeError, ValueError) as exc:
+            raise HTTPException(422, f"Invalid request: capture: {exc}.") from None
+        prompts = tuple(PromptSpec(p, source="api") if isinstance(p, str) else
+                        PromptSpec(p.text, source="api", source_id=p.source_id, tags=tuple(p.tags))
+                        for p in body.prompts or [])
+        spec = JobSpec(prompts, body.model or server.default_model, capture, body.vector_dtype, body.batch_size,
+                       body.name)
+    if not server.allowed_model(spec.model):
+        raise HTTPException(403, f"This server does not load model {spec.model!r}: it loads its --model names (else "
+                                 "the presets) and the models of stored runs.")
+    return spec
+
+
+@router.post("/runs", status_code=202, tags=["runs"])
+def submit_run(request: Request, body: RunRequest) -> dict:
+    """Queue an ingestion job; follow it with ``GET /runs/{run_id}``."""
+    server = _server(request)
+    job = server.jobs.submit(_job_spec(server, body))
+    return {**job.view(), "url": f"/runs/{job.run_id}"}
+
+
+@router.get("/runs/{run_id}", tags=["runs"])
+def get_run(request: Request, run_id: Id) -> dict:
+    """A run's row, and the progress of the job filling it (when this server runs or ran it)."""
+    server = _server(request)
+    rows = _rows(server, "SELECT * EXCLUDE (capture_config), capture_config::VARCHAR AS capture_config, "
+                         "(SELECT count(*) FROM prompts p WHERE p.run_id = r.id) AS n_prompts FROM runs r "
+                         "WHERE id = ?", run_id)
+    job = server.jobs.get(run_id)
+    if not rows and job is None:
+        raise HTTPException(404, f"No run with id {run_id}.")
+    out = rows[0] if rows else {"id": run_id}
+    if job is not None:
+        out["job"] = job.view()
+    return out
+
+
+@router.get("/prompts", tags=["prompts"])
+def list_prompts(request: Request, run_id: Id | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                 offset: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+    """Stored prompts (optionally of one run), by id."""
+    where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
+    return _rows(_server(request), f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
+                                   "ORDER BY id LIMIT ? OFFSET ?", *params, limit, offset)
+
+
+def _prompt(server, prompt_id: int) -> dict:
+    rows = _rows(server, "SELECT id, run_id, text, source, source_id, tags, n_tokens, status, error, truncated, "
+                         "parent_id, decoding::VARCHAR AS decoding FROM prompts WHERE id = ?", prompt_id)
+    if not rows:
+        raise HTTPException(404, f"No stored prompt with id {prompt_id}.")
+    return rows[0]
+
+
+def _pos(prompt: dict, pos: int | None) -> int:
+    last = (prompt["n_tokens"] or 1) - 1
+    if pos is None:
+        return last
+    if not 0 <= pos <= last:
+        raise HTTPException(404, f"Prompt {prompt['id']} has positions 0..{last}, not {pos}.")
+    return pos
+
+
+@router.get("/prompts/{prompt_id}", tags=["prompts"])
+def get_prompt(request: Request, prompt_id: Id) -> dict:
+    """A prompt and its tokens (id, text, raw bytes as hex, special, generated)."""
+    server = _server(request)
+    out = _prompt(server, prompt_id)
+    out["tokens"] = _rows(server, "SELECT pos, token_id, text, hex(raw) AS raw_hex, special, generated FROM tokens "
+                                  "WHERE prompt_id = ? ORDER BY pos", prompt_id)
+    return out
+
+
+@router.get("/prompts/{prompt_id}/trajectory", tags=["prompts"])
+def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> dict:
+    """One token's path through the layers: residual norm, cosine to the final state, lens top-1, entropy, KL."""
+    server = _server(request)
+    p = _pos(_prompt(server, prompt_id), pos)
+    layers = _rows(server, "SELECT layer, norm, cos_final, top1_id, top1_token, top1_prob, entropy, kl_to_final, "
+                           "final_rank, final_prob FROM trajectory WHERE prompt_id = ? AND pos = ? ORDER BY layer",
+                   prompt_id, p)
+    return {"prompt_id": prompt_id, "pos": p, "layers": layers}
+
+
+@router.get("/prompts/{prompt_id}/attention", tags=["prompts"])
+def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(ge=0, le=10_000)],
+                  pos: Id | None = None) -> dict:
+    """Every head's scaled scores and softmax weights at one layer, for one query position."""
+    server = _server(request)
+    p = _pos(_prompt(server, prompt_id), pos)
+    heads = _rows(server, "SELECT head, entropy, scores, weights FROM attention WHERE prompt_id = ? AND layer = ? "
+                          "AND pos = ? ORDER BY head", prompt_id, layer, p)
+    if not heads:
+        raise HTTPException(404, f"No attention stored for prompt {prompt_id} at layer {layer}, position {p} "
+                                 "(capture attn_positions decides which positions are kept).")
+    return {"prompt_id": prompt_id, "layer": layer, "pos": p, "heads": heads}
+
+
+@router.get("/prompts/{prompt_id}/lens", tags=["prompts"])
+def get_lens(request: Request, prompt_id: Id, pos: Id | None = None,
+             top: Annotated[int, Query(ge=1, le=50)] = 10) -> dict:
+    """The logit lens at every layer: the top tokens and their probabilities."""
+    server = _server(request)
+    prompt = _prompt(server, prompt_id)
+    p = _pos(prompt, pos)
+    layers = _rows(server, "SELECT layer, token_ids[1:?] AS token_ids, probs[1:?] AS probs FROM lens "
+                           "WHERE prompt_id = ? AND pos = ? ORDER BY layer", top, top, prompt_id, p)
+    ids = sorted({t for r in layers for t in r["token_ids"]})
+    texts = {r["token_id"]: r["text"] for r in _rows(
+        server, "SELECT v.token_id, v.text FROM vocab v JOIN runs r ON r.weights_sha256 = v.weights_sha256 "
+                "WHERE r.id = ? AND v.token_id IN (SELECT unnest(?))", prompt["run_id"], ids)}
+    for r in layers:
+        r["tokens"] = [texts.get(t) for t in r["token_ids"]]
+    if not layers:
+        raise HTTPException(404, f"No lens stored for prompt {prompt_id} at position {p}.")
+    return {"prompt_id": prompt_id, "pos": p, "layers": layers}
+
+
+@router.get("/neighbors", tags=["neighbors"])
+def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0)] = None, prompt_id: Id | None = None,
+                  layer: Annotated[int | None, Query(ge=0, le=10_000)] = None, pos: Id | None = None,
+                  k: Annotated[int, Query(ge=1, le=200)] = 10, last: bool = False) -> dict:
+    """Nearest stored states (FAISS), by ``state_id`` or by ``prompt_id`` + ``layer`` (+ ``pos``)."""
+    from geomap.store.query import neighbors
+
+    server = _server(request)
+    if state_id is not None:
+        found = _rows(server, "SELECT prompt_id, pos, layer FROM states WHERE id = ?", state_id)
+        if not found:
+            raise HTTPException(404, f"No stored state with id {state_id}.")
+        prompt_id, pos, layer = found[0]["prompt_id"], found[0]["pos"], found[0]["layer"]
+    elif prompt_id is None or layer is None:
+        raise HTTPException(422, "Invalid request: give state_id, or prompt_id and layer (and pos).")
+    frame = neighbors(server.db_path, prompt_id, layer, pos, k, last_only=last)
+    rows = [{c: _json_value(v) for c, v in r.items()} for r in frame.to_dict(orient="records")]
+    return {"prompt_id": prompt_id, "layer": layer, "pos": pos, "neighbors": rows}
+
+
+# ---- SQL -----------------------------------------------------------------------------------------------------------
+
+class SqlRequest(BaseModel):
+    """One read-only statement; ``?`` or ``$name`` placeholders take ``params``."""
+
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(min_length=1, max_length=100_000)
+    params: list[Any] | dict[str, Any] | None = None
+    time_limit: float = Field(default=5.0, gt=0, le=600, description="Seconds (capped by the server's limit).")
+    max_rows: int = Field(default=1000, ge=1, le=1_000_000, description="Row cap (capped by the server's).")
+
+
+class SqlResponse(BaseModel):
+    """The rows (at most the cap), whether more matched, and the time taken."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+    truncated: bool
+    elapsed_s: float
+    time_limit: float
+    max_rows: int
+
+
+@router.post("/sql", response_model=SqlResponse, tags=["sql"])
+def post_sql(request: Request, body: SqlRequest) -> dict:
+    """Run read-only SQL in a READ ONLY transaction, locked down, with a time limit and a row cap."""
+    settings = _server(request).settings
+    limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
+    result = run_sql(settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap)
+    return {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
+            "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
+            "max_rows": cap}
+
+
+# ---- reports -------------------------------------------------------------------------------------------------------
+
+PAGE = re.compile(r"^(?:journey-(?P<j>\d+)(?:-p(?P<pos>\d+))?|run-(?P<run>\d+)|compare-(?P<a>\d+)-(?P<b>\d+)"
+                  r"|(?P<index>index))\.html$")
+
+
+def _render(server, page: str) -> str:
+    from geomap.report.api import compare_report, journey_report, run_report
+
+    match = PAGE.match(page)
+    if not match:
+        raise HTTPException(404, f"No report page {page!r}: use index.html, journey-<id>.html, "
+                                 "journey-<id>-p<pos>.html, run-<id>.html or compare-<a>-<b>.html.")
+    g = {k: (int(v) if v and v.isdigit() else v) for k, v in match.groupdict().items()}
+    db = server.db_path
+    with server.report_lock:
+        if g["index"]:
+            return _index(server)
+        if g["j"] is not None:
+            return journey_report(db, g["j"], single_file=True, write=False, pos=g["pos"],
+                                  loaded=server.model_for_prompt(g["j"])).html
+        if g["run"] is not None:
+            return run_report(db, g["run"], single_file=True, write=False, loaded=server.model_for_run(g["run"])).html
+        return compare_report(db, g["a"], g["b"], single_file=True, write=False,
+                              loaded=server.model_for_prompt(g["a"])).html
+
+
+def _index(server) -> str:
+    from geomap.report.render import render
+
+    runs = _rows(server, "SELECT id, pipeline, model FROM runs WHERE status = 'done' ORDER BY id")
+    prompts = _rows(server, "SELECT id, text FROM prompts WHERE status = 'done' ORDER BY id LIMIT 5000")
+    entries = [{"href": f"run-{r['id']}.html", "title": f"run {r['id']} ({r['pipeline']}, {r['model']})"}
+               for r in runs]
+    entries += [{"href": f"journey-{p['id']}.html", "title": f"journey of prompt {p['id']}: {p['text'][:80]}"}
+                for p in prompts]
+    return render("index.html.j2", {"entries": entries}, single_file=True)
+
+
+@router.get("/reports/{page}", response_class=HTMLResponse, tags=["reports"])
+async def get_report(request: Request, page: Annotated[str, Path(max_length=100)]) -> HTMLResponse:
+    """A report rendered from the store (pages link to each other by these names)."""
+    server = _server(request)
+    try:
+        html = await run_in_threadpool(_render, server, page)
+    except GeomapError as exc:
+        status = 404 if str(exc).startswith("No ") else 400
+        raise HTTPException(status, str(exc)) from None
+    return HTMLResponse(html)
+
+
+@router.get("/reports", include_in_schema=False)
+def reports_root() -> RedirectResponse:
+    """The index page (pages link each other by relative names, so it lives beside them)."""
+    return RedirectResponse("/reports/index.html")
+
+
+__all__ = ["router", "StoreError"]
