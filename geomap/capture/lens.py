@@ -1,15 +1,17 @@
-"""The model's own final norm + unembedding, applied in large batched chunks (the logit lens).
+"""The model's own final norm + unembedding, applied block by block over the vocabulary (the logit lens).
 
-Readouts rank candidates on raw logits (fp32 softmax leaves exact ties). Probabilities come from one
-softmax pass per row; entropy and KL use the identities
+Readouts rank candidates on raw logits (fp32 softmax leaves exact ties). Each row chunk is streamed over the
+vocabulary in blocks small enough to stay in cache; every block is one GEMM, then an online (rescaled) update of
 
-    H(p)        = lse(z) − Σ p·z
+    lse(z) = m + log Σ e^(z−m),   Σ e^(z−m)·(z−m),   Σ e^(z−m)·(z−r),   #{z > z_ref-top1},   top-k
+
+so that no row ever holds its whole vocabulary of logits in memory. Entropy and KL follow from the identities
+
+    H(p)        = lse(z) − Σ p·z = log Σ e^(z−m) − Σ p·(z−m)
     KL(p ‖ q)   = Σ p·(z − r) + lse(r) − lse(z)        (p = softmax z, q = softmax r)
 
-so that each chunk costs one GEMM and a handful of passes over preallocated buffers (no per-op
-allocation of vocabulary-sized temporaries). A lens row's KL reference is the final layer at the same
-position, computed once per position in the same GEMM as the lens rows. Chunks hold about 64 MB of
-logits.
+written with centred logits and differences (no cancellation between large sums), accumulated in float64. A lens
+row's KL reference is the final layer at the same position, computed in the same GEMM as the lens rows.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import numpy as np
 import torch
 
 from geomap.capture.journey import Readout
+from geomap.capture.topk import RunningTopK
 from geomap.models.registry import Anatomy
 
-_CHUNK_BYTES = 1 << 26
+_BLOCK_FLOATS = 1 << 20  # rows × vocabulary block held per GEMM (4 MB of float32: cache-sized on a CPU)
+_ROWS = 512  # rows per chunk (each chunk streams the unembedding matrix once)
+_FLOOR = -80.0  # centred logits below this weigh < 2e-35 next to the maximum's 1: clamped, not lost
 
 
 class Unembed:
@@ -36,7 +41,6 @@ class Unembed:
         self.norm = anatomy.final_norm
         self.head = anatomy.unembed
         self.softcap = anatomy.final_logit_softcap
-        self.chunk = max(1, _CHUNK_BYTES // (4 * anatomy.vocab_size))
         self._buffers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -55,9 +59,8 @@ class Unembed:
             Arrays ``ids, logits, probs`` (N, k) and ``entropy, logsumexp`` (N,).
         """
         parts: dict[str, list] = {}
-        for start in range(0, h.shape[0], self.chunk):
-            z = self._logits_chunk(h[start:start + self.chunk])
-            _append(parts, self._stats(z, top_k))
+        for start in range(0, h.shape[0], _ROWS):
+            _append(parts, self._scan(self._normed(h[start:start + _ROWS]), top_k))
         return _concat(parts, h.shape[0], top_k)
 
     @torch.no_grad()
@@ -76,67 +79,118 @@ class Unembed:
             ``rank`` (1-based, on raw logits) and ``prob`` of the final top-1 token under the lens.
         """
         n_pos, n_bound, d = lens_h.shape
-        per = max(1, self.chunk // (n_bound + 1))
-        fin_parts: dict[str, list] = {}
+        final = self.readout(final_h, top_k)
+        per = max(1, _ROWS // max(n_bound, 1))
         lens_parts: dict[str, list] = {}
+        top1 = torch.as_tensor(final["ids"][:, 0], device=final_h.device)
+        ref_lse = torch.as_tensor(final["logsumexp"], device=final_h.device)
         for start in range(0, n_pos, per):
-            hf = final_h[start:start + per]
-            n = hf.shape[0]
-            z = self._logits_chunk(torch.cat([hf, lens_h[start:start + per].reshape(-1, d)]))
-            ref = self._stats(z[:n], top_k)
-            owner = torch.arange(n, device=z.device).repeat_interleave(n_bound)
-            _append(fin_parts, ref)
-            _append(lens_parts, self._stats(z[n:], top_k, ref_z=z[:n], ref_lse=ref["logsumexp"],
-                                            ref_ids=ref["ids"][:, 0], owner=owner))
-        final = _concat(fin_parts, n_pos, top_k)
+            stop = min(n_pos, start + per)
+            n = stop - start
+            owner = torch.arange(n, device=lens_h.device).repeat_interleave(n_bound)
+            x = self._normed(lens_h[start:stop].reshape(-1, d))
+            ids = top1[start:stop][owner]
+            got = self._scan(x, top_k, ref_x=self._normed(final_h[start:stop]), owner=owner, ref_ids=ids)
+            got["kl"] = (got.pop("p_gap") + (ref_lse[start:stop][owner].double()
+                                             - got["logsumexp"].double()).float()).clamp_min(0.0)
+            _append(lens_parts, got)
         flat = _concat(lens_parts, n_pos * n_bound, top_k)
         if not lens_parts:
             flat.update(kl=np.zeros(0, np.float32), rank=np.zeros(0, np.int64), prob=np.zeros(0, np.float32))
         return final, {key: value.reshape(n_pos, n_bound, *value.shape[1:]) for key, value in flat.items()}
 
-    def _logits_chunk(self, h: torch.Tensor) -> torch.Tensor:
-        """`logits` into a reused buffer when the head is a plain float32 matrix (no softcap)."""
-        weight = self.head.weight
-        if weight.dtype != torch.float32 or self.softcap is not None:
-            return self.logits(h)
-        x = self.norm(h.to(weight.dtype))
-        out = self._buffer("z", torch.empty((0, weight.shape[0]), device=x.device), rows=x.shape[0])
-        torch.mm(x, weight.t(), out=out)
-        if getattr(self.head, "bias", None) is not None:
-            out.add_(self.head.bias)
+    def _normed(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h.to(self.head.weight.dtype))
+
+    def _block(self, x: torch.Tensor, start: int, stop: int, name: str) -> torch.Tensor:
+        """Logits of normed rows ``x`` for vocabulary rows ``start:stop``, float32 (in a reused buffer)."""
+        weight = self.head.weight[start:stop]
+        bias = getattr(self.head, "bias", None)
+        if weight.dtype == torch.float32:
+            out = self._buffer(name, x.shape[0], stop - start, x.device)
+            torch.mm(x, weight.t(), out=out)
+        else:
+            out = torch.nn.functional.linear(x, weight).float()
+        if bias is not None:
+            out.add_(bias[start:stop].float())
+        if self.softcap is not None:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out
 
-    def _buffer(self, name: str, like: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        """A reusable float32 work buffer shaped like ``like`` (or with ``rows`` rows)."""
-        rows = like.shape[0] if rows is None else rows
+    def _buffer(self, name: str, rows: int, cols: int, device) -> torch.Tensor:
+        """A reusable float32 work buffer of at least ``rows × cols``."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1:] != like.shape[1:] or buf.device != like.device:
-            buf = self._buffers[name] = torch.empty((rows, *like.shape[1:]), device=like.device)
-        return buf[:rows]
+        if buf is None or buf.numel() < rows * cols or buf.device != device:
+            buf = self._buffers[name] = torch.empty(rows * cols, device=device)
+        return buf[: rows * cols].view(rows, cols)
 
-    def _stats(self, z: torch.Tensor, top_k: int, ref_z: torch.Tensor | None = None,
-               ref_lse: torch.Tensor | None = None, ref_ids: torch.Tensor | None = None,
-               owner: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Softmax statistics of logits ``z`` (N, V); with a reference, KL and the reference top-1's rank."""
-        p, work = self._buffer("p", z), self._buffer("work", z)
-        peak = z.amax(-1, keepdim=True)
-        torch.sub(z, peak, out=p).exp_()
-        total = p.sum(-1, keepdim=True)
-        p.div_(total)
-        lse = (peak + total.log())[:, 0]
-        top = z.topk(min(top_k, z.shape[-1]), dim=-1)
-        p_dot_z = torch.mul(p, z, out=work).sum(-1)
-        got = {"ids": top.indices, "logits": top.values, "probs": p.gather(-1, top.indices),
-               "entropy": (lse - p_dot_z).clamp_min(0.0), "logsumexp": lse}
-        if ref_z is not None:
-            torch.index_select(ref_z, 0, owner, out=work)
-            p_dot_r = work.mul_(p).sum(-1)
-            got["kl"] = (p_dot_z - p_dot_r + ref_lse[owner] - lse).clamp_min(0.0)
-            ids = ref_ids[owner, None]
-            threshold = z.gather(-1, ids)
-            torch.sub(z, threshold, out=work).clamp_(min=0.0).sign_()  # 1 where strictly above, else 0
-            got["rank"] = 1 + work.sum(-1).round().long()
-            got["prob"] = p.gather(-1, ids)[:, 0]
+    def _scan(self, x: torch.Tensor, top_k: int, ref_x: torch.Tensor | None = None,
+              owner: torch.Tensor | None = None, ref_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One pass over the vocabulary for normed rows ``x`` (n, d): logsumexp, Σp·z, top-k by online updates.
+
+        With a reference (``ref_x`` rows, ``owner[i]`` the reference of row i, ``ref_ids[i]`` its top-1 token),
+        also Σp·r for the KL, and the rank and probability of the reference's top-1 under row i.
+        """
+        n, vocab = x.shape[0], self.head.weight.shape[0]
+        k = min(top_k, vocab)
+        step = max(k, _BLOCK_FLOATS // max(n, 1))
+        f64 = {"device": x.device, "dtype": torch.float64}
+        m = torch.full((n,), -torch.inf, device=x.device)
+        s, q, diff = torch.zeros(n, **f64), torch.zeros(n, **f64), torch.zeros(n, **f64)
+        top_v, top_i = torch.full((n, 0), -torch.inf, device=x.device), torch.zeros((n, 0), dtype=torch.long,
+                                                                                     device=x.device)
+        if ref_x is not None:
+            weight = self.head.weight[ref_ids].float()
+            threshold = (x.float() * weight).sum(-1)
+            if getattr(self.head, "bias", None) is not None:
+                threshold += self.head.bias[ref_ids].float()
+            if self.softcap is not None:
+                threshold = torch.tanh(threshold / self.softcap) * self.softcap
+            above = torch.zeros(n, dtype=torch.long, device=x.device)
+            chosen = torch.zeros(n, device=x.device)
+        heap = RunningTopK(n, k) if x.device.type == "cpu" else None
+        both = x if ref_x is None else torch.cat([ref_x, x])  # one GEMM per block for the lens rows and references
+        n_ref = 0 if ref_x is None else ref_x.shape[0]
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            zz = self._block(both, start, stop, "z")
+            z = zz[n_ref:]
+            new_m = torch.maximum(m, z.amax(-1))
+            shift = torch.where(torch.isfinite(m), m - new_m, 0.0).double()  # ≤ 0; 0 before the first block
+            rescale = shift.exp()
+            centred = torch.sub(z, new_m[:, None], out=self._buffer("c", n, stop - start, x.device))
+            centred.clamp_(min=_FLOOR)  # e^-80 stays a normal float: denormals would slow every pass ~40x
+            e = torch.exp(centred, out=self._buffer("e", n, stop - start, x.device))
+            # Σ e·(z − m) moves with m: Σ e'·(z − m') = rescale · (Σ e·(z − m) + (m − m')·Σ e)
+            q = rescale * (q + shift * s) + torch.linalg.vecdot(e, centred).double()
+            s = s * rescale + e.sum(-1).double()
+            if ref_x is not None:
+                gap = torch.index_select(zz[:n_ref], 0, owner, out=self._buffer("g", n, stop - start, x.device))
+                torch.sub(z, gap, out=gap)  # z − r, small where the lens agrees with the final layer
+                diff = diff * rescale + torch.linalg.vecdot(e, gap).double()
+                above += (z > threshold[:, None]).sum(-1)
+                inside = (ref_ids >= start) & (ref_ids < stop)
+                if inside.any():  # the reference token's own logit, from this same GEMM
+                    rows = inside.nonzero()[:, 0]
+                    own = z[rows, ref_ids[rows] - start]
+                    chosen[rows] = own
+                    above[rows] -= (own > threshold[rows]).long()  # the token itself is never above itself
+            m = new_m
+            if heap is not None:
+                heap.update(z.numpy(), start)
+            else:
+                bv, bi = z.topk(min(k, stop - start), dim=-1)
+                top_v, order = torch.cat([top_v, bv], -1).topk(min(k, top_v.shape[1] + bv.shape[1]), dim=-1)
+                top_i = torch.gather(torch.cat([top_i, bi + start], -1), -1, order)
+        if heap is not None:
+            values, ids = heap.result()
+            top_v, top_i = torch.from_numpy(values), torch.from_numpy(ids)
+        log_s = s.log()
+        lse = (m.double() + log_s).float()
+        got = {"ids": top_i, "logits": top_v, "probs": torch.exp(top_v - lse[:, None]),
+               "entropy": (log_s - q / s).float().clamp_min(0.0), "logsumexp": lse}
+        if ref_x is not None:
+            got.update(p_gap=(diff / s).float(), rank=1 + above, prob=torch.exp(chosen - lse))
         return got
 
 

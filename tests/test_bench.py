@@ -1,0 +1,47 @@
+"""geomap bench: the harness runs end to end (on a tiny model here) and reports every figure in its JSON shape.
+
+Speed itself is never asserted in tests; `geomap bench` on the real model measures it (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from geomap.bench.core import judged, median_ratio, percentile, rounds
+
+NAMES = ["capture vs forward with output_hidden_states", "lens vs same-shape matmul",
+         "store write vs bare DuckDB insert", "orchestration overhead end to end",
+         "ingestion end to end vs forward with output_hidden_states", "SQL fetch of one trajectory, p50",
+         "kNN p50 latency at 10k states", "kNN recall@10 at 50k states", "PCA fit on 5k states", "journey report",
+         "DuckDB bytes per token per layer (bfloat16)", "FAISS bytes per token per layer (float32 store)",
+         "ingestion peak memory growth, 30 -> 120 prompts"]
+
+
+def test_targets_and_rounds():
+    assert judged("a", 0.95, "x", ">= 0.90").met and not judged("a", 0.85, "x", ">= 0.90").met
+    assert judged("b", 2.0, "ms", "<= 3").met and judged("c", 1.0, "s").met is None
+    order = []
+    t = rounds({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4 and len(t["a"]) == len(t["b"]) == 3  # interleaved, warm-up excluded
+    assert median_ratio([2.0, 4.0, 6.0], [1.0, 1.0, 2.0]) == 3.0 and percentile(list(range(1, 101)), 99) == 99
+
+
+def test_bench_quick_json_on_a_tiny_model(tiny_dirs, tmp_path):
+    got = subprocess.run([sys.executable, "-m", "geomap", "bench", "--quick", "--json", "--model",
+                          str(tiny_dirs["llama"]), "--markdown", str(tmp_path / "b.md")],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    out = json.loads(got.stdout)
+    assert {"cpu", "cores", "torch", "duckdb", "faiss"} <= set(out["machine"])
+    figures = {f["name"]: f for f in out["figures"]}
+    for name in NAMES:
+        assert name in figures, (name, sorted(figures))
+    for f in out["figures"]:
+        assert set(f) == {"name", "value", "unit", "target", "met", "note"}
+        assert f["value"] == f["value"] and (f["met"] is None) == (f["target"] is None)
+    assert 0 < figures["kNN recall@10 at 50k states"]["value"] <= 1
+    assert figures["capture vs forward with output_hidden_states"]["value"] > 0
+    table = (tmp_path / "b.md").read_text(encoding="utf-8")
+    assert "geomap bench --quick --model" in table and "| lens vs same-shape matmul |" in table
