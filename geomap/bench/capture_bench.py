@@ -6,7 +6,7 @@ import torch
 
 from geomap.bench.core import Figure, judged, median, median_ratio, rounds
 from geomap.capture.config import CaptureConfig
-from geomap.capture.engine import capture_batch
+from geomap.capture.engine import capture_batch, pad_batch
 from geomap.capture.tokens import encode
 
 
@@ -15,12 +15,7 @@ def batches(loaded, texts: list[str], size: int = 8) -> list[dict]:
     out = []
     for start in range(0, len(texts) - size + 1, size):
         enc = [encode(loaded.tokenizer, t, loaded.anatomy.context_window) for t in texts[start:start + size]]
-        width = max(len(e.ids) for e in enc)
-        ids = torch.zeros((size, width), dtype=torch.long)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for row, e in enumerate(enc):
-            ids[row, : len(e.ids)] = torch.from_numpy(e.ids)
-            mask[row, : len(e.ids)] = 1
+        ids, mask = pad_batch(enc, loaded.tokenizer.pad_token_id or 0)
         out.append({"ids": ids, "mask": mask, "encoded": enc, "tokens": int(mask.sum())})
     return out
 

@@ -50,17 +50,17 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
         qids = rng.choice(n, queries, replace=False)
         q = x[qids] + rng.standard_normal((queries, x.shape[1]), dtype=np.float32) * (0.05 / np.sqrt(x.shape[1]))
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-        exact = faiss.IndexFlatIP(x.shape[1])
+        cal = rng.choice(n, 100, replace=False)
+        exact = faiss.IndexFlatIP(x.shape[1])  # one exact index: the queries' truth and the calibration's
         exact.add(x)
-        truth = exact.search(q, 10)[1]
+        truth, cal_truth = exact.search(q, 10)[1], exact.search(x[cal], 11)[1]
         del exact
         index = _new_index("ivf", x.shape[1], _nlist(n))
         start = time.perf_counter()
         index.train(x[rng.choice(n, min(n, 50 * index.nlist), replace=False)])  # the store trains on 50 per list
         index.add_with_ids(x, np.arange(n, dtype=np.int64))
         build = time.perf_counter() - start
-        cal = rng.choice(n, 100, replace=False)
-        _choose_nprobe(index, x[cal], cal, faiss_exact_truth(x, x[cal], 11))
+        _choose_nprobe(index, x[cal], cal, cal_truth)
         lat, found = [], []
         for row in q:
             t0 = time.perf_counter()
@@ -77,15 +77,6 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
                         "against exact inner-product search")]
         del index, x
     return figs
-
-
-def faiss_exact_truth(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k ids of ``queries`` among ``x`` (inner product)."""
-    import faiss
-
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    return exact.search(queries, k)[1]
 
 
 def sql_figures(db_path: Path, repeats: int = 30) -> list[Figure]:

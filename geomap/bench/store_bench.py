@@ -23,8 +23,9 @@ from geomap.store.writer import PromptSpec, journey_tables, prompt_key, write_ba
 
 def _fresh(folder: Path, name: str) -> Path:
     path = folder / name
-    for p in (path, path.with_name(path.name + ".wal"), index_dir(path)):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    shutil.rmtree(index_dir(path), ignore_errors=True)
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)
     return path
 
 

@@ -88,17 +88,23 @@ def _heads_last(x: np.ndarray, tail: tuple[int, ...]) -> np.ndarray:
 
 
 @torch.no_grad()
-def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: CaptureConfig) -> list[Journey]:
-    """Capture a batch of already-encoded prompts in one forward pass."""
-    a, model, device = loaded.anatomy, loaded.model, loaded.device
-    lengths = [len(e.ids) for e in batch]
-    width, n_layers = max(lengths), a.n_layers
-    pad = loaded.tokenizer.pad_token_id or 0
+def pad_batch(batch: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, max length) for encoded prompts."""
+    width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, e in enumerate(batch):
         ids[row, : len(e.ids)] = torch.from_numpy(e.ids)
         mask[row, : len(e.ids)] = 1
+    return ids, mask
+
+
+def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: CaptureConfig) -> list[Journey]:
+    """Capture a batch of already-encoded prompts in one forward pass."""
+    a, model, device = loaded.anatomy, loaded.model, loaded.device
+    lengths = [len(e.ids) for e in batch]
+    n_layers = a.n_layers
+    ids, mask = pad_batch(batch, loaded.tokenizer.pad_token_id or 0)
     attn_pos = [resolve_positions(config.attn_positions, n) for n in lengths]
     lens_pos = [resolve_positions(config.lens_positions, n) for n in lengths]
     boundaries = resolve_layers(config.layers, n_layers)

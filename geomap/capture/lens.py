@@ -105,17 +105,21 @@ class Unembed:
     def _block(self, x: torch.Tensor, start: int, stop: int, name: str) -> torch.Tensor:
         """Logits of normed rows ``x`` for vocabulary rows ``start:stop``, float32 (in a reused buffer)."""
         weight = self.head.weight[start:stop]
-        bias = getattr(self.head, "bias", None)
         if weight.dtype == torch.float32:
             out = self._buffer(name, x.shape[0], stop - start, x.device)
             torch.mm(x, weight.t(), out=out)
         else:
             out = torch.nn.functional.linear(x, weight).float()
+        return self._finish(out, slice(start, stop))
+
+    def _finish(self, raw: torch.Tensor, columns) -> torch.Tensor:
+        """Add the head's bias for vocabulary ``columns`` and apply the softcap, in place on float32 ``raw``."""
+        bias = getattr(self.head, "bias", None)
         if bias is not None:
-            out.add_(bias[start:stop].float())
+            raw.add_(bias[columns].float())
         if self.softcap is not None:
-            out.div_(self.softcap).tanh_().mul_(self.softcap)
-        return out
+            raw.div_(self.softcap).tanh_().mul_(self.softcap)
+        return raw
 
     def _buffer(self, name: str, rows: int, cols: int, device) -> torch.Tensor:
         """A reusable float32 work buffer of at least ``rows × cols``."""
@@ -129,7 +133,7 @@ class Unembed:
         """One pass over the vocabulary for normed rows ``x`` (n, d): logsumexp, Σp·z, top-k by online updates.
 
         With a reference (``ref_x`` rows, ``owner[i]`` the reference of row i, ``ref_ids[i]`` its top-1 token),
-        also Σp·r for the KL, and the rank and probability of the reference's top-1 under row i.
+        also Σp·(z−r) for the KL (``p_gap``), and the rank and probability of the reference's top-1 under row i.
         """
         n, vocab = x.shape[0], self.head.weight.shape[0]
         k = min(top_k, vocab)
@@ -140,12 +144,12 @@ class Unembed:
         top_v, top_i = torch.full((n, 0), -torch.inf, device=x.device), torch.zeros((n, 0), dtype=torch.long,
                                                                                      device=x.device)
         if ref_x is not None:
-            weight = self.head.weight[ref_ids].float()
-            threshold = (x.float() * weight).sum(-1)
-            if getattr(self.head, "bias", None) is not None:
-                threshold += self.head.bias[ref_ids].float()
-            if self.softcap is not None:
-                threshold = torch.tanh(threshold / self.softcap) * self.softcap
+            # The reference token's logit by the same GEMM kernel as the blocks (a row-wise dot rounds differently
+            # and would shift near-tied ranks): one column per distinct reference token.
+            distinct, which = torch.unique(ref_ids, return_inverse=True)
+            own_logits = torch.mm(x, self.head.weight[distinct].t()).float() if x.dtype == torch.float32 else \
+                torch.nn.functional.linear(x, self.head.weight[distinct]).float()
+            threshold = self._finish(own_logits[torch.arange(n, device=x.device), which].contiguous(), ref_ids)
             above = torch.zeros(n, dtype=torch.long, device=x.device)
             chosen = torch.zeros(n, device=x.device)
         heap = RunningTopK(n, k) if x.device.type == "cpu" else None

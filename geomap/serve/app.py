@@ -75,19 +75,25 @@ class Server:
 
         return (self.settings.models or (DEFAULT_MODEL,))[0]
 
+    def rows(self, sql: str, *params) -> list[dict]:
+        """One read-only query in its own snapshot, as JSON-ready dicts."""
+        from geomap.store.sql import _json_value
+
+        con = connect(self.db_path, read_only=True)
+        try:
+            cur = con.execute(sql, list(params))
+            cols = [d[0] for d in cur.description]
+            return [{c: _json_value(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+        finally:
+            con.close()
+
     def allowed_model(self, name: str) -> bool:
         """The ``--model`` names (else the presets), preloaded models, and the models of stored runs."""
         from geomap.models.presets import PRESETS
 
         if name in (self.settings.models or tuple(PRESETS)) or name in self._models:
             return True
-        con = connect(self.db_path, read_only=True)
-        try:
-            return bool(con.execute("SELECT count(*) FROM runs WHERE model = ?", [name]).fetchall()[0][0])
-        except Exception:  # noqa: BLE001 - an empty store has no runs table yet
-            return False
-        finally:
-            con.close()
+        return bool(self.rows("SELECT count(*) AS n FROM runs WHERE model = ?", name)[0]["n"])
 
     def model(self, name: str):
         """The loaded model for a name, loaded once and kept."""
@@ -100,25 +106,17 @@ class Server:
 
     def model_for_run(self, run_id: int):
         """The model that computed a stored run."""
-        con = connect(self.db_path, read_only=True)
-        try:
-            rows = con.execute("SELECT model FROM runs WHERE id = ?", [run_id]).fetchall()
-        finally:
-            con.close()
-        if not rows or rows[0][0] is None:
+        found = self.rows("SELECT model FROM runs WHERE id = ?", run_id)
+        if not found or found[0]["model"] is None:
             raise StoreError(f"No finished run with id {run_id}.")
-        return self.model(rows[0][0])
+        return self.model(found[0]["model"])
 
     def model_for_prompt(self, prompt_id: int):
         """The model that computed a stored prompt."""
-        con = connect(self.db_path, read_only=True)
-        try:
-            rows = con.execute("SELECT run_id FROM prompts WHERE id = ?", [prompt_id]).fetchall()
-        finally:
-            con.close()
-        if not rows:
+        found = self.rows("SELECT run_id FROM prompts WHERE id = ?", prompt_id)
+        if not found:
             raise StoreError(f"No stored prompt with id {prompt_id}.")
-        return self.model_for_run(int(rows[0][0]))
+        return self.model_for_run(int(found[0]["run_id"]))
 
     def _reserve(self, pipeline: str) -> int:
         from geomap.store.ingest import reserve_run

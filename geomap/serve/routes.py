@@ -11,7 +11,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from geomap.errors import GeomapError
-from geomap.store.db import StoreError, connect
 from geomap.store.sql import _json_value, run_sql
 
 router = APIRouter()
@@ -21,16 +20,6 @@ PIPELINE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 
 def _server(request: Request):
     return request.app.state.server
-
-
-def _rows(server, sql: str, *params) -> list[dict]:
-    con = connect(server.db_path, read_only=True)
-    try:
-        cur = con.execute(sql, list(params))
-        cols = [d[0] for d in cur.description]
-        return [{c: _json_value(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
-    finally:
-        con.close()
 
 
 class Health(BaseModel):
@@ -59,7 +48,7 @@ def healthz(request: Request) -> dict:
 def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
     """Stored runs, newest first."""
-    return _rows(_server(request), "SELECT id, started_at, finished_at, status, pipeline, model, model_type, "
+    return _server(request).rows("SELECT id, started_at, finished_at, status, pipeline, model, model_type, "
                  "vector_dtype, n_layers, d_model, n_heads, (SELECT count(*) FROM prompts p WHERE p.run_id = r.id) "
                  "AS n_prompts FROM runs r ORDER BY id DESC LIMIT ? OFFSET ?", limit, offset)
 
@@ -108,12 +97,8 @@ def _job_spec(server, body: RunRequest):
         spec = JobSpec(tuple(pipe.prompts()), body.model or pipe.model, pipe.capture, pipe.vector_dtype,
                        pipe.batch_size, pipe.name)
     else:
-        cap = dict(body.capture)
-        for key in ("attn_positions", "lens_positions", "layers"):
-            if isinstance(cap.get(key), list):
-                cap[key] = tuple(cap[key])
         try:
-            capture = CaptureConfig(**cap)
+            capture = CaptureConfig(**body.capture)  # it turns JSON lists into tuples itself
         except (TypeError, ValueError) as exc:
             raise HTTPException(422, f"Invalid request: capture: {exc}.") from None
         prompts = tuple(PromptSpec(p, source="api") if isinstance(p, str) else
@@ -139,7 +124,7 @@ def submit_run(request: Request, body: RunRequest) -> dict:
 def get_run(request: Request, run_id: Id) -> dict:
     """A run's row, and the progress of the job filling it (when this server runs or ran it)."""
     server = _server(request)
-    rows = _rows(server, "SELECT * EXCLUDE (capture_config), capture_config::VARCHAR AS capture_config, "
+    rows = server.rows("SELECT * EXCLUDE (capture_config), capture_config::VARCHAR AS capture_config, "
                          "(SELECT count(*) FROM prompts p WHERE p.run_id = r.id) AS n_prompts FROM runs r "
                          "WHERE id = ?", run_id)
     job = server.jobs.get(run_id)
@@ -156,12 +141,12 @@ def list_prompts(request: Request, run_id: Id | None = None, limit: Annotated[in
                  offset: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
     """Stored prompts (optionally of one run), by id."""
     where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
-    return _rows(_server(request), f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
+    return _server(request).rows(f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
                                    "ORDER BY id LIMIT ? OFFSET ?", *params, limit, offset)
 
 
 def _prompt(server, prompt_id: int) -> dict:
-    rows = _rows(server, "SELECT id, run_id, text, source, source_id, tags, n_tokens, status, error, truncated, "
+    rows = server.rows("SELECT id, run_id, text, source, source_id, tags, n_tokens, status, error, truncated, "
                          "parent_id, decoding::VARCHAR AS decoding FROM prompts WHERE id = ?", prompt_id)
     if not rows:
         raise HTTPException(404, f"No stored prompt with id {prompt_id}.")
@@ -182,7 +167,7 @@ def get_prompt(request: Request, prompt_id: Id) -> dict:
     """A prompt and its tokens (id, text, raw bytes as hex, special, generated)."""
     server = _server(request)
     out = _prompt(server, prompt_id)
-    out["tokens"] = _rows(server, "SELECT pos, token_id, text, hex(raw) AS raw_hex, special, generated FROM tokens "
+    out["tokens"] = server.rows("SELECT pos, token_id, text, hex(raw) AS raw_hex, special, generated FROM tokens "
                                   "WHERE prompt_id = ? ORDER BY pos", prompt_id)
     return out
 
@@ -192,7 +177,7 @@ def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> di
     """One token's path through the layers: residual norm, cosine to the final state, lens top-1, entropy, KL."""
     server = _server(request)
     p = _pos(_prompt(server, prompt_id), pos)
-    layers = _rows(server, "SELECT layer, norm, cos_final, top1_id, top1_token, top1_prob, entropy, kl_to_final, "
+    layers = server.rows("SELECT layer, norm, cos_final, top1_id, top1_token, top1_prob, entropy, kl_to_final, "
                            "final_rank, final_prob FROM trajectory WHERE prompt_id = ? AND pos = ? ORDER BY layer",
                    prompt_id, p)
     return {"prompt_id": prompt_id, "pos": p, "layers": layers}
@@ -204,7 +189,7 @@ def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(g
     """Every head's scaled scores and softmax weights at one layer, for one query position."""
     server = _server(request)
     p = _pos(_prompt(server, prompt_id), pos)
-    heads = _rows(server, "SELECT head, entropy, scores, weights FROM attention WHERE prompt_id = ? AND layer = ? "
+    heads = server.rows("SELECT head, entropy, scores, weights FROM attention WHERE prompt_id = ? AND layer = ? "
                           "AND pos = ? ORDER BY head", prompt_id, layer, p)
     if not heads:
         raise HTTPException(404, f"No attention stored for prompt {prompt_id} at layer {layer}, position {p} "
@@ -219,11 +204,11 @@ def get_lens(request: Request, prompt_id: Id, pos: Id | None = None,
     server = _server(request)
     prompt = _prompt(server, prompt_id)
     p = _pos(prompt, pos)
-    layers = _rows(server, "SELECT layer, token_ids[1:?] AS token_ids, probs[1:?] AS probs FROM lens "
+    layers = server.rows("SELECT layer, token_ids[1:?] AS token_ids, probs[1:?] AS probs FROM lens "
                            "WHERE prompt_id = ? AND pos = ? ORDER BY layer", top, top, prompt_id, p)
     ids = sorted({t for r in layers for t in r["token_ids"]})
-    texts = {r["token_id"]: r["text"] for r in _rows(
-        server, "SELECT v.token_id, v.text FROM vocab v JOIN runs r ON r.weights_sha256 = v.weights_sha256 "
+    texts = {r["token_id"]: r["text"] for r in server.rows(
+        "SELECT v.token_id, v.text FROM vocab v JOIN runs r ON r.weights_sha256 = v.weights_sha256 "
                 "WHERE r.id = ? AND v.token_id IN (SELECT unnest(?))", prompt["run_id"], ids)}
     for r in layers:
         r["tokens"] = [texts.get(t) for t in r["token_ids"]]
@@ -241,7 +226,7 @@ def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0)]
 
     server = _server(request)
     if state_id is not None:
-        found = _rows(server, "SELECT prompt_id, pos, layer FROM states WHERE id = ?", state_id)
+        found = server.rows("SELECT prompt_id, pos, layer FROM states WHERE id = ?", state_id)
         if not found:
             raise HTTPException(404, f"No stored state with id {state_id}.")
         prompt_id, pos, layer = found[0]["prompt_id"], found[0]["pos"], found[0]["layer"]
@@ -316,8 +301,8 @@ def _render(server, page: str) -> str:
 def _index(server) -> str:
     from geomap.report.render import render
 
-    runs = _rows(server, "SELECT id, pipeline, model FROM runs WHERE status = 'done' ORDER BY id")
-    prompts = _rows(server, "SELECT id, text FROM prompts WHERE status = 'done' ORDER BY id LIMIT 5000")
+    runs = server.rows("SELECT id, pipeline, model FROM runs WHERE status = 'done' ORDER BY id")
+    prompts = server.rows("SELECT id, text FROM prompts WHERE status = 'done' ORDER BY id LIMIT 5000")
     entries = [{"href": f"run-{r['id']}.html", "title": f"run {r['id']} ({r['pipeline']}, {r['model']})"}
                for r in runs]
     entries += [{"href": f"journey-{p['id']}.html", "title": f"journey of prompt {p['id']}: {p['text'][:80]}"}
@@ -342,5 +327,3 @@ def reports_root() -> RedirectResponse:
     """The index page (pages link each other by relative names, so it lives beside them)."""
     return RedirectResponse("/reports/index.html")
 
-
-__all__ = ["router", "StoreError"]
