@@ -269,6 +269,7 @@ def test_prompt_endpoints_match_the_store(served):
     assert api.call("GET", "/prompts/999999")[0] == 404
     assert api.call("GET", "/prompts/1/trajectory?pos=99")[0] == 404
     assert api.call("GET", "/neighbors?layer=1")[0] == 422
+    assert api.call("GET", f"/runs?offset={2**100}")[0] == 422  # found by schemathesis: it used to overflow (500)
 
 
 def test_reports_are_rendered_by_the_server(served):

@@ -46,7 +46,7 @@ def healthz(request: Request) -> dict:
 
 @router.get("/runs", tags=["runs"])
 def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+              offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
     """Stored runs, newest first."""
     return _server(request).rows("SELECT id, started_at, finished_at, status, pipeline, model, model_type, "
                  "vector_dtype, n_layers, d_model, n_heads, (SELECT count(*) FROM prompts p WHERE p.run_id = r.id) "
@@ -138,7 +138,7 @@ def get_run(request: Request, run_id: Id) -> dict:
 
 @router.get("/prompts", tags=["prompts"])
 def list_prompts(request: Request, run_id: Id | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                 offset: Annotated[int, Query(ge=0)] = 0) -> list[dict]:
+                 offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
     """Stored prompts (optionally of one run), by id."""
     where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
     return _server(request).rows(f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
@@ -218,8 +218,9 @@ def get_lens(request: Request, prompt_id: Id, pos: Id | None = None,
 
 
 @router.get("/neighbors", tags=["neighbors"])
-def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0)] = None, prompt_id: Id | None = None,
-                  layer: Annotated[int | None, Query(ge=0, le=10_000)] = None, pos: Id | None = None,
+def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+                  prompt_id: Id | None = None, layer: Annotated[int | None, Query(ge=0, le=10_000)] = None,
+                  pos: Id | None = None,
                   k: Annotated[int, Query(ge=1, le=200)] = 10, last: bool = False) -> dict:
     """Nearest stored states (FAISS), by ``state_id`` or by ``prompt_id`` + ``layer`` (+ ``pos``)."""
     from geomap.store.query import neighbors
