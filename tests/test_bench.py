@@ -11,7 +11,7 @@ import sys
 
 from geomap.bench.core import judged, median_ratio, percentile, rounds
 
-NAMES = ["capture vs forward with output_hidden_states", "lens vs same-shape matmul",
+NAMES = ["capture vs forward with output_hidden_states", "lens vs same-shape plain matmul",
          "store write vs bare DuckDB insert", "orchestration overhead end to end",
          "ingestion end to end vs forward with output_hidden_states", "SQL fetch of one trajectory, p50",
          "kNN p50 latency at 10k states", "kNN recall@10 at 50k states", "PCA fit on 5k states", "journey report",
@@ -44,4 +44,4 @@ def test_bench_quick_json_on_a_tiny_model(tiny_dirs, tmp_path):
     assert 0 < figures["kNN recall@10 at 50k states"]["value"] <= 1
     assert figures["capture vs forward with output_hidden_states"]["value"] > 0
     table = (tmp_path / "b.md").read_text(encoding="utf-8")
-    assert "geomap bench --quick --model" in table and "| lens vs same-shape matmul |" in table
+    assert "geomap bench --quick --model" in table and "| lens vs same-shape plain matmul |" in table

@@ -64,6 +64,10 @@ def test_row_counts_match_the_capture(name, tiny_models, request, tmp_path):
     error = con.execute("SELECT status, error FROM prompts WHERE text = ''").fetchone()
     assert error[0] == "error" and "empty" in error[1]
     assert con.execute("SELECT count(*) FROM journey").fetchall()[0][0] == 3
+    text = con.execute("""SELECT count(*), count(*) FILTER (WHERE l.top1_token IS NOT DISTINCT FROM v.text)
+                          FROM lens_stats l JOIN prompts p ON p.id = l.prompt_id JOIN runs r ON r.id = p.run_id
+                          JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = l.top1_id""").fetchall()
+    assert text[0][0] == got["lens_stats"] and text[0][1] == text[0][0]  # the copied text is the vocabulary's
     lens = con.execute("SELECT token_ids, logits FROM lens WHERE prompt_id = 1 AND layer = ? AND pos = 2",
                        [a.n_layers]).fetchall()[0]
     np.testing.assert_array_equal(lens[0], j.lens.top.ids[-1, 2])
@@ -132,3 +136,20 @@ def test_second_writer_gets_a_clear_error(tmp_path):
         holder.wait()
     con = connect(db)  # nothing corrupted: the store opens once the holder is gone
     con.close()
+
+
+def test_older_store_gains_the_top1_token_column(llama, tmp_path):
+    """A store written before lens_stats.top1_token existed is migrated on open, text filled from vocab."""
+    db = tmp_path / "old.duckdb"
+    ingest(llama, [PromptSpec("The storm is")], db, ALL, progress=False)
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE lens_stats DROP COLUMN top1_token")
+    con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+    ensure_schema(con)
+    missing, total = con.execute("SELECT count(*) FILTER (WHERE top1_token IS NULL), count(*) FROM lens_stats"
+                                 ).fetchall()[0]
+    expect = con.execute("SELECT v.text FROM lens_stats l JOIN vocab v ON v.token_id = l.top1_id "
+                         "ORDER BY l.layer, l.pos").fetchall()
+    got = con.execute("SELECT top1_token FROM trajectory WHERE top1_id IS NOT NULL ORDER BY layer, pos").fetchall()
+    con.close()
+    assert total > 0 and missing == 0 and got == expect

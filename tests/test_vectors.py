@@ -87,7 +87,7 @@ def test_ids_counts_and_self_match(store, kind):
         found, sims = state.search(x[:300], 5)
         hit = found[:, 0] == ids[:300]
         assert hit.mean() >= (0.98 if kind == "hnsw" else 1.0)
-        assert np.allclose(sims[hit, 0], 1.0, atol=1e-4)
+        assert np.allclose(sims[hit, 0], 1.0, atol=2e-3 if kind == "ivf" else 1e-4)  # IVF holds float16 vectors
     row = con.execute("SELECT kind, path, metric, ntotal, max_id, len(mean), len(std) FROM faiss_manifest "
                       "WHERE layer = 5").fetchall()[0]
     assert row == (f"states:{kind}", "states-L005.faiss", "inner_product", 3000, 2999 * 7 + 500_003, D, D)

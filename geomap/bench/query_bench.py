@@ -41,7 +41,7 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
     """IVF (as the store builds it, nprobe calibrated) at each size: single-query p50/p99, recall@10 vs exact."""
     import faiss
 
-    from geomap.store.vectors import _choose_nprobe, _new_index, _nlist
+    from geomap.store.vectors import _choose_nprobe, _new_index, _nlist, set_parallelism
 
     figs = []
     for n in sizes:
@@ -62,13 +62,15 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
         build = time.perf_counter() - start
         _choose_nprobe(index, x[cal], cal, cal_truth)
         lat, found = [], []
+        set_parallelism(index, 1)  # one query at a time, as the store's StateIndex.search does
         for row in q:
             t0 = time.perf_counter()
             found.append(index.search(row[None], 10)[1][0])
             lat.append(time.perf_counter() - t0)
         recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
         label = f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}M"
-        note = (f"IVF, {index.nlist} lists, nprobe {index.nprobe} (calibrated as the store does), built in "
+        note = (f"IVF over float16 vectors, {index.nlist} lists, nprobe {index.nprobe} (calibrated as the store "
+                f"does), built in "
                 f"{build:.0f} s; states synthesised by perturbing real Gemma-3 states")
         big = n >= 1_000_000
         figs += [judged(f"kNN p50 latency at {label} states", median(lat) * 1e3, "ms", "<= 3" if big else None, note),

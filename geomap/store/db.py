@@ -127,6 +127,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) ->
     if stored is not None and meta.get("schema_sha256") == digest:
         return stored  # this exact schema is in place: no DDL (concurrent cursors of a served store never race on it)
     con.execute(static)
+    _migrate(con)
     width = stored if stored is not None else d_model
     if width is None:
         return None
@@ -138,6 +139,14 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) ->
     con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
     con.execute("INSERT INTO store_meta VALUES ('schema_sha256', ?)", [digest])
     return width
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a store written by an older geomap up to the schema (columns added since; idempotent)."""
+    con.execute("ALTER TABLE lens_stats ADD COLUMN IF NOT EXISTS top1_token VARCHAR")
+    con.execute("""UPDATE lens_stats SET top1_token = v.text FROM prompts p, runs r, vocab v
+                   WHERE lens_stats.top1_token IS NULL AND p.id = lens_stats.prompt_id AND r.id = p.run_id
+                     AND v.weights_sha256 = r.weights_sha256 AND v.token_id = lens_stats.top1_id""")
 
 
 def _meta(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:

@@ -8,6 +8,8 @@ DuckDB at the end of every run.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
 from geomap.capture.tokens import describe_tokens
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, ensure_schema
-from geomap.store.writer import PromptSpec, prompt_key, write_batch
+from geomap.store.db import StoreError, connect, ensure_schema, served
+from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,21 @@ class RunSummary:
     tokens: int
     seconds: float
     failures: tuple[str, ...]
+
+
+def _bound_memory(con, db_path: Path) -> None:
+    """Cap DuckDB's buffer pool for an ingestion (``$GEOMAP_INGEST_MEMORY``, default 1GB).
+
+    DuckDB's default limit is 80% of RAM, and it keeps the blocks it wrote in that pool, so without a cap an
+    ingestion's resident memory grows with the store it writes instead of staying flat. A served store keeps the
+    server's own (locked) settings.
+    """
+    if served(db_path):
+        return
+    limit = os.environ.get("GEOMAP_INGEST_MEMORY", "1GB").strip()
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit, flags=re.IGNORECASE):
+        raise StoreError(f"GEOMAP_INGEST_MEMORY must be a size such as 1GB or 512MiB, not {limit!r}.")
+    con.execute(f"SET memory_limit = '{limit}'")
 
 
 def model_identity(loaded: LoadedModel) -> str:
@@ -115,8 +132,10 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     db_path = Path(db_path)
     con = connect(db_path)
     try:
+        _bound_memory(con, db_path)
         ensure_schema(con, loaded.anatomy.d_model)
         ensure_vocab(con, loaded)
+        texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
         identity, config_json = model_identity(loaded), config.to_json()
         keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
         stored = {row[0] for row in con.execute("SELECT key FROM prompts").fetchall()}
@@ -143,7 +162,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             pending.append((index_, spec, key, result))
             if len(pending) >= batch_size or done + failed + len(pending) == len(todo):
                 pending.sort(key=lambda item: item[0])  # prompt ids follow input order
-                counts = write_batch(con, run_id, vector_dtype, [item[1:] for item in pending])
+                counts = write_batch(con, run_id, vector_dtype, [item[1:] for item in pending], texts)
                 for _, spec, _, r in pending:
                     if counts["errors"].get(spec.text):
                         failed += 1

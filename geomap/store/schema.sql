@@ -101,6 +101,7 @@ CREATE TABLE IF NOT EXISTS lens_stats (
     kl_to_final FLOAT,                      -- KL(lens || final), nats
     final_rank INTEGER,                     -- 1-based rank of the final top-1 token under the lens
     final_prob FLOAT,
+    top1_token VARCHAR,                     -- display text of top1_id, copied from vocab (reading it scans no vocab)
     PRIMARY KEY (prompt_id, pos, layer)
 );
 
@@ -179,12 +180,9 @@ CREATE TABLE IF NOT EXISTS attention (
 
 CREATE OR REPLACE VIEW trajectory AS
 SELECT s.prompt_id, s.pos, s.layer, s.norm, s.cos_final,
-       l.top1_id, v.text AS top1_token, l.top1_prob, l.entropy, l.kl_to_final, l.final_rank, l.final_prob
+       l.top1_id, l.top1_token, l.top1_prob, l.entropy, l.kl_to_final, l.final_rank, l.final_prob
 FROM states s
-LEFT JOIN lens_stats l USING (prompt_id, pos, layer)
-LEFT JOIN prompts p ON p.id = s.prompt_id
-LEFT JOIN runs r ON r.id = p.run_id
-LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = l.top1_id;
+LEFT JOIN lens_stats l USING (prompt_id, pos, layer);
 
 CREATE OR REPLACE VIEW journey AS
 WITH last AS (SELECT id AS prompt_id, n_tokens - 1 AS pos FROM prompts WHERE status = 'done'),

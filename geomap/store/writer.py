@@ -70,10 +70,12 @@ def check_finite(journey: Journey) -> str | None:
 
 
 def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype: str,
-                   generated_from: int | None = None) -> dict[str, pa.Table]:
-    """All rows one journey adds, as Arrow tables keyed by table name (columns in schema order).
+                   generated_from: int | None = None, vocab_text: np.ndarray | None = None) -> dict[str, pa.Table]:
+    """All rows one journey adds, as Arrow tables keyed by table name (columns named as in the schema).
 
-    ``generated_from`` flags the tokens from that position on as generated.
+    ``generated_from`` flags the tokens from that position on as generated. ``vocab_text`` (V,) holds the display
+    text of every token id, for ``lens_stats.top1_token``; without it that column is null (`write_batch` then fills
+    it from the store's vocabulary).
     """
     s, att, n_layers = j.stream, j.attention, j.n_layers
     length, width = s.resid.shape[1], s.resid.shape[2]
@@ -110,7 +112,7 @@ def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype
                                                        mask=pa.array(~has_bias)),
     })
     tables = {"states": states, "contributions": contributions, **_inside_tables(j, prompt_id), **_readout_tables(
-        j, prompt_id)}
+        j, prompt_id, vocab_text)}
     if generated_from is not None:
         flags = pa.array(np.arange(length) >= generated_from)
         tokens = tables["tokens"]
@@ -157,7 +159,7 @@ def _inside_tables(j: Journey, prompt_id: int) -> dict[str, pa.Table]:
     return {"attention": attention, "norms": norms, "mlp_features": mlp}
 
 
-def _readout_tables(j: Journey, prompt_id: int) -> dict[str, pa.Table]:
+def _readout_tables(j: Journey, prompt_id: int, vocab_text: np.ndarray | None) -> dict[str, pa.Table]:
     lens = j.lens
     ll, pp = np.meshgrid(np.arange(len(lens.layers)), np.arange(len(lens.positions)), indexing="ij")
     ll, pp = ll.reshape(-1), pp.reshape(-1)
@@ -172,7 +174,9 @@ def _readout_tables(j: Journey, prompt_id: int) -> dict[str, pa.Table]:
                       "logsumexp": pa.array(lens.top.logsumexp[ll, pp]),
                       "kl_to_final": pa.array(lens.kl_to_final[ll, pp]),
                       "final_rank": pa.array(lens.final_rank[ll, pp].astype(np.int32)),
-                      "final_prob": pa.array(lens.final_prob[ll, pp])})
+                      "final_prob": pa.array(lens.final_prob[ll, pp]),
+                      "top1_token": pa.array(vocab_text[lens.top.ids[ll, pp, 0]] if vocab_text is not None else
+                                             [None] * n, pa.string())})
     f, length = j.final, len(j.tokens)
     next_token = pa.table({"prompt_id": pa.array(np.full(length, prompt_id, np.int32)),
                            "pos": pa.array(np.arange(length, dtype=np.int32)),
@@ -190,12 +194,23 @@ def _readout_tables(j: Journey, prompt_id: int) -> dict[str, pa.Table]:
             "tokens": tokens}
 
 
+def vocab_texts(con: duckdb.DuckDBPyConnection, weights_sha256: str, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) object array of the stored display text of every token id (None where none is stored)."""
+    rows = con.execute("SELECT token_id, text FROM vocab WHERE weights_sha256 = ?", [weights_sha256]).fetchnumpy()
+    ids, texts = np.asarray(rows["token_id"]), np.asarray(rows["text"], dtype=object)
+    out = np.full(vocab_size, None, dtype=object)
+    keep = ids < vocab_size
+    out[ids[keep]] = texts[keep]
+    return out
+
+
 TABLES = ("tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens", "lens_stats",
           "next_token", "final_logits")
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
-                items: list[tuple[PromptSpec, str, Journey | PromptFailure]]) -> dict[str, int]:
+                items: list[tuple[PromptSpec, str, Journey | PromptFailure]],
+                vocab_text: np.ndarray | None = None) -> dict[str, int]:
     """Store a batch of captured prompts in one transaction.
 
     Args:
@@ -204,6 +219,7 @@ def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
         vector_dtype: ``"float32"`` or ``"bfloat16"`` for state vectors.
         items: ``(spec, key, journey or failure)`` per prompt; failures and non-finite journeys are stored as
             prompts with status ``'error'`` and no other rows.
+        vocab_text: The run model's token texts by id (`vocab_texts`); looked up in the store when omitted.
 
     Returns:
         Rows added per table, and ``errors``: {prompt text: reason} for prompts stored as errors.
@@ -224,7 +240,8 @@ def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
             if reason is not None:
                 errors[spec.text] = reason
             else:
-                tables = journey_tables(result, next_prompt, next_state, vector_dtype, spec.generated_from)
+                tables = journey_tables(result, next_prompt, next_state, vector_dtype, spec.generated_from,
+                                        vocab_text)
                 next_state += tables["states"].num_rows
                 for name, table in tables.items():
                     parts[name].append(table)
@@ -237,7 +254,12 @@ def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
             if tables:
                 batch = pa.concat_tables(tables)
                 con.register("_geomap_batch", batch)
-                con.execute(f"INSERT INTO {name} SELECT * FROM _geomap_batch")  # noqa: S608 (fixed names)
+                if name == "lens_stats" and vocab_text is None:  # the top-1 token's text from the store's vocab
+                    con.execute("INSERT INTO lens_stats BY NAME SELECT b.* REPLACE (v.text AS top1_token) "
+                                "FROM _geomap_batch b LEFT JOIN vocab v ON v.token_id = b.top1_id AND "
+                                "v.weights_sha256 = (SELECT weights_sha256 FROM runs WHERE id = ?)", [run_id])
+                else:
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _geomap_batch")  # noqa: S608 (fixed names)
                 con.unregister("_geomap_batch")
                 counts[name] = batch.num_rows
         con.execute("COMMIT")
