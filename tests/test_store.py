@@ -153,3 +153,20 @@ def test_older_store_gains_the_top1_token_column(llama, tmp_path):
     got = con.execute("SELECT top1_token FROM trajectory WHERE top1_id IS NOT NULL ORDER BY layer, pos").fetchall()
     con.close()
     assert total > 0 and missing == 0 and got == expect
+
+
+def test_write_batch_without_vocab_texts_takes_them_from_the_store(llama, tmp_path):
+    """The generation path writes without the run's vocabulary array: the text comes from the stored vocab."""
+    from geomap.store.ingest import ensure_vocab
+
+    (j,) = capture(llama, ["The storm is"], ALL)
+    con = connect(tmp_path / "s.duckdb")
+    ensure_schema(con, llama.anatomy.d_model)
+    ensure_vocab(con, llama)
+    con.execute("INSERT INTO runs (id, weights_sha256, status) VALUES (1, ?, 'running')", [llama.weights_hash])
+    write_batch(con, 1, "float32", [(PromptSpec("The storm is"), "k1", j)])
+    got = [r[0] for r in con.execute("SELECT top1_token FROM lens_stats ORDER BY layer, pos").fetchall()]
+    con.close()
+    from geomap.capture.tokens import describe_tokens
+
+    assert got == list(describe_tokens(llama.tokenizer, j.lens.top.ids[..., 0].reshape(-1)).texts)
