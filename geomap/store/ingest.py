@@ -8,8 +8,6 @@ DuckDB at the end of every run.
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
 from geomap.capture.tokens import describe_tokens
 from geomap.models.loading import LoadedModel
-from geomap.store.db import StoreError, connect, ensure_schema, served
+from geomap.store.db import connect, ensure_schema
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
 
 
@@ -38,21 +36,6 @@ class RunSummary:
     tokens: int
     seconds: float
     failures: tuple[str, ...]
-
-
-def _bound_memory(con, db_path: Path) -> None:
-    """Cap DuckDB's buffer pool for an ingestion (``$GEOMAP_INGEST_MEMORY``, default 1GB).
-
-    DuckDB's default limit is 80% of RAM, and it keeps the blocks it wrote in that pool, so without a cap an
-    ingestion's resident memory grows with the store it writes instead of staying flat. A served store keeps the
-    server's own (locked) settings.
-    """
-    if served(db_path):
-        return
-    limit = os.environ.get("GEOMAP_INGEST_MEMORY", "1GB").strip()
-    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit, flags=re.IGNORECASE):
-        raise StoreError(f"GEOMAP_INGEST_MEMORY must be a size such as 1GB or 512MiB, not {limit!r}.")
-    con.execute(f"SET memory_limit = '{limit}'")
 
 
 def model_identity(loaded: LoadedModel) -> str:
@@ -132,7 +115,6 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     db_path = Path(db_path)
     con = connect(db_path)
     try:
-        _bound_memory(con, db_path)
         ensure_schema(con, loaded.anatomy.d_model)
         ensure_vocab(con, loaded)
         texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
