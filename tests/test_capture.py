@@ -211,3 +211,24 @@ def test_batched_equals_unbatched(subject, journeys):
         np.testing.assert_allclose(many.lens.top.logsumexp, one.lens.top.logsumexp, rtol=1e-4)
         np.testing.assert_allclose(many.lens.kl_to_final, one.lens.kl_to_final, rtol=1e-4, atol=1e-4)
         assert rel_err(many.last_logits, one.last_logits) <= 1e-4
+
+
+def test_compiled_lens_statistics_equal_eager(subject, journeys, monkeypatch):
+    """The fused torch.compile kernels (used for large lens work) give the eager statistics to float32 rounding."""
+    from geomap.capture import lens as lens_mod
+
+    j = journeys[0]
+    resid = torch.from_numpy(j.stream.resid).transpose(0, 1)  # (T, L+1, d): every position at every boundary
+    unembed = lens_mod.Unembed(subject.anatomy)
+    monkeypatch.setattr(lens_mod, "_KERNELS", lens_mod._Kernels())
+    lens_mod._KERNELS.failed = True
+    final_e, eager = unembed.lens(resid, resid[:, -1], 5)
+    monkeypatch.setattr(lens_mod, "_COMPILE_FROM", 0)
+    lens_mod._KERNELS.failed = False
+    final_c, compiled = unembed.lens(resid, resid[:, -1], 5)
+    assert not lens_mod._KERNELS.failed and lens_mod._KERNELS.compiled  # the compiled path really ran
+    for key in ("ids", "rank"):
+        np.testing.assert_array_equal(compiled[key], eager[key])
+    for key in ("entropy", "logsumexp", "kl", "prob"):
+        np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(final_c["entropy"], final_e["entropy"], rtol=1e-4, atol=1e-4)

@@ -11,10 +11,14 @@ so that no row ever holds its whole vocabulary of logits in memory. Entropy and 
     KL(p ‖ q)   = Σ p·(z − r) + lse(r) − lse(z)        (p = softmax z, q = softmax r)
 
 written with centred logits and differences (no cancellation between large sums), accumulated in float64. A lens
-row's KL reference is the final layer at the same position, computed in the same GEMM as the lens rows.
+row's KL reference is the final layer at the same position, computed in the same GEMM as the lens rows. A block's
+statistics run as one loop fused by ``torch.compile`` when the work is large (`_Kernels`), else eagerly.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import numpy as np
 import torch
@@ -26,6 +30,66 @@ from geomap.models.registry import Anatomy
 _BLOCK_FLOATS = 1 << 20  # rows × vocabulary block held per GEMM (4 MB of float32: cache-sized on a CPU)
 _ROWS = 512  # rows per chunk (each chunk streams the unembedding matrix once)
 _FLOOR = -80.0  # centred logits below this weigh < 2e-35 next to the maximum's 1: clamped, not lost
+_COMPILE_FROM = 1 << 24  # rows × vocabulary from which the block statistics run as one compiled, fused loop
+
+log = logging.getLogger(__name__)
+
+
+def _block_stats(z: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One vocabulary block ``z`` (n, b) against the running maximum ``m`` (n,).
+
+    Returns:
+        The new maximum m' and, over the block, Σ e and Σ e·(z − m') with e = e^(z − m') (float32).
+    """
+    new_m = torch.maximum(m, z.amax(-1))
+    centred = (z - new_m[:, None]).clamp_min(_FLOOR)  # e^-80 stays a normal float: denormals slow exp ~40x
+    e = centred.exp()
+    return new_m, e.sum(-1), (e * centred).sum(-1)
+
+
+def _block_stats_ref(z: torch.Tensor, m: torch.Tensor, refs: torch.Tensor, owner: torch.Tensor,
+                     threshold: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`_block_stats`, plus Σ e·(z − r) against each row's reference row ``refs[owner]`` and #{z > threshold}."""
+    new_m = torch.maximum(m, z.amax(-1))
+    centred = (z - new_m[:, None]).clamp_min(_FLOOR)
+    e = centred.exp()
+    gap = z - refs.index_select(0, owner)  # z − r, small where the lens agrees with the final layer
+    return new_m, e.sum(-1), (e * centred).sum(-1), (e * gap).sum(-1), (z > threshold[:, None]).sum(-1)
+
+
+class _Kernels:
+    """The block statistics, compiled once per process by torch.compile (one fused loop instead of six passes).
+
+    Eager torch runs them when the work is small, when ``GEOMAP_COMPILE=0``, or when compiling fails (no C++
+    compiler, say): the results agree to float32 rounding.
+    """
+
+    def __init__(self):
+        self.compiled: dict[str, object] = {}
+        self.failed = os.environ.get("GEOMAP_COMPILE", "1") == "0"
+
+    def get(self, name: str, size: int):
+        eager = _block_stats if name == "plain" else _block_stats_ref
+        if self.failed or size < _COMPILE_FROM:
+            return eager
+        if name not in self.compiled:
+            self.compiled[name] = torch.compile(eager, dynamic=True)
+        compiled = self.compiled[name]
+
+        def run(*args):
+            if self.failed:
+                return eager(*args)
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the same maths, eagerly
+                self.failed = True
+                log.warning("torch.compile of the lens statistics failed (%s); using eager torch", exc)
+                return eager(*args)
+
+        return run
+
+
+_KERNELS = _Kernels()
 
 
 class Unembed:
@@ -155,24 +219,23 @@ class Unembed:
         heap = RunningTopK(n, k) if x.device.type == "cpu" else None
         both = x if ref_x is None else torch.cat([ref_x, x])  # one GEMM per block for the lens rows and references
         n_ref = 0 if ref_x is None else ref_x.shape[0]
+        stats = _KERNELS.get("plain" if ref_x is None else "ref", n * vocab)
         for start in range(0, vocab, step):
             stop = min(vocab, start + step)
             zz = self._block(both, start, stop, "z")
             z = zz[n_ref:]
-            new_m = torch.maximum(m, z.amax(-1))
+            if ref_x is None:
+                new_m, s_block, q_block = stats(z, m)
+            else:
+                new_m, s_block, q_block, d_block, a_block = stats(z, m, zz[:n_ref], owner, threshold)
             shift = torch.where(torch.isfinite(m), m - new_m, 0.0).double()  # ≤ 0; 0 before the first block
             rescale = shift.exp()
-            centred = torch.sub(z, new_m[:, None], out=self._buffer("c", n, stop - start, x.device))
-            centred.clamp_(min=_FLOOR)  # e^-80 stays a normal float: denormals would slow every pass ~40x
-            e = torch.exp(centred, out=self._buffer("e", n, stop - start, x.device))
             # Σ e·(z − m) moves with m: Σ e'·(z − m') = rescale · (Σ e·(z − m) + (m − m')·Σ e)
-            q = rescale * (q + shift * s) + torch.linalg.vecdot(e, centred).double()
-            s = s * rescale + e.sum(-1).double()
+            q = rescale * (q + shift * s) + q_block.double()
+            s = s * rescale + s_block.double()
             if ref_x is not None:
-                gap = torch.index_select(zz[:n_ref], 0, owner, out=self._buffer("g", n, stop - start, x.device))
-                torch.sub(z, gap, out=gap)  # z − r, small where the lens agrees with the final layer
-                diff = diff * rescale + torch.linalg.vecdot(e, gap).double()
-                above += (z > threshold[:, None]).sum(-1)
+                diff = diff * rescale + d_block.double()
+                above += a_block
                 inside = (ref_ids >= start) & (ref_ids < stop)
                 if inside.any():  # the reference token's own logit, from this same GEMM
                     rows = inside.nonzero()[:, 0]
