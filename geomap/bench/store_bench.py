@@ -16,7 +16,7 @@ import pyarrow as pa
 from geomap.bench.core import Figure, judged, median, median_ratio, rounds
 from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
-from geomap.store.db import connect, ensure_schema, index_dir
+from geomap.store.db import connect, defer_checkpoints, ensure_schema, index_dir
 from geomap.store.ingest import ensure_vocab, ingest, model_identity
 from geomap.store.writer import PromptSpec, journey_tables, prompt_key, vocab_texts, write_batch
 
@@ -57,7 +57,9 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
     states_bytes = merged["states"].nbytes
 
     def geomap_write():
-        con = _store(loaded, _fresh(folder, "w.duckdb"))
+        path = _fresh(folder, "w.duckdb")
+        con = _store(loaded, path)
+        defer_checkpoints(con, path)  # as ingest sets its connection up
         for start in range(0, len(items), 8):
             write_batch(con, 1, "float32", items[start:start + 8], vocab)
         con.execute("CHECKPOINT")
@@ -119,6 +121,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
         b = time.perf_counter()
         path = _fresh(folder, "s.duckdb")
         con = _store(loaded, path)
+        defer_checkpoints(con, path)
         vocab = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
         identity = model_identity(loaded)
         items = [(PromptSpec(t), prompt_key(identity, config.to_json(), t), j) for t, j in zip(texts, journeys)]

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from geomap.errors import GeomapError
 from geomap.serve.jobs import JobRunner
 from geomap.serve.security import LOOPBACK_NAMES, BodyTooLarge, Perimeter
-from geomap.store.db import StoreError, connect, ensure_schema, release_store, serve_store
+from geomap.store.db import WRITE_CHECKPOINT_THRESHOLD, StoreError, connect, ensure_schema, release_store, serve_store
 from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, sql_connection_config
 
 log = logging.getLogger("geomap.serve")
@@ -137,7 +137,7 @@ class Server:
 
     def start(self) -> None:
         """Open the store as this process's served instance and start the job worker."""
-        serve_store(self.db_path, sql_connection_config())
+        serve_store(self.db_path, {**sql_connection_config(), "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD})
         con = connect(self.db_path)
         try:
             ensure_schema(con)

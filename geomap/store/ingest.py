@@ -21,7 +21,7 @@ from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
 from geomap.capture.tokens import describe_tokens
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, ensure_schema
+from geomap.store.db import connect, defer_checkpoints, ensure_schema
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
 
 
@@ -115,6 +115,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     db_path = Path(db_path)
     con = connect(db_path)
     try:
+        defer_checkpoints(con, db_path)
         ensure_schema(con, loaded.anatomy.d_model)
         ensure_vocab(con, loaded)
         texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
