@@ -115,7 +115,7 @@ def sql_figures(db_path: Path, repeats: int = 30) -> list[Figure]:
                note="the trajectory view (every position and layer of one prompt, with the lens top-1 token's text) "
                     "on an open store, in a READ ONLY transaction, as geomap serve runs it"),
         judged("SQL fetch of one trajectory without token text, p50", median(lat["bare"]) * 1e3, "ms",
-               note="states joined to lens_stats only: the view's extra time is its join to the vocabulary table"),
+               note="states joined to lens_stats, without the token text"),
         judged("geomap sql fetch of one trajectory, p50", median(lat["cold"]) * 1e3, "ms",
                note="a fresh locked-down connection per query, as the CLI does"),
     ]
