@@ -37,12 +37,23 @@ def _store(loaded, path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _items(loaded, config: CaptureConfig, texts: list[str], journeys: list) -> list[tuple]:
+    """``(spec, key, journey)`` per prompt, keyed as ingest keys them."""
+    identity = model_identity(loaded)
+    return [(PromptSpec(t), prompt_key(identity, config.to_json(), t), j) for t, j in zip(texts, journeys)]
+
+
+def _write(con, items: list[tuple], vocab) -> None:
+    """Write ``items`` with geomap's batch writer in batches of 8 (one transaction each), as ingest does."""
+    for start in range(0, len(items), 8):
+        write_batch(con, 1, "float32", items[start:start + 8], vocab)
+
+
 def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[Figure]:
     """The batch writer of geomap against a bare Arrow insert of the same tables and an fsync'd write of their bytes."""
     config = CaptureConfig()
     journeys = [j for _, j in iter_capture(loaded, texts, config, 8)]
-    identity = model_identity(loaded)
-    items = [(PromptSpec(t), prompt_key(identity, config.to_json(), t), j) for t, j in zip(texts, journeys)]
+    items = _items(loaded, config, texts, journeys)
     tables: dict[str, list[pa.Table]] = {}
     con = _store(loaded, _fresh(folder, "w.duckdb"))
     vocab = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)  # as ingest reads it once per run
@@ -60,8 +71,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
         path = _fresh(folder, "w.duckdb")
         con = _store(loaded, path)
         defer_checkpoints(con, path)  # as ingest sets its connection up
-        for start in range(0, len(items), 8):
-            write_batch(con, 1, "float32", items[start:start + 8], vocab)
+        _write(con, items, vocab)
         con.execute("CHECKPOINT")
         con.close()
 
@@ -122,11 +132,8 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
         path = _fresh(folder, "s.duckdb")
         con = _store(loaded, path)
         defer_checkpoints(con, path)
-        vocab = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
-        identity = model_identity(loaded)
-        items = [(PromptSpec(t), prompt_key(identity, config.to_json(), t), j) for t, j in zip(texts, journeys)]
-        for start in range(0, len(items), 8):
-            write_batch(con, 1, "float32", items[start:start + 8], vocab)
+        _write(con, _items(loaded, config, texts, journeys),
+               vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size))
         c = time.perf_counter()
         sync_state_indexes(con, path)
         con.close()

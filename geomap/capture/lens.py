@@ -35,24 +35,27 @@ _COMPILE_FROM = 1 << 24  # rows × vocabulary from which the block statistics ru
 log = logging.getLogger(__name__)
 
 
+def _centred_exp(z: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The new running maximum m' of rows ``z`` (n, b) over ``m`` (n,), z − m' (clamped) and e = e^(z − m')."""
+    new_m = torch.maximum(m, z.amax(-1))
+    centred = (z - new_m[:, None]).clamp_min(_FLOOR)  # e^-80 stays a normal float: denormals slow exp ~40x
+    return new_m, centred, centred.exp()
+
+
 def _block_stats(z: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One vocabulary block ``z`` (n, b) against the running maximum ``m`` (n,).
 
     Returns:
         The new maximum m' and, over the block, Σ e and Σ e·(z − m') with e = e^(z − m') (float32).
     """
-    new_m = torch.maximum(m, z.amax(-1))
-    centred = (z - new_m[:, None]).clamp_min(_FLOOR)  # e^-80 stays a normal float: denormals slow exp ~40x
-    e = centred.exp()
+    new_m, centred, e = _centred_exp(z, m)
     return new_m, e.sum(-1), (e * centred).sum(-1)
 
 
 def _block_stats_ref(z: torch.Tensor, m: torch.Tensor, refs: torch.Tensor, owner: torch.Tensor,
                      threshold: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`_block_stats`, plus Σ e·(z − r) against each row's reference row ``refs[owner]`` and #{z > threshold}."""
-    new_m = torch.maximum(m, z.amax(-1))
-    centred = (z - new_m[:, None]).clamp_min(_FLOOR)
-    e = centred.exp()
+    new_m, centred, e = _centred_exp(z, m)
     gap = z - refs.index_select(0, owner)  # z − r, small where the lens agrees with the final layer
     return new_m, e.sum(-1), (e * centred).sum(-1), (e * gap).sum(-1), (z > threshold[:, None]).sum(-1)
 
@@ -105,7 +108,7 @@ class Unembed:
         self.norm = anatomy.final_norm
         self.head = anatomy.unembed
         self.softcap = anatomy.final_logit_softcap
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._work: torch.Tensor | None = None  # the reused float32 buffer of a block's logits
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -166,15 +169,11 @@ class Unembed:
     def _normed(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h.to(self.head.weight.dtype))
 
-    def _block(self, x: torch.Tensor, start: int, stop: int, name: str) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Logits of normed rows ``x`` for vocabulary rows ``start:stop``, float32 (in a reused buffer)."""
         weight = self.head.weight[start:stop]
-        if weight.dtype == torch.float32:
-            out = self._buffer(name, x.shape[0], stop - start, x.device)
-            torch.mm(x, weight.t(), out=out)
-        else:
-            out = torch.nn.functional.linear(x, weight).float()
-        return self._finish(out, slice(start, stop))
+        out = self._buffer(x.shape[0], stop - start, x.device) if weight.dtype == torch.float32 else None
+        return self._finish(_gemm(x, weight, out), slice(start, stop))
 
     def _finish(self, raw: torch.Tensor, columns) -> torch.Tensor:
         """Add the head's bias for vocabulary ``columns`` and apply the softcap, in place on float32 ``raw``."""
@@ -185,12 +184,11 @@ class Unembed:
             raw.div_(self.softcap).tanh_().mul_(self.softcap)
         return raw
 
-    def _buffer(self, name: str, rows: int, cols: int, device) -> torch.Tensor:
-        """A reusable float32 work buffer of at least ``rows × cols``."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < rows * cols or buf.device != device:
-            buf = self._buffers[name] = torch.empty(rows * cols, device=device)
-        return buf[: rows * cols].view(rows, cols)
+    def _buffer(self, rows: int, cols: int, device) -> torch.Tensor:
+        """The reused float32 work buffer, viewed as ``rows × cols`` (grown when too small)."""
+        if self._work is None or self._work.numel() < rows * cols or self._work.device != device:
+            self._work = torch.empty(rows * cols, device=device)
+        return self._work[: rows * cols].view(rows, cols)
 
     def _scan(self, x: torch.Tensor, top_k: int, ref_x: torch.Tensor | None = None,
               owner: torch.Tensor | None = None, ref_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -211,8 +209,7 @@ class Unembed:
             # The reference token's logit by the same GEMM kernel as the blocks (a row-wise dot rounds differently
             # and would shift near-tied ranks): one column per distinct reference token.
             distinct, which = torch.unique(ref_ids, return_inverse=True)
-            own_logits = torch.mm(x, self.head.weight[distinct].t()).float() if x.dtype == torch.float32 else \
-                torch.nn.functional.linear(x, self.head.weight[distinct]).float()
+            own_logits = _gemm(x, self.head.weight[distinct])
             threshold = self._finish(own_logits[torch.arange(n, device=x.device), which].contiguous(), ref_ids)
             above = torch.zeros(n, dtype=torch.long, device=x.device)
             chosen = torch.zeros(n, device=x.device)
@@ -222,7 +219,7 @@ class Unembed:
         stats = _KERNELS.get("plain" if ref_x is None else "ref", n * vocab)
         for start in range(0, vocab, step):
             stop = min(vocab, start + step)
-            zz = self._block(both, start, stop, "z")
+            zz = self._block(both, start, stop)
             z = zz[n_ref:]
             if ref_x is None:
                 new_m, s_block, q_block = stats(z, m)
@@ -259,6 +256,13 @@ class Unembed:
         if ref_x is not None:
             got.update(p_gap=(diff / s).float(), rank=1 + above, prob=torch.exp(chosen - lse))
         return got
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` as float32; a float32 weight goes through ``torch.mm`` (into ``out`` when given)."""
+    if weight.dtype == torch.float32:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.nn.functional.linear(x, weight).float()
 
 
 def _append(parts: dict[str, list], got: dict[str, torch.Tensor]) -> None:
