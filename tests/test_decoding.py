@@ -120,7 +120,7 @@ def test_stored_logits_decide_like_transformers_and_decisions_are_stored(name, t
 
     from geomap.analysis import load
     from geomap.analysis.api import decode
-    from geomap.store.ingest import ingest
+    from geomap.ingest.engine import ingest
     from geomap.store.writer import PromptSpec
 
     model = request.getfixturevalue("real") if name == "real" else tiny_models[name]

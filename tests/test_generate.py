@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from geomap.analysis.api import generate
 from geomap.analysis.decoding import Strategy
 from geomap.analysis.generate import generate_tokens
+from geomap.ingest.generation import generate
 from tests.storedb import rows
 
 PROMPT = "The storm is"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from geomap.analysis.api import attribute, geometry
-from geomap.store.ingest import ingest
+from geomap.ingest.engine import ingest
 from geomap.store.writer import PromptSpec
 from tests.tiny import ARCHS
 

@@ -10,7 +10,7 @@ from geomap.analysis.maps import project
 from geomap.analysis.position import rope_angles, rotate
 from geomap.analysis.positions_api import position
 from geomap.capture import CaptureConfig
-from geomap.store.ingest import ingest
+from geomap.ingest.engine import ingest
 from geomap.store.writer import PromptSpec
 from tests.storedb import rows
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geomap.analysis.api import decode, generate
+from geomap.analysis.api import decode
 from geomap.analysis.decoding import Strategy
 from geomap.capture import CaptureConfig
+from geomap.ingest.engine import ingest
+from geomap.ingest.generation import generate
 from geomap.report.api import journey_report
 from geomap.report.render import showtok
-from geomap.store.ingest import ingest
 from geomap.store.writer import PromptSpec
 from tests.storedb import rows
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from geomap.capture import CaptureConfig, capture
+from geomap.ingest.engine import ingest
 from geomap.store.codec import decode_bf16, encode_bf16, from_blob
 from geomap.store.db import StoreLockedError, connect, ensure_schema
-from geomap.store.ingest import ingest
 from geomap.store.writer import PromptSpec, write_batch
 
 PROMPTS = ["The storm is", "Paris", "def add(a, b):", ""]
@@ -157,7 +157,7 @@ def test_older_store_gains_the_top1_token_column(llama, tmp_path):
 
 def test_write_batch_without_vocab_texts_takes_them_from_the_store(llama, tmp_path):
     """The generation path writes without the run's vocabulary array: the text comes from the stored vocab."""
-    from geomap.store.ingest import ensure_vocab
+    from geomap.ingest.runs import ensure_vocab
 
     (j,) = capture(llama, ["The storm is"], ALL)
     con = connect(tmp_path / "s.duckdb")

@@ -8,7 +8,7 @@ import pytest
 
 from geomap.analysis.tuned_api import tuned_lens
 from geomap.capture import CaptureConfig
-from geomap.store.ingest import ingest
+from geomap.ingest.engine import ingest
 from geomap.store.writer import PromptSpec
 
 PROMPTS = [f"Prompt number {i} says the storm is coming over hill {i * 7}" for i in range(10)]

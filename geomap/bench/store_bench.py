@@ -16,8 +16,9 @@ import pyarrow as pa
 from geomap.bench.core import Figure, judged, median, median_ratio, rounds
 from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
+from geomap.ingest.engine import ingest
+from geomap.ingest.runs import ensure_vocab, model_identity
 from geomap.store.db import connect, defer_checkpoints, ensure_schema, index_dir
-from geomap.store.ingest import ensure_vocab, ingest, model_identity
 from geomap.store.writer import PromptSpec, journey_tables, prompt_key, vocab_texts, write_batch
 
 
@@ -210,7 +211,7 @@ def _sizes(loaded, texts: list[str], folder: Path, n_tokens: int) -> list[Figure
 MEMORY_SCRIPT = """
 import json, sys, threading, time
 from geomap.models import load_model
-from geomap.store.ingest import ingest
+from geomap.ingest.engine import ingest
 from geomap.store.writer import PromptSpec
 from geomap.capture import CaptureConfig
 

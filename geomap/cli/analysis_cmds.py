@@ -82,8 +82,8 @@ def decode(prompt_id: int, pos: int | None, temperature, top_k, top_p, min_p, se
 def generate(text: str, max_new_tokens: int, temperature, top_k, top_p, min_p, seed, model_name, device,
              db: Path | None, as_json: bool) -> None:
     """Generate after TEXT, storing the generation (linked to TEXT's prompt row) and each step's decision."""
-    from geomap.analysis.api import generate as run
     from geomap.cli import _quiet_transformers
+    from geomap.ingest.generation import generate as run
     from geomap.models import load_model
 
     strategy = make_strategy(temperature, top_k, top_p, min_p, seed)

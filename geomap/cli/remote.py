@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from geomap.ingest.runs import RunSummary
 from geomap.serve.client import Client, find_server
-from geomap.store.ingest import RunSummary
 
 
 def server_for(db_path: Path) -> Client | None:

@@ -50,7 +50,11 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
         _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))
         return
     _quiet_transformers()
-    done = journey_report(_db(db), prompt_id, text, out, single_file, pos=pos)
+    if prompt_id is None:
+        from geomap.ingest.engine import store_text
+
+        prompt_id = store_text(_db(db), text)
+    done = journey_report(_db(db), prompt_id, out, single_file, pos=pos)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
 
 

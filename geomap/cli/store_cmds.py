@@ -19,7 +19,7 @@ def _db(db: Path | None) -> Path:
 
 
 def _report(summary, as_json: bool) -> None:
-    from geomap.store.ingest import summary_json
+    from geomap.ingest.runs import summary_json
 
     if as_json:
         click.echo(summary_json(summary))
@@ -39,9 +39,9 @@ def _report(summary, as_json: bool) -> None:
 def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool) -> None:
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
     from geomap.cli import _quiet_transformers
+    from geomap.ingest.engine import ingest
+    from geomap.ingest.pipeline import load_pipeline
     from geomap.models import load_model
-    from geomap.store.ingest import ingest
-    from geomap.store.pipeline import load_pipeline
 
     pipe = load_pipeline(pipeline_file)
     prompts = pipe.prompts()
@@ -67,8 +67,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
     if pipe.reports and not no_reports:
+        from geomap.ingest.runs import model_identity
         from geomap.report.api import pipeline_reports
-        from geomap.store.ingest import model_identity
         from geomap.store.writer import prompt_key
 
         keys = [prompt_key(model_identity(loaded), pipe.capture.to_json(), spec.text) for spec in prompts]
@@ -91,9 +91,9 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc."""
     from geomap.capture import CaptureConfig
     from geomap.cli import _quiet_transformers
+    from geomap.ingest.engine import ingest as run_ingest
+    from geomap.ingest.sources import read_source
     from geomap.models import DEFAULT_MODEL, load_model
-    from geomap.store.ingest import ingest as run_ingest
-    from geomap.store.sources import read_source
 
     prompts = [spec for path in files for spec in read_source(path)]
     config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)

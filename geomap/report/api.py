@@ -24,39 +24,22 @@ class Report:
                 f'srcdoc="{html.escape(self.html, quote=True)}"></iframe>')
 
 
-def store_text(db_path: str | Path, text: str, loaded=None) -> int:
-    """Store ``text`` (attention and lens at every position) if it is not stored yet; return its prompt id."""
-    from geomap.capture import CaptureConfig
-    from geomap.models import load_model
-    from geomap.store.db import connect
-    from geomap.store.ingest import ingest, model_identity
-    from geomap.store.writer import PromptSpec, prompt_key
-
-    loaded = loaded or load_model()
-    config = CaptureConfig(attn_positions="all", lens_positions="all")
-    ingest(loaded, [PromptSpec(text)], db_path, config, progress=False)
-    key = prompt_key(model_identity(loaded), config.to_json(), text)
-    con = connect(db_path, read_only=True)
-    try:
-        return int(con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()[0][0])
-    finally:
-        con.close()
-
-
 def page_name(prompt_id: int, pos: int | None = None) -> str:
     """``journey-<id>.html`` for a prompt's last token, ``journey-<id>-p<pos>.html`` for another position."""
     return f"journey-{prompt_id}.html" if pos is None else f"journey-{prompt_id}-p{pos}.html"
 
 
-def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str | None = None,
+def journey_report(db_path: str | Path, prompt_id: int,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
                    write: bool = True, pos: int | None = None, linked: bool = True) -> Report:
-    """The journey report of a stored prompt's token (default its last; or of ``text``, stored first).
+    """The journey report of a stored prompt's token (default its last).
+
+    The report stage reads the store only: to report on a new text, store it first
+    (`geomap.ingest.engine.store_text`).
 
     Args:
         db_path: The store.
-        prompt_id: A stored prompt, or None with ``text``.
-        text: A prompt to store (attention and lens at every position) and report on.
+        prompt_id: A stored prompt.
         out: The HTML file (default ``reports/journey-<id>.html``).
         single_file: Inline the stylesheet and script instead of linking ``assets/`` beside the page.
         loaded: The model (loaded by name when None).
@@ -64,13 +47,8 @@ def journey_report(db_path: str | Path, prompt_id: int | None = None, text: str 
         pos: The token's position (default: the last).
         linked: Also write the missing pages of the generation steps the page links to.
     """
-    from geomap.report.data import journey_data
-
-    if (prompt_id is None) == (text is None):
-        raise ValueError("Give exactly one of a prompt id or a text.")
-    if prompt_id is None:
-        prompt_id = store_text(db_path, text, loaded)
     from geomap.analysis.api import model_for_prompt
+    from geomap.report.data import journey_data
 
     loaded = model_for_prompt(db_path, prompt_id, loaded)
     data = journey_data(db_path, prompt_id, loaded, pos=pos)

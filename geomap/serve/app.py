@@ -119,7 +119,7 @@ class Server:
         return self.model_for_run(int(found[0]["run_id"]))
 
     def _reserve(self, pipeline: str) -> int:
-        from geomap.store.ingest import reserve_run
+        from geomap.ingest.runs import reserve_run
 
         con = connect(self.db_path)
         try:

@@ -31,7 +31,7 @@ class JobSpec:
 
 @dataclass
 class Job:
-    """A job's state, as ``GET /runs/{id}`` shows it (progress keys follow `geomap.store.ingest.ingest`)."""
+    """A job's state, as ``GET /runs/{id}`` shows it (progress keys follow `geomap.ingest.engine.ingest`)."""
 
     run_id: int
     spec: JobSpec
@@ -92,8 +92,8 @@ class JobRunner:
 
     def _stored(self, loaded, spec: JobSpec) -> list[list[int]]:
         """``[prompt id, run id]`` of every prompt of the job now in the store (new or stored before)."""
+        from geomap.ingest.runs import model_identity
         from geomap.store.db import connect
-        from geomap.store.ingest import model_identity
         from geomap.store.writer import prompt_key
 
         keys = [prompt_key(model_identity(loaded), spec.capture.to_json(), p.text) for p in spec.prompts]
@@ -105,7 +105,7 @@ class JobRunner:
             con.close()
 
     def _work(self) -> None:
-        from geomap.store.ingest import ingest
+        from geomap.ingest.engine import ingest
 
         while (job := self._queue.get()) is not None:
             job.status, job.started = "running", time.time()

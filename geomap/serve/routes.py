@@ -85,8 +85,8 @@ class RunRequest(BaseModel):
 
 def _job_spec(server, body: RunRequest):
     from geomap.capture.config import CaptureConfig
+    from geomap.ingest.pipeline import load_pipeline
     from geomap.serve.jobs import JobSpec
-    from geomap.store.pipeline import load_pipeline
     from geomap.store.writer import PromptSpec
 
     if body.pipeline is not None:

@@ -7,84 +7,18 @@ DuckDB at the end of every run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
-from geomap.capture.tokens import describe_tokens
+from geomap.ingest.runs import RunSummary, ensure_vocab, model_identity, start_run
 from geomap.models.loading import LoadedModel
 from geomap.store.db import connect, defer_checkpoints, ensure_schema
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What one ingestion run did."""
-
-    run_id: int
-    stored: int
-    skipped: int
-    failed: int
-    tokens: int
-    seconds: float
-    failures: tuple[str, ...]
-
-
-def model_identity(loaded: LoadedModel) -> str:
-    """The model part of a prompt key: architecture and weights hash (not the path it was loaded from)."""
-    return f"{loaded.anatomy.model_type}:{loaded.weights_hash}"
-
-
-def ensure_vocab(con, loaded: LoadedModel) -> None:
-    """Store the model's vocabulary (id, display text, raw bytes) once per weights hash."""
-    sha = loaded.weights_hash
-    if con.execute("SELECT count(*) FROM vocab WHERE weights_sha256 = ?", [sha]).fetchall()[0][0]:
-        return
-    ids = np.arange(loaded.anatomy.vocab_size, dtype=np.int64)
-    tokens = describe_tokens(loaded.tokenizer, ids[ids < len(loaded.tokenizer)])
-    n = len(tokens)
-    table = pa.table({"weights_sha256": pa.array([sha] * n), "token_id": pa.array(tokens.ids.astype(np.int32)),
-                      "text": pa.array(list(tokens.texts)), "raw": pa.array(list(tokens.raw), pa.binary()),
-                      "special": pa.array(tokens.special)})
-    con.register("_geomap_vocab", table)
-    con.execute("INSERT INTO vocab SELECT * FROM _geomap_vocab")
-    con.unregister("_geomap_vocab")
-    a = loaded.anatomy
-    names = [*a.spec.layer_norms, "final_norm"]
-    con.executemany("INSERT OR IGNORE INTO norm_names VALUES (?, ?, ?)",
-                    [(a.model_type, i, name) for i, name in enumerate(names)])
-
-
-def reserve_run(con, pipeline: str) -> int:
-    """Insert a ``queued`` run row (filled in when its ingestion starts) and return its id."""
-    run_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM runs").fetchall()[0][0]
-    con.execute("INSERT INTO runs (id, started_at, status, pipeline) VALUES (?, now(), 'queued', ?)",
-                [run_id, pipeline])
-    return int(run_id)
-
-
-def _start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str,
-               run_id: int | None = None) -> int:
-    con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")  # we hold the write lock
-    if run_id is None:
-        run_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM runs").fetchall()[0][0]
-    else:
-        con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued'", [run_id])
-    a = loaded.anatomy
-    con.execute(
-        "INSERT INTO runs VALUES (?, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-        [run_id, loaded.name, a.model_type, loaded.weights_hash, str(loaded.dtype).removeprefix("torch."),
-         vector_dtype, config.to_json(), pipeline, a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim,
-         a.vocab_size])
-    return run_id
 
 
 def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Path,
@@ -127,7 +61,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             if key not in seen:
                 todo.append((spec, key))
                 seen.add(key)
-        run_id = _start_run(con, loaded, config, vector_dtype, pipeline, run_id)
+        run_id = start_run(con, loaded, config, vector_dtype, pipeline, run_id)
         done = failed = n_tokens = 0
         failures = []
 
@@ -170,6 +104,19 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
         con.close()
 
 
-def summary_json(summary: RunSummary) -> str:
-    """A run summary as JSON."""
-    return json.dumps(summary.__dict__)
+def store_text(db_path: str | Path, text: str, loaded: LoadedModel | None = None) -> int:
+    """Store ``text`` with attention and lens at every position (unless stored already); return its prompt id.
+
+    This is how a report of an ad-hoc text gets its data: the ingestion stage captures, the report reads.
+    """
+    from geomap.models import load_model
+
+    loaded = loaded or load_model()
+    config = CaptureConfig(attn_positions="all", lens_positions="all")
+    ingest(loaded, [PromptSpec(text)], db_path, config, progress=False)
+    key = prompt_key(model_identity(loaded), config.to_json(), text)
+    con = connect(db_path, read_only=True)
+    try:
+        return int(con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()[0][0])
+    finally:
+        con.close()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
+from geomap.ingest.sources import read_source
 from geomap.models.presets import DEFAULT_MODEL
-from geomap.store.sources import read_source
 from geomap.store.writer import PromptSpec
 
 VECTOR_DTYPES = ("float32", "bfloat16")
