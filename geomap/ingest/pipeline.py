@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
+from geomap.ingest.engine_config import EngineConfig, parse_engine
 from geomap.ingest.sources import read_source
 from geomap.models.presets import DEFAULT_MODEL
 from geomap.store.writer import PromptSpec
@@ -29,6 +30,7 @@ class Pipeline:
         sources: ``(path, format or None, tags)`` per source; paths relative to the pipeline file.
         reports: Folder for HTML reports written after the run (a journey report per prompt, the run report and
             ``index.html``), or None for none.
+        engine: How the run is executed (the ``[engine]`` table: inline, or on Ray).
     """
 
     name: str
@@ -39,6 +41,7 @@ class Pipeline:
     vector_dtype: str
     sources: tuple[tuple[Path, str | None, tuple[str, ...]], ...]
     reports: Path | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def prompts(self) -> list[PromptSpec]:
         """Read every source, in order."""
@@ -60,7 +63,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
-    known = {"name", "model", "store", "batch_size", "capture", "sources", "reports"}
+    known = {"name", "model", "store", "batch_size", "capture", "sources", "reports", "engine"}
     if unknown := set(data) - known:
         raise GeomapError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     cap = dict(data.get("capture", {}))
@@ -90,4 +93,5 @@ def load_pipeline(path: str | Path) -> Pipeline:
     return Pipeline(name=str(data.get("name", path.stem)), model=str(data.get("model", DEFAULT_MODEL)),
                     store=Path(data.get("store", "data/geomap.duckdb")), batch_size=batch, capture=capture,
                     vector_dtype=vector_dtype, sources=tuple(sources),
-                    reports=Path(data["reports"]) if data.get("reports") else None)
+                    reports=Path(data["reports"]) if data.get("reports") else None,
+                    engine=parse_engine(data.get("engine"), str(path)))

@@ -1,0 +1,255 @@
+"""Ingestion on Ray: the prompts as a Ray Dataset, a pool of model actors, and this process as the one writer.
+
+The driver (this process) keys the prompts, skips those already stored, and streams the rest through Ray Data's
+``map_batches`` onto a fixed pool of `CaptureWorker` actors (one per GPU, or CPU actors with a thread budget),
+each loading the model once. Each batch comes back as one part that the driver merges into DuckDB in one
+transaction, as it arrives, in prompt order; FAISS indexes catch up after the last merge, as inline.
+
+Fault tolerance is Ray's: a worker whose process dies is restarted (``max_restarts``) and the batches it held are
+retried (``max_task_retries``). A driver that dies loses only the parts it had not merged: the same command
+skips every stored key and captures the rest. A part whose keys are already stored is not merged again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from geomap.capture.config import CaptureConfig
+from geomap.errors import GeomapError
+from geomap.ingest.engine import pending_prompts
+from geomap.ingest.engine_config import EngineConfig
+from geomap.ingest.ray_worker import CaptureWorker, prompt_table, read_part
+from geomap.ingest.runs import RunSummary, ensure_vocab, model_identity, start_run
+from geomap.store.db import connect, defer_checkpoints, ensure_schema
+from geomap.store.writer import PromptSpec, vocab_texts, write_batch
+
+INSTALL_HINT = "pip install 'geomap[ray]'"
+
+
+class RayMissingError(GeomapError):
+    """The Ray engine was asked for, but Ray is not installed."""
+
+
+def require_ray():
+    """Import Ray (and Ray Data), or raise `RayMissingError` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RayMissingError(f"the Ray engine needs Ray, which is not installed here: {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many model replicas run, and what each one holds."""
+
+    workers: int
+    device: str
+    num_cpus: float
+    num_gpus: float
+    threads: int | None
+
+
+def plan_workers(engine: EngineConfig, resources: dict, device: str | None = None) -> WorkerPlan:
+    """Size the actor pool from the cluster's resources: one actor per GPU, else CPU actors sharing the cores.
+
+    Raises:
+        GeomapError: More GPU workers than the cluster has GPUs, or a CUDA device on a cluster without GPUs.
+    """
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    device = device or ("cuda" if gpus else "cpu")
+    if device.startswith("cuda"):
+        workers = engine.workers or gpus
+        if workers > gpus:
+            raise GeomapError(f"{workers} GPU workers asked for, but the Ray cluster has {gpus} GPUs; use --workers "
+                              f"{gpus} or --device cpu" if gpus else "no GPU in the Ray cluster; use --device cpu")
+        return WorkerPlan(workers, device, 1.0, 1.0, engine.threads)
+    workers = engine.workers or max(1, cpus // 2)
+    threads = engine.threads or max(1, cpus // workers)
+    return WorkerPlan(workers, device, min(float(threads), cpus / workers), 0.0, threads)
+
+
+def _start_ray(ray, engine: EngineConfig) -> bool:
+    """Join ``engine.address``, or start Ray locally with this machine's cores; returns whether we started it."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    try:
+        if engine.address:
+            ray.init(address=engine.address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)  # never a cluster it happens to find
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = engine.address or "this machine"
+        raise GeomapError(f"cannot start or join Ray at {where}: {str(exc).splitlines()[0]}") from None
+    return True
+
+
+def _quiet_data(ray) -> None:
+    """Ray Data without its own progress bars, in input order (so prompt ids follow the input, as inline)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _workers_alive(ray) -> int | None:
+    """Capture actors of this job that are alive now (None when Ray cannot say)."""
+    try:
+        from ray._private.state import actors
+
+        job = ray.get_runtime_context().get_job_id()
+        return sum(1 for a in actors().values() if a.get("State") == "ALIVE" and a.get("JobID") == job
+                   and "CaptureWorker" in str(a.get("ActorClassName", "")) + str(a.get("Name", "")))
+    except Exception:  # noqa: BLE001 (a progress figure, never a reason to fail a run)
+        return None
+
+
+def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, config: CaptureConfig | None = None,
+               vector_dtype: str = "float32", batch_size: int = 8, pipeline: str = "ingest",
+               engine: EngineConfig | None = None, device: str | None = None, dtype: str | None = None,
+               progress: bool = True, index: bool = True,
+               on_progress: Callable[[dict], None] | None = None) -> RunSummary:
+    """Capture and store prompts with Ray workers; the same store as `geomap.ingest.engine.ingest` makes.
+
+    Args:
+        model: Preset, local model directory or hub id (every worker loads it; this process reads only its
+            config, tokenizer and weights hash).
+        prompts: Prompts with their provenance.
+        db_path: The store's DuckDB file (created if missing); this process is its only writer.
+        config: Capture options.
+        vector_dtype: ``"float32"`` or ``"bfloat16"``.
+        batch_size: Prompts per forward pass, per Ray task and per merge.
+        pipeline: Name recorded on the run.
+        engine: Ray address, worker count, threads and retry budget.
+        device: The workers' device (default CUDA when the cluster has GPUs, else CPU).
+        dtype: The workers' weights dtype.
+        progress: Show a progress bar (prompts done, tokens/s, workers alive) on stderr.
+        index: Bring the FAISS indexes up to date at the end.
+        on_progress: Called after every merged part (and once at the start) with ``run_id, total, stored,
+            skipped, failed, tokens, workers``.
+
+    Returns:
+        A summary of the run.
+
+    Raises:
+        RayMissingError: Ray is not installed.
+    """
+    from geomap.models.skeleton import skeleton_model
+
+    ray = require_ray()
+    config, engine = config or CaptureConfig(), engine or EngineConfig(kind="ray")
+    start = time.perf_counter()
+    started = _start_ray(ray, engine)
+    try:
+        plan = plan_workers(engine, ray.cluster_resources(), device)
+        skeleton = skeleton_model(model, plan.device, dtype)
+        db_path = Path(db_path)
+        con = connect(db_path)
+        try:
+            defer_checkpoints(con, db_path)
+            ensure_schema(con, skeleton.anatomy.d_model)
+            ensure_vocab(con, skeleton)
+            texts = vocab_texts(con, skeleton.weights_hash, skeleton.anatomy.vocab_size)
+            keyed, todo = pending_prompts(con, model_identity(skeleton), config.to_json(), prompts)
+            run_id = start_run(con, skeleton, config, vector_dtype, pipeline)
+            merger = _Merger(con, run_id, vector_dtype, texts, len(keyed) - len(todo), len(todo), on_progress)
+            if todo:
+                _quiet_data(ray)
+                parts = _dataset(ray, todo, model, plan, engine, dtype, config, batch_size)
+                merger.consume(ray, parts, progress, start)
+            if index:
+                from geomap.store.vectors import sync_state_indexes
+
+                sync_state_indexes(con, db_path)
+            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
+            return merger.summary(time.perf_counter() - start)
+        finally:
+            con.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtype: str | None,
+             config: CaptureConfig, batch_size: int):
+    """The prompts as a Ray Dataset (one block per batch), mapped onto the actor pool; yields one row per part."""
+    table = prompt_table(todo)
+    blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter yet for an actor's restart and retry budget
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.data.from_arrow(blocks).map_batches(
+            CaptureWorker, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+            fn_constructor_kwargs={"model": model, "device": plan.device, "dtype": dtype, "threads": plan.threads,
+                                   "config": config, "batch_size": batch_size},
+            compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus or None, max_restarts=engine.max_restarts,
+            max_task_retries=engine.max_task_retries)
+
+
+class _Merger:
+    """The driver's side: merge parts as they arrive, count, and show progress."""
+
+    def __init__(self, con, run_id: int, vector_dtype: str, texts, skipped: int, total: int,
+                 on_progress: Callable[[dict], None] | None):
+        self.con, self.run_id, self.vector_dtype, self.texts = con, run_id, vector_dtype, texts
+        self.skipped, self.total, self.on_progress = skipped, total, on_progress
+        self.done = self.failed = self.tokens = 0
+        self.failures: list[str] = []
+        self.workers: int | None = None
+        self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress({"run_id": self.run_id, "total": self.total, "stored": self.done,
+                              "skipped": self.skipped, "failed": self.failed, "tokens": self.tokens,
+                              "workers": self.workers})
+
+    def merge(self, part: bytes) -> int:
+        """Store one part in one transaction, leaving out any key already stored; returns the prompts it held."""
+        items = read_part(part)
+        keys = [key for _, key, _ in items]
+        stored = {r[0] for r in self.con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
+                                                 [keys]).fetchall()}
+        fresh = [item for item in items if item[1] not in stored]
+        if fresh:
+            counts = write_batch(self.con, self.run_id, self.vector_dtype, fresh, self.texts)
+            for spec, _, result in fresh:
+                if reason := counts["errors"].get(spec.text):
+                    self.failed += 1
+                    self.failures.append(f"{spec.text[:40]!r}: {reason}")
+                else:
+                    self.done += 1
+                    self.tokens += len(result.tokens)
+        return len(items)
+
+    def consume(self, ray, parts, progress: bool, start: float) -> None:
+        """Merge every part of the dataset as it arrives, with a progress bar."""
+        bar = tqdm(total=self.total, unit="prompt", disable=not progress, desc=f"run {self.run_id} (ray)",
+                   dynamic_ncols=True)
+        checked = 0.0
+        try:
+            for row in parts.iter_rows():
+                bar.update(self.merge(row["part"]))
+                if time.perf_counter() - checked > 1.0:
+                    self.workers, checked = _workers_alive(ray), time.perf_counter()
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}", workers="?" if self.workers is None
+                                else self.workers)
+                self._report()
+        finally:
+            bar.close()
+
+    def summary(self, seconds: float) -> RunSummary:
+        return RunSummary(self.run_id, self.done, self.skipped, self.failed, self.tokens, seconds,
+                          tuple(self.failures))
