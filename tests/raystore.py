@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import numpy as np
 
@@ -44,3 +46,29 @@ def assert_same_store(got: dict, want: dict) -> None:
     assert np.abs(a - b).max() <= MAX_REL_ERR * np.abs(b).max()
     n = got["counts"]["states"]
     assert got["state_ids"] == (1, n, n)  # contiguous ids: nothing merged twice, nothing lost
+
+
+def capture_worker_pids(root: int) -> list[int]:
+    """Processes of Ray capture actors that descend from process ``root`` (their title names them)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if title.startswith("ray::MapWorker") and "CaptureWorker" in title and _descends(int(entry.name), root):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False

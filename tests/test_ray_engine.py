@@ -14,7 +14,7 @@ from geomap.ingest.engine_config import EngineConfig
 from geomap.store.db import connect
 from geomap.store.vectors import verify_indexes
 from geomap.store.writer import PromptSpec
-from tests.raystore import PROMPTS, assert_same_store, snapshot
+from tests.raystore import PROMPTS, assert_same_store, capture_worker_pids, snapshot
 
 ray = pytest.importorskip("ray")
 
@@ -45,32 +45,6 @@ def _ray_run(model_dir: Path, db: Path, **kwargs):
                       engine=EngineConfig(kind="ray", workers=2, threads=1), **kwargs)
 
 
-def _worker_pids() -> list[int]:
-    """Processes of this session's capture actors (descendants of this process whose title names them)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if title.startswith("ray::MapWorker") and "CaptureWorker" in title and _descends(int(entry.name)):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _descends(pid: int) -> bool:
-    while pid > 1:
-        if pid == os.getpid():
-            return True
-        try:
-            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
 def test_ray_run_stores_what_the_inline_run_stores(local_ray, tiny_dirs, inline_store, tmp_path):
     db = tmp_path / "ray.duckdb"
     summary = _ray_run(tiny_dirs["llama"], db)
@@ -92,7 +66,7 @@ def test_a_worker_killed_mid_run_leaves_the_same_store(local_ray, tiny_dirs, inl
 
     def kill_one_worker(progress: dict) -> None:
         if progress["stored"] and not killed:
-            pids = _worker_pids()
+            pids = capture_worker_pids(os.getpid())
             assert pids, "no capture actor process found"
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])

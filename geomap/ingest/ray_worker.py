@@ -7,7 +7,10 @@ loaded the model once, captures the batch and returns one row describing the par
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+import time
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -37,6 +40,22 @@ def read_part(part: bytes) -> list[Item]:
     return pickle.loads(part)  # noqa: S301 (produced by our own Ray workers in this run)
 
 
+def _exit_with_parent(period: float = 1.0) -> None:
+    """End this worker as soon as its parent (the node's raylet) is gone.
+
+    When a driver that started Ray locally is killed, its raylet dies with it but Ray's workers only notice after a
+    minute or more, holding the model's memory (a GPU's, on a cluster node) while the rerun starts new ones.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="geomap-parent-watch", daemon=True).start()
+
+
 class CaptureWorker:
     """A Ray Data actor holding one model replica.
 
@@ -56,6 +75,7 @@ class CaptureWorker:
 
         from geomap.models import load_model
 
+        _exit_with_parent()
         if threads:
             torch.set_num_threads(threads)
         logging.set_verbosity_error()
