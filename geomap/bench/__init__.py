@@ -32,7 +32,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         workdir: Where temporary stores go (default a temporary folder, removed afterwards).
         say: Progress lines.
     """
-    from geomap.bench import capture_bench, query_bench, store_bench
+    from geomap.bench import capture_bench, query_bench, ray_bench, store_bench
     from geomap.models import load_model
 
     start = time.perf_counter()
@@ -62,6 +62,8 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         figures += query_bench.projection_figures(base, n_map)
         say(f"kNN at {', '.join(f'{n:,}' for n in sizes)} states")
         figures += query_bench.knn_figures(base, sizes)
+        say("ingestion on Ray (started locally, 2 workers) beside inline")
+        figures += ray_bench.ray_figures(model, texts, folder, 2 if quick else repeats)
         say(f"memory at {memory_counts[0]} and {memory_counts[1]} prompts (fresh processes)")
         figures += store_bench.memory_figures(model, texts, memory_counts, folder)
     return machine(), figures, time.perf_counter() - start
