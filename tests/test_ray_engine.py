@@ -45,11 +45,33 @@ def _ray_run(model_dir: Path, db: Path, **kwargs):
                       engine=EngineConfig(kind="ray", workers=2, threads=1), **kwargs)
 
 
-def test_ray_run_stores_what_the_inline_run_stores(local_ray, tiny_dirs, inline_store, tmp_path):
+def _leftover_shards(loaded, folder: Path, n: int) -> tuple[Path, Path]:
+    """A shard of the first ``n`` prompts, as a killed run's worker leaves it, and one of another capture config."""
+    from geomap.capture.engine import capture
+    from geomap.ingest.runs import model_identity
+    from geomap.store.shards import build_shard, write_shard
+    from geomap.store.writer import prompt_key
+
+    paths = []
+    for config in (CONFIG, CaptureConfig()):
+        meta = {"model": model_identity(loaded), "capture": config.to_json()}
+        journeys = capture(loaded, [s.text for s in SPECS[:n]], config, batch_size=BATCH)
+        items = [(s, prompt_key(meta["model"], meta["capture"], s.text), j) for s, j in zip(SPECS[:n], journeys)]
+        paths.append(write_shard(build_shard(items, "float32", meta), folder))
+    return paths[0], paths[1]
+
+
+def test_ray_run_stores_what_the_inline_run_stores(local_ray, tiny_dirs, tiny_models, inline_store, tmp_path):
+    from geomap.ingest.ray_engine import shard_folder
+
     db = tmp_path / "ray.duckdb"
+    folder = shard_folder(db, EngineConfig(kind="ray"))
+    leftover, foreign = _leftover_shards(tiny_models["llama"], folder, 3)
     summary = _ray_run(tiny_dirs["llama"], db)
     assert (summary.stored, summary.failed, summary.skipped) == (len(SPECS) - 1, 1, 0)  # "   " is refused, as inline
     assert_same_store(snapshot(db), inline_store)
+    assert not leftover.exists() and foreign.exists()  # merged and removed; another config's shard left alone
+    assert [p.name for p in folder.iterdir()] == [foreign.name]
     con = connect(db, read_only=True)
     try:
         assert verify_indexes(con, db) == []  # FAISS indexes updated after the merge

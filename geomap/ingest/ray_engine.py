@@ -2,18 +2,22 @@
 
 The driver (this process) keys the prompts, skips those already stored, and streams the rest through Ray Data's
 ``map_batches`` onto a fixed pool of `CaptureWorker` actors (one per GPU, or CPU actors with a thread budget),
-each loading the model once. Each batch comes back as one part that the driver merges into DuckDB in one
-transaction, as it arrives, in prompt order; FAISS indexes catch up after the last merge, as inline.
+each loading the model once. Each batch becomes a shard (`geomap.store.shards`) that its worker writes to the
+run's shard folder; the driver merges each one as it arrives, in prompt order, through the same `ShardMerger` as
+the inline engine, and removes it once merged. FAISS indexes catch up after the last merge, as inline.
 
 Fault tolerance is Ray's: a worker whose process dies is restarted (``max_restarts``) and the batches it held are
-retried (``max_task_retries``). A driver that dies loses only the parts it had not merged: the same command
-skips every stored key and captures the rest. A part whose keys are already stored is not merged again.
+retried (``max_task_retries``). A driver that dies loses nothing written: the same command first merges the shards
+its workers left in the folder, then skips every stored key and captures the rest. A shard is merged once
+(``merged_shards``), and a prompt whose key is stored is never stored again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,12 +28,14 @@ from tqdm import tqdm
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
-from geomap.ingest.engine import pending_prompts
+from geomap.ingest.engine import unstored
 from geomap.ingest.engine_config import EngineConfig
-from geomap.ingest.ray_worker import CaptureWorker, prompt_table, read_part
+from geomap.ingest.merger import Merged, ShardMerger
+from geomap.ingest.ray_worker import CaptureWorker, prompt_table
 from geomap.ingest.runs import RunSummary, ensure_vocab, model_identity, start_run
-from geomap.store.db import connect, defer_checkpoints, ensure_schema
-from geomap.store.writer import PromptSpec, vocab_texts, write_batch
+from geomap.store.db import connect, ensure_schema, prepare_writer
+from geomap.store.shards import ShardError, read_shard, shard_paths
+from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
 
 INSTALL_HINT = "pip install 'geomap[ray]'"
 
@@ -115,6 +121,12 @@ def _workers_alive(ray) -> int | None:
         return None
 
 
+def shard_folder(db_path: str | Path, engine: EngineConfig) -> Path:
+    """Where workers put shards: ``engine.shards``, else ``<store>.shards`` beside the DuckDB file (absolute)."""
+    db_path = Path(db_path)
+    return Path(engine.shards or db_path.with_name(db_path.stem + ".shards")).expanduser().resolve()
+
+
 def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, config: CaptureConfig | None = None,
                vector_dtype: str = "float32", batch_size: int = 8, pipeline: str = "ingest",
                engine: EngineConfig | None = None, device: str | None = None, dtype: str | None = None,
@@ -154,26 +166,35 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
     try:
         plan = plan_workers(engine, ray.cluster_resources(), device)
         skeleton = skeleton_model(model, plan.device, dtype)
-        db_path = Path(db_path)
+        db_path, shards = Path(db_path), shard_folder(db_path, engine)
         con = connect(db_path)
         try:
-            defer_checkpoints(con, db_path)
+            prepare_writer(con, db_path)
             ensure_schema(con, skeleton.anatomy.d_model)
             ensure_vocab(con, skeleton)
             texts = vocab_texts(con, skeleton.weights_hash, skeleton.anatomy.vocab_size)
-            keyed, todo = pending_prompts(con, model_identity(skeleton), config.to_json(), prompts)
+            identity, config_json = model_identity(skeleton), config.to_json()
+            meta = {"model": identity, "capture": config_json}
             run_id = start_run(con, skeleton, config, vector_dtype, pipeline)
-            merger = _Merger(con, run_id, vector_dtype, texts, len(keyed) - len(todo), len(todo), on_progress)
+            keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
+            skipped = len(keyed) - len(unstored(con, keyed))  # stored before this run
+            tally = _Tally(con, run_id, on_progress)
+            with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
+                tally.leftovers(merger, shards, {**meta, "vector_dtype": vector_dtype})
+            todo = unstored(con, keyed)
+            tally.start(len(todo), skipped)
             if todo:
                 _quiet_data(ray)
-                parts = _dataset(ray, todo, model, plan, engine, dtype, config, batch_size)
-                merger.consume(ray, parts, progress, start)
+                parts = _dataset(ray, todo, model, plan, engine, dtype, config, batch_size,
+                                 {"vector_dtype": vector_dtype, "meta": meta, "shards": str(shards)})
+                with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
+                    tally.consume(ray, parts, merger, progress, start)
             if index:
                 from geomap.store.vectors import sync_state_indexes
 
                 sync_state_indexes(con, db_path)
             con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
-            return merger.summary(time.perf_counter() - start)
+            return tally.summary(time.perf_counter() - start)
         finally:
             con.close()
     finally:
@@ -182,7 +203,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
 
 
 def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtype: str | None,
-             config: CaptureConfig, batch_size: int):
+             config: CaptureConfig, batch_size: int, shard_args: dict):
     """The prompts as a Ray Dataset (one block per batch), mapped onto the actor pool; yields one row per part."""
     table = prompt_table(todo)
     blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
@@ -191,22 +212,25 @@ def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtyp
         return ray.data.from_arrow(blocks).map_batches(
             CaptureWorker, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
             fn_constructor_kwargs={"model": model, "device": plan.device, "dtype": dtype, "threads": plan.threads,
-                                   "config": config, "batch_size": batch_size},
+                                   "config": config, "batch_size": batch_size, **shard_args},
             compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None, max_restarts=engine.max_restarts,
             max_task_retries=engine.max_task_retries)
 
 
-class _Merger:
-    """The driver's side: merge parts as they arrive, count, and show progress."""
+class _Tally:
+    """The driver's side: hand shards to the merger as they arrive, count what was merged, show progress."""
 
-    def __init__(self, con, run_id: int, vector_dtype: str, texts, skipped: int, total: int,
-                 on_progress: Callable[[dict], None] | None):
-        self.con, self.run_id, self.vector_dtype, self.texts = con, run_id, vector_dtype, texts
-        self.skipped, self.total, self.on_progress = skipped, total, on_progress
-        self.done = self.failed = self.tokens = 0
+    def __init__(self, con, run_id: int, on_progress: Callable[[dict], None] | None):
+        self.con, self.run_id, self.on_progress = con, run_id, on_progress
+        self.total = self.skipped = self.done = self.failed = self.tokens = 0
         self.failures: list[str] = []
         self.workers: int | None = None
+        self.bar = None
+        self._pending: dict[str, tuple[Path, dict]] = {}
+
+    def start(self, total: int, skipped: int) -> None:
+        self.total, self.skipped = total, skipped
         self._report()
 
     def _report(self) -> None:
@@ -215,38 +239,54 @@ class _Merger:
                               "skipped": self.skipped, "failed": self.failed, "tokens": self.tokens,
                               "workers": self.workers})
 
-    def merge(self, part: bytes) -> int:
-        """Store one part in one transaction, leaving out any key already stored; returns the prompts it held."""
-        items = read_part(part)
-        keys = [key for _, key, _ in items]
-        stored = {r[0] for r in self.con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
-                                                 [keys]).fetchall()}
-        fresh = [item for item in items if item[1] not in stored]
-        if fresh:
-            counts = write_batch(self.con, self.run_id, self.vector_dtype, fresh, self.texts)
-            for spec, _, result in fresh:
-                if reason := counts["errors"].get(spec.text):
-                    self.failed += 1
-                    self.failures.append(f"{spec.text[:40]!r}: {reason}")
-                else:
-                    self.done += 1
-                    self.tokens += len(result.tokens)
-        return len(items)
+    def put(self, merger: ShardMerger, folder: Path) -> int:
+        """Queue the shard in ``folder`` for merging; returns its prompt count."""
+        shard = read_shard(folder)
+        prompts = shard.tables["prompts"]
+        tokens = dict(zip(prompts.column("key").to_pylist(), prompts.column("n_tokens").to_pylist()))
+        self._pending[shard.shard_id] = (folder, tokens)
+        merger.put(shard)
+        return len(tokens)
 
-    def consume(self, ray, parts, progress: bool, start: float) -> None:
-        """Merge every part of the dataset as it arrives, with a progress bar."""
+    def merged(self, merged: Merged) -> None:
+        """After each merge (in the merging thread): count its new prompts, then remove the merged shard."""
+        folder, tokens = self._pending.pop(merged.shard_id)
+        errors = merged.counts["errors"]
+        self.failed += len(errors)
+        self.failures += [f"{text[:40]!r}: {reason}" for text, reason in errors.items()]
+        self.done += merged.counts["prompts"] - len(errors)
+        if merged.counts["prompts"]:
+            if merged.counts["skipped"]:  # only these keys' rows are this shard's (the rest were stored before)
+                stored = self.con.execute("SELECT key FROM prompts WHERE run_id = ? AND key IN (SELECT unnest(?))",
+                                          [self.run_id, list(tokens)]).fetchall()
+                tokens = {key: tokens[key] for (key,) in stored}
+            self.tokens += sum(n or 0 for n in tokens.values())
+        shutil.rmtree(folder, ignore_errors=True)
+        self._report()
+
+    def leftovers(self, merger: ShardMerger, folder: Path, meta: dict) -> None:
+        """Merge the shards a killed run's workers left (those of this model, capture config and dtype)."""
+        for path in shard_paths(folder):
+            try:
+                if json.loads((path / "manifest.json").read_text()).get("meta") == meta:
+                    self.put(merger, path)
+            except (OSError, ValueError, ShardError) as exc:
+                warnings.warn(f"left the unreadable shard {path} alone: {exc}", stacklevel=2)
+
+    def consume(self, ray, parts, merger: ShardMerger, progress: bool, start: float) -> None:
+        """Merge every shard of the dataset as it arrives, with a progress bar."""
         bar = tqdm(total=self.total, unit="prompt", disable=not progress, desc=f"run {self.run_id} (ray)",
                    dynamic_ncols=True)
         checked = 0.0
         try:
             for row in parts.iter_rows():
-                bar.update(self.merge(row["part"]))
+                self.put(merger, Path(row["shard"]))
+                bar.update(row["prompts"])
                 if time.perf_counter() - checked > 1.0:
                     self.workers, checked = _workers_alive(ray), time.perf_counter()
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}", workers="?" if self.workers is None
                                 else self.workers)
-                self._report()
         finally:
             bar.close()
 

@@ -1,14 +1,13 @@
 """The Ray engine's worker: one actor per model replica, turning batches of prompts into shards.
 
 Ray Data calls `CaptureWorker` with a batch of prompt rows (``key, text, source, source_id, tags``); the actor
-loaded the model once, captures the batch and returns one row describing the part it made. `make_part` and
-`read_part` are the two ends of that hand-over; the driver merges a part with `geomap.ingest.ray_engine`.
+loaded the model once, captures the batch, writes it as a shard (`geomap.store.shards.write_shard`: atomic, named
+by its content) into the run's shard folder and returns one row naming it. The driver merges it.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 import time
 from collections.abc import Sequence
@@ -16,11 +15,9 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from geomap.capture.config import CaptureConfig
-from geomap.capture.journey import Journey, PromptFailure
+from geomap.capture.journey import Journey
+from geomap.store.shards import build_shard, write_shard
 from geomap.store.writer import PromptSpec
-
-Item = tuple[PromptSpec, str, Journey | PromptFailure]
-PROMPT_COLUMNS = ("key", "text", "source", "source_id", "tags")
 
 
 def prompt_table(todo: Sequence[tuple[PromptSpec, str]]) -> pa.Table:
@@ -28,16 +25,6 @@ def prompt_table(todo: Sequence[tuple[PromptSpec, str]]) -> pa.Table:
     return pa.table({"key": [key for _, key in todo], "text": [s.text for s, _ in todo],
                      "source": [s.source for s, _ in todo], "source_id": [s.source_id for s, _ in todo],
                      "tags": pa.array([list(s.tags) for s, _ in todo], pa.list_(pa.string()))})
-
-
-def make_part(items: list[Item]) -> bytes:
-    """What a worker hands back for one captured batch: its ``(spec, key, journey or failure)`` items."""
-    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def read_part(part: bytes) -> list[Item]:
-    """The items of a part made by `make_part` (only ever one this run's own workers made)."""
-    return pickle.loads(part)  # noqa: S301 (produced by our own Ray workers in this run)
 
 
 def _exit_with_parent(period: float = 1.0) -> None:
@@ -66,10 +53,13 @@ class CaptureWorker:
         threads: Torch threads of a CPU replica (its share of the machine's cores).
         config: Capture options.
         batch_size: Prompts per forward pass.
+        vector_dtype: Storage of state vectors in the shards.
+        meta: Facts every shard records (model identity, capture config).
+        shards: The folder shards are written to (shared by every node of a cluster).
     """
 
     def __init__(self, model: str, device: str, dtype: str | None, threads: int | None, config: CaptureConfig,
-                 batch_size: int):
+                 batch_size: int, vector_dtype: str, meta: dict, shards: str):
         import torch
         from transformers.utils import logging
 
@@ -81,17 +71,17 @@ class CaptureWorker:
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         self.loaded = load_model(model, device=device, dtype=dtype)
-        self.config = config
-        self.batch_size = batch_size
+        self.config, self.batch_size, self.vector_dtype = config, batch_size, vector_dtype
+        self.meta, self.shards = meta, shards
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Capture one batch of prompt rows; returns one row: ``part`` (bytes), ``prompts``, ``tokens``."""
+        """Capture one batch of prompt rows into a shard; returns one row: ``shard`` (its folder), ``prompts``."""
         from geomap.capture.engine import iter_capture
 
         rows = batch.to_pylist()
         specs = [PromptSpec(r["text"], r["source"], r["source_id"], tuple(r["tags"] or ())) for r in rows]
         results = dict(iter_capture(self.loaded, [s.text for s in specs], self.config, self.batch_size))
         items = [(spec, row["key"], results[i]) for i, (spec, row) in enumerate(zip(specs, rows))]
+        path = write_shard(build_shard(items, self.vector_dtype, self.meta), self.shards)
         tokens = sum(len(r.tokens) for _, _, r in items if isinstance(r, Journey))
-        return pa.table({"part": pa.array([make_part(items)], pa.binary()), "prompts": [len(items)],
-                         "tokens": [tokens]})
+        return pa.table({"shard": [str(path)], "prompts": [len(items)], "tokens": [tokens]})
