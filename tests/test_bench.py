@@ -5,6 +5,7 @@ Speed itself is never asserted in tests; `geomap bench` on the real model measur
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -42,6 +43,8 @@ def test_bench_quick_json_on_a_tiny_model(tiny_dirs, tmp_path):
         assert set(f) == {"name", "value", "unit", "target", "met", "note"}
         assert f["value"] == f["value"] and (f["met"] is None) == (f["target"] is None)
     assert 0 < figures["kNN recall@10 at 50k states"]["value"] <= 1
+    if importlib.util.find_spec("ray") is not None:  # the Ray engine beside inline, on the same prompts
+        assert figures["Ray local (2 workers) vs inline ingestion"]["value"] > 0
     assert figures["capture vs forward with output_hidden_states"]["value"] > 0
     table = (tmp_path / "b.md").read_text(encoding="utf-8")
     assert "geomap bench --quick --model" in table and "| lens vs same-shape plain matmul |" in table

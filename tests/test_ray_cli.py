@@ -106,3 +106,4 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path, tiny_dirs):
     assert again.returncode == 0, err
     assert f'"skipped": {partial}' in out, (out, time.perf_counter() - start)
     assert_same_store(snapshot(db), snapshot(reference))
+    assert not list((tmp_path / "ray.shards").glob("*"))  # every shard merged once, then removed

@@ -34,8 +34,9 @@ def knn_ivfpq(base: np.ndarray, n: int, m: int = 64, queries: int = 100) -> dict
     """IVF-PQ over ``n`` synthetic states: build time, bytes per state, single-query latency and recall@10."""
     import faiss
 
+    faiss.omp_set_num_threads(1)  # OpenMP spinning on a shared, oversubscribed machine costs more than it gives
     d = base.shape[1]
-    nlist = int(2 ** round(np.log2(4 * np.sqrt(n))))
+    nlist = int(2 ** round(np.log2(np.sqrt(n))))
     index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x8", faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(7)
     start = time.perf_counter()
@@ -61,7 +62,6 @@ def knn_ivfpq(base: np.ndarray, n: int, m: int = 64, queries: int = 100) -> dict
         cand_i = np.concatenate([truth_i, top + first], 1)
         keep = np.argsort(-cand_d, 1)[:, :10]
         truth_d, truth_i = np.take_along_axis(cand_d, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    faiss.omp_set_num_threads(1)
     out = {"n": n, "d": d, "nlist": nlist, "pq_bytes": m, "train_s": round(train, 1), "build_s": round(build, 1),
            "index_bytes_per_state": round(faiss.serialize_index(index).size / n, 1), "probes": []}
     for nprobe in (16, 32, 64, 128):
@@ -136,7 +136,7 @@ def shard_sql(counts: list[int], per_shard: int = 2, n_tok: int = 16, n_bound: i
 
 
 def table_bytes(db: Path) -> dict:
-    """A store's tables exported to zstd Parquet: bytes per token-layer of each, and the token-layer count."""
+    """A store's tables exported to zstd Parquet: bytes of each, with the prompt, token and token-layer counts."""
     import duckdb
 
     from geomap.store.writer import TABLES
@@ -145,12 +145,12 @@ def table_bytes(db: Path) -> dict:
     try:
         token_layers = con.execute("SELECT count(*) FROM states").fetchall()[0][0]
         out = {"token_layers": token_layers, "prompts": con.execute("SELECT count(*) FROM prompts").fetchall()[0][0],
-               "duckdb_file": db.stat().st_size}
+               "tokens": con.execute("SELECT count(*) FROM tokens").fetchall()[0][0], "duckdb_file": db.stat().st_size}
         with tempfile.TemporaryDirectory() as tmp:
             for table in TABLES:
                 path = Path(tmp) / f"{table}.parquet"
                 con.execute(f"COPY {table} TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
-                out[table] = round(path.stat().st_size / max(token_layers, 1), 1)
+                out[table] = path.stat().st_size
     finally:
         con.close()
     return out

@@ -88,7 +88,7 @@ def _start_ray(ray, engine: EngineConfig) -> bool:
     """Join ``engine.address``, or start Ray locally with this machine's cores; returns whether we started it."""
     if ray.is_initialized():
         return False
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    kwargs = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if engine.address:
             ray.init(address=engine.address, **kwargs)
@@ -106,7 +106,7 @@ def _quiet_data(ray) -> None:
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def _workers_alive(ray) -> int | None:
@@ -178,7 +178,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
             run_id = start_run(con, skeleton, config, vector_dtype, pipeline)
             keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
             skipped = len(keyed) - len(unstored(con, keyed))  # stored before this run
-            tally = _Tally(con, run_id, on_progress)
+            tally = _Tally(con, run_id, on_progress, start)
             with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
                 tally.leftovers(merger, shards, {**meta, "vector_dtype": vector_dtype})
             todo = unstored(con, keyed)
@@ -187,8 +187,13 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
                 _quiet_data(ray)
                 parts = _dataset(ray, todo, model, plan, engine, dtype, config, batch_size,
                                  {"vector_dtype": vector_dtype, "meta": meta, "shards": str(shards)})
-                with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
-                    tally.consume(ray, parts, merger, progress, start)
+                tally.bar = tqdm(total=len(todo), unit="prompt", disable=not progress, dynamic_ncols=True,
+                                 desc=f"run {run_id} (ray)")
+                try:
+                    with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
+                        tally.consume(ray, parts, merger)
+                finally:
+                    tally.bar.close()
             if index:
                 from geomap.store.vectors import sync_state_indexes
 
@@ -221,12 +226,13 @@ def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtyp
 class _Tally:
     """The driver's side: hand shards to the merger as they arrive, count what was merged, show progress."""
 
-    def __init__(self, con, run_id: int, on_progress: Callable[[dict], None] | None):
+    def __init__(self, con, run_id: int, on_progress: Callable[[dict], None] | None, started: float):
         self.con, self.run_id, self.on_progress = con, run_id, on_progress
         self.total = self.skipped = self.done = self.failed = self.tokens = 0
         self.failures: list[str] = []
         self.workers: int | None = None
         self.bar = None
+        self.started = started  # the run's start, for tokens/s
         self._pending: dict[str, tuple[Path, dict]] = {}
 
     def start(self, total: int, skipped: int) -> None:
@@ -263,6 +269,11 @@ class _Tally:
             self.tokens += sum(n or 0 for n in tokens.values())
         shutil.rmtree(folder, ignore_errors=True)
         self._report()
+        if self.bar is not None:
+            self.bar.update(merged.counts["prompts"])
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}",
+                                 workers="?" if self.workers is None else self.workers)
 
     def leftovers(self, merger: ShardMerger, folder: Path, meta: dict) -> None:
         """Merge the shards a killed run's workers left (those of this model, capture config and dtype)."""
@@ -273,22 +284,13 @@ class _Tally:
             except (OSError, ValueError, ShardError) as exc:
                 warnings.warn(f"left the unreadable shard {path} alone: {exc}", stacklevel=2)
 
-    def consume(self, ray, parts, merger: ShardMerger, progress: bool, start: float) -> None:
-        """Merge every shard of the dataset as it arrives, with a progress bar."""
-        bar = tqdm(total=self.total, unit="prompt", disable=not progress, desc=f"run {self.run_id} (ray)",
-                   dynamic_ncols=True)
+    def consume(self, ray, parts, merger: ShardMerger) -> None:
+        """Hand every shard of the dataset to the merger as it arrives."""
         checked = 0.0
-        try:
-            for row in parts.iter_rows():
-                self.put(merger, Path(row["shard"]))
-                bar.update(row["prompts"])
-                if time.perf_counter() - checked > 1.0:
-                    self.workers, checked = _workers_alive(ray), time.perf_counter()
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}", workers="?" if self.workers is None
-                                else self.workers)
-        finally:
-            bar.close()
+        for row in parts.iter_rows():
+            self.put(merger, Path(row["shard"]))
+            if time.perf_counter() - checked > 1.0:
+                self.workers, checked = _workers_alive(ray), time.perf_counter()
 
     def summary(self, seconds: float) -> RunSummary:
         return RunSummary(self.run_id, self.done, self.skipped, self.failed, self.tokens, seconds,
