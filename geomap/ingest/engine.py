@@ -50,10 +50,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     db_path = Path(db_path)
     con = connect(db_path)
     try:
-        prepare_writer(con, db_path)
-        ensure_schema(con, loaded.anatomy.d_model)
-        ensure_vocab(con, loaded)
-        texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
+        texts = prepare_store(con, db_path, loaded)
         identity, config_json = model_identity(loaded), config.to_json()
         keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
         todo = unstored(con, keyed)
@@ -83,6 +80,14 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
                           time.perf_counter() - start, tuple(tally.failures))
     finally:
         con.close()
+
+
+def prepare_store(con, db_path: Path, loaded: LoadedModel):
+    """Ready a store for a run of ``loaded`` (writer settings, schema, vocabulary); returns its token texts by id."""
+    prepare_writer(con, db_path)
+    ensure_schema(con, loaded.anatomy.d_model)
+    ensure_vocab(con, loaded)
+    return vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
 
 
 def unstored(con, keyed: Sequence[tuple[PromptSpec, str]]) -> list[tuple[PromptSpec, str]]:

@@ -28,14 +28,14 @@ from tqdm import tqdm
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
-from geomap.ingest.engine import unstored
+from geomap.ingest.engine import prepare_store, unstored
 from geomap.ingest.engine_config import EngineConfig
 from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.ray_worker import CaptureWorker, prompt_table
-from geomap.ingest.runs import RunSummary, ensure_vocab, model_identity, start_run
-from geomap.store.db import connect, ensure_schema, prepare_writer
+from geomap.ingest.runs import RunSummary, model_identity, start_run
+from geomap.store.db import connect
 from geomap.store.shards import ShardError, read_shard, shard_paths
-from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
+from geomap.store.writer import PromptSpec, prompt_key
 
 INSTALL_HINT = "pip install 'geomap[ray]'"
 
@@ -148,7 +148,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
         dtype: The workers' weights dtype.
         progress: Show a progress bar (prompts done, tokens/s, workers alive) on stderr.
         index: Bring the FAISS indexes up to date at the end.
-        on_progress: Called after every merged part (and once at the start) with ``run_id, total, stored,
+        on_progress: Called after every merged shard (and once at the start) with ``run_id, total, stored,
             skipped, failed, tokens, workers``.
 
     Returns:
@@ -169,10 +169,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
         db_path, shards = Path(db_path), shard_folder(db_path, engine)
         con = connect(db_path)
         try:
-            prepare_writer(con, db_path)
-            ensure_schema(con, skeleton.anatomy.d_model)
-            ensure_vocab(con, skeleton)
-            texts = vocab_texts(con, skeleton.weights_hash, skeleton.anatomy.vocab_size)
+            texts = prepare_store(con, db_path, skeleton)
             identity, config_json = model_identity(skeleton), config.to_json()
             meta = {"model": identity, "capture": config_json}
             run_id = start_run(con, skeleton, config, vector_dtype, pipeline)
@@ -209,7 +206,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
 
 def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtype: str | None,
              config: CaptureConfig, batch_size: int, shard_args: dict):
-    """The prompts as a Ray Dataset (one block per batch), mapped onto the actor pool; yields one row per part."""
+    """The prompts as a Ray Dataset (one block per batch), mapped onto the actor pool; yields one row per shard."""
     table = prompt_table(todo)
     blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter yet for an actor's restart and retry budget

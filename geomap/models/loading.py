@@ -107,6 +107,14 @@ def resolve_model_path(name: str) -> Path | str:
     return name  # a hub id
 
 
+def source_kwargs(source: Path | str) -> dict:
+    """``from_pretrained`` options for a resolved source: never remote code; a hub id offline when asked."""
+    kwargs = {"trust_remote_code": False}
+    if isinstance(source, str):
+        kwargs["local_files_only"] = _offline()
+    return kwargs
+
+
 def load_model(
     name: str | None = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
 ) -> LoadedModel:
@@ -126,9 +134,7 @@ def load_model(
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     source = resolve_model_path(name)
-    kwargs = {"trust_remote_code": False}
-    if isinstance(source, str):
-        kwargs["local_files_only"] = _offline()
+    kwargs = source_kwargs(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kwargs)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from geomap.models.loading import LoadedModel, _not_found, _offline, resolve_dtype, resolve_model_path
+from geomap.models.loading import LoadedModel, _not_found, resolve_dtype, resolve_model_path, source_kwargs
 
 
 def skeleton_model(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
@@ -29,9 +29,7 @@ def skeleton_model(name: str, device: str = "cpu", dtype: str | torch.dtype | No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_path(name)
-    kwargs = {"trust_remote_code": False}
-    if isinstance(source, str):
-        kwargs["local_files_only"] = _offline()
+    kwargs = source_kwargs(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         config = AutoConfig.from_pretrained(source, **kwargs)
