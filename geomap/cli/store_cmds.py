@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB
+
 db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="DuckDB store (default: $GEOMAP_DB, else data/geomap.duckdb).")
 
@@ -115,17 +117,22 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--time-limit", default=5.0, show_default=True, help="Seconds before the query is interrupted.")
 @click.option("--max-rows", default=10_000, show_default=True, help="Row cap.")
-def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int) -> None:
+@click.option("--memory", "memory_mb", default=DEFAULT_MEMORY_MB, show_default=True,
+              help="Memory budget, MB: past it the query is stopped and refused (a server applies its own).")
+def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int,
+        memory_mb: float) -> None:
     """Run a read-only SQL query against the store."""
     from geomap.cli.remote import server_for
     from geomap.store.sql import SqlResult, run_sql
+    from geomap.store.sql_budget import check_limits
 
+    check_limits(time_limit, max_rows, memory_mb)
     fmt = "json" if as_json else fmt
     if (client := server_for(_db(db))) is not None:
         got = client.request("POST", "/sql", {"sql": query, "time_limit": time_limit, "max_rows": max_rows})
         result = SqlResult(got["columns"], [tuple(r) for r in got["rows"]], got["truncated"], got["elapsed_s"])
     else:
-        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
+        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows, memory_mb=memory_mb)
     click.echo(result.format(fmt))
     if result.truncated and fmt != "table":  # the table's own footer already says so
         click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)
