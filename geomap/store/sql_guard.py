@@ -151,10 +151,10 @@ def _check_tree(con: duckdb.DuckDBPyConnection, body: str, budget_bytes: int, bu
         if "SELECT statements" in str(tree.get("error_message")):
             raise Refused("only a query (SELECT, FROM, WITH, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN) runs here.")
         return  # a syntax error: executing it gives DuckDB's own message
-    _walk(tree, (budget_bytes, budget_mb if budget_mb is not None else budget_bytes / 2**20), set())
+    _walk(tree, (budget_bytes, budget_mb if budget_mb is not None else budget_bytes / 2**20, body), set())
 
 
-def _walk(node: Any, budget: tuple[int, float], ctes: set[str]) -> None:
+def _walk(node: Any, budget: tuple[int, float, str], ctes: set[str]) -> None:
     if isinstance(node, list):
         for item in node:
             _walk(item, budget, ctes)
@@ -168,7 +168,7 @@ def _walk(node: Any, budget: tuple[int, float], ctes: set[str]) -> None:
         function = node.get("function") or {}
         name = str(function.get("function_name", "")).lower()
         if name not in TABLE_FUNCTIONS:
-            raise Refused(_file_message(name, function))
+            raise Refused(_file_message(name, function, _source(node, budget[2])))
         _walk(function.get("arguments"), budget, ctes)
         return
     _check_node(node, budget, ctes)
@@ -176,7 +176,7 @@ def _walk(node: Any, budget: tuple[int, float], ctes: set[str]) -> None:
         _walk(value, budget, ctes)
 
 
-def _check_node(node: dict, budget: tuple[int, float], ctes: set[str]) -> None:
+def _check_node(node: dict, budget: tuple[int, float, str], ctes: set[str]) -> None:
     """Refuse a table named like a file, a refused function, or an amplifying call beyond the budget."""
     if node.get("type") == "BASE_TABLE":
         name = str(node.get("table_name", ""))
@@ -195,9 +195,18 @@ def _argument(arg: Any) -> Any:
     return arg.get("expression", arg) if isinstance(arg, dict) and "expression" in arg else arg
 
 
-def _file_message(name: str, function: dict) -> str:
+def _source(node: dict, sql: str) -> str | None:
+    """The text of a node in the SQL it was parsed from, when DuckDB kept its place."""
+    start, length = node.get("query_location"), node.get("query_location_length")
+    if isinstance(start, int) and isinstance(length, int) and 0 <= start < len(sql) and 0 < length <= 200:
+        return sql[start:start + length].strip()
+    return None
+
+
+def _file_message(name: str, function: dict, source: str | None = None) -> str:
     literal = next((c for c in _constants(function)), None)
-    what = f"{name}({literal!r})" if isinstance(literal, str) else f"{name}()"
+    what = f"{name}({literal!r})" if isinstance(literal, str) else (source if source and "(" in source else
+                                                                   f"{name}()")
     if name in ("query", "query_table"):
         return f"{what} runs SQL given as text, which is not checked; write the query itself."
     if name in ("checkpoint", "force_checkpoint"):
@@ -257,9 +266,9 @@ def _number(node: Any) -> float | None:
     return None
 
 
-def _bound(name: str, args: list, limits: tuple[int, float]) -> None:
+def _bound(name: str, args: list, limits: tuple[int, float, str]) -> None:
     """Refuse an amplifying call whose size is not a constant within the budget (8 bytes a list element)."""
-    budget, mb = limits
+    budget, mb = limits[:2]
     sizes = [_number(a) for a in args]
     if name in ("range", "generate_series"):
         start, stop, step = ([0.0] + sizes + [1.0])[:3] if len(args) == 1 else (sizes + [1.0])[:3]
