@@ -10,6 +10,8 @@ import click
 
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
+PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
+
 db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="DuckDB store (default: $GEOMAP_DB, else data/geomap.duckdb).")
 
@@ -38,14 +40,22 @@ def _report(summary, as_json: bool) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--no-reports", is_flag=True, help="Skip the HTML reports the pipeline asks for.")
-def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool) -> None:
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="Capture profile, overriding the pipeline's [capture] profile: 'full' keeps everything, 'states' "
+                   "only the residual stream and the final readout.")
+def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool,
+        profile: str | None) -> None:
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
+    import dataclasses
+
     from geomap.cli import _quiet_transformers
     from geomap.ingest.engine import ingest
     from geomap.ingest.pipeline import load_pipeline
     from geomap.models import load_model
 
     pipe = load_pipeline(pipeline_file)
+    if profile is not None:
+        pipe = dataclasses.replace(pipe, capture=dataclasses.replace(pipe.capture, profile=profile))
     prompts = pipe.prompts()
     store = db or pipe.store
     from geomap.cli.remote import server_for
@@ -87,9 +97,11 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 @click.option("--attn-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
 @click.option("--lens-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
 @click.option("--vector-dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--profile", type=click.Choice(PROFILES), default="full", show_default=True,
+              help="'full' keeps everything; 'states' only the residual stream and the final readout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, device: str | None, batch_size: int,
-           attn_positions: str, lens_positions: str, vector_dtype: str, as_json: bool) -> None:
+           attn_positions: str, lens_positions: str, vector_dtype: str, profile: str, as_json: bool) -> None:
     """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc."""
     from geomap.capture import CaptureConfig
     from geomap.cli import _quiet_transformers
@@ -98,7 +110,7 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     from geomap.models import DEFAULT_MODEL, load_model
 
     prompts = [spec for path in files for spec in read_source(path)]
-    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)
+    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions, profile=profile)
     from geomap.cli.remote import run_job, server_for
 
     if (client := server_for(_db(db))) is not None:

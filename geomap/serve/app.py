@@ -13,10 +13,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,7 +27,15 @@ from geomap.errors import GeomapError
 from geomap.serve.fits import FitRunner
 from geomap.serve.jobs import JobRunner
 from geomap.serve.security import BODY_TIMEOUT_S, LOOPBACK_NAMES, BodyTimeout, BodyTooLarge, Perimeter
-from geomap.store.db import WRITE_CHECKPOINT_THRESHOLD, StoreError, connect, ensure_schema, release_store, serve_store
+from geomap.store.db import (
+    INGEST_MEMORY,
+    WRITE_CHECKPOINT_THRESHOLD,
+    StoreError,
+    connect,
+    ensure_schema,
+    release_store,
+    serve_store,
+)
 from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, sql_connection_config
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
@@ -143,7 +153,13 @@ class Server:
 
     def start(self) -> None:
         """Open the store as this process's served instance and start the job worker."""
-        serve_store(self.db_path, {**sql_connection_config(), "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD})
+        memory = os.environ.get("GEOMAP_INGEST_MEMORY", INGEST_MEMORY)  # the instance's cap, as `prepare_writer` sets
+        try:  # it for a private writer; a user query's DuckDB memory (operator_memory_limit) lives within it
+            serve_store(self.db_path, {**sql_connection_config(), "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD,
+                                       "memory_limit": memory})
+        except duckdb.InvalidInputException as exc:
+            raise StoreError(f"GEOMAP_INGEST_MEMORY={memory!r} is not a memory size DuckDB accepts (e.g. 512MB, "
+                             f"2GB): {str(exc).splitlines()[0]}") from None
         con = connect(self.db_path)
         try:
             ensure_schema(con)
