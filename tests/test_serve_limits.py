@@ -45,10 +45,10 @@ BOMBS = {
     "range as a list": "SELECT len(range(1e8))",
     "a list of 1e9": "SELECT list(range(1e9))",
     "string_agg of repeats": "SELECT string_agg(repeat('x', 100000), '') FROM range(100000)",
-    "string_agg of smaller repeats": "SELECT len(string_agg(repeat('x', 30000) || i, '')) FROM range(1000000) t(i)",
+    "string_agg of smaller repeats": "SELECT len(string_agg(repeat('x', 10000) || i, '')) FROM range(1000000) t(i)",
     "list aggregate": "SELECT list(i) FROM range(400000000) t(i)",
     "wide result": "SELECT i, range(2000) AS wide FROM range(1000000) t(i)",
-    "wide strings": "SELECT i, repeat('y', 30000) || i AS wide FROM range(1000000) t(i)",
+    "wide strings": "SELECT i, repeat('y', 10000) || i AS wide FROM range(1000000) t(i)",
 }
 
 
