@@ -71,7 +71,7 @@ class FitRunner:
         """
         with self._lock:
             fit = self._fits.get(run_id)
-            if fit is not None and fit.status in ("queued", "running"):
+            if fit is not None and fit.status in ("queued", "running", "done"):
                 return fit
             if fit is not None and fit.status == "failed":
                 self._fits.pop(run_id)  # reported once; a new request tries again

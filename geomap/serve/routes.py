@@ -314,9 +314,9 @@ def _page(server, page: str) -> dict:
     g = {k: (int(v) if v and v.isdigit() else v) for k, v in match.groupdict().items()}
     runs: list[int] = []
     if g["run"] is not None:
-        found = server.rows("SELECT id FROM runs WHERE id = ? AND status = 'done'", min(g["run"], MAX_ID + 1))
+        found = server.rows("SELECT id FROM runs WHERE id = ?", min(g["run"], MAX_ID + 1))
         if g["run"] > MAX_ID or not found:
-            raise HTTPException(404, f"No finished run with id {g['run']}.")
+            raise HTTPException(404, f"No run with id {g['run']}.")
     for key in ("j", "a", "b"):
         if g[key] is None:
             continue
@@ -361,6 +361,11 @@ def _waiting(server, runs: list[int]) -> HTMLResponse | None:
             fit = server.fits.request(run_id, methods)
             if fit.status == "failed":
                 raise HTTPException(500, f"Fitting the maps of run {run_id} failed: {fit.error}")
+            if fit.status == "done":  # it ended meanwhile, or fitted maps that are not in the store
+                if missing(server.rows, run_id):
+                    raise HTTPException(500, f"The maps of run {run_id} were fitted but are not in the store; see "
+                                             "the server log.")
+                continue
             pending.append(f"run {run_id}: {', '.join(m.upper() for m in methods)} ({fit.status})")
     if not pending:
         return None
