@@ -96,6 +96,9 @@ def test_a_worker_killed_mid_run_leaves_the_same_store(local_ray, tiny_dirs, inl
     summary = _ray_run(tiny_dirs["llama"], db, on_progress=kill_one_worker)
     assert killed and summary.stored + summary.failed == len(SPECS)
     assert_same_store(snapshot(db), inline_store)
+    from geomap.ingest.ray_engine import shard_folder
+
+    assert not list(shard_folder(db, EngineConfig(kind="ray")).iterdir())  # merged shards and half-written ones gone
     from ray._private.state import actors
 
     restarts = [a["NumRestarts"] for a in actors().values() if "CaptureWorker" in a["ActorClassName"]]

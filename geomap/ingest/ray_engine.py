@@ -191,6 +191,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
                         tally.consume(ray, parts, merger)
                 finally:
                     tally.bar.close()
+                sweep_unfinished(shards)  # a killed worker's half-written shard (its batch was retried)
             if index:
                 from geomap.store.vectors import sync_state_indexes
 
@@ -218,6 +219,15 @@ def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtyp
             compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None, max_restarts=engine.max_restarts,
             max_task_retries=engine.max_task_retries)
+
+
+def sweep_unfinished(folder: Path) -> None:
+    """Remove the temporary folders of shards whose worker died while writing them (never a finished shard).
+
+    Called when no worker of this store's run is writing: before the workers start and after they are done.
+    """
+    for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Tally:
@@ -274,6 +284,7 @@ class _Tally:
 
     def leftovers(self, merger: ShardMerger, folder: Path, meta: dict) -> None:
         """Merge the shards a killed run's workers left (those of this model, capture config and dtype)."""
+        sweep_unfinished(folder)
         for path in shard_paths(folder):
             try:
                 if json.loads((path / "manifest.json").read_text()).get("meta") == meta:
