@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 
 from geomap.capture.journey import Journey, PromptFailure
+from geomap.faults import kill_point
 from geomap.store.codec import encode_bf16
+from geomap.store.db import rollback_quietly
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,10 @@ def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
                     con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _geomap_batch")  # noqa: S608 (fixed names)
                 con.unregister("_geomap_batch")
                 counts[name] = batch.num_rows
+        kill_point("batch.inserted")
         con.execute("COMMIT")
-        return counts
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback_quietly(con)  # a failed COMMIT has ended the transaction: never raise over the real cause
         raise
+    kill_point("batch.committed")
+    return counts
