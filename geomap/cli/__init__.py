@@ -99,14 +99,30 @@ _add_commands()
 
 
 def main() -> None:
-    """Console entry point: turns geomap's own errors into one clear line and exit status 2."""
+    """Console entry point: turns geomap's own errors (and a refused write) into one clear line and exit status 2."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if isinstance(exc, click.UsageError):  # one line, like every other error (click's own is three)
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+        else:
+            exc.show()
         sys.exit(exc.exit_code)
     except GeomapError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
+    except OSError as exc:  # the disk or the file system refused (full, read-only, permissions): one line, no traceback
+        from geomap.store.db import storage_error
+
+        error = storage_error(exc, exc.filename or "")
+        message = str(error) if error else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        click.echo(f"error: {_one_line(message)}", err=True)
+        sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line (DuckDB and Arrow messages carry newlines and caret lines)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())

@@ -162,7 +162,7 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise GeomapError(f"{what} = {text!r} is not allowed; {what} must be {ALLOWED[what.lstrip('-')]}") from None
+        raise GeomapError(f"{what} = {text!r} is not allowed; {what} must be {ALLOWED[what.lstrip('-').replace('-', '_')]}") from None
 
 
 def parse_positions(text: str, option: str) -> str | list[int]:

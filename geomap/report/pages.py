@@ -27,7 +27,10 @@ def journey_page(data: dict, single_file: bool = False) -> str:
 
 
 def write_index(folder: Path) -> Path:
-    """``index.html`` listing every report in ``folder`` (by the title of each page)."""
+    """``index.html`` listing every report in ``folder`` (by the title of each page).
+
+    An existing ``index.html`` that is not geomap's own index is left alone.
+    """
     entries = []
     def order(page: Path) -> tuple:  # journeys by prompt id and position, then the other pages
         numbers = [int(n) for n in re.findall(r"\d+", page.stem)]
@@ -40,5 +43,7 @@ def write_index(folder: Path) -> Path:
         match = re.search(r"<title>(.*?)</title>", head, re.S)
         entries.append({"href": page.name, "title": html.unescape(match.group(1)) if match else page.stem})
     out = folder / "index.html"
+    if out.exists() and "<title>geomap reports</title>" not in out.read_text(encoding="utf-8", errors="replace")[:4000]:
+        return out  # an index.html geomap did not write is never overwritten
     out.write_text(render("index.html.j2", {"entries": entries}, single_file=True), encoding="utf-8")
     return out
