@@ -119,25 +119,27 @@ def _store(con, loaded: LoadedModel, todo: list, run_id: int, config: CaptureCon
     bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
                dynamic_ncols=True)
     pending = []
-    for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
-        spec, key = todo[index_]
-        pending.append((index_, spec, key, result))
-        if len(pending) >= batch_size or done + failed + len(pending) == len(todo):
-            pending.sort(key=lambda item: item[0])  # prompt ids follow input order
-            counts = write_batch(con, run_id, vector_dtype, [item[1:] for item in pending], texts)
-            for _, spec, _, r in pending:
-                if counts["errors"].get(spec.text):
-                    failed += 1
-                    failures.append(f"{spec.text[:40]!r}: {counts['errors'][spec.text]}")
-                else:
-                    done += 1
-                    n_tokens += len(r.tokens)
-            bar.update(len(pending))
-            report()
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(tok_s=f"{n_tokens / elapsed:.0f}", rows=counts.get("states", 0))
-            pending = []
-    bar.close()
+    try:  # the bar ends its line even when a batch fails, so an error message starts a line of its own
+        for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
+            spec, key = todo[index_]
+            pending.append((index_, spec, key, result))
+            if len(pending) >= batch_size or done + failed + len(pending) == len(todo):
+                pending.sort(key=lambda item: item[0])  # prompt ids follow input order
+                counts = write_batch(con, run_id, vector_dtype, [item[1:] for item in pending], texts)
+                for _, spec, _, r in pending:
+                    if counts["errors"].get(spec.text):
+                        failed += 1
+                        failures.append(f"{spec.text[:40]!r}: {counts['errors'][spec.text]}")
+                    else:
+                        done += 1
+                        n_tokens += len(r.tokens)
+                bar.update(len(pending))
+                report()
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{n_tokens / elapsed:.0f}", rows=counts.get("states", 0))
+                pending = []
+    finally:
+        bar.close()
     return done, failed, n_tokens, failures
 
 

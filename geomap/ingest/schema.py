@@ -162,7 +162,8 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise GeomapError(f"{what} = {text!r} is not allowed; {what} must be {ALLOWED[what.lstrip('-').replace('-', '_')]}") from None
+        allowed = ALLOWED[what.lstrip("-").replace("-", "_")]
+        raise GeomapError(f"{what} = {text!r} is not allowed; {what} must be {allowed}") from None
 
 
 def parse_positions(text: str, option: str) -> str | list[int]:

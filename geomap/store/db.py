@@ -47,14 +47,13 @@ def storage_error(exc: BaseException, path: str | Path) -> StorageError | None:
     import errno
 
     text = str(exc)
+    causes = ("No space left on device", "Read-only file system", "Permission denied", "Input/output error",
+              "Disk quota exceeded")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
         cause = exc.strerror or text
         where = exc.filename or path
-    elif isinstance(exc, duckdb.Error) and any(s in text for s in ("No space left", "Read-only file system",
-                                                                   "Permission denied", "Input/output error")):
-        cause = next(s for s in ("No space left on device", "Read-only file system", "Permission denied",
-                                 "Input/output error") if s.split()[0] in text)
-        where = path
+    elif (cause := next((c for c in causes if c.lower() in text.lower()), None)) is not None:
+        where = path  # DuckDB's IOException, or an OSError raised inside a FAISS writer callback
     else:
         return None
     hint = " Free some space and rerun the same command: it resumes." if "space" in cause.lower() else ""
