@@ -39,9 +39,9 @@ def _rebuild(db):
 
 
 @pytest.mark.parametrize("damage", [
-    "UPDATE faiss_manifest SET std = list_transform(std, x -> 0.0) WHERE layer = 2",
+    "UPDATE faiss_manifest SET std = list_transform(std, lambda x: 0.0) WHERE layer = 2",
     "UPDATE faiss_manifest SET mean = mean[1:5] WHERE layer = 2",
-    "UPDATE faiss_manifest SET mean = list_transform(mean, x -> x + 1.0) WHERE layer = 2",
+    "UPDATE faiss_manifest SET mean = list_transform(mean, lambda x: x + 1.0) WHERE layer = 2",
     "UPDATE faiss_manifest SET ntotal = ntotal + 1 WHERE layer = 2",
 ])
 def test_verify_sees_damaged_statistics_and_rebuild_repairs_them(store, damage):
