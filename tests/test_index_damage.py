@@ -101,22 +101,22 @@ def test_incomplete_model_metadata_is_repaired(store, tiny_models):
 
 
 def test_a_failed_run_is_marked_and_the_next_run_finishes_it(tiny_models, tmp_path, monkeypatch):
-    import geomap.ingest.engine as engine
+    import geomap.ingest.merger as merger
 
     db = tmp_path / "s.duckdb"
     calls = {"n": 0}
-    real_write = engine.write_batch
+    real_merge = merger.merge_shard
 
     def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device", str(db))
-        return real_write(*args, **kwargs)
+        return real_merge(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "write_batch", failing)
+    monkeypatch.setattr(merger, "merge_shard", failing)
     with pytest.raises(Exception, match="No space left on device"):
         ingest(tiny_models["llama"], PROMPTS, db, batch_size=2, progress=False)
-    monkeypatch.setattr(engine, "write_batch", real_write)
+    monkeypatch.setattr(merger, "merge_shard", real_merge)
     con = connect(db, read_only=True)
     assert con.execute("SELECT id, status FROM runs").fetchall() == [(1, "failed")]
     con.close()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
+
 db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="DuckDB store (default: $GEOMAP_DB, else data/geomap.duckdb).")
 
@@ -56,8 +58,14 @@ def _report(summary, as_json: bool) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--no-reports", is_flag=True, help="Skip the HTML reports the pipeline asks for.")
-def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool) -> None:
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="Capture profile, overriding the pipeline's [capture] profile: 'full' keeps everything, 'states' "
+                   "only the residual stream and the final readout.")
+def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool,
+        profile: str | None) -> None:
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
+    import dataclasses
+
     from geomap.cli import _quiet_transformers
     from geomap.cli.remote import server_for
     from geomap.ingest.engine import ingest
@@ -66,6 +74,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     from geomap.models import load_model
 
     pipe = load_pipeline(pipeline_file)
+    if profile is not None:
+        pipe = dataclasses.replace(pipe, capture=dataclasses.replace(pipe.capture, profile=profile))
     prompts = pipe.prompts()
     require_prompts(prompts, f"{pipeline_file} (its sources {', '.join(str(p) for p, _, _ in pipe.sources)})")
     store = db or pipe.store
@@ -118,6 +128,8 @@ def _capture_options(function):
                      help="Attention kernel the capture delegates to."),
         click.option("--vector-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
                      help="Storage of state vectors."),
+        click.option("--profile", type=click.Choice(PROFILES), default="full", show_default=True,
+                     help="'full' keeps everything; 'states' only the residual stream and the final readout."),
     ]
     for option in reversed(options):
         function = option(function)

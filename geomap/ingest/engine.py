@@ -17,11 +17,12 @@ from tqdm import tqdm
 from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
 from geomap.faults import kill_point
+from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.runs import RunSummary, ensure_vocab, mark_failed, model_identity, resumable_run, start_run
 from geomap.ingest.validate import check_against_model
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, defer_checkpoints, ensure_schema, storage_error
-from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
+from geomap.store.db import connect, ensure_schema, prepare_writer, storage_error
+from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
 
 
 def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Path,
@@ -58,18 +59,13 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     db_path = Path(db_path)
     con = connect(db_path)
     try:
-        defer_checkpoints(con, db_path)
+        prepare_writer(con, db_path)
         ensure_schema(con, loaded.anatomy.d_model)
         ensure_vocab(con, loaded)
         texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
         identity, config_json = model_identity(loaded), config.to_json()
         keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
-        stored = {row[0] for row in con.execute("SELECT key FROM prompts").fetchall()}
-        todo, seen = [], set(stored)
-        for spec, key in keyed:
-            if key not in seen:
-                todo.append((spec, key))
-                seen.add(key)
+        todo = unstored(con, keyed)
         check_against_model(loaded, config, [spec.text for spec, _ in todo])
         if run_id is None:
             run_id = resumable_run(con, loaded, config, vector_dtype, pipeline)
@@ -79,9 +75,11 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
                 return RunSummary(None, 0, len(keyed), 0, 0, time.perf_counter() - start, ())
         run_id = start_run(con, loaded, config, vector_dtype, pipeline, run_id)
         kill_point("run.started")
+        tally = _Tally(run_id, len(todo), len(keyed) - len(todo), on_progress, start)
+        tally.report()
         try:
-            done, failed, n_tokens, failures = _store(con, loaded, todo, run_id, config, vector_dtype, batch_size,
-                                                      texts, progress, on_progress, len(keyed), start)
+            _store(con, loaded, todo, run_id, config, vector_dtype, batch_size, texts, identity, config_json,
+                   tally, progress)
             if index:
                 _sync(con, db_path)
             kill_point("run.indexed")
@@ -91,8 +89,8 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             if (error := storage_error(exc, db_path)) is not None:
                 raise error from None
             raise
-        return RunSummary(run_id, done, len(keyed) - len(todo), failed, n_tokens, time.perf_counter() - start,
-                          tuple(failures))
+        return RunSummary(run_id, tally.done, len(keyed) - len(todo), tally.failed, tally.tokens,
+                          time.perf_counter() - start, tuple(tally.failures))
     finally:
         con.close()
 
@@ -104,43 +102,66 @@ def _sync(con, db_path: Path) -> None:
 
 
 def _store(con, loaded: LoadedModel, todo: list, run_id: int, config: CaptureConfig, vector_dtype: str,
-           batch_size: int, texts, progress: bool, on_progress: Callable[[dict], None] | None, n_keyed: int,
-           start: float) -> tuple[int, int, int, list[str]]:
-    """Capture ``todo`` and write it batch by batch; returns ``(stored, failed, tokens, failures)``."""
-    done = failed = n_tokens = 0
-    failures = []
-
-    def report() -> None:
-        if on_progress is not None:
-            on_progress({"run_id": run_id, "total": len(todo), "stored": done, "skipped": n_keyed - len(todo),
-                         "failed": failed, "tokens": n_tokens})
-
-    report()
+           batch_size: int, texts, identity: str, config_json: str, tally: _Tally, progress: bool) -> None:
+    """Capture ``todo`` and hand it to the one merger batch by batch; ``tally`` counts what was merged."""
     bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
                dynamic_ncols=True)
-    pending = []
+    tally.bar = bar
+    meta = {"model": identity, "capture": config_json}
     try:  # the bar ends its line even when a batch fails, so an error message starts a line of its own
-        for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
-            spec, key = todo[index_]
-            pending.append((index_, spec, key, result))
-            if len(pending) >= batch_size or done + failed + len(pending) == len(todo):
-                pending.sort(key=lambda item: item[0])  # prompt ids follow input order
-                counts = write_batch(con, run_id, vector_dtype, [item[1:] for item in pending], texts)
-                for _, spec, _, r in pending:
-                    if counts["errors"].get(spec.text):
-                        failed += 1
-                        failures.append(f"{spec.text[:40]!r}: {counts['errors'][spec.text]}")
-                    else:
-                        done += 1
-                        n_tokens += len(r.tokens)
-                bar.update(len(pending))
-                report()
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(tok_s=f"{n_tokens / elapsed:.0f}", rows=counts.get("states", 0))
-                pending = []
+        with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
+            pending = []
+            for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
+                pending.append((index_, *todo[index_], result))
+                if len(pending) >= batch_size or tally.queued + len(pending) == len(todo):
+                    pending.sort(key=lambda item: item[0])  # prompt ids follow input order
+                    tally.queued += len(pending)
+                    merger.put([item[1:] for item in pending])
+                    pending = []
     finally:
         bar.close()
-    return done, failed, n_tokens, failures
+
+
+def unstored(con, keyed: Sequence[tuple[PromptSpec, str]]) -> list[tuple[PromptSpec, str]]:
+    """The ``(spec, key)`` pairs whose key is not stored yet, first occurrence of each key, in input order."""
+    seen = {row[0] for row in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
+                                          [[key for _, key in keyed]]).fetchall()}
+    todo = []
+    for spec, key in keyed:
+        if key not in seen:
+            todo.append((spec, key))
+            seen.add(key)
+    return todo
+
+
+class _Tally:
+    """Counts of a run as its batches are merged (updated by the merging thread), shown and reported."""
+
+    def __init__(self, run_id: int, total: int, skipped: int, on_progress, start: float):
+        self.run_id, self.total, self.skipped, self.on_progress, self.start = run_id, total, skipped, on_progress, start
+        self.done = self.failed = self.tokens = self.queued = 0
+        self.failures: list[str] = []
+        self.bar = None
+
+    def report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress({"run_id": self.run_id, "total": self.total, "stored": self.done,
+                              "skipped": self.skipped, "failed": self.failed, "tokens": self.tokens})
+
+    def merged(self, merged: Merged) -> None:
+        errors = merged.counts["errors"]
+        for spec, _, result in merged.items:
+            if spec.text in errors:
+                self.failed += 1
+                self.failures.append(f"{spec.text[:40]!r}: {errors[spec.text]}")
+            else:
+                self.done += 1
+                self.tokens += len(result.tokens)
+        self.report()
+        if self.bar is not None:
+            self.bar.update(len(merged.items))
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}", rows=merged.counts.get("states", 0))
 
 
 def store_text(db_path: str | Path, text: str, loaded: LoadedModel | None = None) -> int:

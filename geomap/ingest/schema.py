@@ -36,6 +36,7 @@ ALLOWED = {
     "mlp_top": "an integer of at least 1",
     "overflow": '"error" or "truncate"',
     "attn_base": '"sdpa" or "eager"',
+    "profile": '"full" (everything) or "states" (only the residual stream and the final readout)',
     "vector_dtype": '"float32" or "bfloat16" (float16 overflows on Gemma-3\'s residuals)',
     "sources": "one or more [[sources]] tables, each with a path",
     "path": "a string: the prompt file's path, relative to the pipeline file",
@@ -58,6 +59,7 @@ class CaptureSchema(_Strict):
     mlp_top: Annotated[int, Field(ge=1)] = 32
     overflow: Literal["error", "truncate"] = "error"
     attn_base: Literal["sdpa", "eager"] = "sdpa"
+    profile: Literal["full", "states"] = "full"
     vector_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def config(self) -> CaptureConfig:
@@ -68,7 +70,8 @@ class CaptureSchema(_Strict):
         return CaptureConfig(attn_positions=positions(self.attn_positions),
                              lens_positions=positions(self.lens_positions),
                              layers=None if self.layers in (None, "all") else tuple(self.layers), top_k=self.top_k,
-                             mlp_top=self.mlp_top, overflow=self.overflow, attn_base=self.attn_base)
+                             mlp_top=self.mlp_top, overflow=self.overflow, attn_base=self.attn_base,
+                             profile=self.profile)
 
 
 class SourceSchema(_Strict):
