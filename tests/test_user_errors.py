@@ -120,6 +120,7 @@ CASES = [
     ("toml-syntax", ["run", "{root}/bad-toml.toml"], "Cannot read pipeline"),
     ("toml-source-file-missing", ["run", "{root}/source-missing-file.toml"], "nowhere.txt"),
     ("toml-missing", ["run", "{root}/none.toml"], "none.toml"),
+    ("trace-empty-file", ["trace", "--file", "{root}/empty.txt"], "no prompts to trace"),
     ("report-no-prompt", ["report", "journey", "--prompt", "999", "--db", "{db}", "--out", "{root}/r/x.html"], "999"),
     ("attribute-no-prompt", ["attribute", "--prompt", "999", "--db", "{db}"], "999"),
 ]

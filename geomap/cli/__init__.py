@@ -51,6 +51,8 @@ def trace(text: str | None, prompt_file: str | None, model_name: str | None, dev
     if (text is None) == (prompt_file is None):
         raise click.UsageError("Give either TEXT or --file PATH.")
     texts = read_prompt_lines(prompt_file) if prompt_file else [text]
+    if not texts:
+        raise PromptError(f"no prompts to trace: {prompt_file} holds no prompt (empty, or blank lines only)")
     if text is not None and not text.strip():
         raise PromptError(f"Prompt is empty or whitespace only: {text!r}")
     _quiet_transformers()
