@@ -54,6 +54,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
                                 pipe.name)
         _report(summary, as_json)
+        if pipe.continuation_tokens:
+            click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
         if pipe.reports and not no_reports:
             stored = view["progress"].get("prompts", [])
             pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
@@ -66,6 +68,11 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
+    if pipe.continuation_tokens:
+        from geomap.ingest.generation import continue_prompts
+
+        continue_prompts(store, loaded, [spec.text for spec in prompts], pipe.continuation_tokens, pipe.capture,
+                         pipe.vector_dtype, progress=not as_json)
     if pipe.reports and not no_reports:
         from geomap.ingest.runs import model_identity
         from geomap.report.api import pipeline_reports

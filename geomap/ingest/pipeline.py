@@ -29,6 +29,8 @@ class Pipeline:
         sources: ``(path, format or None, tags)`` per source; paths relative to the pipeline file.
         reports: Folder for HTML reports written after the run (a journey report per prompt, the run report and
             ``index.html``), or None for none.
+        continuation_tokens: Greedy tokens `geomap run` generates and stores after each prompt (0: none), so a
+            journey report's "append and repeat" section has steps to show.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Pipeline:
     vector_dtype: str
     sources: tuple[tuple[Path, str | None, tuple[str, ...]], ...]
     reports: Path | None = None
+    continuation_tokens: int = 0
 
     def prompts(self) -> list[PromptSpec]:
         """Read every source, in order."""
@@ -47,6 +50,12 @@ class Pipeline:
 
 def _positions(value):
     return tuple(value) if isinstance(value, list) else value
+
+
+def _continuation(path: Path, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise GeomapError(f"{path}: continuation_tokens must be a whole number from 0 to 256, not {value!r}")
+    return value
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -60,7 +69,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
-    known = {"name", "model", "store", "batch_size", "capture", "sources", "reports"}
+    known = {"name", "model", "store", "batch_size", "capture", "sources", "reports", "continuation_tokens"}
     if unknown := set(data) - known:
         raise GeomapError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     cap = dict(data.get("capture", {}))
@@ -87,7 +96,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
     batch = int(data.get("batch_size", 8))
     if batch < 1:
         raise GeomapError(f"{path}: batch_size must be at least 1")
+    continuation = _continuation(path, data.get("continuation_tokens", 0))
     return Pipeline(name=str(data.get("name", path.stem)), model=str(data.get("model", DEFAULT_MODEL)),
                     store=Path(data.get("store", "data/geomap.duckdb")), batch_size=batch, capture=capture,
                     vector_dtype=vector_dtype, sources=tuple(sources),
-                    reports=Path(data["reports"]) if data.get("reports") else None)
+                    reports=Path(data["reports"]) if data.get("reports") else None,
+                    continuation_tokens=continuation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from importlib.resources import files
@@ -79,8 +80,9 @@ def polyline(values, width: int = 260, height: int = 70, pad: int = 4) -> str:
                     for i, v in pts)
 
 
+@functools.cache
 def environment() -> jinja2.Environment:
-    """The report templates, autoescaped."""
+    """The report templates, autoescaped (built once per process: compiling them costs more than rendering)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
