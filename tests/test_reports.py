@@ -54,7 +54,14 @@ class Page(HTMLParser):
             step = next((a["data-step"] for _, a in reversed(self.stack) if "data-step" in a), None)
             self.numbers.append((section, attrs.get("data-src", ""), attrs.get("data-value"), step))
 
+    def handle_startendtag(self, tag, attrs):  # <rect .../>: opens and closes itself, never an ancestor's end
+        depth = len(self.stack)
+        self.handle_starttag(tag, attrs)
+        del self.stack[depth:]
+
     def handle_endtag(self, tag):
+        if all(t != tag for t, _ in self.stack):  # </circle> of an element never pushed
+            return
         while self.stack:
             if self.stack.pop()[0] == tag:
                 break

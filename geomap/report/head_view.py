@@ -18,8 +18,12 @@ MATRIX_WINDOW = 24  # query/key positions of the causal matrix
 TOP_COMPONENTS = 5
 
 
-def window(last: int, size: int = KEY_WINDOW) -> list[int]:
-    """Positions drawn for a token at ``last``: all when few, else position 0 and the ``size - 1`` nearest."""
+def window(last: int, size: int | None = None) -> list[int]:
+    """Positions drawn for a token at ``last``: all when few, else position 0 and the ``size - 1`` nearest.
+
+    ``size`` defaults to `KEY_WINDOW`.
+    """
+    size = KEY_WINDOW if size is None else size
     if last + 1 <= size:
         return list(range(last + 1))
     return [0] + list(range(last - size + 2, last + 1))
@@ -52,7 +56,7 @@ def head_payload(attn, keys, attn_update: dict[int, np.ndarray], matrix_rows, to
         fallback_scaling: 1/√head_dim, used when q·k is 0 at the query's own key.
     """
     shown = window(last)
-    mat_pos = window(last, MATRIX_WINDOW)
+    mat_pos = window(last, MATRIX_WINDOW)  # read at call time (tests shrink the windows)
     heads = {}
     for layer, head, scores, weights, entropy, q, k_self, _v, head_out, share_norm, share in attn:
         layer, head = int(layer), int(head)

@@ -38,7 +38,8 @@ def _params(module, prefix: str, conv1d: bool) -> list[dict]:
         else:
             role = "per-dimension weight"
         out.append({"name": f"{prefix}.{name}" if prefix else name, "label": label if kind != "bias" else
-                    f"{label} bias", "shape": " × ".join(str(s) for s in shape), "role": role})
+                    f"{label} bias", "short": label.split(" ")[0], "shape": " × ".join(str(s) for s in shape),
+                    "role": role})
     return out
 
 
@@ -136,8 +137,9 @@ def neuron_rows(loaded, mlp, texts_for) -> dict[int, list[dict]]:
     for layer, neurons, acts in mlp:
         entry = out.setdefault(int(layer), [])
         for n, value in zip(neurons, acts):
+            raise_, lower = (up[i], down[i]) if value >= 0 else (down[i], up[i])  # the effect here: value × column
             entry.append({"neuron": int(n), "value": float(value),
-                          "up": [texts.get(int(t), "?") for t in up[i]],
-                          "down": [texts.get(int(t), "?") for t in down[i]]})
+                          "up": [texts.get(int(t), "?") for t in raise_],
+                          "down": [texts.get(int(t), "?") for t in lower]})
             i += 1
     return out
