@@ -121,6 +121,7 @@ def test_stored_logits_decide_like_transformers_and_decisions_are_stored(name, t
     from geomap.analysis import load
     from geomap.analysis.api import decode
     from geomap.ingest.engine import ingest
+    from geomap.store.query import final_logits
     from geomap.store.writer import PromptSpec
 
     model = request.getfixturevalue("real") if name == "real" else tiny_models[name]
@@ -129,7 +130,7 @@ def test_stored_logits_decide_like_transformers_and_decisions_are_stored(name, t
     con = duckdb.connect(str(db), read_only=True)
     info = load.prompt_info(con, 1)
     full = load.candidates(con, info, info.n_tokens - 1)
-    stored_logits = np.asarray(con.execute("SELECT logits FROM final_logits").fetchall()[0][0], np.float32)
+    stored_logits = final_logits(con, 1)
     con.close()
     assert full.complete
     sizes = [assert_matches_transformers(stored_logits, s) for s in [

@@ -8,6 +8,7 @@ import pytest
 
 from geomap.analysis.api import attribute, geometry
 from geomap.ingest.engine import ingest
+from geomap.store.query import final_logits
 from geomap.store.writer import PromptSpec
 from tests.tiny import ARCHS
 
@@ -25,8 +26,7 @@ def stored(request, tiny_models, tmp_path_factory):
 def captured_logits(db, prompt_id: int) -> np.ndarray:
     con = duckdb.connect(str(db), read_only=True)
     try:
-        return np.asarray(con.execute("SELECT logits FROM final_logits WHERE prompt_id = ?", [prompt_id])
-                          .fetchall()[0][0], np.float64)
+        return final_logits(con, prompt_id).astype(np.float64)
     finally:
         con.close()
 

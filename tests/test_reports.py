@@ -117,7 +117,9 @@ def test_numbers_match_the_store(reports):
                    n, n - 1)
     np.testing.assert_allclose(values("attention.scores")[-len(scores) * n:], [v for (row,) in scores for v in row],
                                rtol=1e-5, atol=1e-6)
-    logits = np.asarray(rows(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0])
+    logits = np.asarray(rows(db, "SELECT flatten(list(logits ORDER BY chunk)) FROM final_logits "
+                                 "WHERE prompt_id = 1")[0][0])
+    logits = logits[~np.isnan(logits)]
     np.testing.assert_allclose(values("final_logits"), np.sort(logits)[::-1][:15], rtol=1e-5)
     parts = rows(db, "SELECT value FROM attributions WHERE prompt_id = 1 AND level = 'layer' "
                       "AND component IN ('attn', 'mlp')")

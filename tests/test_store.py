@@ -14,7 +14,8 @@ from geomap.capture import CaptureConfig, capture
 from geomap.ingest.engine import ingest
 from geomap.store.codec import decode_bf16, encode_bf16, from_blob
 from geomap.store.db import StoreLockedError, connect, ensure_schema
-from geomap.store.writer import PromptSpec, write_batch
+from geomap.store.shards import write_batch
+from geomap.store.writer import PromptSpec
 
 PROMPTS = ["The storm is", "Paris", "def add(a, b):", ""]
 ALL = CaptureConfig(attn_positions="all", lens_positions="all", top_k=5)
@@ -52,7 +53,7 @@ def test_row_counts_match_the_capture(name, tiny_models, request, tmp_path):
     assert got["contributions"] == a.n_layers * n_tok
     assert got["attention"] == a.n_layers * a.n_heads * n_tok
     assert got["lens"] == got["lens_stats"] == (a.n_layers + 1) * n_tok
-    assert got["next_token"] == n_tok and got["final_logits"] == 3
+    assert got["next_token"] == n_tok and got["final_logits"] == 3 * -(-a.vocab_size // 4096)
     assert got["mlp_features"] == a.n_layers * n_tok
     con = duckdb.connect(str(db), read_only=True)
     j = journeys[0]

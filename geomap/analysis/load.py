@@ -11,6 +11,7 @@ from geomap.analysis.attribution import StreamParts
 from geomap.analysis.decoding import Candidates
 from geomap.store.codec import from_blob
 from geomap.store.db import StoreError
+from geomap.store.query import final_logit, final_logits
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ def resolve_pos(info: PromptInfo, pos: int | None) -> int:
 def candidates(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> Candidates:
     """The next-token logits stored at a position: all of them at the last position, else the top-k."""
     if pos == info.n_tokens - 1:
-        rows = con.execute("SELECT logits FROM final_logits WHERE prompt_id = ?", [info.id]).fetchall()
-        if rows and rows[0][0] is not None:
-            return Candidates.from_full(np.asarray(rows[0][0], dtype=np.float32))
+        full = final_logits(con, info.id)
+        if full is not None:
+            return Candidates.from_full(full)
     rows = con.execute("SELECT token_ids, logits, logsumexp FROM next_token WHERE prompt_id = ? AND pos = ?",
                        [info.id, pos]).fetchall()
     if not rows:
@@ -118,9 +119,9 @@ def stream_parts(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> 
 def stored_logit(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int, token: int) -> float | None:
     """The model's own logit of ``token`` at ``pos`` as captured (None if not among what was stored)."""
     if pos == info.n_tokens - 1:
-        rows = con.execute("SELECT logits[? + 1] FROM final_logits WHERE prompt_id = ?", [token, info.id]).fetchall()
-        if rows and rows[0][0] is not None:
-            return float(rows[0][0])
+        value = final_logit(con, info.id, token)
+        if value is not None:
+            return value
     rows = con.execute("""SELECT logits[list_position(token_ids, ?)] FROM next_token
                           WHERE prompt_id = ? AND pos = ?""", [token, info.id, pos]).fetchall()
     return float(rows[0][0]) if rows and rows[0][0] is not None else None

@@ -15,10 +15,11 @@ from tqdm import tqdm
 
 from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
+from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.runs import RunSummary, ensure_vocab, model_identity, start_run
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, defer_checkpoints, ensure_schema
-from geomap.store.writer import PromptSpec, prompt_key, vocab_texts, write_batch
+from geomap.store.db import connect, ensure_schema, prepare_writer
+from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
 
 
 def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Path,
@@ -49,59 +50,81 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     db_path = Path(db_path)
     con = connect(db_path)
     try:
-        defer_checkpoints(con, db_path)
+        prepare_writer(con, db_path)
         ensure_schema(con, loaded.anatomy.d_model)
         ensure_vocab(con, loaded)
         texts = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
         identity, config_json = model_identity(loaded), config.to_json()
         keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
-        stored = {row[0] for row in con.execute("SELECT key FROM prompts").fetchall()}
-        todo, seen = [], set(stored)
-        for spec, key in keyed:
-            if key not in seen:
-                todo.append((spec, key))
-                seen.add(key)
+        todo = unstored(con, keyed)
         run_id = start_run(con, loaded, config, vector_dtype, pipeline, run_id)
-        done = failed = n_tokens = 0
-        failures = []
-
-        def report() -> None:
-            if on_progress is not None:
-                on_progress({"run_id": run_id, "total": len(todo), "stored": done, "skipped": len(keyed) - len(todo),
-                             "failed": failed, "tokens": n_tokens})
-
-        report()
+        tally = _Tally(run_id, len(todo), len(keyed) - len(todo), on_progress, start)
+        tally.report()
         bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
                    dynamic_ncols=True)
-        pending = []
-        for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
-            spec, key = todo[index_]
-            pending.append((index_, spec, key, result))
-            if len(pending) >= batch_size or done + failed + len(pending) == len(todo):
-                pending.sort(key=lambda item: item[0])  # prompt ids follow input order
-                counts = write_batch(con, run_id, vector_dtype, [item[1:] for item in pending], texts)
-                for _, spec, _, r in pending:
-                    if counts["errors"].get(spec.text):
-                        failed += 1
-                        failures.append(f"{spec.text[:40]!r}: {counts['errors'][spec.text]}")
-                    else:
-                        done += 1
-                        n_tokens += len(r.tokens)
-                bar.update(len(pending))
-                report()
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(tok_s=f"{n_tokens / elapsed:.0f}", rows=counts.get("states", 0))
-                pending = []
+        tally.bar = bar
+        meta = {"model": identity, "capture": config_json}
+        with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
+            pending = []
+            for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
+                pending.append((index_, *todo[index_], result))
+                if len(pending) >= batch_size or tally.queued + len(pending) == len(todo):
+                    pending.sort(key=lambda item: item[0])  # prompt ids follow input order
+                    tally.queued += len(pending)
+                    merger.put([item[1:] for item in pending])
+                    pending = []
         bar.close()
         if index:
             from geomap.store.vectors import sync_state_indexes
 
             sync_state_indexes(con, db_path)
         con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
-        return RunSummary(run_id, done, len(keyed) - len(todo), failed, n_tokens, time.perf_counter() - start,
-                          tuple(failures))
+        return RunSummary(run_id, tally.done, len(keyed) - len(todo), tally.failed, tally.tokens,
+                          time.perf_counter() - start, tuple(tally.failures))
     finally:
         con.close()
+
+
+def unstored(con, keyed: Sequence[tuple[PromptSpec, str]]) -> list[tuple[PromptSpec, str]]:
+    """The ``(spec, key)`` pairs whose key is not stored yet, first occurrence of each key, in input order."""
+    seen = {row[0] for row in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
+                                          [[key for _, key in keyed]]).fetchall()}
+    todo = []
+    for spec, key in keyed:
+        if key not in seen:
+            todo.append((spec, key))
+            seen.add(key)
+    return todo
+
+
+class _Tally:
+    """Counts of a run as its batches are merged (updated by the merging thread), shown and reported."""
+
+    def __init__(self, run_id: int, total: int, skipped: int, on_progress, start: float):
+        self.run_id, self.total, self.skipped, self.on_progress, self.start = run_id, total, skipped, on_progress, start
+        self.done = self.failed = self.tokens = self.queued = 0
+        self.failures: list[str] = []
+        self.bar = None
+
+    def report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress({"run_id": self.run_id, "total": self.total, "stored": self.done,
+                              "skipped": self.skipped, "failed": self.failed, "tokens": self.tokens})
+
+    def merged(self, merged: Merged) -> None:
+        errors = merged.counts["errors"]
+        for spec, _, result in merged.items:
+            if spec.text in errors:
+                self.failed += 1
+                self.failures.append(f"{spec.text[:40]!r}: {errors[spec.text]}")
+            else:
+                self.done += 1
+                self.tokens += len(result.tokens)
+        self.report()
+        if self.bar is not None:
+            self.bar.update(len(merged.items))
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}", rows=merged.counts.get("states", 0))
 
 
 def store_text(db_path: str | Path, text: str, loaded: LoadedModel | None = None) -> int:

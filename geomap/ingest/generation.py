@@ -17,8 +17,9 @@ from geomap.capture.config import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.ingest.runs import ensure_vocab, model_identity, start_run
 from geomap.store.db import connect, ensure_schema
+from geomap.store.shards import write_batch
 from geomap.store.vectors import sync_state_indexes
-from geomap.store.writer import PromptSpec, prompt_key, write_batch
+from geomap.store.writer import PromptSpec, prompt_key
 
 
 def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strategy: Strategy,

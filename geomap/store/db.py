@@ -107,15 +107,29 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
                          f"({exc}). Close that connection first.") from None
 
 
-def defer_checkpoints(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> None:
-    """Let the write-ahead log grow to `WRITE_CHECKPOINT_THRESHOLD` before DuckDB checkpoints.
+INGEST_MEMORY = "1GB"  # DuckDB's memory cap while ingesting, unless $GEOMAP_INGEST_MEMORY says otherwise
 
-    With DuckDB's 16MB default an ingestion checkpoints after every batch (a batch of 8 Gemma-3 prompts is ~30MB of
-    rows), and each checkpoint recompresses the tables' open row groups: deferring them made the batch writer 10%
-    faster here. Every commit is still durable in the log. A served store sets this when it opens.
+
+def prepare_writer(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> None:
+    """Set a writing connection up for ingestion: deferred checkpoints and a memory cap.
+
+    - Checkpoints wait for `WRITE_CHECKPOINT_THRESHOLD` of write-ahead log. With DuckDB's 16MB default an ingestion
+      checkpoints after every batch and recompresses the open row groups each time; every commit is still durable.
+    - DuckDB's memory is capped at ``$GEOMAP_INGEST_MEMORY`` (default `INGEST_MEMORY`; any DuckDB size such as
+      ``512MB`` or ``4GB``). Without a cap DuckDB keeps written blocks cached up to 80% of the machine's memory, so
+      an ingestion's memory grew with every prompt. Under the cap it evicts them (they are on disk already).
+
+    A served store (``geomap serve``) sets both when it opens, for the whole instance.
     """
-    if not served(db_path):
-        con.execute(f"SET checkpoint_threshold = '{WRITE_CHECKPOINT_THRESHOLD}'")
+    if served(db_path):
+        return
+    con.execute(f"SET checkpoint_threshold = '{WRITE_CHECKPOINT_THRESHOLD}'")
+    limit = os.environ.get("GEOMAP_INGEST_MEMORY", INGEST_MEMORY)
+    try:
+        con.execute("SET memory_limit = ?", [limit])
+    except duckdb.Error as exc:
+        raise StoreError(f"GEOMAP_INGEST_MEMORY={limit!r} is not a memory size DuckDB accepts (e.g. 512MB, 2GB): "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) -> int | None:
@@ -155,10 +169,37 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) ->
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring a store written by an older geomap up to the schema (columns added since; idempotent)."""
+    _migrate_final_logits(con)
     con.execute("ALTER TABLE lens_stats ADD COLUMN IF NOT EXISTS top1_token VARCHAR")
     con.execute("""UPDATE lens_stats SET top1_token = v.text FROM prompts p, runs r, vocab v
                    WHERE lens_stats.top1_token IS NULL AND p.id = lens_stats.prompt_id AND r.id = p.run_id
                      AND v.weights_sha256 = r.weights_sha256 AND v.token_id = lens_stats.top1_id""")
+
+
+def _migrate_final_logits(con: duckdb.DuckDBPyConnection) -> None:
+    """Split the one-row-per-prompt ``final_logits`` of older stores into rows of 4096 ids, in one transaction.
+
+    A megabyte-sized list per row made every checkpoint pin the row group's values in memory, so a memory cap
+    failed the checkpoint; 16 kB rows do not. Every logit is kept: the new rows hold them bit for bit.
+    """
+    columns = {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'final_logits' "
+                                         "AND database_name = current_database() AND schema_name = 'main'").fetchall()}
+    if not columns or "chunk" in columns:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("ALTER TABLE final_logits RENAME TO final_logits_v1")
+        con.execute("CREATE TABLE final_logits (prompt_id INTEGER, chunk SMALLINT, logits FLOAT[4096])")
+        con.execute("""INSERT INTO final_logits
+                       SELECT prompt_id, c::SMALLINT,
+                              list_resize(logits[c * 4096 + 1 : (c + 1) * 4096], 4096, 'NaN'::FLOAT)::FLOAT[4096]
+                       FROM final_logits_v1, range(0, (len(logits) + 4095) // 4096) t(c)
+                       WHERE logits IS NOT NULL ORDER BY prompt_id, c""")
+        con.execute("DROP TABLE final_logits_v1")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _meta(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:

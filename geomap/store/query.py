@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
@@ -69,3 +70,26 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
         return out
     finally:
         con.close()
+
+
+def final_logits(con: duckdb.DuckDBPyConnection, prompt_id: int) -> np.ndarray | None:
+    """The full-vocabulary logits stored for a prompt's last position, (V,) float32, or None if none are stored.
+
+    They are stored as rows of 4096 token ids (`geomap.store.writer.logit_chunks`); the padding past V is NaN.
+    """
+    rows = con.execute("SELECT logits FROM final_logits WHERE prompt_id = ? ORDER BY chunk", [prompt_id]).fetchnumpy()
+    if not len(rows["logits"]):
+        return None
+    flat = np.concatenate([np.asarray(r, np.float32) for r in rows["logits"]])
+    finite = np.flatnonzero(~np.isnan(flat))
+    return flat[: finite[-1] + 1] if len(finite) else flat[:0]
+
+
+def final_logit(con: duckdb.DuckDBPyConnection, prompt_id: int, token: int) -> float | None:
+    """One token's stored last-position logit (None if none is stored or the id is past the vocabulary)."""
+    from geomap.store.writer import LOGIT_CHUNK
+
+    rows = con.execute("SELECT logits[? + 1] FROM final_logits WHERE prompt_id = ? AND chunk = ?",
+                       [token % LOGIT_CHUNK, prompt_id, token // LOGIT_CHUNK]).fetchall()
+    value = rows[0][0] if rows else None
+    return None if value is None or np.isnan(value) else float(value)

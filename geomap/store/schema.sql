@@ -116,9 +116,17 @@ CREATE TABLE IF NOT EXISTS next_token (
     PRIMARY KEY (prompt_id, pos)
 );
 
-CREATE TABLE IF NOT EXISTS final_logits (
-    prompt_id INTEGER PRIMARY KEY,          -- the last position's full-vocabulary logits
-    logits FLOAT[]
+CREATE TABLE IF NOT EXISTS final_logits (  -- the last position's full-vocabulary logits, 4096 token ids a row
+    prompt_id INTEGER,
+    chunk SMALLINT,                         -- token ids chunk*4096 .. chunk*4096 + 4095
+    logits FLOAT[4096]                      -- NaN past the end of the vocabulary
+);
+
+CREATE TABLE IF NOT EXISTS merged_shards (  -- shards merged into the store (a shard is merged once)
+    shard_id VARCHAR PRIMARY KEY,           -- content id: sha256 of the shard's prompt keys and meta
+    merged_at TIMESTAMP,
+    run_id INTEGER,
+    prompts INTEGER                         -- new prompts it added (its others were stored already)
 );
 
 CREATE TABLE IF NOT EXISTS faiss_manifest (

@@ -1,4 +1,4 @@
-"""Journeys → rows of the store's tables, one DuckDB transaction per batch, inserted through Arrow."""
+"""Journeys → Arrow rows of the store's tables (merged into the store by `geomap.store.shards`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from geomap.capture.journey import Journey, PromptFailure
+from geomap.capture.journey import Journey
 from geomap.store.codec import encode_bf16
 
 
@@ -183,8 +183,7 @@ def _readout_tables(j: Journey, prompt_id: int, vocab_text: np.ndarray | None) -
                            "token_ids": _lists(f.ids, np.int32), "logits": _lists(f.logits, np.float32),
                            "probs": _lists(f.probs, np.float32), "entropy": pa.array(f.entropy),
                            "logsumexp": pa.array(f.logsumexp)})
-    final_logits = pa.table({"prompt_id": pa.array([prompt_id], pa.int32()),
-                             "logits": _lists(j.last_logits[None], np.float32)})
+    final_logits = logit_chunks(j.last_logits, prompt_id)
     t = j.tokens
     tokens = pa.table({"prompt_id": pa.array(np.full(length, prompt_id, np.int32)),
                        "pos": pa.array(np.arange(length, dtype=np.int32)), "token_id": pa.array(t.ids.astype(np.int32)),
@@ -192,6 +191,19 @@ def _readout_tables(j: Journey, prompt_id: int, vocab_text: np.ndarray | None) -
                        "special": pa.array(t.special), "generated": pa.array(np.zeros(length, bool))})
     return {"lens": lens_t, "lens_stats": stats, "next_token": next_token, "final_logits": final_logits,
             "tokens": tokens}
+
+
+LOGIT_CHUNK = 4096  # token ids per ``final_logits`` row: small rows, so a checkpoint never pins megabyte values
+
+
+def logit_chunks(logits: np.ndarray, prompt_id: int) -> pa.Table:
+    """(V,) full-vocabulary logits as ``final_logits`` rows: chunk c holds ids c*4096..c*4096+4095 (NaN past V)."""
+    n = -(-len(logits) // LOGIT_CHUNK)
+    padded = np.full(n * LOGIT_CHUNK, np.nan, np.float32)
+    padded[: len(logits)] = logits
+    return pa.table({"prompt_id": pa.array(np.full(n, prompt_id, np.int32)),
+                     "chunk": pa.array(np.arange(n, dtype=np.int16)),
+                     "logits": pa.FixedSizeListArray.from_arrays(pa.array(padded), LOGIT_CHUNK)})
 
 
 def vocab_texts(con: duckdb.DuckDBPyConnection, weights_sha256: str, vocab_size: int) -> np.ndarray:
@@ -206,64 +218,3 @@ def vocab_texts(con: duckdb.DuckDBPyConnection, weights_sha256: str, vocab_size:
 
 TABLES = ("tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens", "lens_stats",
           "next_token", "final_logits")
-
-
-def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
-                items: list[tuple[PromptSpec, str, Journey | PromptFailure]],
-                vocab_text: np.ndarray | None = None) -> dict[str, int]:
-    """Store a batch of captured prompts in one transaction.
-
-    Args:
-        con: Read-write connection.
-        run_id: The run the prompts belong to.
-        vector_dtype: ``"float32"`` or ``"bfloat16"`` for state vectors.
-        items: ``(spec, key, journey or failure)`` per prompt; failures and non-finite journeys are stored as
-            prompts with status ``'error'`` and no other rows.
-        vocab_text: The run model's token texts by id (`vocab_texts`); looked up in the store when omitted.
-
-    Returns:
-        Rows added per table, and ``errors``: {prompt text: reason} for prompts stored as errors.
-    """
-    con.execute("BEGIN TRANSACTION")
-    try:
-        next_prompt = con.execute("SELECT coalesce(max(id), 0) + 1 FROM prompts").fetchall()[0][0]
-        next_state = con.execute("SELECT coalesce(max(id), 0) + 1 FROM states").fetchall()[0][0]
-        parts: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
-        prompt_rows, errors = [], {}
-        for spec, key, result in items:
-            reason = result.reason if isinstance(result, PromptFailure) else check_finite(result)
-            n_tokens = None if isinstance(result, PromptFailure) else len(result.tokens)
-            truncated = None if isinstance(result, PromptFailure) else result.truncated
-            prompt_rows.append((next_prompt, key, run_id, spec.text, spec.source, spec.source_id, list(spec.tags),
-                                n_tokens, "error" if reason else "done", reason, truncated, spec.parent_id,
-                                spec.decoding))
-            if reason is not None:
-                errors[spec.text] = reason
-            else:
-                tables = journey_tables(result, next_prompt, next_state, vector_dtype, spec.generated_from,
-                                        vocab_text)
-                next_state += tables["states"].num_rows
-                for name, table in tables.items():
-                    parts[name].append(table)
-            next_prompt += 1
-        con.executemany("INSERT INTO prompts (id, key, run_id, text, source, source_id, tags, n_tokens, status, "
-                        "error, truncated, parent_id, decoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        prompt_rows)
-        counts: dict = {"prompts": len(prompt_rows), "errors": errors}
-        for name, tables in parts.items():
-            if tables:
-                batch = pa.concat_tables(tables)
-                con.register("_geomap_batch", batch)
-                if name == "lens_stats" and vocab_text is None:  # the top-1 token's text from the store's vocab
-                    con.execute("INSERT INTO lens_stats BY NAME SELECT b.* REPLACE (v.text AS top1_token) "
-                                "FROM _geomap_batch b LEFT JOIN vocab v ON v.token_id = b.top1_id AND "
-                                "v.weights_sha256 = (SELECT weights_sha256 FROM runs WHERE id = ?)", [run_id])
-                else:
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _geomap_batch")  # noqa: S608 (fixed names)
-                con.unregister("_geomap_batch")
-                counts[name] = batch.num_rows
-        con.execute("COMMIT")
-        return counts
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
