@@ -50,6 +50,19 @@ def journey(request, tiny_models, tmp_path_factory):
     return model, db, report
 
 
+def _final_logits(db) -> np.ndarray:
+    """The last position's full logits of prompt 1, through the store's one reader (their layout is its business)."""
+    import duckdb
+
+    from geomap.store.query import final_logits
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return np.asarray(final_logits(con, 1), np.float32)
+    finally:
+        con.close()
+
+
 def _transformers_probs(logits: np.ndarray, t: float, k: int, p: float) -> np.ndarray:
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -66,7 +79,7 @@ def _transformers_probs(logits: np.ndarray, t: float, k: int, p: float) -> np.nd
 def test_decoding_is_exact_at_every_temperature(journey, browser):
     """The page's summary of the full distribution matches transformers' warpers within 1e-3 for T in [0.1, 5]."""
     _, db, report = journey
-    logits = np.asarray(rows(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0], np.float32)
+    logits = _final_logits(db)
     order = np.argsort(-logits, kind="stable")
     page, events = open_page(browser, report.path)
     for t, k, p in GRID:
@@ -118,7 +131,7 @@ def test_every_control_shows_the_stores_numbers(journey, browser):
     assert page.locator("[data-bind='head.layer']").text_content() == str(layer)
     assert page.locator("[data-matrix] rect").count() == n * (n + 1) // 2
     # Decoding: T = 2.5 equals transformers; invalid top-k / top-p are refused; the sample is seeded and shown.
-    logits = np.asarray(rows(db, "SELECT logits FROM final_logits WHERE prompt_id = 1")[0][0], np.float32)
+    logits = _final_logits(db)
     page.fill("input[name=temperature]", "2.5")
     page.locator("input[name=temperature]").dispatch_event("input")
     want = _transformers_probs(logits, 2.5, 0, 1.0)
