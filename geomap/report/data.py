@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from geomap.analysis import load
 from geomap.analysis.geometry import normed_state
@@ -18,7 +19,7 @@ HEAT_WINDOW = 16  # key positions per head in the every-head tables
 # windows above bound every per-position table, so a page's size depends on the model's layers and heads only.
 ELEMENT_BUDGET = 20_000
 MAP_BACKGROUND = 1500  # other prompts' points drawn at most in the trajectory map
-MAP_CANDIDATES = 5  # this position's top candidates whose unembedding directions the trajectory maps show
+MAP_CANDIDATES = 5  # this position's top candidates whose unembedding directions the trajectory map shows
 
 
 def _rows(con, sql: str, *params) -> list[tuple]:
@@ -56,10 +57,8 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     loaded = api.model_for(info, loaded)
     n, L = info.n_tokens, info.n_layers
     last = load.resolve_pos(info, pos)
-    geo_zero = api.geometry(db_path, prompt_id, layer=0, pos=last, loaded=loaded)
     attribution = api.attribute(db_path, prompt_id, pos=last, loaded=loaded)
     stats = api.trajectory_stats(db_path, prompt_id, last)
-    pos_frame = position(db_path, prompt_id, max_distance=32, loaded=loaded, pos=last)
     con = connect(db_path)
     try:
         sha = info.weights_sha256
@@ -108,7 +107,9 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         con.close()
 
     ids = set(int(t) for r in lens for t in r[1]) | {int(r[3]) for r in generations}
-    ids |= {int(v) for v in geo_zero["id"]} | {int(r[10]) for r in decisions}
+    start = resid[0]
+    embed_near = embedding_neighbours(loaded, start)
+    ids |= {int(t) for t, _ in embed_near} | {int(r[10]) for r in decisions}
     ids |= {int(v) for v in candidates.ids[:decoding_view.LISTED]}
 
     def texts_for(extra) -> dict[int, str]:
@@ -137,12 +138,15 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     from geomap.analysis.maps import place
 
     own = [int(t) for t in candidates.ids[:MAP_CANDIDATES]]
-    placed = place(db_path, pid, prompt_id, loaded=loaded, tokens=own)
+    placed = place(db_path, pid, prompt_id, loaded=loaded, tokens=own, positions=[last])
     pca = _map(db_path, pid, placed, last, texts)
     pca["explained"] = [float(v) for v in explained or []]
 
     lse = float(candidates.logsumexp)
     head_layer, head_index = head or _chosen_head(attn, last)
+    # The position section draws one head's q·k by distance: only that head is computed.
+    pos_frame = position(db_path, prompt_id, layer=head_layer, head=head_index, max_distance=32, loaded=loaded,
+                         pos=last)
     capture = json.loads(run[8]) if run[8] else {}
     fallback = float(run[6]) ** -0.5 if run[6] else 1.0
     heads = head_view.head_payload(attn, keys, {int(c[0]): np.asarray(c[3], np.float64) for c in contrib},
@@ -169,7 +173,8 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         "follow": tokens[-1],
         "embedding": {"token": tokens[-1], "row_norm": float(np.linalg.norm(emb_row)),
                       "scale": float(loaded.anatomy.embed_scale), "state_norm": float(stats["norm"].iloc[0]),
-                      "neighbours": _frame_rows(geo_zero[geo_zero.role == "embedding"])},
+                      "neighbours": [{"rank": i + 1, "token": texts.get(t), "cosine": c}
+                                     for i, (t, c) in enumerate(embed_near)]},
         "position": {"ropes": pos_frame.attrs.get("ropes", {}), "kind": pos_frame.attrs["kind"],
                      "profile": _position_rows(pos_frame, head_layer, head_index)},
         "boxes": layer_view.layer_boxes(loaded),
@@ -200,6 +205,32 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         "neighbours": _neighbours(db_path, prompt_id, L, knn, last),
         "generations": generations,
     }
+
+
+def neighbour_layers(n_layers: int) -> list[int]:
+    """The boundaries whose FAISS neighbours a journey page lists: five spread over the depth, ends included."""
+    return sorted({round(i * n_layers / 4) for i in range(5)})
+
+
+_ROW_NORMS: dict[str, np.ndarray] = {}
+
+
+def embedding_neighbours(loaded, state: np.ndarray, k: int = 10) -> list[tuple[int, float]]:
+    """The rows of the embedding matrix nearest by cosine to a layer-0 state: ``(token id, cosine)``, best first.
+
+    One matrix-vector product; the rows' norms are computed once per model and process.
+    """
+    w_e = loaded.anatomy.embed.weight.detach()
+    norms = _ROW_NORMS.get(loaded.weights_hash)
+    if norms is None:
+        norms = _ROW_NORMS[loaded.weights_hash] = torch.linalg.vector_norm(w_e.float(), dim=1).cpu().numpy()
+    x = torch.as_tensor(np.asarray(state, np.float32)).to(w_e.device, w_e.dtype)
+    with torch.no_grad():
+        dots = (w_e @ x).float().cpu().numpy()
+    cos = dots / np.maximum(norms * float(np.linalg.norm(state)), 1e-30)
+    top = np.argpartition(-cos, k)[:k]
+    top = top[np.argsort(-cos[top], kind="stable")]
+    return [(int(t), float(cos[t])) for t in top]
 
 
 def _neighbour_prompts(con, info, prompt_id: int) -> dict:
@@ -310,7 +341,7 @@ def _neighbours(db_path, prompt_id: int, n_layers: int, k: int, pos: int) -> lis
     from geomap.store.query import neighbors
 
     out = []
-    for layer in range(n_layers + 1):
+    for layer in neighbour_layers(n_layers):
         try:
             frame = neighbors(db_path, prompt_id, layer, pos, k + 1)
         except StoreError:

@@ -9,7 +9,6 @@ Shapes come from the loaded model's own parameters, grouped into boxes by the ar
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 # Display names of the matrices the seed's algebra uses, by the parameter's module name.
@@ -17,6 +16,9 @@ MATRIX_NAMES = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_
                 "gate_proj": "W_gate", "up_proj": "W_up (W₁)", "down_proj": "W_down (W₂)", "c_fc": "W₁",
                 "fc1": "W₁", "fc2": "W₂", "q_norm": "q norm", "k_norm": "k norm"}
 NEURON_TOKENS = 4  # tokens listed per direction (up / down) for each neuron
+# (weights hash) -> {(layer, neuron): (up ids, down ids)}: a neuron's tokens depend on the weights only, so pages
+# written in one process (a pipeline's reports, the server) compute each neuron once.
+_NEURON_CACHE: dict[str, dict[tuple[int, int], tuple]] = {}
 
 
 def _params(module, prefix: str, conv1d: bool) -> list[dict]:
@@ -85,7 +87,7 @@ def layer_boxes(loaded) -> list[dict]:
     return boxes
 
 
-def neuron_directions(loaded, picks: list[tuple[int, int]]) -> np.ndarray:
+def neuron_directions(loaded, picks: list[tuple[int, int]]) -> torch.Tensor:
     """(n, vocab) logits of each (layer, neuron)'s output direction read through the unembedding.
 
     The direction is the neuron's column of the MLP's down projection, passed through the post-MLP norm's weight
@@ -105,7 +107,7 @@ def neuron_directions(loaded, picks: list[tuple[int, int]]) -> np.ndarray:
             col = col * ((1.0 + w) if plus_one else w)
         rows.append(col)
     if not rows:
-        return np.zeros((0, a.vocab_size), np.float32)
+        return torch.zeros((0, a.vocab_size))
     x = torch.stack(rows)
     if spec.norm_kind == "layer":
         x = x - x.mean(dim=1, keepdim=True)
@@ -113,7 +115,7 @@ def neuron_directions(loaded, picks: list[tuple[int, int]]) -> np.ndarray:
     x = x * ((1.0 + w) if plus_one else w)
     with torch.no_grad():
         w_u = a.unembed.weight
-        return (x.to(w_u.device, w_u.dtype) @ w_u.T).float().cpu().numpy()
+        return (x.to(w_u.device, w_u.dtype) @ w_u.T).float()
 
 
 def neuron_rows(loaded, mlp, texts_for) -> dict[int, list[dict]]:
@@ -125,13 +127,18 @@ def neuron_rows(loaded, mlp, texts_for) -> dict[int, list[dict]]:
         texts_for: A callable from token ids to ``{id: text}``.
     """
     picks = [(int(layer), int(n)) for layer, neurons, _ in mlp for n in neurons]
-    logits = neuron_directions(loaded, picks)
-    k = NEURON_TOKENS
-    up = np.argpartition(-logits, k, axis=1)[:, :k] if len(picks) else np.zeros((0, k), int)
-    down = np.argpartition(logits, k, axis=1)[:, :k] if len(picks) else np.zeros((0, k), int)
-    up = np.take_along_axis(up, np.argsort(-np.take_along_axis(logits, up, 1), 1), 1)
-    down = np.take_along_axis(down, np.argsort(np.take_along_axis(logits, down, 1), 1), 1)
-    texts = texts_for({int(t) for t in up.ravel()} | {int(t) for t in down.ravel()})
+    cache = _NEURON_CACHE.setdefault(loaded.weights_hash, {})
+    missing = sorted({p for p in picks if p not in cache})
+    if missing:
+        logits = neuron_directions(loaded, missing)
+        k = min(NEURON_TOKENS, logits.shape[1])
+        ups = torch.topk(logits, k, dim=1).indices.cpu().numpy()
+        downs = torch.topk(-logits, k, dim=1).indices.cpu().numpy()
+        for pick, u, dn in zip(missing, ups, downs):
+            cache[pick] = (u, dn)
+    up = [cache[p][0] for p in picks]
+    down = [cache[p][1] for p in picks]
+    texts = texts_for({int(t) for row in up + down for t in row})
     out: dict[int, list[dict]] = {}
     i = 0
     for layer, neurons, acts in mlp:
