@@ -18,6 +18,7 @@ HEAT_WINDOW = 16  # key positions per head in the every-head tables
 # The most elements a journey page may have in the browser, whatever the prompt's length (docs/journey.md): the
 # windows above bound every per-position table, so a page's size depends on the model's layers and heads only.
 ELEMENT_BUDGET = 20_000
+NEIGHBOUR_TEXT = 120  # characters of a neighbour's prompt shown
 MAP_BACKGROUND = 1500  # other prompts' points drawn at most in the trajectory map
 MAP_CANDIDATES = 5  # this position's top candidates whose unembedding directions the trajectory map shows
 
@@ -347,5 +348,9 @@ def _neighbours(db_path, prompt_id: int, n_layers: int, k: int, pos: int) -> lis
         except StoreError:
             continue
         rows = frame[(frame["prompt_id"] != prompt_id) | (frame["pos"] != frame["pos"].iloc[0])].head(k)
-        out.append({"layer": layer, "rows": _frame_rows(rows.drop(columns=["state_id"]))})
+        listed = _frame_rows(rows.drop(columns=["state_id"]))
+        for r in listed:  # a long prompt's text once per row would dominate the page
+            text = r.get("prompt_text") or ""
+            r["prompt_text"] = text if len(text) <= NEIGHBOUR_TEXT else text[: NEIGHBOUR_TEXT - 1] + "…"
+        out.append({"layer": layer, "rows": listed})
     return out
