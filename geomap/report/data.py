@@ -14,7 +14,7 @@ from geomap.report import decoding_view, geometry_view, head_view, layer_view
 from geomap.store.db import StoreError, connect, ensure_schema
 
 TOKEN_WINDOW = 64  # tokens listed around the followed one (long prompts are windowed; see docs/journey.md)
-HEAT_WINDOW = 16  # key positions per head in the every-head tables
+HEAT_WINDOW = 12  # key positions per head in the every-head tables
 # The most elements a journey page may have in the browser, whatever the prompt's length (docs/journey.md): the
 # windows above bound every per-position table, so a page's size depends on the model's layers and heads only.
 ELEMENT_BUDGET = 20_000

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-KEY_WINDOW = 40  # key positions drawn per head (plus position 0); the rest are summed
+KEY_WINDOW = 28  # key positions drawn per head (plus position 0); the rest are summed
 MATRIX_WINDOW = 24  # query/key positions of the causal matrix
 TOP_COMPONENTS = 5
 
