@@ -94,7 +94,8 @@ def environment() -> jinja2.Environment:
     """The report templates, autoescaped (built once per process: compiling them costs more than rendering)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(dv=data_value, fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
+    env.filters.update(dv=data_value, fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline,
+                       json=safe_json)
     env.globals.update(scale_points=svgmap.scale_points, map_view=svgmap.map_view, needs_zoom=svgmap.needs_zoom,
                        palette=svgmap.palette, showtok=showtok, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
     return env
