@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 Positions = Literal["last", "all"] | tuple[int, ...]
+PROFILES = ("full", "states")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class CaptureConfig:
         overflow: ``"error"`` for prompts longer than the context window, or ``"truncate"`` to keep the
             last tokens (and the BOS token, if any).
         attn_base: Attention kernel the capture delegates to: ``"sdpa"`` (fast) or ``"eager"``.
+        profile: What a capture keeps. ``"full"``: everything above. ``"states"``: the residual stream at every
+            boundary and position and the final readout (the model's top-k, entropy and logsumexp at every
+            position), nothing else: no attention internals, updates, norm scales, MLP neurons, lens, or
+            full-vocabulary logits (decoding then works from the stored top-k).
     """
 
     attn_positions: Positions = "last"
@@ -36,6 +41,7 @@ class CaptureConfig:
     mlp_top: int = 32
     overflow: Literal["error", "truncate"] = "error"
     attn_base: Literal["sdpa", "eager"] = "sdpa"
+    profile: Literal["full", "states"] = "full"
 
     def __post_init__(self):
         for name in ("attn_positions", "lens_positions"):
@@ -52,10 +58,18 @@ class CaptureConfig:
             raise ValueError(f"overflow must be 'error' or 'truncate', not {self.overflow!r}")
         if self.attn_base not in ("sdpa", "eager"):
             raise ValueError(f"attn_base must be 'sdpa' or 'eager', not {self.attn_base!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys, no spaces): equal configs give equal strings."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (sorted keys, no spaces): equal configs give equal strings.
+
+        The default profile is left out, so the keys of prompts stored before profiles existed stay the same.
+        """
+        fields = asdict(self)
+        if fields["profile"] == "full":
+            del fields["profile"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 def resolve_positions(selector: Positions, length: int) -> np.ndarray:

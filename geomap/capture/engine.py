@@ -16,6 +16,7 @@ from geomap.capture.config import CaptureConfig, resolve_layers, resolve_positio
 from geomap.capture.journey import AttentionInside, Journey, LensReadout, MlpFeatures, PromptFailure, Stream
 from geomap.capture.lens import Unembed, to_readout
 from geomap.capture.recorder import Recorder
+from geomap.capture.states import capture_states_batch
 from geomap.capture.tokens import Encoded, describe_tokens, encode
 from geomap.errors import PromptError
 from geomap.models.loading import LoadedModel
@@ -203,7 +204,8 @@ def iter_capture(loaded: LoadedModel, texts: Iterable[str], config: CaptureConfi
 
     def flush():
         window.sort(key=lambda item: len(item[1].ids))
-        journeys = capture_batch(loaded, [e for _, e in window], config)
+        capture_one = capture_states_batch if config.profile == "states" else capture_batch
+        journeys = capture_one(loaded, [e for _, e in window], config)
         done = [(i, j) for (i, _), j in zip(window, journeys)]
         window.clear()
         return done

@@ -62,8 +62,9 @@ class Stream:
 
     def __post_init__(self):
         n_layers, length, width = self.resid.shape[0] - 1, self.resid.shape[1], self.resid.shape[2]
-        _check(self, {"attn": (n_layers, length, width), "mlp": (n_layers, length, width),
-                      "norm_scale": (n_layers, len(self.norm_names), length), "final_norm_scale": (length,)})
+        kept = n_layers if self.attn.shape[0] else 0  # the "states" profile keeps no updates or norm scales
+        _check(self, {"attn": (kept, length, width), "mlp": (kept, length, width),
+                      "norm_scale": (kept, len(self.norm_names), length), "final_norm_scale": (length,)})
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,9 @@ class Journey:
     lens: LensReadout
     truncated: bool = False
     """True when the prompt was cut to the context window."""
+    profile: str = "full"
+    """What was kept (`CaptureConfig.profile`): ``"states"`` journeys hold only tokens, the residual stream and the
+    final readout; their attention, MLP and lens parts are empty, and their stream has no updates."""
 
     def __post_init__(self):
         length = len(self.tokens)

@@ -22,6 +22,9 @@ def _quiet_transformers() -> None:
 @click.version_option(package_name="geomap")
 def cli() -> None:
     """Measure, store and explore the journey of an inference token through a real language model."""
+    from geomap.cli.textout import install
+
+    install()  # every command's output shows terminal control characters instead of obeying them
 
 
 @cli.command()
@@ -108,5 +111,7 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except GeomapError as exc:
-        click.echo(f"error: {exc}", err=True)
+        from geomap.cli.textout import visible
+
+        click.echo(f"error: {visible(str(exc))}", err=True)
         sys.exit(2)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import click
 
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB
+
+PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
+
 db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="DuckDB store (default: $GEOMAP_DB, else data/geomap.duckdb).")
 
@@ -36,14 +40,22 @@ def _report(summary, as_json: bool) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--no-reports", is_flag=True, help="Skip the HTML reports the pipeline asks for.")
-def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool) -> None:
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="Capture profile, overriding the pipeline's [capture] profile: 'full' keeps everything, 'states' "
+                   "only the residual stream and the final readout.")
+def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool, no_reports: bool,
+        profile: str | None) -> None:
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
+    import dataclasses
+
     from geomap.cli import _quiet_transformers
     from geomap.ingest.engine import ingest
     from geomap.ingest.pipeline import load_pipeline
     from geomap.models import load_model
 
     pipe = load_pipeline(pipeline_file)
+    if profile is not None:
+        pipe = dataclasses.replace(pipe, capture=dataclasses.replace(pipe.capture, profile=profile))
     prompts = pipe.prompts()
     store = db or pipe.store
     from geomap.cli.remote import server_for
@@ -92,9 +104,11 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 @click.option("--attn-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
 @click.option("--lens-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
 @click.option("--vector-dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--profile", type=click.Choice(PROFILES), default="full", show_default=True,
+              help="'full' keeps everything; 'states' only the residual stream and the final readout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, device: str | None, batch_size: int,
-           attn_positions: str, lens_positions: str, vector_dtype: str, as_json: bool) -> None:
+           attn_positions: str, lens_positions: str, vector_dtype: str, profile: str, as_json: bool) -> None:
     """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc."""
     from geomap.capture import CaptureConfig
     from geomap.cli import _quiet_transformers
@@ -103,7 +117,7 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     from geomap.models import DEFAULT_MODEL, load_model
 
     prompts = [spec for path in files for spec in read_source(path)]
-    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions)
+    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions, profile=profile)
     from geomap.cli.remote import run_job, server_for
 
     if (client := server_for(_db(db))) is not None:
@@ -122,17 +136,22 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--time-limit", default=5.0, show_default=True, help="Seconds before the query is interrupted.")
 @click.option("--max-rows", default=10_000, show_default=True, help="Row cap.")
-def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int) -> None:
+@click.option("--memory", "memory_mb", default=DEFAULT_MEMORY_MB, show_default=True,
+              help="Memory budget, MB: past it the query is stopped and refused (a server applies its own).")
+def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int,
+        memory_mb: float) -> None:
     """Run a read-only SQL query against the store."""
     from geomap.cli.remote import server_for
     from geomap.store.sql import SqlResult, run_sql
+    from geomap.store.sql_budget import check_limits
 
+    check_limits(time_limit, max_rows, memory_mb)
     fmt = "json" if as_json else fmt
     if (client := server_for(_db(db))) is not None:
         got = client.request("POST", "/sql", {"sql": query, "time_limit": time_limit, "max_rows": max_rows})
         result = SqlResult(got["columns"], [tuple(r) for r in got["rows"]], got["truncated"], got["elapsed_s"])
     else:
-        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
+        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows, memory_mb=memory_mb)
     click.echo(result.format(fmt))
     if result.truncated and fmt != "table":  # the table's own footer already says so
         click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)

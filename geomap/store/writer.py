@@ -97,6 +97,10 @@ def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype
         "vec_bf16": pa.array([row.astype("<u2").tobytes() for row in encode_bf16(flat)], pa.binary()) if bf16
         else pa.nulls(n_states, pa.binary()),
     })
+    if j.profile == "states":  # the residual stream and the final readout, nothing else
+        readout = _readout_tables(j, prompt_id, vocab_text)
+        return _flag_generated({"states": states, "tokens": readout["tokens"], "next_token": readout["next_token"]},
+                               generated_from, length)
     # contributions, with the W_O bias share at the captured query positions
     c_layer, c_pos = np.meshgrid(np.arange(n_layers), np.arange(length), indexing="ij")
     bias = np.full((n_layers, length, width), np.nan, np.float32)
@@ -113,6 +117,11 @@ def journey_tables(j: Journey, prompt_id: int, first_state_id: int, vector_dtype
     })
     tables = {"states": states, "contributions": contributions, **_inside_tables(j, prompt_id), **_readout_tables(
         j, prompt_id, vocab_text)}
+    return _flag_generated(tables, generated_from, length)
+
+
+def _flag_generated(tables: dict[str, pa.Table], generated_from: int | None, length: int) -> dict[str, pa.Table]:
+    """Flag the tokens from ``generated_from`` on as generated (a generation's own tokens)."""
     if generated_from is not None:
         flags = pa.array(np.arange(length) >= generated_from)
         tokens = tables["tokens"]
