@@ -15,8 +15,12 @@ NAMES = ["capture vs forward with output_hidden_states", "lens vs same-shape pla
          "store write vs bare DuckDB insert", "orchestration overhead end to end",
          "ingestion end to end vs forward with output_hidden_states", "SQL fetch of one trajectory, p50",
          "kNN p50 latency at 10k states", "kNN recall@10 at 50k states", "PCA fit on 5k states", "journey report",
-         "DuckDB bytes per token per layer (bfloat16)", "FAISS bytes per token per layer (float32 store)",
-         "ingestion peak memory growth, 30 -> 120 prompts"]
+         "DuckDB bytes per token per layer (full profile, bfloat16)",
+         "FAISS bytes per token per layer (full profile, float32 store)",
+         "DuckDB bytes per token per layer (states profile, float32)",
+         "store write vs plain fsync'd write of the same bytes", "ingestion vs its FLOP bound",
+         "states-only ingestion vs forward with output_hidden_states",
+         "ingestion peak memory growth, 30 -> 120 prompts", "ingestion peak memory growth, 120 -> 300 prompts"]
 
 
 def test_targets_and_rounds():
@@ -31,7 +35,7 @@ def test_targets_and_rounds():
 def test_bench_quick_json_on_a_tiny_model(tiny_dirs, tmp_path):
     got = subprocess.run([sys.executable, "-m", "geomap", "bench", "--quick", "--json", "--model",
                           str(tiny_dirs["llama"]), "--markdown", str(tmp_path / "b.md")],
-                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert got.returncode == 0, got.stderr[-3000:]
     out = json.loads(got.stdout)
     assert {"cpu", "cores", "torch", "duckdb", "faiss"} <= set(out["machine"])

@@ -275,6 +275,10 @@ def test_prompt_endpoints_match_the_store(served):
 def test_reports_are_rendered_by_the_server(served):
     api, _, _, _ = served
     status, page = api.call("GET", "/reports/journey-1.html")
+    end = time.time() + 300
+    while status == 202 and time.time() < end:  # the run's maps are fitted in the background first
+        time.sleep(0.5)
+        status, page = api.call("GET", "/reports/journey-1.html")
     assert status == 200 and 'id="trajectory"' in page and "<script src" not in page
     status, page = api.call("GET", "/reports/run-1.html")
     assert status == 200 and 'href="journey-1.html"' in page

@@ -39,7 +39,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
     repeats = 3
     n_prompts = 16 if quick else 32
     sizes = (10_000, 50_000) if quick else (10_000, 100_000, 1_000_000)
-    memory_counts = (30, 120) if quick else (100, 1000)
+    memory_counts = (30, 120, 300) if quick else (100, 1000, 5000)
     n_map = 5_000 if quick else 50_000
     loaded = load_model(model, device="cpu")
     texts = prompts(n_prompts)
@@ -62,6 +62,6 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         figures += query_bench.projection_figures(base, n_map)
         say(f"kNN at {', '.join(f'{n:,}' for n in sizes)} states")
         figures += query_bench.knn_figures(base, sizes)
-        say(f"memory at {memory_counts[0]} and {memory_counts[1]} prompts (fresh processes)")
+        say(f"memory at {', '.join(map(str, memory_counts))} prompts (fresh processes)")
         figures += store_bench.memory_figures(model, texts, memory_counts, folder)
     return machine(), figures, time.perf_counter() - start

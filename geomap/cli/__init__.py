@@ -22,6 +22,9 @@ def _quiet_transformers() -> None:
 @click.version_option(package_name="geomap")
 def cli() -> None:
     """Measure, store and explore the journey of an inference token through a real language model."""
+    from geomap.cli.textout import install
+
+    install()  # every command's output shows terminal control characters instead of obeying them
 
 
 @cli.command()
@@ -114,7 +117,9 @@ def main() -> None:
             exc.show()
         sys.exit(exc.exit_code)
     except GeomapError as exc:
-        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        from geomap.cli.textout import visible
+
+        click.echo(f"error: {visible(_one_line(str(exc)))}", err=True)
         sys.exit(2)
     except OSError as exc:  # the disk or the file system refused (full, read-only, permissions): one line, no traceback
         from geomap.store.db import storage_error

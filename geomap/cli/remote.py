@@ -55,7 +55,7 @@ def fetch_report(client: Client, page: str, out: Path) -> Path:
     """Fetch a rendered report page from the server and write it (a single file) to ``out``."""
     from geomap.report.pages import write_index
 
-    html = client.request("GET", f"/reports/{page}", raw=True)
+    html = client.page(f"/reports/{page}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(html, encoding="utf-8")

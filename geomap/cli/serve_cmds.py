@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from geomap.cli.store_cmds import _db, db_option
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 
 @click.command()
@@ -26,16 +27,22 @@ from geomap.cli.store_cmds import _db, db_option
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body, bytes.")
 @click.option("--sql-time-limit", default=10.0, show_default=True, help="Most seconds a query may run.")
 @click.option("--sql-max-rows", default=10_000, show_default=True, help="Most rows a query returns.")
+@click.option("--sql-memory", "sql_memory", default=DEFAULT_MEMORY_MB, show_default=True,
+              help="Memory budget of one SQL query, MB: past it the query is stopped and refused.")
 def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts: tuple[str, ...],
-          models: tuple[str, ...], pipelines: Path, max_body: int, sql_time_limit: float, sql_max_rows: int) -> None:
+          models: tuple[str, ...], pipelines: Path, max_body: int, sql_time_limit: float, sql_max_rows: int,
+          sql_memory: float) -> None:
     """Serve the store over HTTP: runs, prompts, SQL, neighbours, ingestion jobs and reports (docs at /docs)."""
     from geomap.cli import _quiet_transformers
     from geomap.serve.app import Settings
     from geomap.serve.runner import serve as run_server
+    from geomap.store.sql_budget import check_limits
 
+    check_limits(sql_time_limit, sql_max_rows, sql_memory)
     _quiet_transformers()
     settings = Settings(_db(db), token=token, allowed_hosts=allow_hosts, max_body=max_body,
-                        sql_time_limit=sql_time_limit, sql_max_rows=sql_max_rows, models=models, pipelines=pipelines)
+                        sql_time_limit=sql_time_limit, sql_max_rows=sql_max_rows,
+                        sql_memory_mb=sql_memory, models=models, pipelines=pipelines)
     run_server(settings, host, port)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB
+
 PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
 
 db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -85,6 +87,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
                                 pipe.name)
         _report(summary, as_json)
+        if pipe.continuation_tokens:
+            click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
         if pipe.reports and not no_reports:
             stored = view["progress"].get("prompts", [])
             pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
@@ -98,6 +102,11 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
+    if pipe.continuation_tokens:
+        from geomap.ingest.generation import continue_prompts
+
+        continue_prompts(store, loaded, [spec.text for spec in prompts], pipe.continuation_tokens, pipe.capture,
+                         pipe.vector_dtype, progress=not as_json)
     if pipe.reports and not no_reports:
         from geomap.ingest.runs import model_identity
         from geomap.report.api import pipeline_reports
@@ -180,17 +189,22 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--time-limit", default=5.0, show_default=True, help="Seconds before the query is interrupted.")
 @click.option("--max-rows", default=10_000, show_default=True, help="Row cap.")
-def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int) -> None:
+@click.option("--memory", "memory_mb", default=DEFAULT_MEMORY_MB, show_default=True,
+              help="Memory budget, MB: past it the query is stopped and refused (a server applies its own).")
+def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float, max_rows: int,
+        memory_mb: float) -> None:
     """Run a read-only SQL query against the store."""
     from geomap.cli.remote import server_for
     from geomap.store.sql import SqlResult, run_sql
+    from geomap.store.sql_budget import check_limits
 
+    check_limits(time_limit, max_rows, memory_mb)
     fmt = "json" if as_json else fmt
     if (client := server_for(_db(db))) is not None:
         got = client.request("POST", "/sql", {"sql": query, "time_limit": time_limit, "max_rows": max_rows})
         result = SqlResult(got["columns"], [tuple(r) for r in got["rows"]], got["truncated"], got["elapsed_s"])
     else:
-        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows)
+        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows, memory_mb=memory_mb)
     click.echo(result.format(fmt))
     if result.truncated and fmt != "table":  # the table's own footer already says so
         click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)

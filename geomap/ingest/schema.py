@@ -27,7 +27,7 @@ ALLOWED = {
     "store": "a string: the DuckDB file's path",
     "reports": "a string: a folder for the HTML reports",
     "batch_size": "an integer of at least 1",
-    "continuation_tokens": "an integer of at least 0 (greedy tokens generated and stored after each prompt)",
+    "continuation_tokens": "a whole number from 0 to 256 (greedy tokens generated and stored after each prompt)",
     "capture": "a [capture] table",
     "attn_positions": '"last", "all" or a list of integer positions (negative ones count from the end)',
     "lens_positions": '"last", "all" or a list of integer positions (negative ones count from the end)',
@@ -90,7 +90,7 @@ class PipelineSchema(_Strict):
     store: Annotated[str, Field(min_length=1)] = "data/geomap.duckdb"
     reports: Annotated[str, Field(min_length=1)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 8
-    continuation_tokens: Annotated[int, Field(ge=0)] = 0
+    continuation_tokens: Annotated[int, Field(ge=0, le=256)] = 0
     capture: CaptureSchema = CaptureSchema()
     sources: Annotated[list[SourceSchema], Field(min_length=1)]
 

@@ -12,19 +12,32 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from geomap.errors import GeomapError
+from geomap.serve.fits import FitRunner
 from geomap.serve.jobs import JobRunner
-from geomap.serve.security import LOOPBACK_NAMES, BodyTooLarge, Perimeter
-from geomap.store.db import WRITE_CHECKPOINT_THRESHOLD, StoreError, connect, ensure_schema, release_store, serve_store
+from geomap.serve.security import BODY_TIMEOUT_S, LOOPBACK_NAMES, BodyTimeout, BodyTooLarge, Perimeter
+from geomap.store.db import (
+    INGEST_MEMORY,
+    WRITE_CHECKPOINT_THRESHOLD,
+    StoreError,
+    connect,
+    ensure_schema,
+    release_store,
+    serve_store,
+)
 from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, sql_connection_config
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 log = logging.getLogger("geomap.serve")
 
@@ -40,6 +53,7 @@ class Settings:
         max_body: Largest request body, bytes.
         sql_time_limit: Upper bound on a query's time limit, seconds.
         sql_max_rows: Upper bound on a query's row cap.
+        sql_memory_mb: The memory budget of one user query, MB (see `geomap.store.sql_budget`).
         models: Model names or directories jobs may load (default: the presets), besides the models of stored runs;
             the first is the default model of jobs.
         pipelines: Folder of pipeline TOML files that ``POST /runs {"pipeline": NAME}`` may run.
@@ -52,6 +66,7 @@ class Settings:
     max_body: int = 1_000_000
     sql_time_limit: float = 10.0
     sql_max_rows: int = 10_000
+    sql_memory_mb: float = DEFAULT_MEMORY_MB
     models: tuple[str, ...] = ()
     pipelines: Path = Path("pipelines")
     preloaded: dict = field(default_factory=dict)
@@ -67,6 +82,7 @@ class Server:
         self._model_lock = threading.Lock()
         self.report_lock = threading.Lock()  # reports may persist analyses (projections, geometry): one at a time
         self.jobs: JobRunner | None = None
+        self.fits: FitRunner | None = None
 
     @property
     def default_model(self) -> str:
@@ -137,7 +153,13 @@ class Server:
 
     def start(self) -> None:
         """Open the store as this process's served instance and start the job worker."""
-        serve_store(self.db_path, {**sql_connection_config(), "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD})
+        memory = os.environ.get("GEOMAP_INGEST_MEMORY", INGEST_MEMORY)  # the instance's cap, as `prepare_writer` sets
+        try:  # it for a private writer; a user query's DuckDB memory (operator_memory_limit) lives within it
+            serve_store(self.db_path, {**sql_connection_config(), "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD,
+                                       "memory_limit": memory})
+        except duckdb.InvalidInputException as exc:
+            raise StoreError(f"GEOMAP_INGEST_MEMORY={memory!r} is not a memory size DuckDB accepts (e.g. 512MB, "
+                             f"2GB): {str(exc).splitlines()[0]}") from None
         con = connect(self.db_path)
         try:
             ensure_schema(con)
@@ -145,12 +167,18 @@ class Server:
         finally:
             con.close()
         self.jobs = JobRunner(self.db_path, self.model, self._reserve, self._fail)
+        self.fits = FitRunner(self.db_path, self.model_for_run)
 
     def stop(self) -> None:
         """Stop the worker and close the store."""
         if self.jobs is not None:
             self.jobs.stop()
-        release_store(self.db_path)
+        if self.fits is not None:
+            self.fits.stop()
+        try:
+            release_store(self.db_path)
+        except Exception as exc:  # noqa: BLE001 - a job still running at shutdown: the process exit closes the file
+            log.warning("closing the store at shutdown: %s", exc)
 
 
 def _status(exc: Exception) -> int:
@@ -175,12 +203,24 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
             problems.append(f"malformed JSON in the request body at character {err['loc'][-1]}: {reason}")
         else:
             problems.append(f"{where}: {err.get('msg')}")
-    errors = json.loads(json.dumps(exc.errors(), default=str))
+    errors = _finite(json.loads(json.dumps(exc.errors(), default=str)))
     return JSONResponse({"detail": "Invalid request: " + "; ".join(problems) + ".", "errors": errors}, status_code=422)
+
+
+def _finite(value):
+    """JSON-safe errors: NaN and infinities (which JSON cannot carry) become their names as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The application, wrapped in its perimeter (Host/Origin checks, token, body size limit)."""
+    from geomap.serve.docs import router as docs_router
     from geomap.serve.routes import router
 
     server = Server(settings)
@@ -193,12 +233,13 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             server.stop()
 
-    app = FastAPI(title="geomap", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="geomap", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The journeys of tokens through a language model, stored in DuckDB and FAISS: runs, "
                               "prompts, trajectories, attention, lens, neighbours, read-only SQL, ingestion jobs "
                               "and HTML reports.")
     app.state.server = server
     app.include_router(router)
+    app.include_router(docs_router)
     app.add_exception_handler(RequestValidationError, _validation)
 
     @app.exception_handler(GeomapError)
@@ -209,6 +250,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return JSONResponse({"detail": f"Request body too large: the limit is {settings.max_body} bytes."},
                             status_code=413)
+
+    @app.exception_handler(BodyTimeout)
+    async def too_slow(request: Request, exc: BodyTimeout) -> JSONResponse:
+        return JSONResponse({"detail": f"The request body stopped arriving for {BODY_TIMEOUT_S:g} s."},
+                            status_code=408, headers={"connection": "close"})
 
     hosts = {h.lower() for h in (*LOOPBACK_NAMES, *settings.allowed_hosts)}
     return Perimeter(app, hosts, settings.token, settings.max_body)  # type: ignore[return-value]

@@ -28,12 +28,32 @@ class Client:
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
 
+    def page(self, path: str, wait: float = 3600.0) -> str:
+        """GET a report page, waiting while the server answers 202 (it is fitting the maps the page draws).
+
+        Raises:
+            ServerError: Any non-2xx answer, or still 202 after ``wait`` seconds.
+        """
+        end = time.monotonic() + wait
+        while True:
+            status, text, retry = self._send("GET", path, None)
+            if status != 202:
+                return text
+            if time.monotonic() > end:
+                raise ServerError(503, f"{path} was still being prepared after {wait:g} s")
+            time.sleep(max(0.5, min(retry, 10.0)))
+
     def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
         """Send a request; the decoded JSON answer (or text with ``raw``).
 
         Raises:
             ServerError: Any non-2xx answer, with the server's ``detail``.
         """
+        text = self._send(method, path, body)[1]
+        return text if raw else json.loads(text)
+
+    def _send(self, method: str, path: str, body: Any) -> tuple[int, str, float]:
+        """One request: status, body text and Retry-After seconds (non-2xx raise `ServerError`)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("content-type", "application/json")
@@ -42,6 +62,7 @@ class Client:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - our own server's URL
                 text = resp.read().decode("utf-8")
+                status, retry = resp.status, resp.headers.get("retry-after", "1")
         except urllib.error.HTTPError as exc:
             payload = exc.read().decode("utf-8", "replace")
             try:
@@ -49,7 +70,11 @@ class Client:
             except ValueError:
                 detail = payload
             raise ServerError(exc.code, detail if isinstance(detail, str) else json.dumps(detail)) from None
-        return text if raw else json.loads(text)
+        try:
+            seconds = float(retry)
+        except ValueError:
+            seconds = 1.0
+        return status, text, seconds
 
     def wait_run(self, run_id: int, on_progress=None, poll: float = 0.5) -> dict:
         """Poll ``GET /runs/{id}`` until its job ends; the final answer."""

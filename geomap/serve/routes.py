@@ -11,6 +11,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from geomap.errors import GeomapError
+from geomap.report.render import CSP
+from geomap.serve.fits import FitsBusy
 from geomap.store.sql import _json_value, run_sql
 
 router = APIRouter()
@@ -97,6 +99,7 @@ def _job_spec(server, body: RunRequest):
         spec = JobSpec(tuple(pipe.prompts()), body.model or pipe.model, pipe.capture, pipe.vector_dtype,
                        pipe.batch_size, pipe.name)
     else:
+        _whole_numbers(body.capture, "capture")
         try:
             capture = CaptureConfig(**body.capture)  # it turns JSON lists into tuples itself
         except (TypeError, ValueError) as exc:
@@ -110,6 +113,21 @@ def _job_spec(server, body: RunRequest):
         raise HTTPException(403, f"This server does not load model {spec.model!r}: it loads its --model names (else "
                                  "the presets) and the models of stored runs.")
     return spec
+
+
+def _whole_numbers(value: Any, where: str) -> None:
+    """Refuse any number in a capture mapping that is not a whole number.
+
+    NaN, Infinity and 2.5 pass JSON, but no capture option takes them.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _whole_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _whole_numbers(item, f"{where}[{i}]")
+    elif isinstance(value, float):
+        raise HTTPException(422, f"Invalid request: {where}: must be a whole number, not {value!r}.")
 
 
 @router.post("/runs", status_code=202, tags=["runs"])
@@ -246,7 +264,8 @@ class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(min_length=1, max_length=100_000)
     params: list[Any] | dict[str, Any] | None = None
-    time_limit: float = Field(default=5.0, gt=0, le=600, description="Seconds (capped by the server's limit).")
+    time_limit: float = Field(default=5.0, gt=0, le=600, allow_inf_nan=False,
+                              description="Seconds (capped by the server's limit).")
     max_rows: int = Field(default=1000, ge=1, le=1_000_000, description="Row cap (capped by the server's).")
 
 
@@ -262,11 +281,12 @@ class SqlResponse(BaseModel):
 
 
 @router.post("/sql", response_model=SqlResponse, tags=["sql"])
-def post_sql(request: Request, body: SqlRequest) -> dict:
-    """Run read-only SQL in a READ ONLY transaction, locked down, with a time limit and a row cap."""
+async def post_sql(request: Request, body: SqlRequest) -> dict:
+    """Run read-only SQL in a READ ONLY transaction, locked down, with a time limit, a row cap and a memory budget."""
     settings = _server(request).settings
     limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
-    result = run_sql(settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap)
+    result = await run_in_threadpool(run_sql, settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap,
+                                     memory_mb=settings.sql_memory_mb)
     return {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
             "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
             "max_rows": cap}
@@ -278,14 +298,43 @@ PAGE = re.compile(r"^(?:journey-(?P<j>\d+)(?:-p(?P<pos>\d+))?|run-(?P<run>\d+)|c
                   r"|(?P<index>index))\.html$")
 
 
-def _render(server, page: str) -> str:
-    from geomap.report.api import compare_report, journey_report, run_report
+MAX_ID = 2**31 - 1
 
+
+def _page(server, page: str) -> dict:
+    """Parse and validate a report page name against the store, cheaply, before any model or report work.
+
+    Returns:
+        The page's parts (``j``, ``pos``, ``run``, ``a``, ``b``, ``index``) and ``runs``: the runs whose maps it draws.
+    """
     match = PAGE.match(page)
     if not match:
         raise HTTPException(404, f"No report page {page!r}: use index.html, journey-<id>.html, "
                                  "journey-<id>-p<pos>.html, run-<id>.html or compare-<a>-<b>.html.")
     g = {k: (int(v) if v and v.isdigit() else v) for k, v in match.groupdict().items()}
+    runs: list[int] = []
+    if g["run"] is not None:
+        found = server.rows("SELECT id FROM runs WHERE id = ?", min(g["run"], MAX_ID + 1))
+        if g["run"] > MAX_ID or not found:
+            raise HTTPException(404, f"No run with id {g['run']}.")
+    for key in ("j", "a", "b"):
+        if g[key] is None:
+            continue
+        found = server.rows("SELECT run_id, n_tokens FROM prompts WHERE id = ? AND status = 'done'",
+                            min(g[key], MAX_ID + 1))
+        if g[key] > MAX_ID or not found:
+            raise HTTPException(404, f"No stored prompt with id {g[key]}.")
+        if key == "j" and g["pos"] is not None and not 0 <= g["pos"] < (found[0]["n_tokens"] or 0):
+            raise HTTPException(404, f"Prompt {g['j']} has positions 0..{(found[0]['n_tokens'] or 1) - 1}, "
+                                     f"not {g['pos']}.")
+        runs.append(int(found[0]["run_id"]))
+    g["runs"] = sorted(set(runs))
+    return g
+
+
+def _render(server, g: dict) -> str:
+    from geomap.report.api import compare_report, journey_report, run_report
+
     db = server.db_path
     with server.report_lock:
         if g["index"]:
@@ -297,6 +346,33 @@ def _render(server, page: str) -> str:
             return run_report(db, g["run"], single_file=True, write=False, loaded=server.model_for_run(g["run"])).html
         return compare_report(db, g["a"], g["b"], single_file=True, write=False,
                               loaded=server.model_for_prompt(g["a"])).html
+
+
+def _waiting(server, runs: list[int]) -> HTMLResponse | None:
+    """Queue the map fits a page needs; a page saying so (202, reloading itself) while any is pending."""
+    from html import escape
+
+    from geomap.serve.fits import missing
+
+    pending = []
+    for run_id in runs:
+        methods = missing(server.rows, run_id)
+        if methods:
+            fit = server.fits.request(run_id, methods)
+            if fit.status == "failed":
+                raise HTTPException(500, f"Fitting the maps of run {run_id} failed: {fit.error}")
+            if fit.status == "done":  # it ended meanwhile, or fitted maps that are not in the store
+                if missing(server.rows, run_id):
+                    raise HTTPException(500, f"The maps of run {run_id} were fitted but are not in the store; see "
+                                             "the server log.")
+                continue
+            pending.append(f"run {run_id}: {', '.join(m.upper() for m in methods)} ({fit.status})")
+    if not pending:
+        return None
+    body = ("<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>geomap: fitting maps</title>"
+            "<p>This page draws its run's maps, which the server is fitting now in the background: "
+            + escape("; ".join(pending)) + ". The page reloads itself every 5 seconds until they are stored.</p>")
+    return HTMLResponse(body, status_code=202, headers={"retry-after": "5", "content-security-policy": CSP})
 
 
 def _index(server) -> str:
@@ -316,7 +392,13 @@ async def get_report(request: Request, page: Annotated[str, Path(max_length=100)
     """A report rendered from the store (pages link to each other by these names)."""
     server = _server(request)
     try:
-        html = await run_in_threadpool(_render, server, page)
+        parts = await run_in_threadpool(_page, server, page)
+        waiting = await run_in_threadpool(_waiting, server, parts["runs"])
+        if waiting is not None:
+            return waiting
+        html = await run_in_threadpool(_render, server, parts)
+    except FitsBusy as exc:
+        raise HTTPException(503, str(exc), headers={"retry-after": "30"}) from None
     except GeomapError as exc:
         status = 404 if str(exc).startswith("No ") else 400
         raise HTTPException(status, str(exc)) from None

@@ -47,8 +47,10 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
         settings.allowed_hosts = (*settings.allowed_hosts, host)
     app = create_app(settings)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            limit_concurrency=64, timeout_keep_alive=5)
+    from geomap.serve.connections import LIMIT_CONCURRENCY, BoundedH11Protocol
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=BoundedH11Protocol,
+                            limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5)
     class _Announcing(uvicorn.Server):
         """Writes the discovery file once listening; removes it on shutdown (before uvicorn re-raises a signal)."""
 

@@ -1,19 +1,27 @@
 """The server's perimeter, as one ASGI middleware: Host and Origin checks, bearer token, request size limit.
 
 - **Host** (against DNS rebinding): a request whose ``Host`` is not one of the allowed names gets 403.
-- **Origin** (against cross-site requests from a browser): a request carrying a foreign ``Origin`` gets 403.
+- **Origin** (against cross-site requests from a browser): a request carrying a foreign ``Origin`` gets 403, and so
+  does one a browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` (a page of another site or port: an
+  ``<img>`` or link to a report would otherwise start work here), or one whose ``Referer`` is a foreign page.
+  Browsers send no ``Origin`` on such GETs, but every current one sends ``Sec-Fetch-Site``; a request typed in the
+  address bar says ``none``, the server's own pages ``same-origin``, and clients that are not browsers send none.
 - **Token**: when the server has one (always when it binds beyond loopback), every request but ``/healthz`` needs
   ``Authorization: Bearer <token>``, else 401.
 - **Size**: a body over the limit gets 413, whether announced by ``Content-Length`` or streamed.
+- **Slow bodies**: a request whose body stops arriving for `BODY_TIMEOUT_S` is dropped (408), so a client that
+  trickles its body cannot hold a request slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+BODY_TIMEOUT_S = 10.0
 
 
 def is_loopback(host: str) -> bool:
@@ -64,6 +72,14 @@ class Perimeter:
             return await _reply(send, 403, f"Cross-origin requests from {origin!r} are refused.")
         if origin == "null":
             return await _reply(send, 403, "Requests from an opaque origin are refused.")
+        site = headers.get("sec-fetch-site", "").strip().lower()
+        if site and site not in ("same-origin", "none") and scope["path"] not in self.open_paths:
+            return await _reply(send, 403, f"Cross-site requests are refused (Sec-Fetch-Site: {site}): open this "
+                                           "server's pages directly, not from another site's page.")
+        referer = headers.get("referer")
+        if referer and host_name(referer) not in self.allowed and scope["path"] not in self.open_paths:
+            return await _reply(send, 403, "Cross-site requests are refused: the request came from a page of "
+                                           "another site (Referer).")
         if self.token and scope["path"] not in self.open_paths:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
@@ -80,7 +96,10 @@ class Perimeter:
 
         async def wrapped():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except TimeoutError:
+                raise BodyTimeout(BODY_TIMEOUT_S) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
@@ -92,6 +111,10 @@ class Perimeter:
 
 class BodyTooLarge(Exception):
     """A streamed request body passed the size limit."""
+
+
+class BodyTimeout(Exception):
+    """A request body stopped arriving."""
 
 
 async def _reply(send, status: int, detail: str, extra: dict | None = None) -> None:

@@ -7,7 +7,6 @@ import datetime as dt
 import io
 import json
 import math
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -20,13 +19,11 @@ import duckdb
 import numpy as np
 
 from geomap.errors import GeomapError
-from geomap.store.db import connect
+from geomap.store.db import connect, served
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB, SLOT, TRIGGER, Watchdog, check_limits
+from geomap.store.sql_guard import Refused, TooBig, check
 
 FORMATS = ("table", "csv", "json")
-_READ_TYPES = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "MULTI"}  # MULTI: PIVOT; DuckDB still enforces read-only
-_WHAT = {"SET": "changes a setting", "LOAD": "installs or loads an extension", "ATTACH": "attaches a database",
-         "DETACH": "detaches a database", "COPY": "copies data to or from files", "EXPORT": "exports to files",
-         "TRANSACTION": "controls transactions"}  # anything else not in _READ_TYPES: "writes to the store"
 _CELL_WIDTH = 80
 
 
@@ -40,6 +37,10 @@ class SqlRefused(SqlError):
 
 class SqlTimeout(SqlRefused):
     """The SQL ran past its time limit and was interrupted."""
+
+
+class SqlMemory(SqlRefused):
+    """The SQL needed more memory than the budget of user SQL."""
 
 
 def sql_connection_config() -> dict[str, Any]:
@@ -57,6 +58,7 @@ def sql_connection_config() -> dict[str, Any]:
         "allow_community_extensions": False,
         "allow_unsigned_extensions": False,
         "lock_configuration": True,  # SET/RESET/PRAGMA cannot loosen any of the above
+        "allowed_configs": ["operator_memory_limit"],  # set per cursor by `run_sql`; user SQL cannot SET anything
     }
 
 
@@ -168,36 +170,65 @@ def _cell(v: Any) -> str:
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
-def _open(db_path: str | Path) -> duckdb.DuckDBPyConnection:
-    """A fresh read-only connection to the store under `sql_connection_config`."""
-    return connect(db_path, read_only=True, config=sql_connection_config())
+def _open(db_path: str | Path, memory_mb: float) -> duckdb.DuckDBPyConnection:
+    """A read-only connection under `sql_connection_config`, its memory bounded by the budget.
 
-
-def _check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Refuse anything but exactly one read statement, using DuckDB's own parser."""
-    statements = con.extract_statements(sql)
-    if not statements:
-        raise SqlError("No SQL statement given.")
-    if len(statements) > 1:
-        raise SqlRefused(f"Refused: {len(statements)} statements given; run one statement at a time.")
-    kind = statements[0].type.name
-    if kind not in _READ_TYPES:
-        keyword = (statements[0].query.split() or [kind])[0].upper()
-        raise SqlRefused(f"Refused {keyword} (a {kind} statement): it {_WHAT.get(kind, 'writes to the store')}. "
-                         "Store SQL is read-only: one SELECT/WITH/FROM/DESCRIBE/SHOW/SUMMARIZE/EXPLAIN query.")
+    In a served store this is a cursor of the server's instance, bounded per connection; elsewhere a private
+    instance whose whole ``memory_limit`` (and spill to disk) is the budget.
+    """
+    mb = max(int(memory_mb * TRIGGER), 1)
+    if served(db_path):
+        con = connect(db_path, read_only=True)
+        con.execute(f"SET operator_memory_limit = '{mb}MB'")
+        return con
+    return connect(db_path, read_only=True, config={**sql_connection_config(), "memory_limit": f"{mb}MB",
+                                                    "max_temp_directory_size": f"{4 * mb}MB"})
 
 
 def _error(exc: duckdb.Error) -> SqlError:
     """Map a DuckDB error to a `SqlRefused` naming what was refused, else a `SqlError` with DuckDB's message."""
     msg = str(exc).strip()
     if isinstance(exc, duckdb.PermissionException):
-        return SqlRefused(f"Refused: the query reaches outside the store (files, network or extensions); only the "
-                          f"store's tables can be read. DuckDB said: {msg}")
-    if "read-only mode" in msg:
+        return SqlRefused(f"Refused: the query reaches outside the store (files, network or extensions): files "
+                          f"cannot be read, only the store's tables and views. DuckDB said: {msg}")
+    if "read-only mode" in msg or "read-only transaction" in msg:
         return SqlRefused(f"Refused: the query writes to the store, which store SQL can only read. DuckDB said: {msg}")
     if "configuration has been locked" in msg:
         return SqlRefused(f"Refused: the query changes a setting; settings are locked. DuckDB said: {msg}")
     return SqlError(f"SQL error: {msg}")
+
+
+def _memory(memory_mb: float, detail: str = "") -> SqlMemory:
+    return SqlMemory(f"Refused: the query needs more than {memory_mb:g} MB, the memory budget of store SQL{detail}; "
+                     "narrow it (WHERE, LIMIT, fewer or smaller columns).")
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int, cap: int, memory_mb: float, watch: Watchdog) -> list[tuple]:
+    """Up to ``max_rows + 1`` rows, in small batches, stopping once the rows or the process pass the budget."""
+    rows: list[tuple] = []
+    size = 0
+    while len(rows) <= max_rows:
+        batch = con.fetchmany(min(64, max_rows + 1 - len(rows)))
+        if not batch:
+            break
+        size += sum(_approx_bytes(v) for row in batch for v in row)
+        if size > cap or watch.over_memory.is_set():
+            raise _memory(memory_mb, f": its first {len(rows) + len(batch)} rows passed it")
+        rows.extend(tuple(r) for r in batch)
+    return rows
+
+
+def _approx_bytes(v: Any) -> int:
+    """A quick estimate of a fetched value's size in memory."""
+    if isinstance(v, (str, bytes, bytearray)):
+        return 49 + len(v)
+    if isinstance(v, (list, tuple)):
+        if v and isinstance(v[0], (int, float)):
+            return 56 + 32 * len(v)
+        return 56 + sum(_approx_bytes(x) for x in v)
+    if isinstance(v, dict):
+        return 64 + sum(_approx_bytes(k) + _approx_bytes(x) for k, x in v.items())
+    return 32
 
 
 def run_sql(
@@ -206,51 +237,72 @@ def run_sql(
     params: Sequence[Any] | Mapping[str, Any] | None = None,
     time_limit: float = 5.0,
     max_rows: int = 10_000,
+    memory_mb: float = DEFAULT_MEMORY_MB,
 ) -> SqlResult:
-    """Run one read-only SQL statement against a store, datasette-style.
+    """Run one read-only SQL statement against a store, datasette-style, within a time limit and a memory budget.
 
     Args:
         db_path: The store's DuckDB file.
         sql: One statement: SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN, or a reading PRAGMA/CALL.
         params: Values for ``?`` (a sequence) or ``$name`` (a mapping) placeholders.
-        time_limit: Seconds before the query is interrupted.
+        time_limit: Seconds before the query is interrupted (waiting for another user query counts).
         max_rows: Most rows returned; ``truncated`` says whether more matched.
+        memory_mb: The memory budget: DuckDB's limit for the query, the most the process may grow while it runs,
+            and the most its fetched rows may take.
 
     Returns:
         The columns, up to ``max_rows`` rows, whether rows were cut, and the elapsed seconds.
 
     Raises:
         SqlRefused: The SQL writes, reaches files/extensions/network, changes settings, or holds several statements.
-        SqlTimeout: It ran past ``time_limit``.
-        SqlError: DuckDB rejected it (syntax, unknown table or column, ...).
+        SqlTimeout: It ran past ``time_limit`` (the message gives the time it really took).
+        SqlMemory: It needed more than ``memory_mb``.
+        SqlError: DuckDB rejected it (syntax, unknown table or column, ...), or a limit is not a finite positive
+            number (`geomap.store.sql_budget.LimitError`).
         StoreError: There is no store at ``db_path`` (`StoreLockedError` while another process writes to it).
     """
-    if time_limit <= 0 or max_rows < 1:
-        raise ValueError("time_limit must be positive and max_rows at least 1.")
-    con = _open(db_path)
-    timed_out = threading.Event()
-
-    def interrupt() -> None:
-        timed_out.set()
-        con.interrupt()  # the connection is still open: it is closed only after the timer is joined
-
-    timer = threading.Timer(time_limit, interrupt)
-    timer.daemon = True
+    check_limits(time_limit, max_rows, memory_mb)
+    max_rows, budget = int(max_rows), int(memory_mb * 2**20)
     start = time.perf_counter()
+    if not SLOT.acquire(timeout=time_limit):
+        raise SqlTimeout(f"Refused: another query held the store's SQL slot for the whole time limit of "
+                         f"{time_limit:g} s; try again.")
     try:
-        _check(con, sql)
-        timer.start()
-        con.execute(sql, params)
-        columns = [d[0] for d in con.description or []]
-        rows = [tuple(r) for r in con.fetchmany(max_rows + 1)] if columns else []
-    except duckdb.Error as exc:
-        if timed_out.is_set():
-            raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s and was stopped; "
-                             "narrow it (WHERE, LIMIT) or raise the limit.") from None
-        raise _error(exc) from None
+        con = _open(db_path, memory_mb)
+        try:
+            return _run(con, sql, params, time_limit, max_rows, memory_mb, budget, start)
+        finally:
+            con.close()
     finally:
-        timer.cancel()
-        if timer.is_alive():
-            timer.join()
-        con.close()
+        SLOT.release()
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, max_rows: int, memory_mb: float,
+         budget: int, start: float) -> SqlResult:
+    try:
+        check(con, sql, int(budget * TRIGGER), memory_mb)
+    except Refused as exc:
+        if str(exc).startswith("No SQL"):
+            raise SqlError(str(exc)) from None
+        raise _memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
+    except duckdb.Error as exc:
+        raise _error(exc) from None
+    watch = Watchdog(con, time_limit, budget, start)
+    try:
+        with watch:
+            con.execute(sql, params)
+            columns = [d[0] for d in con.description or []]
+            rows = _fetch(con, max_rows, int(budget * TRIGGER), memory_mb, watch) if columns else []
+    except (duckdb.Error, SqlMemory) as exc:
+        elapsed = watch.elapsed()
+        if watch.over_memory.is_set() or isinstance(exc, (duckdb.OutOfMemoryException, SqlMemory)):
+            if isinstance(exc, SqlMemory):
+                raise
+            raise _memory(memory_mb, f", and was stopped after {elapsed:.1f} s") from None
+        if watch.timed_out.is_set():
+            raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s and was stopped "
+                             f"after {elapsed:.1f} s; narrow it (WHERE, LIMIT) or raise the limit.") from None
+        raise _error(exc) from None
+    if watch.over_memory.is_set():
+        raise _memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s")
     return SqlResult(columns, rows[:max_rows], len(rows) > max_rows, time.perf_counter() - start)
