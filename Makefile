@@ -45,7 +45,8 @@ test:
 	t1=$$(date +%s); echo "phase install: $$((t1 - t0))s"; \
 	$(BIN)/ruff check geomap tests || exit $$?; \
 	t2=$$(date +%s); echo "phase lint: $$((t2 - t1))s"; \
-	$(BIN)/pytest --durations=15; rc=$$?; \
+	echo "phase tests: pytest names each test as it finishes; the real-model tests are the slow ones"; \
+	$(BIN)/pytest -v --durations=15; rc=$$?; \
 	t3=$$(date +%s); echo "phase tests: $$((t3 - t2))s"; exit $$rc
 
 lint: install-test

@@ -25,8 +25,8 @@ from tests.storedb import rows
 
 XSS = "</script><img src=x onerror=alert(1)> <bos> <s>"
 PROMPTS = ["The storm is", "The market is", "Paris is the capital of", XSS]
-SECTIONS = ["tokenization", "embedding", "position", "inside-head", "attention", "lens", "trajectory", "decoding",
-            "geometry", "neighbours", "append"]
+SECTIONS = ["tokenization", "embedding", "position", "layer", "inside-head", "attention", "lens", "trajectory",
+            "decoding", "geometry", "neighbours", "append"]
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -54,7 +54,14 @@ class Page(HTMLParser):
             step = next((a["data-step"] for _, a in reversed(self.stack) if "data-step" in a), None)
             self.numbers.append((section, attrs.get("data-src", ""), attrs.get("data-value"), step))
 
+    def handle_startendtag(self, tag, attrs):  # <rect .../>: opens and closes itself, never an ancestor's end
+        depth = len(self.stack)
+        self.handle_starttag(tag, attrs)
+        del self.stack[depth:]
+
     def handle_endtag(self, tag):
+        if all(t != tag for t, _ in self.stack):  # </circle> of an element never pushed
+            return
         while self.stack:
             if self.stack.pop()[0] == tag:
                 break
@@ -256,13 +263,17 @@ def test_run_and_compare_reports_match_the_store(reports):
     probs = [float(v) for _, s, v, _ in page.numbers if s == "journey.top1_prob"]
     np.testing.assert_allclose(probs, [r[0] for r in rows(
         db, "SELECT top1_prob FROM journey WHERE run_id = 1 ORDER BY prompt_id")], rtol=1e-6)
-    assert "journey-1.html" in run.html and run.html.count("<circle") == 2 * len(depths)  # by token, by tag
+    assert "journey-1.html" in run.html and run.html.count("<circle") == len(depths)  # by token
+    assert run.html.count('class="tagpt"') == len(depths)  # by tag, as squares of another palette
     by_token = run.html.split('data-colour="token"')[1].split("</figure>")[0]
     fills = dict(re.findall(r'style="fill:([^"]+)"><title>#\d+ .*? → (.*?)</title>', by_token))
     predicted = [r[0] for r in rows(db, "SELECT top1_token FROM journey WHERE run_id = 1")]
     assert len(set(fills)) == min(len(set(predicted)), 8) + (len(set(predicted)) > 8)  # one colour per token, grey rest
     pair = compare_report(db, 1, 2, out=folder / "compare-1-2.html", loaded=model)
-    assert parse(pair.html).sections == ["summary", "lens", "decoding", "attribution"]
+    assert parse(pair.html).sections == ["summary", "states", "heads", "lens", "decoding", "attribution"]
+    cosines = [float(v) for _, s_, v, _ in parse(pair.html).numbers if s_ == "states.cosine"]
+    assert len(cosines) == model.anatomy.n_layers + 1 and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in cosines)
+    assert pair.html.count("A: #1") >= 3 and pair.html.count("B: #2") >= 3  # every column names its prompt
     assert "compare-1-2.html" in (folder / "index.html").read_text(encoding="utf-8")
 
 

@@ -26,7 +26,7 @@ def test_labels_do_not_overlap_and_every_token_is_kept():
         for b in boxes[i + 1:]:
             assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
     merged = [s for s in shown if len(s["members"]) > 1]
-    assert merged and all(s["label"].endswith(f"+{len(s['members']) - 1}") for s in merged)
+    assert merged and all(s["label"].endswith(f"& {len(s['members']) - 1} more") for s in merged)
 
 
 def test_the_first_label_is_never_lost():
@@ -34,7 +34,7 @@ def test_the_first_label_is_never_lost():
     dots = [(0, 0, 420, 320)]
     shown = svgmap.place_labels([{"sx": 200.0, "sy": 150.0, "text": " coming"},
                                  {"sx": 205.0, "sy": 150.0, "text": " over"}], 420, 320, taken=dots)
-    assert [s["members"] for s in shown] == [[" coming", " over"]] and shown[0]["label"] == " coming +1"
+    assert [s["members"] for s in shown] == [[" coming", " over"]] and shown[0]["label"] == " coming & 1 more"
 
 
 def test_zoom_frames_the_last_layers():

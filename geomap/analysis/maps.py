@@ -106,7 +106,7 @@ def _insert_points(con, projection_id: int, states: load.StateSet, idx: np.ndarr
 
 
 def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
-          tokens: list[int] | None = None) -> pd.DataFrame:
+          tokens: list[int] | None = None, positions: list[int] | None = None) -> pd.DataFrame:
     """Place a stored journey (any run, same model) into a fitted map.
 
     PCA places it exactly with the stored mean and basis; UMAP and t-SNE place each state at the
@@ -118,6 +118,7 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
         prompt_id: The journey to place.
         loaded: The model (loaded by name from the run when None).
         tokens: Token ids whose unembedding directions are placed too, scaled like the map's own.
+        positions: The positions to place (default all of the prompt's).
 
     Returns:
         Rows ``pos, layer, x, y`` for the prompt's states at the map's layers; ``attrs`` holds ``exact`` and
@@ -137,7 +138,8 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
         if info.weights_sha256 != loaded.weights_hash:
             raise StoreError(f"Prompt {prompt_id} was captured with other weights than projection {projection_id}.")
         wanted = list(layers) if joint else [layer]
-        vecs = [(p, ell, load.state(con, prompt_id, ell, p)) for ell in wanted for p in range(info.n_tokens)]
+        where = range(info.n_tokens) if positions is None else positions
+        vecs = [(p, ell, load.state(con, prompt_id, ell, p)) for ell in wanted for p in where]
         x = normed_states(loaded, np.stack([v for _, _, v in vecs]))
         token_ids = [int(t) for t in tokens or []]
         w_u = loaded.anatomy.unembed.weight[token_ids].detach().float().cpu().numpy()

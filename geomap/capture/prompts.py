@@ -8,7 +8,7 @@ from geomap.errors import PromptError
 
 
 def read_prompt_lines(path: str | Path) -> list[str]:
-    """Read a text file of prompts, one per line; blank lines are skipped.
+    """Read a text file of prompts, one per line; blank lines and a leading UTF-8 byte-order mark are skipped.
 
     Raises:
         PromptError: The file is missing or a line is not valid UTF-8 (the message names file and line).
@@ -18,6 +18,7 @@ def read_prompt_lines(path: str | Path) -> list[str]:
         data = path.read_bytes()
     except OSError as exc:
         raise PromptError(f"Cannot read prompt file {path}: {exc.strerror}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the first prompt
     prompts = []
     for number, raw in enumerate(data.splitlines(), start=1):
         try:

@@ -54,6 +54,8 @@ def trace(text: str | None, prompt_file: str | None, model_name: str | None, dev
     if (text is None) == (prompt_file is None):
         raise click.UsageError("Give either TEXT or --file PATH.")
     texts = read_prompt_lines(prompt_file) if prompt_file else [text]
+    if not texts:
+        raise PromptError(f"no prompts to trace: {prompt_file} holds no prompt (empty, or blank lines only)")
     if text is not None and not text.strip():
         raise PromptError(f"Prompt is empty or whitespace only: {text!r}")
     _quiet_transformers()
@@ -102,16 +104,32 @@ _add_commands()
 
 
 def main() -> None:
-    """Console entry point: turns geomap's own errors into one clear line and exit status 2."""
+    """Console entry point: turns geomap's own errors (and a refused write) into one clear line and exit status 2."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if isinstance(exc, click.UsageError):  # one line, like every other error (click's own is three)
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+        else:
+            exc.show()
         sys.exit(exc.exit_code)
     except GeomapError as exc:
         from geomap.cli.textout import visible
 
-        click.echo(f"error: {visible(str(exc))}", err=True)
+        click.echo(f"error: {visible(_one_line(str(exc)))}", err=True)
         sys.exit(2)
+    except OSError as exc:  # the disk or the file system refused (full, read-only, permissions): one line, no traceback
+        from geomap.store.db import storage_error
+
+        error = storage_error(exc, exc.filename or "")
+        message = str(error) if error else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        click.echo(f"error: {_one_line(message)}", err=True)
+        sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line (DuckDB and Arrow messages carry newlines and caret lines)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())

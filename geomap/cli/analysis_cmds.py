@@ -167,7 +167,7 @@ def attribute(prompt_id: int, token: str | None, pos: int | None, top: int, db: 
     a = frame.attrs
 
     def parts(rows):
-        return [{"component": r.component, "layer": None if r.layer != r.layer else int(r.layer),
+        return [{"level": r.level, "component": r.component, "layer": None if r.layer != r.layer else int(r.layer),
                  "head": None if r.head != r.head else int(r.head), "value": float(r.value)}
                 for r in rows.itertuples()]
 

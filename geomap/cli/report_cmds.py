@@ -24,7 +24,9 @@ def report() -> None:
 @click.option("--text", default=None, help="A prompt to store (everything captured) and report on.")
 @click.option("--pos", type=int, default=None, help="Token position (default: the last; e.g. a generation step).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="HTML file (default: reports/journey-<id>.html).")
+              help="HTML file (default: reports/journey-<id>.html). Beside it geomap also writes assets/ (unless "
+                   "--single-file) and refreshes its index.html listing the folder's reports; an index.html that "
+                   "geomap did not write is never overwritten.")
 @click.option("--single-file", is_flag=True, help="Inline the stylesheet and script (no assets/ folder).")
 @db_option
 def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out: Path | None, single_file: bool,

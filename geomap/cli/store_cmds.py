@@ -22,11 +22,31 @@ def _db(db: Path | None) -> Path:
     return db or default_db_path()
 
 
+def _existing(db: Path | None) -> Path:
+    """The store path, refused (before anything creates it) when there is no store there."""
+    from geomap.store.db import StoreError
+
+    path = _db(db)
+    if not path.is_file():
+        raise StoreError(f"No store at {path}; create one with `geomap run` or `geomap ingest`, or give --db.")
+    return path
+
+
+def _check_writable(store: Path) -> None:
+    """Fail fast, before a model loads, when another process holds the store's write lock."""
+    from geomap.store.db import connect
+
+    if store.exists():
+        connect(store).close()
+
+
 def _report(summary, as_json: bool) -> None:
     from geomap.ingest.runs import summary_json
 
     if as_json:
         click.echo(summary_json(summary))
+    elif summary.run_id is None:
+        click.echo(f"no prompts to store: all {summary.skipped} are stored already (no run recorded)", err=True)
     else:
         click.echo(f"run {summary.run_id}: stored {summary.stored} prompts ({summary.tokens} tokens), skipped "
                    f"{summary.skipped} already stored, {summary.failed} failed, in {summary.seconds:.1f}s", err=True)
@@ -74,8 +94,10 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     import dataclasses
 
     from geomap.cli import _quiet_transformers
+    from geomap.cli.remote import server_for
     from geomap.ingest.engine import ingest
     from geomap.ingest.pipeline import load_pipeline
+    from geomap.ingest.validate import require_prompts
     from geomap.models import load_model
 
     pipe = load_pipeline(pipeline_file)
@@ -83,9 +105,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         pipe = dataclasses.replace(pipe, capture=dataclasses.replace(pipe.capture, profile=profile))
     engine = pipe.engine.override(engine_kind, address, workers)
     prompts = pipe.prompts()
+    require_prompts(prompts, f"{pipeline_file} (its sources {', '.join(str(p) for p, _, _ in pipe.sources)})")
     store = db or pipe.store
-    from geomap.cli.remote import server_for
-
     if engine.kind == "ray":
         _quiet_transformers()
         summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
@@ -100,6 +121,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
                                 pipe.name)
         _report(summary, as_json)
+        if pipe.continuation_tokens:
+            click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
         if pipe.reports and not no_reports:
             stored = view["progress"].get("prompts", [])
             pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
@@ -108,10 +131,16 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
                 fetch_report(client, page, pipe.reports / page)
             click.echo(f"reports: {len(pages)} written; open {pipe.reports / 'index.html'}", err=True)
         return
+    _check_writable(store)
     _quiet_transformers()
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
+    if pipe.continuation_tokens:
+        from geomap.ingest.generation import continue_prompts
+
+        continue_prompts(store, loaded, [spec.text for spec in prompts], pipe.continuation_tokens, pipe.capture,
+                         pipe.vector_dtype, progress=not as_json)
     if pipe.reports and not no_reports:
         _pipeline_reports(store, pipe, prompts, loaded)
 
@@ -129,33 +158,63 @@ def _pipeline_reports(store: Path, pipe, prompts, loaded) -> None:
     click.echo(f"reports: {written} written; open {pipe.reports / 'index.html'}", err=True)
 
 
+def _capture_options(function):
+    """The capture options of `ingest`: every capture setting a pipeline's [capture] table accepts."""
+    options = [
+        click.option("--attn-positions", default="last", show_default=True, metavar="last|all|I,J,...",
+                     help="Query positions whose attention internals and MLP features are kept (negative: from "
+                          "the end)."),
+        click.option("--lens-positions", default="last", show_default=True, metavar="last|all|I,J,...",
+                     help="Positions the logit lens reads."),
+        click.option("--layers", default="all", show_default=True, metavar="all|I,J,...",
+                     help="Residual boundaries 0..L the lens reads (and layers whose attention is kept)."),
+        click.option("--top-k", default=50, show_default=True, type=click.IntRange(min=1),
+                     help="Candidates kept per lens readout and per final distribution."),
+        click.option("--mlp-top", default=32, show_default=True, type=click.IntRange(min=1),
+                     help="MLP neurons kept per layer and position."),
+        click.option("--overflow", default="error", show_default=True, type=click.Choice(["error", "truncate"]),
+                     help="A prompt longer than the context window: store it as an error, or keep its last tokens."),
+        click.option("--attn-base", default="sdpa", show_default=True, type=click.Choice(["sdpa", "eager"]),
+                     help="Attention kernel the capture delegates to."),
+        click.option("--vector-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+                     help="Storage of state vectors."),
+        click.option("--profile", type=click.Choice(PROFILES), default="full", show_default=True,
+                     help="'full' keeps everything; 'states' only the residual stream and the final readout."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @db_option
 @click.option("--model", "model_name", default=None, help="Preset, local model directory or hub id.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--attn-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
-@click.option("--lens-positions", default="last", type=click.Choice(["last", "all"]), show_default=True)
-@click.option("--vector-dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
-@click.option("--profile", type=click.Choice(PROFILES), default="full", show_default=True,
-              help="'full' keeps everything; 'states' only the residual stream and the final readout.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Prompts per forward pass and per transaction.")
+@_capture_options
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @engine_options
 def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, device: str | None, batch_size: int,
-           attn_positions: str, lens_positions: str, vector_dtype: str, profile: str, as_json: bool,
-           engine_kind: str | None, address: str | None, workers: int | None) -> None:
-    """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc."""
-    from geomap.capture import CaptureConfig
+           as_json: bool, engine_kind: str | None, address: str | None, workers: int | None,
+           **capture: str | int) -> None:
+    """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc; the capture options match a pipeline's [capture]."""
     from geomap.cli import _quiet_transformers
     from geomap.ingest.engine import ingest as run_ingest
     from geomap.ingest.engine_config import EngineConfig
+    from geomap.ingest.schema import capture_config, parse_layers, parse_positions
     from geomap.ingest.sources import read_source
+    from geomap.ingest.validate import require_prompts
     from geomap.models import DEFAULT_MODEL, load_model
 
     engine = EngineConfig().override(engine_kind, address, workers)
+    capture["attn_positions"] = parse_positions(capture["attn_positions"], "--attn-positions")
+    capture["lens_positions"] = parse_positions(capture["lens_positions"], "--lens-positions")
+    capture["layers"] = parse_layers(capture["layers"], "--layers")
+    config, vector_dtype = capture_config(capture, "ingest options")
     prompts = [spec for path in files for spec in read_source(path)]
-    config = CaptureConfig(attn_positions=attn_positions, lens_positions=lens_positions, profile=profile)
+    require_prompts(prompts, ", ".join(map(str, files)))
     from geomap.cli.remote import run_job, server_for
 
     if engine.kind == "ray":
@@ -168,6 +227,7 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
         _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest")[0],
                 as_json)
         return
+    _check_writable(_db(db))
     _quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device)
     _report(run_ingest(loaded, prompts, _db(db), config, vector_dtype, batch_size), as_json)
@@ -206,7 +266,8 @@ def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float,
 @click.option("--prompt", "prompt_id", type=int, required=True, help="Stored prompt id.")
 @click.option("--layer", type=int, required=True, help="Residual boundary 0..L.")
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
-@click.option("-k", "k", default=10, show_default=True)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Neighbours to return (at most the layer's stored states).")
 @click.option("--last", "last_only", is_flag=True, help="Only each prompt's last position: the nearest prompts.")
 @click.option("--json", "as_json", is_flag=True)
 def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: int, last_only: bool,
@@ -222,7 +283,7 @@ def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: i
         got = client.request("GET", "/neighbors?" + query + ("" if pos is None else f"&pos={pos}"))
         frame = pd.DataFrame(got["neighbors"])
     else:
-        frame = find(_db(db), prompt_id, layer, pos, k, last_only=last_only)
+        frame = find(_existing(db), prompt_id, layer, pos, k, last_only=last_only)
     if as_json:
         cols = ["prompt_id", "pos", "layer", "token", "prompt_text", "similarity"]
         click.echo(json.dumps(json.loads(frame[cols].to_json(orient="records")), ensure_ascii=False))
@@ -248,7 +309,7 @@ def index_rebuild(db: Path | None, kind: str) -> None:
     from geomap.store.db import connect
     from geomap.store.vectors import build_state_indexes
 
-    path = _db(db)
+    path = _existing(db)
     con = connect(path)
     try:
         rows = build_state_indexes(con, path, kind=kind)
@@ -264,7 +325,7 @@ def index_verify(db: Path | None) -> None:
     from geomap.store.db import connect
     from geomap.store.vectors import verify_indexes
 
-    path = _db(db)
+    path = _existing(db)
     con = connect(path, read_only=True)
     try:
         problems = verify_indexes(con, path)

@@ -1,8 +1,9 @@
 """Ingestion: capture prompts batch by batch and store each batch in one transaction, resumably.
 
 A prompt whose key is already stored is skipped, so rerunning is idempotent and a killed run resumes where
-it stopped: an interrupted batch's transaction never committed, and derived FAISS indexes catch up from
-DuckDB at the end of every run.
+it stopped: an interrupted batch's transaction never committed, the interrupted run row is taken up again, and
+derived FAISS indexes catch up from DuckDB at the end of every run (finishing any interrupted index build).
+Commit boundaries carry `geomap.faults.kill_point` calls for the fault-injection tests.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from tqdm import tqdm
 
 from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
+from geomap.faults import kill_point
 from geomap.ingest.merger import Merged, ShardMerger
-from geomap.ingest.runs import RunSummary, ensure_vocab, model_identity, start_run
+from geomap.ingest.runs import RunSummary, ensure_vocab, mark_failed, model_identity, resumable_run, start_run
+from geomap.ingest.validate import check_against_model
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, ensure_schema, prepare_writer
+from geomap.store.db import connect, ensure_schema, prepare_writer, storage_error
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
 
 
@@ -43,7 +46,13 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             skipped, failed, tokens``.
 
     Returns:
-        A summary of the run.
+        A summary of the run; its ``run_id`` is None when nothing was left to store (no run is recorded then).
+        A rerun after a kill or a failure finishes the interrupted run (same pipeline, model and options) under
+        its own id instead of starting another.
+
+    Raises:
+        GeomapError: Layers or positions the model or a prompt does not have (before any run is recorded); a
+            disk that refused a write (`StorageError`, the run is marked ``failed``).
     """
     config = config or CaptureConfig()
     start = time.perf_counter()
@@ -54,13 +63,49 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
         identity, config_json = model_identity(loaded), config.to_json()
         keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
         todo = unstored(con, keyed)
+        check_against_model(loaded, config, [spec.text for spec, _ in todo])
+        if run_id is None:
+            run_id = resumable_run(con, loaded, config, vector_dtype, pipeline)
+            if run_id is None and not todo:  # nothing to store and nothing to finish: record no empty run
+                if index:
+                    _sync(con, db_path)
+                return RunSummary(None, 0, len(keyed), 0, 0, time.perf_counter() - start, ())
         run_id = start_run(con, loaded, config, vector_dtype, pipeline, run_id)
+        kill_point("run.started")
         tally = _Tally(run_id, len(todo), len(keyed) - len(todo), on_progress, start)
         tally.report()
-        bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
-                   dynamic_ncols=True)
-        tally.bar = bar
-        meta = {"model": identity, "capture": config_json}
+        try:
+            _store(con, loaded, todo, run_id, config, vector_dtype, batch_size, texts, identity, config_json,
+                   tally, progress)
+            if index:
+                _sync(con, db_path)
+            kill_point("run.indexed")
+            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
+        except Exception as exc:
+            mark_failed(con, db_path, run_id)
+            if (error := storage_error(exc, db_path)) is not None:
+                raise error from None
+            raise
+        return RunSummary(run_id, tally.done, len(keyed) - len(todo), tally.failed, tally.tokens,
+                          time.perf_counter() - start, tuple(tally.failures))
+    finally:
+        con.close()
+
+
+def _sync(con, db_path: Path) -> None:
+    from geomap.store.vectors import sync_state_indexes
+
+    sync_state_indexes(con, db_path)
+
+
+def _store(con, loaded: LoadedModel, todo: list, run_id: int, config: CaptureConfig, vector_dtype: str,
+           batch_size: int, texts, identity: str, config_json: str, tally: _Tally, progress: bool) -> None:
+    """Capture ``todo`` and hand it to the one merger batch by batch; ``tally`` counts what was merged."""
+    bar = tqdm(total=len(todo), unit="prompt", disable=not progress or not todo, desc=f"run {run_id}",
+               dynamic_ncols=True)
+    tally.bar = bar
+    meta = {"model": identity, "capture": config_json}
+    try:  # the bar ends its line even when a batch fails, so an error message starts a line of its own
         with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
             pending = []
             for index_, result in iter_capture(loaded, [spec.text for spec, _ in todo], config, batch_size):
@@ -70,16 +115,8 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
                     tally.queued += len(pending)
                     merger.put([item[1:] for item in pending])
                     pending = []
-        bar.close()
-        if index:
-            from geomap.store.vectors import sync_state_indexes
-
-            sync_state_indexes(con, db_path)
-        con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
-        return RunSummary(run_id, tally.done, len(keyed) - len(todo), tally.failed, tally.tokens,
-                          time.perf_counter() - start, tuple(tally.failures))
     finally:
-        con.close()
+        bar.close()
 
 
 def prepare_store(con, db_path: Path, loaded: LoadedModel):

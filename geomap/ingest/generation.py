@@ -95,3 +95,24 @@ def _stored_prompt_key(db_path: str | Path, loaded, text: str) -> str | None:
     finally:
         con.close()
     return rows[0][0] if rows else None
+
+
+def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, config=None,
+                     vector_dtype: str = "float32", progress: bool = True) -> int:
+    """Store a short greedy continuation after each stored prompt (a pipeline's ``continuation_tokens``).
+
+    Each continuation is a generation linked to its prompt (see `generate`); one already stored is reused, so a
+    rerun adds nothing. Prompts that are not stored (failed) are skipped.
+
+    Returns:
+        How many continuations are stored for these texts.
+    """
+    from tqdm import tqdm
+
+    if max_new_tokens < 1:
+        return 0
+    todo = [t for t in dict.fromkeys(texts) if _stored_prompt_key(db_path, loaded, t) is not None]
+    for text in tqdm(todo, unit="prompt", desc="continuations", disable=not progress or not todo,
+                     dynamic_ncols=True):
+        generate(db_path, loaded, text, max_new_tokens, Strategy(), config, vector_dtype)
+    return len(todo)

@@ -9,11 +9,12 @@ from pathlib import Path
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
 from geomap.ingest.engine_config import EngineConfig, parse_engine
+from geomap.ingest.schema import VECTOR_DTYPES, validate_pipeline
 from geomap.ingest.sources import read_source
 from geomap.models.presets import DEFAULT_MODEL
 from geomap.store.writer import PromptSpec
 
-VECTOR_DTYPES = ("float32", "bfloat16")
+__all__ = ["VECTOR_DTYPES", "Pipeline", "load_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Pipeline:
         sources: ``(path, format or None, tags)`` per source; paths relative to the pipeline file.
         reports: Folder for HTML reports written after the run (a journey report per prompt, the run report and
             ``index.html``), or None for none.
+        continuation_tokens: Greedy tokens to generate and store after each prompt (0: none).
         engine: How the run is executed (the ``[engine]`` table: inline, or on Ray).
     """
 
@@ -41,6 +43,7 @@ class Pipeline:
     vector_dtype: str
     sources: tuple[tuple[Path, str | None, tuple[str, ...]], ...]
     reports: Path | None = None
+    continuation_tokens: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def prompts(self) -> list[PromptSpec]:
@@ -48,50 +51,22 @@ class Pipeline:
         return [spec for path, fmt, tags in self.sources for spec in read_source(path, fmt, tags)]
 
 
-def _positions(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 def load_pipeline(path: str | Path) -> Pipeline:
-    """Parse and check a pipeline TOML file.
+    """Parse a pipeline TOML file and check all of it against `geomap.ingest.schema.PipelineSchema`.
 
     Raises:
-        GeomapError: Invalid TOML, an unknown key, or a bad value; the message names the file.
+        GeomapError: Unreadable or invalid TOML, an unknown key, or a bad value; the one-line message names the
+            file, the key, the value given and what is allowed.
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
-    known = {"name", "model", "store", "batch_size", "capture", "sources", "reports", "engine"}
-    if unknown := set(data) - known:
-        raise GeomapError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-    cap = dict(data.get("capture", {}))
-    vector_dtype = cap.pop("vector_dtype", "float32")
-    if vector_dtype not in VECTOR_DTYPES:
-        raise GeomapError(f"{path}: capture.vector_dtype must be one of {VECTOR_DTYPES} (float16 overflows on "
-                          f"Gemma-3's residuals), not {vector_dtype!r}")
-    for key in ("attn_positions", "lens_positions"):
-        if key in cap:
-            cap[key] = _positions(cap[key])
-    if cap.get("layers") == "all":
-        cap["layers"] = None
-    try:
-        capture = CaptureConfig(**cap)
-    except (TypeError, ValueError) as exc:
-        raise GeomapError(f"{path}: bad [capture] section: {exc}") from None
-    sources = []
-    for entry in data.get("sources", []):
-        if "path" not in entry:
-            raise GeomapError(f"{path}: every [[sources]] entry needs a path")
-        sources.append(((path.parent / entry["path"]).resolve(), entry.get("format"), tuple(entry.get("tags", ()))))
-    if not sources:
-        raise GeomapError(f"{path}: no [[sources]]")
-    batch = int(data.get("batch_size", 8))
-    if batch < 1:
-        raise GeomapError(f"{path}: batch_size must be at least 1")
-    return Pipeline(name=str(data.get("name", path.stem)), model=str(data.get("model", DEFAULT_MODEL)),
-                    store=Path(data.get("store", "data/geomap.duckdb")), batch_size=batch, capture=capture,
-                    vector_dtype=vector_dtype, sources=tuple(sources),
-                    reports=Path(data["reports"]) if data.get("reports") else None,
-                    engine=parse_engine(data.get("engine"), str(path)))
+    engine = parse_engine(data.pop("engine", None), str(path))  # the [engine] table (the schema covers the rest)
+    spec = validate_pipeline(data, str(path))
+    sources = tuple(((path.parent / s.path).resolve(), s.format, tuple(s.tags)) for s in spec.sources)
+    return Pipeline(name=spec.name or path.stem, model=spec.model or DEFAULT_MODEL, store=Path(spec.store),
+                    batch_size=spec.batch_size, capture=spec.capture.config(), vector_dtype=spec.capture.vector_dtype,
+                    sources=sources, reports=Path(spec.reports) if spec.reports else None,
+                    continuation_tokens=spec.continuation_tokens, engine=engine)

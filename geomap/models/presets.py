@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from geomap.errors import ModelNotFoundError
+from geomap.errors import GeomapError, ModelNotFoundError
 
 PROBE_PROMPT = "The storm is"
 MANIFEST = "geomap-preset.json"
@@ -141,6 +141,7 @@ def convert(preset: Preset) -> Path:
 
     Raises:
         ModelNotFoundError: The preset's package is not installed.
+        GeomapError: The cache home cannot be written (read-only, full).
         RuntimeError: The reloaded copy does not reproduce the GGUF model's tokens and logits.
     """
     import torch
@@ -150,7 +151,12 @@ def convert(preset: Preset) -> Path:
     target = preset.cache_dir
     work = target.parent / f".{preset.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    try:
+        work.mkdir(parents=True)
+    except OSError as exc:
+        raise GeomapError(f"Cannot write the model cache {target.parent}: {exc.strerror}. The first use of "
+                          f"{preset.name} converts it there (about 1.1 GB); set GEOMAP_HOME to a writable folder."
+                          ) from None
     try:
         _say(1, 5, f"locating the GGUF of {preset.name} ({preset.source})")
         gguf = preset.locate(work)
@@ -191,6 +197,10 @@ def convert(preset: Preset) -> Path:
         _say(5, 5, f"done in {time.perf_counter() - start:.0f}s → {target}")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(out, target)
+    except OSError as exc:
+        raise GeomapError(f"Converting {preset.name} into {target.parent} failed: {exc.strerror or exc} "
+                          f"({exc.filename or target.parent}); free space there or set GEOMAP_HOME elsewhere, then "
+                          "rerun.") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,25 @@ class Report:
         """Jupyter display: the page in a sandboxed iframe (its scripts run there, isolated from the notebook)."""
         return (f'<iframe sandbox="allow-scripts" style="width:100%;height:720px;border:1px solid #ddd" '
                 f'srcdoc="{html.escape(self.html, quote=True)}"></iframe>')
+
+
+@contextmanager
+def one_instance(db_path: str | Path):
+    """Within the block, every connection to the store is a cursor of one open instance (opened once, not per query).
+
+    A report reads the store through a dozen helpers that each connect; opening the DuckDB file each time cost more
+    than the queries. When this process already serves the store (`geomap serve`), nothing changes.
+    """
+    from geomap.store.db import release_store, serve_store, served
+
+    if served(db_path) or not Path(db_path).exists():
+        yield
+        return
+    serve_store(db_path, {})
+    try:
+        yield
+    finally:
+        release_store(db_path)
 
 
 def page_name(prompt_id: int, pos: int | None = None) -> str:
@@ -50,8 +70,9 @@ def journey_report(db_path: str | Path, prompt_id: int,
     from geomap.analysis.api import model_for_prompt
     from geomap.report.data import journey_data
 
-    loaded = model_for_prompt(db_path, prompt_id, loaded)
-    data = journey_data(db_path, prompt_id, loaded, pos=pos)
+    with one_instance(db_path):
+        loaded = model_for_prompt(db_path, prompt_id, loaded)
+        data = journey_data(db_path, prompt_id, loaded, pos=pos)
     page = journey_page(data, single_file)
     path = None
     if write:
@@ -83,12 +104,33 @@ def compare_report(db_path: str | Path, first: int, second: int, out: str | Path
     from geomap.report.data import journey_data
     from geomap.report.render import render
 
-    loaded = model_for_prompt(db_path, first, loaded)
-    data = {"a": journey_data(db_path, first, loaded),
-            "b": journey_data(db_path, second, model_for_prompt(db_path, second, loaded))}
+    with one_instance(db_path):
+        loaded = model_for_prompt(db_path, first, loaded)
+        data = {"a": journey_data(db_path, first, loaded),
+                "b": journey_data(db_path, second, model_for_prompt(db_path, second, loaded))}
+        data["cosines"] = _state_cosines(db_path, first, second)
     page = render("compare.html.j2", data, single_file)
     target = Path(out) if out else DEFAULT_FOLDER / f"compare-{first}-{second}.html"
     return Report(page, write_page(page, target, single_file) if write else None)
+
+
+def _state_cosines(db_path, first: int, second: int) -> list[dict]:
+    """Per boundary, the cosine between the two prompts' residual states at their last positions."""
+    import numpy as np
+
+    from geomap.analysis import load
+    from geomap.store.db import connect
+
+    con = connect(db_path, read_only=True)
+    try:
+        infos = [load.prompt_info(con, p) for p in (first, second)]
+        out = []
+        for layer in range(min(i.n_layers for i in infos) + 1):
+            a, b = (load.state(con, i.id, layer, i.n_tokens - 1).astype(np.float64) for i in infos)
+            out.append({"layer": layer, "cos": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))})
+        return out
+    finally:
+        con.close()
 
 
 def pipeline_reports(db_path: str | Path, keys: list[str], folder: str | Path, loaded=None,

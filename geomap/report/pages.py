@@ -27,7 +27,10 @@ def journey_page(data: dict, single_file: bool = False) -> str:
 
 
 def write_index(folder: Path) -> Path:
-    """``index.html`` listing every report in ``folder`` (by the title of each page)."""
+    """``index.html`` listing every report in ``folder`` (by the title of each page).
+
+    An existing ``index.html`` that is not geomap's own index is left alone.
+    """
     entries = []
     def order(page: Path) -> tuple:  # journeys by prompt id and position, then the other pages
         numbers = [int(n) for n in re.findall(r"\d+", page.stem)]
@@ -36,9 +39,26 @@ def write_index(folder: Path) -> Path:
     for page in sorted(folder.glob("*.html"), key=order):
         if page.name == "index.html":
             continue
-        head = page.read_text(encoding="utf-8", errors="replace")[:4000]
+        head = page.read_text(encoding="utf-8", errors="replace")[:20000].split("</head>")[0]
         match = re.search(r"<title>(.*?)</title>", head, re.S)
-        entries.append({"href": page.name, "title": html.unescape(match.group(1)) if match else page.stem})
+        meta = {k: html.unescape(v) for k, v in re.findall(r'<meta name="geomap-([a-z]+)" content="([^"]*)">', head)}
+        kind = page.stem.split("-")[0]
+        tags = [t for t in meta.get("tags", "").split(",") if t]
+        entries.append({"href": page.name, "title": html.unescape(match.group(1)) if match else page.stem,
+                        "kind": kind, "prediction": meta.get("prediction"), "prob": _float(meta.get("prob")),
+                        "group": tags[0] if tags else ("journeys" if kind == "journey" else "runs and comparisons")})
+    groups: dict[str, list] = {}
+    for e in entries:
+        groups.setdefault(e["group"], []).append(e)
     out = folder / "index.html"
-    out.write_text(render("index.html.j2", {"entries": entries}, single_file=True), encoding="utf-8")
+    if out.exists() and "<title>geomap reports</title>" not in out.read_text(encoding="utf-8", errors="replace")[:4000]:
+        return out  # an index.html geomap did not write is never overwritten
+    out.write_text(render("index.html.j2", {"entries": entries, "groups": groups}, single_file=True), encoding="utf-8")
     return out
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None

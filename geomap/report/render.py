@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from importlib.resources import files
@@ -44,6 +45,15 @@ def fmt(value, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def data_value(value) -> str:
+    """A number for a ``data-value`` attribute: 7 significant digits (float32's), ``""`` for missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (int, str)):
+        return str(value)
+    return f"{float(value):.7g}"
+
+
 def showtok(text) -> str:
     """A token for display: whitespace-only tokens made visible (␣ space, ⏎ newline, ⇥ tab)."""
     if text is None:
@@ -79,11 +89,13 @@ def polyline(values, width: int = 260, height: int = 70, pad: int = 4) -> str:
                     for i, v in pts)
 
 
+@functools.cache
 def environment() -> jinja2.Environment:
-    """The report templates, autoescaped."""
+    """The report templates, autoescaped (built once per process: compiling them costs more than rendering)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline, json=safe_json)
+    env.filters.update(dv=data_value, fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline,
+                       json=safe_json)
     env.globals.update(scale_points=svgmap.scale_points, map_view=svgmap.map_view, needs_zoom=svgmap.needs_zoom,
                        palette=svgmap.palette, showtok=showtok, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
     return env

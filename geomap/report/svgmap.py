@@ -6,6 +6,7 @@ list of ``{x, y, ...}``); outputs are lists of dicts in SVG pixel coordinates, r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 CHAR_W, LABEL_H = 6.0, 11.0  # approximate glyph width and line height of the 10 px label font
@@ -80,7 +81,7 @@ def place_labels(anchors: list[dict], width: int, height: int, taken: list | Non
     boxes = list(taken or [])
     shown: list[dict] = []
     for a in anchors:
-        w = CHAR_W * (len(a["text"]) + 4) + 2  # room for a " +NN" suffix if others merge in later
+        w = CHAR_W * (len(a["text"]) + 11) + 2  # room for a " & NNN more" suffix if others merge in later
         spots = [(a["sx"] + 4, a["sy"] - 3), (a["sx"] - 4 - w, a["sy"] - 3),
                  (a["sx"] - w / 2, a["sy"] - 6), (a["sx"] - w / 2, a["sy"] + LABEL_H + 2)]
         for x, y in spots:
@@ -101,7 +102,7 @@ def place_labels(anchors: list[dict], width: int, height: int, taken: list | Non
                 shown.append(_label(a, x, y, box))
     for s in shown:
         extra = len(s["members"]) - 1
-        s["label"] = s["text"] if not extra else f"{s['text']} +{extra}"
+        s["label"] = s["text"] if not extra else f"{s['text']} & {extra} more"
         s["title"] = " · ".join(s["members"])
     return shown
 
@@ -144,7 +145,23 @@ def map_view(m: dict, width: int = 420, height: int = 320, zoom: bool = False, s
     layer_anchors = [{**p, "text": str(p["layer"])} for p in visible[::-1]]
     layer_labels = place_labels(layer_anchors, width, height, taken=dots + [s["box"] for s in labels])
     return {"background": bg, "path": path, "labels": labels, "layer_labels": layer_labels,
-            "hidden": len(m["tokens"]) - len(toks), "zoom": zoom}
+            "hidden": len(m["tokens"]) - len(toks), "zoom": zoom, "ticks": ticks(frame)}
+
+
+def ticks(frame: Frame, count: int = 4) -> dict:
+    """Axis ticks of a frame: ``{"x": [{sx, label}], "y": [{sy, label}]}`` at round data values."""
+    def steps(lo: float, hi: float) -> list[float]:
+        span = (hi - lo) or 1.0
+        raw = span / count
+        mag = 10 ** math.floor(math.log10(raw))
+        step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+        first = math.ceil(lo / step) * step
+        return [first + i * step for i in range(count + 2) if first + i * step <= hi + 1e-12]
+
+    return {"x": [{"sx": frame.place({"x": v, "y": frame.y0})["sx"], "label": f"{v:g}"}
+                  for v in steps(frame.x0, frame.x1)],
+            "y": [{"sy": frame.place({"x": frame.x0, "y": v})["sy"], "label": f"{v:g}"}
+                  for v in steps(frame.y0, frame.y1)]}
 
 
 def needs_zoom(m: dict) -> bool:
@@ -157,11 +174,15 @@ def needs_zoom(m: dict) -> bool:
     return (tail.x1 - tail.x0) < 0.25 * (full.x1 - full.x0) and (tail.y1 - tail.y0) < 0.25 * (full.y1 - full.y0)
 
 
-def palette(values: list, top: int = 8) -> dict:
-    """Colours for the ``top`` most frequent values (the rest share grey): ``{value: css colour}``."""
+def palette(values: list, top: int = 8, kind: str = "token") -> dict:
+    """Colours for the ``top`` most frequent values (the rest share grey): ``{value: css colour}``.
+
+    ``kind="tag"`` uses a paler, shifted palette so that a tag never wears a token's colour on the same page.
+    """
     counts: dict = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     ranked = sorted(counts, key=lambda v: (-counts[v], str(v)))
-    colours = {v: f"hsl({(i * 47) % 360},65%,45%)" for i, v in enumerate(ranked[:top])}
+    hue, style = (0, "65%,42%") if kind == "token" else (23, "30%,68%")
+    colours = {v: f"hsl({(hue + i * 47) % 360},{style})" for i, v in enumerate(ranked[:top])}
     return {v: colours.get(v, "#9aa3ad") for v in ranked}

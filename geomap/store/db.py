@@ -26,6 +26,40 @@ class StoreLockedError(StoreError):
     """Another process holds the store's write lock."""
 
 
+class StorageError(StoreError):
+    """The disk refused a write (full, read-only, or gone): the message names the cause and the path."""
+
+
+def rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction, if any, without raising over the error that led here.
+
+    A failed COMMIT (a full disk, say) has already ended the transaction, and DuckDB then refuses a ROLLBACK with
+    "no transaction is active"; that second error must never hide the first.
+    """
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+def storage_error(exc: BaseException, path: str | Path) -> StorageError | None:
+    """The one-line `StorageError` for a write the disk refused (no space, read-only, I/O error), else None."""
+    import errno
+
+    text = str(exc)
+    causes = ("No space left on device", "Read-only file system", "Permission denied", "Input/output error",
+              "Disk quota exceeded")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        cause = exc.strerror or text
+        where = exc.filename or path
+    elif (cause := next((c for c in causes if c.lower() in text.lower()), None)) is not None:
+        where = path  # DuckDB's IOException, or an OSError raised inside a FAISS writer callback
+    else:
+        return None
+    hint = " Free some space and rerun the same command: it resumes." if "space" in cause.lower() else ""
+    return StorageError(f"Cannot write {where}: {cause}.{hint}")
+
+
 def default_db_path() -> Path:
     """``$GEOMAP_DB``, else ``data/geomap.duckdb``."""
     return Path(os.environ.get("GEOMAP_DB") or "data/geomap.duckdb")

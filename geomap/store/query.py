@@ -38,7 +38,7 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
         prompt_id: The query state's prompt.
         layer: Residual boundary 0..L; neighbours come from the same layer.
         pos: The query state's position (default: the prompt's last).
-        k: How many neighbours.
+        k: How many neighbours (at least 1; capped at the states there are to search).
         last_only: Search only the last position of each stored prompt: the nearest prompts rather than
             the nearest contexts.
 
@@ -50,12 +50,20 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
 
     con = connect(db_path, read_only=True)
     try:
+        top = con.execute("SELECT max(layer) FROM states WHERE prompt_id = ?", [prompt_id]).fetchall()[0][0]
+        if top is not None and not 0 <= layer <= top:
+            raise StoreError(f"Layer {layer} is outside this store's residual boundaries 0..{top} (the model has "
+                             f"{top} layers; 0 is the embedding, {top} the last block's output).")
         _, vec = state_vector(con, prompt_id, layer, pos)
         allowed = None
         if last_only:
             allowed = con.execute("""SELECT s.id FROM states s JOIN prompts p ON p.id = s.prompt_id
                                      WHERE s.layer = ? AND s.pos = p.n_tokens - 1""", [layer]).fetchnumpy()["id"]
-        ids, sims = open_state_index(con, Path(db_path), layer).search(vec[None], k, allowed)
+        if k < 1:
+            raise StoreError(f"k must be at least 1, not {k}.")
+        state_index = open_state_index(con, Path(db_path), layer)
+        k = min(k, state_index.index.ntotal if allowed is None else len(allowed))  # no more than there are
+        ids, sims = state_index.search(vec[None], k, allowed)
         hits = pd.DataFrame({"state_id": ids[0], "similarity": sims[0], "rank": np.arange(len(ids[0]))})
         hits = hits[hits.state_id >= 0]
         con.register("_hits", hits)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from geomap.capture.journey import Journey, PromptFailure
 from geomap.errors import GeomapError
+from geomap.faults import kill_point
 from geomap.store.writer import TABLES, PromptSpec, check_finite, journey_tables
 
 SHARD_FORMAT = 1
@@ -231,11 +232,13 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
             _insert(con, name, table, run_id)
             counts[name] = table.num_rows
         con.execute("INSERT INTO merged_shards VALUES (?, now(), ?, ?)", [shard.shard_id, run_id, counts["prompts"]])
+        kill_point("batch.inserted")
         con.execute("COMMIT")
-        return counts
     except BaseException:
         _rollback(con)
         raise
+    kill_point("batch.committed")
+    return counts
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,

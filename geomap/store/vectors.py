@@ -20,8 +20,11 @@ Index kinds (manifest ``kind`` ``states:flat|ivf|hnsw``; FAISS ids are ``states.
 Files and crashes:
     ``states-L{layer:03d}.faiss`` in `index_dir`. A build writes ``<name>.tmp`` (fsynced), commits the manifest row
     and its sha256 in a DuckDB transaction, then renames the temp file into place and fsyncs the folder. Opening
-    checks the sha256: a leftover temp file with the manifest's sha256 finishes an interrupted rename; any other
-    mismatch raises `IndexCorruptError`. A bad index is never silently replaced.
+    checks the sha256 and the standardisation's checksum: a leftover temp file with the manifest's sha256 finishes
+    an interrupted rename; any other mismatch raises `IndexCorruptError`. A bad index is never silently replaced.
+    Every sync and rebuild first finishes or removes what an interrupted build left (`manifest.finish_interrupted`),
+    so after any command that completes, ``geomap index verify`` passes. A rebuild needs DuckDB's states only: it
+    recreates a dropped manifest table.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -38,8 +40,20 @@ import faiss
 import numpy as np
 
 from geomap.store.codec import decode_bf16
-from geomap.store.db import StoreError, index_dir
-from geomap.store.files import publish, sha256_of, write_temp
+from geomap.store.db import StoreError, ensure_schema, index_dir
+from geomap.store.manifest import (
+    REBUILD,
+    IndexCorruptError,
+    commit_index,
+    file_problem,
+    finish_interrupted,
+    manifest_missing,
+    manifest_rows,
+    stats_problem,
+)
+
+__all__ = ["IndexCorruptError", "StateIndex", "build_state_indexes", "open_state_index", "sync_state_indexes",
+           "verify_indexes"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +61,6 @@ DEFAULT_THRESHOLD = 50_000
 TARGET_RECALL = 0.97  # on the calibration sample; a margin over the 0.95 promised for any query
 _CHUNK = 16_384
 _N_CALIBRATION = 256
-_REBUILD = "Run `geomap index rebuild` to rebuild it from the store."
-_COLUMNS = "layer, kind, path, dim, metric, ntotal, max_id, sha256, mean, std, built_at"
-
-
-class IndexCorruptError(StoreError):
-    """A derived index file is missing or does not match the sha256 recorded in its manifest row."""
 
 
 @dataclass
@@ -146,59 +154,6 @@ def _chunks(con: duckdb.DuckDBPyConnection, layer: int, after: int = -(2**63)) -
         reader.close()
 
 
-def _manifest(con: duckdb.DuckDBPyConnection) -> dict[int, dict]:
-    rows = con.execute(f"SELECT {_COLUMNS} FROM faiss_manifest WHERE kind LIKE 'states%' ORDER BY layer").fetchall()
-    return {int(r[0]): dict(zip(_COLUMNS.split(", "), r)) for r in rows}
-
-
-def _commit(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, index: faiss.Index, kind: str,
-            mean: np.ndarray, std: np.ndarray, max_id: int) -> dict:
-    """Write the index (temp + fsync), commit its manifest row, then rename it into place."""
-    folder = index_dir(Path(db_path))
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"states-L{layer:03d}.faiss"
-    tmp = final.with_name(final.name + ".tmp")
-    row = {
-        "layer": layer, "kind": f"states:{kind}", "path": final.name, "dim": int(index.d),
-        "metric": "inner_product", "ntotal": int(index.ntotal), "max_id": int(max_id),
-        "sha256": write_temp(tmp, index), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-        "built_at": datetime.now(UTC).replace(tzinfo=None),
-    }
-    con.begin()
-    try:
-        con.execute("DELETE FROM faiss_manifest WHERE layer = ? AND kind LIKE 'states%'", [layer])
-        con.execute(f"INSERT INTO faiss_manifest ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    publish(tmp, final)
-    return row
-
-
-def _file_problem(folder: Path, row: dict, roll_forward: bool) -> str | None:
-    """Why an index file does not match its manifest row, or None (after finishing an interrupted rename)."""
-    final = folder / row["path"]
-    expected = row["sha256"]
-    actual = sha256_of(final) if final.exists() else None
-    if actual == expected:
-        return None
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists() and sha256_of(tmp) == expected:
-        if not roll_forward:
-            return f"Index file {final}: an interrupted build left {tmp.name}; opening the index will finish it."
-        log.info("Finishing an interrupted index build: %s -> %s", tmp, final)
-        publish(tmp, final)
-        return None
-    if actual is None:
-        state = "the file is missing"
-    elif final.stat().st_size == 0:
-        state = "the file is empty (truncated)"
-    else:
-        state = f"actual sha256 {actual} ({final.stat().st_size} bytes; truncated or damaged)"
-    return f"Index file {final} does not match the store's manifest: expected sha256 {expected}, {state}. {_REBUILD}"
-
-
 def _nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // 39, 4096))
 
@@ -286,7 +241,7 @@ def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind
         truth = np.take_along_axis(truth_i, np.argsort(-truth_s, axis=1), 1)
         recall = _choose_nprobe(index, queries, qids, truth.tolist())
         log.info("Layer %d: IVF n=%d nlist=%d nprobe=%d recall@10=%.3f", layer, n, nlist, index.nprobe, recall)
-    return _commit(con, db_path, layer, index, chosen, mean, std, max_id)
+    return commit_index(con, db_path, layer, index, chosen, mean, std, max_id)
 
 
 def build_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, layers: list[int] | None = None,
@@ -303,6 +258,10 @@ def build_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, layers: l
     Returns:
         The manifest rows written, one per built layer.
     """
+    if manifest_missing(con):  # rebuild from DuckDB alone: recreate the manifest table first
+        con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+        ensure_schema(con)
+    finish_interrupted(con, db_path)
     if layers is None:
         layers = [r[0] for r in con.execute("SELECT DISTINCT layer FROM states ORDER BY layer").fetchall()]
     rows = [_build_layer(con, db_path, int(layer), kind, threshold) for layer in layers]
@@ -323,12 +282,19 @@ def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str 
     Raises:
         IndexCorruptError: an index to extend does not match its manifest.
     """
-    manifest, added = _manifest(con), 0
+    if manifest_missing(con):
+        con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+        ensure_schema(con)
+    finish_interrupted(con, db_path)
+    manifest, added = manifest_rows(con), 0
     layers = con.execute("SELECT layer, count(*), max(id) FROM states GROUP BY layer ORDER BY layer").fetchall()
     for layer, n, max_id in layers:
         row = manifest.get(layer)
         if row is not None and (n, max_id) == (row["ntotal"], row["max_id"]):
             continue
+        if row is not None and stats_problem(con, row):
+            log.warning("Layer %d: the manifest's standardisation is damaged; rebuilding.", layer)
+            row = None
         if row is not None:
             old = con.execute("SELECT count(*) FROM states WHERE layer = ? AND id <= ?", [layer, row["max_id"]])
             if old.fetchall()[0][0] != row["ntotal"]:
@@ -342,7 +308,7 @@ def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str 
         for ids, x in _chunks(con, layer, after=row["max_id"]):
             state.index.add_with_ids(state.prepare(x), ids)
             added, last = added + len(ids), int(ids[-1])
-        _commit(con, db_path, layer, state.index, state.kind, state.mean, state.std, last)
+        commit_index(con, db_path, layer, state.index, state.kind, state.mean, state.std, last)
     return added
 
 
@@ -350,15 +316,19 @@ def verify_indexes(con: duckdb.DuckDBPyConnection, db_path: Path) -> list[str]:
     """Check every state index against its manifest row and the states table (changes nothing).
 
     Returns:
-        One line per problem (sha256 mismatch, missing file, ntotal/max_id out of step, layer without index);
-        empty when all is well.
+        One line per problem (sha256 mismatch, missing file, leftover temp file, damaged standardisation,
+        ntotal/max_id out of step, layer without index, no manifest table); empty when all is well.
     """
     folder, problems = index_dir(Path(db_path)), []
     counts = {r[0]: (r[1], r[2]) for r in
               con.execute("SELECT layer, count(*), max(id) FROM states GROUP BY layer").fetchall()}
-    manifest = _manifest(con)
+    if manifest_missing(con):
+        return [f"The store has no faiss_manifest table (dropped?): no index can be trusted. {REBUILD}"]
+    manifest = manifest_rows(con)
     for layer, row in manifest.items():
-        if problem := _file_problem(folder, row, roll_forward=False):
+        if problem := file_problem(folder, row, roll_forward=False):
+            problems.append(problem)
+        if problem := stats_problem(con, row):
             problems.append(problem)
         n, max_id = counts.get(layer, (0, None))
         if n != row["ntotal"] or max_id != row["max_id"]:
@@ -366,6 +336,11 @@ def verify_indexes(con: duckdb.DuckDBPyConnection, db_path: Path) -> list[str]:
                             f"store {n} states up to id {max_id}; sync or rebuild the indexes.")
     problems += [f"Layer {layer}: {n} states but no index." for layer, (n, _) in sorted(counts.items())
                  if layer not in manifest]
+    if folder.is_dir():
+        problems += [f"Index file {tmp}: an interrupted build left it; any write command (or `geomap index "
+                     f"rebuild`) finishes or removes it." for tmp in sorted(folder.glob("*.faiss.tmp"))
+                     if not any(problem.startswith(f"Index file {folder / tmp.name.removesuffix('.tmp')}:")
+                                for problem in problems)]
     return problems
 
 
@@ -377,15 +352,17 @@ def open_state_index(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int) 
         IndexCorruptError: the file is missing, truncated or altered (an interrupted rename is finished instead).
     """
     folder = index_dir(Path(db_path))
-    row = _manifest(con).get(layer)
+    if manifest_missing(con):
+        raise IndexCorruptError(f"The store has no faiss_manifest table: no index can be trusted. {REBUILD}")
+    row = manifest_rows(con).get(layer)
     if row is None:
-        raise StoreError(f"Layer {layer} has no state index in {folder}. {_REBUILD}")
-    if problem := _file_problem(folder, row, roll_forward=True):
+        raise StoreError(f"Layer {layer} has no state index in {folder}. {REBUILD}")
+    if problem := file_problem(folder, row, roll_forward=True) or stats_problem(con, row):
         raise IndexCorruptError(problem)
     path = folder / row["path"]
     index = faiss.read_index(str(path))
     if index.d != row["dim"] or index.ntotal != row["ntotal"]:
         raise IndexCorruptError(f"Index file {path} holds {index.ntotal}×{index.d}, its manifest says "
-                                f"{row['ntotal']}×{row['dim']}. {_REBUILD}")
+                                f"{row['ntotal']}×{row['dim']}. {REBUILD}")
     mean, std = (np.asarray(row[c], dtype=np.float32) for c in ("mean", "std"))
     return StateIndex(layer, row["kind"].split(":")[-1], path, index, mean, std)

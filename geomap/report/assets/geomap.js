@@ -1,77 +1,331 @@
-// geomap reports: in-page decoding controls and view switches. No network, no libraries.
+// geomap reports: the journey page's layer picker, head grid, decoding controls, sampling and map hover.
+// No network, no libraries; every number comes from the JSON block the page embeds.
 (function () {
   "use strict";
   var node = document.getElementById("geomap-data");
   var data = node ? JSON.parse(node.textContent || "{}") : {};
+  var SVG = "http://www.w3.org/2000/svg";
 
-  function fmt(x, digits) { return (Math.round(x * Math.pow(10, digits)) / Math.pow(10, digits)).toFixed(digits); }
-
-  // Decoding: softmax with temperature, then top-k, then top-p (transformers' order), over the embedded logits.
-  // The tokens beyond the embedded ones have a known total mass at T = 1 (from the stored logsumexp); at other
-  // temperatures they are treated as sharing one equal logit with that mass (an approximation, said on the page).
-  function redraw(form, table, note) {
-    var dec = data.decoding, top = dec.top, T = parseFloat(form.temperature.value) || 1;
-    var k = parseInt(form.top_k.value, 10) || 0, p = parseFloat(form.top_p.value);
-    if (!(p > 0 && p <= 1)) { p = 1; }
-    form.t.value = fmt(T, 2);
-    var unseen = dec.vocab_size - top.length, seen1 = 0, i;
-    for (i = 0; i < top.length; i++) { seen1 += Math.exp(top[i].logit - dec.logsumexp); }
-    var tail1 = Math.max(0, 1 - seen1);
-    var zbar = (tail1 > 0 && unseen > 0) ? dec.logsumexp + Math.log(tail1 / unseen) : -Infinity;
-    var scaled = top.map(function (c) { return c.logit / T; });
-    var m = Math.max(scaled[0], zbar / T), s = 0;
-    for (i = 0; i < scaled.length; i++) { s += Math.exp(scaled[i] - m); }
-    var tail = k > 0 ? 0 : unseen * Math.exp(zbar / T - m);
-    var probs = scaled.map(function (z) { return Math.exp(z - m) / (s + tail); });
-    var tailMass = tail / (s + tail);
-    // top-p keeps the most probable tokens until their mass reaches p (the unseen block comes last).
-    var limit = k > 0 ? Math.min(k, probs.length) : probs.length, mass = 0, n = limit, keepTail = k === 0;
-    for (i = 0; i < limit; i++) {
-      mass += probs[i];
-      if (p < 1 && mass >= p) { n = i + 1; keepTail = false; break; }
+  function fixed(x, digits) { return (Math.round(x * Math.pow(10, digits)) / Math.pow(10, digits)).toFixed(digits); }
+  // The same display rule as the Python side (render.fmt): "–" for missing, %g for tiny or huge values.
+  function fmt(x, digits) {
+    if (x === null || x === undefined || x !== x) { return "–"; }
+    var v = Number(x);
+    if (v !== 0 && (Math.abs(v) >= 1e5 || Math.abs(v) < Math.pow(10, -digits))) {
+      return Number(v.toPrecision(Math.max(digits, 1))).toString();
     }
-    var total = 0; for (i = 0; i < n; i++) { total += probs[i]; }
-    if (keepTail) { total += tailMass; }
-    var rows = table.querySelectorAll("tr");
-    for (i = 1; i < rows.length; i++) {
-      var cells = rows[i].children, idx = i - 1, inside = idx < n, q = inside ? probs[idx] / total : 0;
-      cells[3].textContent = fmt(q, 4);
-      cells[4].textContent = "";
-      var bar = document.createElement("span");
-      bar.style.display = "inline-block"; bar.style.height = "9px";
-      bar.style.width = Math.round(300 * q) + "px";
-      bar.style.background = inside ? "#2a62c9" : "#ccc";
-      cells[4].appendChild(bar);
-      rows[i].className = inside ? "kept" : "cut";
-    }
-    note.textContent = "kept " + n + " listed token(s)" + (keepTail ? " and the " + unseen + " unlisted ones" : "") +
-      " at temperature " + fmt(T, 2) + (k > 0 ? ", top-k " + k : "") + (p < 1 ? ", top-p " + p : "") +
-      "; the top token's probability is " + fmt(probs[0] / total, 4) + "." +
-      (T !== 1 && keepTail ? " (The unlisted tokens' share at this temperature is estimated.)" : "");
+    return v.toFixed(digits);
+  }
+  function showtok(t) {
+    if (t === null || t === undefined) { return "?"; }
+    if (t.trim()) { return t; }
+    return t.replace(/ /g, "\u2423").replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5") || "\u2205";
+  }
+  function heat(x) {
+    var v = Math.max(0, Math.min(1, Number(x) || 0));
+    return "background:hsl(215,70%," + Math.round(97 - 55 * v) + "%);color:" + (v > 0.6 ? "#fff" : "#111");
+  }
+  function lookup(root, path) {
+    return path.split(".").reduce(function (o, k) { return o === null || o === undefined ? undefined : o[k]; }, root);
+  }
+  function tokNode(text) {
+    var b = document.createElement("bdi"); b.className = "tok"; b.textContent = showtok(text); return b;
   }
 
-  var form = document.querySelector("[data-controls]");
-  var table = document.querySelector("[data-dist]");
-  var note = document.querySelector("[data-kept]");
-  if (form && table && data.decoding) {
-    form.addEventListener("input", function () { redraw(form, table, note); });
-    redraw(form, table, note);
+  // ---------------------------------------------------------------- decoding -------------------------------
+  // transformers' order: temperature, then top-k, then top-p over the renormalised survivors. The listed logits
+  // are exact; the unlisted ones come as bins (count, mean logit) and behave as equal tokens inside a bin.
+  function decode(T, k, p) {
+    var dec = data.decoding, top = dec.top, z0 = top[0].logit, i, items = [];
+    for (i = 0; i < top.length; i++) { items.push({n: 1, e: Math.exp((top[i].logit - z0) / T), rank: i}); }
+    var tail = dec.tail;
+    if (tail) {
+      for (i = 0; i < tail.n.length; i++) { items.push({n: tail.n[i], e: Math.exp((tail.m[i] - z0) / T), bin: i}); }
+    } else if (dec.unlisted > 0) {
+      // Only the total unlisted mass at T = 1 is known: it is spread as one equal logit (an estimate).
+      var seen = 0; for (i = 0; i < top.length; i++) { seen += Math.exp(top[i].logit - dec.logsumexp); }
+      var rest = Math.max(0, 1 - seen);
+      if (rest > 0) {
+        var zbar = dec.logsumexp + Math.log(rest / dec.unlisted);
+        items.push({n: dec.unlisted, e: Math.exp((zbar - z0) / T), bin: 0, estimate: true});
+      }
+    }
+    var kept = [], left = k > 0 ? k : Infinity;
+    for (i = 0; i < items.length && left > 0; i++) {
+      var c = Math.min(items[i].n, left); left -= c;
+      kept.push({item: items[i], count: c});
+    }
+    var total = 0, all = 0;
+    for (i = 0; i < items.length; i++) { all += items[i].n * items[i].e; }
+    for (i = 0; i < kept.length; i++) { total += kept[i].count * kept[i].item.e; }
+    if (p < 1) {
+      var before = 0, out = [];
+      for (i = 0; i < kept.length && before < p; i++) {
+        var per = kept[i].item.e / total, cnt = kept[i].count;
+        if (cnt > 1) { cnt = Math.min(cnt, Math.max(1, Math.ceil((p - before) / per - 1e-12))); }
+        out.push({item: kept[i].item, count: cnt}); before += cnt * per;
+      }
+      kept = out; total = 0;
+      for (i = 0; i < kept.length; i++) { total += kept[i].count * kept[i].item.e; }
+    }
+    var probs = [], nKept = 0, listedKept = 0;
+    for (i = 0; i < top.length; i++) { probs.push(0); }
+    for (i = 0; i < kept.length; i++) {
+      nKept += kept[i].count;
+      if (kept[i].item.rank !== undefined) { probs[kept[i].item.rank] = kept[i].item.e / total; listedKept++; }
+    }
+    return {probs: probs, model: items.slice(0, top.length).map(function (it) { return it.e / all; }),
+            kept: nKept, listedKept: listedKept, massKept: total / all, parts: kept, total: total,
+            estimate: !tail && dec.unlisted > 0};
+  }
+  window.geomapDecode = decode;
+
+  function mulberry32(seed) {
+    var a = seed >>> 0;
+    return function () {
+      a = (a + 0x6D2B79F5) >>> 0;
+      var t = a;
+      t = Math.imul(t ^ (t >>> 15), t | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+  }
+  function draw(result, seed) {
+    var u = mulberry32(seed)(), acc = 0, i, rank = 0;
+    for (i = 0; i < result.parts.length; i++) {
+      var part = result.parts[i], mass = part.count * part.item.e / result.total;
+      if (u < acc + mass || i === result.parts.length - 1) {
+        if (part.item.rank !== undefined) { return {u: u, rank: part.item.rank}; }
+        return {u: u, rank: rank + Math.min(part.count - 1, Math.floor((u - acc) / (mass / part.count))), unlisted: true};
+      }
+      acc += mass; rank += part.count;
+    }
+    return {u: u, rank: 0};
+  }
+  window.geomapDraw = function (T, k, p, seed) { return draw(decode(T, k, p), seed); };
+
+  function controls() {
+    var form = document.querySelector("[data-controls]");
+    var table = document.querySelector("[data-dist]");
+    if (!form || !table || !data.decoding) { return; }
+    var note = document.querySelector("[data-kept]"), sentence = document.querySelector("[data-decision]");
+    var vocab = data.decoding.vocab_size, valid = {top_k: 0, top_p: 1}, drawn = null;
+    function check(name) {
+      var input = form[name], raw = input.value.trim(), v = Number(raw), msg = "";
+      if (name === "top_k" && (raw === "" || !Number.isInteger(v) || v < 0 || v > vocab)) {
+        msg = "top-k must be a whole number from 0 (off) to " + vocab + "; kept " + valid.top_k + ".";
+      }
+      if (name === "top_p" && (raw === "" || !(v > 0 && v <= 1))) {
+        msg = "top-p must be above 0 and at most 1; kept " + valid.top_p + ".";
+      }
+      input.setCustomValidity(msg);
+      var box = document.querySelector("[data-invalid=" + name + "]");
+      box.textContent = msg; box.hidden = !msg;
+      if (!msg) { valid[name] = v; }
+    }
+    function redraw() {
+      check("top_k"); check("top_p");
+      var T = parseFloat(form.temperature.value) || 1, k = valid.top_k, p = valid.top_p;
+      form.t.value = fixed(T, 2);
+      var res = decode(T, k, p), rows = table.querySelectorAll("tr[data-rank]"), i;
+      for (i = 0; i < rows.length; i++) {
+        var cells = rows[i].children, q = res.probs[i], inside = q > 0;
+        cells[3].textContent = fmt(q, 4); cells[3].setAttribute("data-value", q);
+        cells[4].textContent = "";
+        var bar = document.createElement("span");
+        bar.style.display = "inline-block"; bar.style.height = "9px";
+        bar.style.width = Math.round(300 * q) + "px"; bar.style.background = inside ? "#2a62c9" : "#ccc";
+        cells[4].appendChild(bar);
+        rows[i].className = (inside ? "kept" : "cut") + (drawn !== null && drawn.rank === i ? " drawn" : "");
+      }
+      var top = data.decoding.top;
+      note.textContent = res.kept + " token(s) stay in the running (" + fmt(100 * res.massKept, 2) +
+        "% of the mass at this temperature), " + res.listedKept + " of them listed above" +
+        (res.estimate ? "; the unlisted tokens' share at T \u2260 1 is an estimate (only the top logits were stored here)" : "") + ".";
+      var s = "At temperature " + fixed(T, 2) + (k > 0 ? ", top-k " + k : "") + (p < 1 ? ", top-p " + p : "") +
+        ", greedy decoding takes \u201c" + showtok(top[0].token) + "\u201d, now with p = " + fmt(res.probs[0], 4) +
+        " (" + fmt(res.model[0], 4) + " before the cut)";
+      if (drawn !== null) {
+        var name = drawn.rank < top.length ? "\u201c" + showtok(top[drawn.rank].token) + "\u201d" : "an unlisted token";
+        s += "; the draw with seed " + drawn.seed + " (u = " + fixed(drawn.u, 4) + ") picked " + name + ", rank " + (drawn.rank + 1) +
+          (drawn.rank < top.length ? ", p = " + fmt(res.probs[drawn.rank], 4) : "");
+      } else {
+        s += "; sampling would draw from the " + res.kept + " kept token(s)";
+      }
+      sentence.textContent = s + ".";
+    }
+    form.addEventListener("input", function () { drawn = null; redraw(); });
+    document.querySelector("[data-sample]").addEventListener("click", function () {
+      check("top_k"); check("top_p");
+      var seed = parseInt(form.seed.value, 10) || 0, T = parseFloat(form.temperature.value) || 1;
+      var d = draw(decode(T, valid.top_k, valid.top_p), seed);
+      drawn = {seed: seed, u: d.u, rank: d.rank};
+      form.seed.value = seed + 1;
+      redraw();
+    });
+    redraw();
   }
 
-  document.querySelectorAll("[data-heat]").forEach(function (radio) {
-    radio.addEventListener("change", function () {
-      document.querySelectorAll("[data-heat-table]").forEach(function (t) {
-        t.hidden = t.getAttribute("data-heat-table") !== radio.value;
+  // ---------------------------------------------------------------- layer and head ---------------------------
+  var state = {layer: data.head ? data.head.layer : 0, head: data.head ? data.head.head : 0};
+  function bindAll() {
+    if (!data.layers) { return; }
+    var row = data.layers.filter(function (r) { return r.layer === state.layer; })[0] || {};
+    var head = data.heads.heads[state.layer + "." + state.head] || {};
+    var root = Object.assign({}, row, {head: head});
+    document.querySelectorAll("[data-bind]").forEach(function (el) {
+      var v = lookup(root, el.getAttribute("data-bind")), digits = parseInt(el.getAttribute("data-digits") || "3", 10);
+      if (el.getAttribute("data-kind") === "comps") {
+        el.textContent = (v || []).map(function (c) { return "[" + c[0] + "] " + fmt(c[1], 3); }).join(", ");
+        return;
+      }
+      el.textContent = fmt(v, digits);
+      if (el.hasAttribute("data-value")) { el.setAttribute("data-value", v === null || v === undefined ? "" : v); }
+    });
+    var out = document.querySelector("[data-layer-out]"); if (out) { out.textContent = state.layer; }
+    var pick = document.querySelector("[data-layer-pick]"); if (pick) { pick.value = state.layer; }
+    var neurons = document.querySelector("[data-neurons]");
+    if (neurons) {
+      neurons.querySelectorAll("tr:not(:first-child)").forEach(function (tr) { tr.remove(); });
+      (row.neurons || []).forEach(function (m) {
+        var tr = document.createElement("tr");
+        [["#" + m.neuron], [fmt(m.value, 3)], m.up, m.down].forEach(function (cell, j) {
+          var td = document.createElement("td");
+          if (j < 2) { td.textContent = cell[0]; } else { cell.forEach(function (t) { td.appendChild(tokNode(t)); td.appendChild(document.createTextNode(" ")); }); }
+          tr.appendChild(td);
+        });
+        neurons.appendChild(tr);
+      });
+    }
+    document.querySelectorAll("[data-grid-layer]").forEach(function (tr) {
+      tr.classList.toggle("sel", Number(tr.getAttribute("data-grid-layer")) === state.layer);
+    });
+    document.querySelectorAll("[data-head]").forEach(function (td) {
+      td.classList.toggle("on", td.getAttribute("data-head") === state.layer + "." + state.head);
+    });
+    var keys = document.querySelector("[data-keys]");
+    if (keys) {
+      ["raw", "score", "w", "kn", "vn", "cn", "ca"].forEach(function (name) {
+        var tr = keys.querySelector("tr[data-row=" + name + "]"); if (!tr) { return; }
+        var cells = tr.querySelectorAll("td"), values = head[name] || [];
+        values.forEach(function (v, i) {
+          var td = cells[i]; if (!td) { return; }
+          var text = v === null ? "not captured" : fmt(v, name === "raw" || name === "kn" || name === "vn" ? 2 : 3);
+          var span = td.querySelector(".num");
+          if (span) { span.textContent = text; span.setAttribute("data-value", v === null ? "" : v); } else { td.textContent = text; }
+          if (name === "w") { td.setAttribute("style", heat(v)); }
+        });
+        var rest = tr.querySelector("[data-rest]"); if (rest) { rest.textContent = fmt(head.rest_weight, 3); }
+      });
+    }
+    matrix(head);
+  }
+
+  function matrix(head) {
+    var svg = document.querySelector("[data-matrix]"); if (!svg || !head.matrix) { return; }
+    while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+    var pos = data.heads.matrix_pos, toks = data.heads.matrix_tokens, n = pos.length, pad = 92, size = 400;
+    var cell = (size - pad) / n;
+    svg.setAttribute("viewBox", "0 0 " + (size + 10) + " " + (size + 10));
+    function el(name, attrs, text) {
+      var e = document.createElementNS(SVG, name);
+      Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+      if (text !== undefined) { e.textContent = text; }
+      svg.appendChild(e); return e;
+    }
+    pos.forEach(function (p, i) {
+      el("text", {x: pad - 4, y: pad + i * cell + cell * 0.7, "text-anchor": "end", "class": "ticklabel"},
+         p + " " + showtok(toks[i]).slice(0, 9));
+      el("text", {x: pad + i * cell + cell / 2, y: pad - 4, "text-anchor": "start", "class": "ticklabel",
+                  transform: "rotate(-60 " + (pad + i * cell + cell / 2) + " " + (pad - 4) + ")"}, p + " " + showtok(toks[i]).slice(0, 9));
+    });
+    var drawnRows = 0;
+    head.matrix.forEach(function (row) {
+      var qi = pos.indexOf(row[0]); if (qi < 0) { return; }
+      drawnRows++;
+      for (var j = 1; j < row.length; j++) {
+        var w = row[j] / 1000, r = el("rect", {x: pad + (j - 1) * cell, y: pad + qi * cell, width: cell - 0.5, height: cell - 0.5,
+                                               fill: "hsl(215,70%," + Math.round(97 - 55 * Math.max(0, Math.min(1, w))) + "%)"});
+        var t = document.createElementNS(SVG, "title");
+        t.textContent = "query " + row[0] + " \u2192 key " + pos[j - 1] + ": weight " + fixed(w, 3); r.appendChild(t);
+      }
+    });
+    var noteEl = document.querySelector("[data-matrix-note]");
+    if (noteEl) {
+      noteEl.textContent = drawnRows < n ? " " + (n - drawnRows) + " of these " + n + " query positions were not captured (rows left empty): capture them with --attn-positions all." : "";
+    }
+  }
+
+  function layerControls() {
+    var pick = document.querySelector("[data-layer-pick]");
+    if (pick) {
+      pick.addEventListener("input", function () { state.layer = Number(pick.value); bindAll(); });
+    }
+    document.querySelectorAll("[data-head]").forEach(function (td) {
+      function choose() {
+        var parts = td.getAttribute("data-head").split(".");
+        state.layer = Number(parts[0]); state.head = Number(parts[1]); bindAll();
+      }
+      td.addEventListener("click", choose);
+      td.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); choose(); } });
+    });
+    document.querySelectorAll("[data-box]").forEach(function (g) {
+      function open() {
+        var key = g.getAttribute("data-box");
+        document.querySelectorAll("[data-box]").forEach(function (o) { o.classList.toggle("sel", o === g); });
+        document.querySelectorAll("[data-box-info]").forEach(function (i) { i.hidden = i.getAttribute("data-box-info") !== key; });
+      }
+      g.addEventListener("click", open);
+      g.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } });
+    });
+    bindAll();
+  }
+
+  function mapHover() {
+    var info = document.querySelector("[data-map-info]");
+    if (!info || !data.lens) { return; }
+    document.querySelectorAll("[data-map] circle.step").forEach(function (c) {
+      c.addEventListener("mouseenter", function () {
+        var ell = Number(c.getAttribute("data-layer"));
+        var row = data.lens.filter(function (r) { return r.layer === ell; })[0];
+        info.textContent = "layer " + ell + (row ? ": the lens reads \u201c" + showtok(row.token) + "\u201d with p = " + fmt(row.prob, 3) : "");
       });
     });
-  });
+  }
 
-  var select = document.querySelector("[data-neighbour-layer]");
-  if (select) {
-    select.addEventListener("change", function () {
-      document.querySelectorAll("table.nb").forEach(function (t) {
-        t.hidden = t.getAttribute("data-layer") !== select.value;
+  function switches() {
+    document.querySelectorAll("[data-heat]").forEach(function (radio) {
+      radio.addEventListener("change", function () {
+        document.querySelectorAll("[data-heat-table]").forEach(function (t) {
+          t.hidden = t.getAttribute("data-heat-table") !== radio.value;
+        });
       });
     });
+    var select = document.querySelector("[data-neighbour-layer]");
+    if (select) {
+      select.addEventListener("change", function () {
+        document.querySelectorAll("table.nb").forEach(function (t) { t.hidden = t.getAttribute("data-layer") !== select.value; });
+      });
+    }
+    var filter = document.querySelector("[data-filter]");
+    if (filter) {
+      filter.addEventListener("input", function () {
+        var q = filter.value.toLowerCase();
+        document.querySelectorAll("[data-entry]").forEach(function (li) {
+          li.hidden = q !== "" && li.textContent.toLowerCase().indexOf(q) < 0;
+        });
+      });
+    }
+    var pickA = document.querySelector("[data-compare-head]");
+    if (pickA) {
+      pickA.addEventListener("change", function () {
+        document.querySelectorAll("[data-compare-pane]").forEach(function (t) { t.hidden = t.getAttribute("data-compare-pane") !== pickA.value; });
+      });
+    }
   }
+
+  controls();
+  layerControls();
+  mapHover();
+  switches();
 })();

@@ -1,0 +1,189 @@
+"""Kill points at every commit boundary of ingestion and of index builds; a full disk.
+
+Each case SIGKILLs a real ``geomap`` process at a named point (`geomap.faults`), reruns the same command once, and
+checks that the store equals an uninterrupted run's and that ``geomap index verify`` passes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from geomap.faults import POINTS
+from tests.forked import geomap
+
+TABLES = ["prompts", "tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens", "lens_stats",
+          "next_token", "final_logits", "vocab", "norm_names"]
+
+
+def _prompts(path: Path, start: int, n: int) -> Path:
+    path.write_text("\n".join(f"Prompt {i}: the storm is {'very ' * (i % 4)}close" for i in range(start, start + n)))
+    return path
+
+
+def _ingest_args(files: list[Path], db: Path, model: Path) -> list[str]:
+    return ["ingest", *map(str, files), "--db", str(db), "--model", str(model), "--batch-size", "2",
+            "--attn-positions", "all", "--lens-positions", "all"]
+
+
+def _copy_store(src: Path, dst: Path) -> None:
+    shutil.copy(src, dst)
+    shutil.copytree(src.with_name(src.stem + ".indexes"), dst.with_name(dst.stem + ".indexes"))
+
+
+def snapshot(db: Path) -> dict:
+    """What an uninterrupted run and a killed-then-resumed one must agree on."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+        return {
+            "counts": {t: q(f"SELECT count(*) FROM {t}")[0][0] for t in TABLES},
+            "prompts": q("SELECT id, key, run_id, status FROM prompts ORDER BY id"),
+            "states": q("SELECT p.key, s.id, s.pos, s.layer, round(s.norm, 4) FROM states s "
+                        "JOIN prompts p ON p.id = s.prompt_id ORDER BY s.id"),
+            "runs": q("SELECT id, status, pipeline FROM runs ORDER BY id"),
+            "norm_names": q("SELECT * FROM norm_names ORDER BY ALL"),
+            "manifest": q("SELECT layer, kind, dim, ntotal, max_id FROM faiss_manifest ORDER BY layer"),
+        }
+    finally:
+        con.close()
+
+
+def _verified(db: Path) -> None:
+    done = geomap("index", "verify", "--db", str(db))
+    assert done.status == 0, done.stderr
+    assert not list(db.with_name(db.stem + ".indexes").glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    first, second = _prompts(root / "first.txt", 0, 9), _prompts(root / "second.txt", 100, 5)
+    model = tiny_dirs["llama"]
+    base = root / "base.duckdb"  # the first file, uninterrupted
+    assert geomap(*_ingest_args([first], base, model)).status == 0
+    both = root / "both.duckdb"  # then the second file, uninterrupted
+    _copy_store(base, both)
+    assert geomap(*_ingest_args([second], both, model)).status == 0
+    return {"root": root, "model": model, "first": first, "second": second, "base": base, "both": both}
+
+
+# (kill point, stage): "fresh" ingests the first file into a new store; "append" ingests the second file into the
+# store the first made (its indexes are extended, not built). Counts pick a call in the middle of the run.
+CASES = [("vocab.inserted", "fresh"), ("run.started", "fresh"), ("batch.inserted@3", "fresh"),
+         ("batch.committed@3", "fresh"), ("batch.committed@5", "fresh"), ("index.temp_written@2", "fresh"),
+         ("index.manifest_committed@2", "fresh"), ("index.published@4", "fresh"), ("run.indexed", "fresh"),
+         ("run.started", "append"), ("batch.inserted@2", "append"), ("batch.committed@3", "append"),
+         ("index.temp_written@1", "append"), ("index.manifest_committed@3", "append"), ("index.published@2", "append"),
+         ("run.indexed", "append")]
+
+
+def test_every_kill_point_is_exercised():
+    assert {point.split("@")[0] for point, _ in CASES} == set(POINTS)  # every boundary has a case
+
+
+@pytest.mark.parametrize(("point", "stage"), CASES, ids=[f"{s}-{p}" for p, s in CASES])
+def test_kill_at_a_commit_boundary_then_rerun(setup, tmp_path, point, stage):
+    db = tmp_path / "store.duckdb"
+    if stage == "append":
+        _copy_store(setup["base"], db)
+        files, reference = [setup["second"]], setup["both"]
+    else:
+        files, reference = [setup["first"]], setup["base"]
+    args = _ingest_args(files, db, setup["model"])
+    killed = geomap(*args, env={"GEOMAP_KILL_AT": point})
+    assert killed.status == -signal.SIGKILL, f"the kill point {point} was not reached: {killed.stderr[-2000:]}"
+    rerun = geomap(*args)
+    assert rerun.status == 0, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert snapshot(db) == snapshot(reference)
+    _verified(db)
+
+
+@pytest.mark.parametrize("point", ["index.temp_written@2", "index.manifest_committed@2", "index.published@3"])
+def test_kill_during_index_rebuild_then_rerun(setup, tmp_path, point):
+    db = tmp_path / "store.duckdb"
+    _copy_store(setup["both"], db)
+    killed = geomap("index", "rebuild", "--db", str(db), env={"GEOMAP_KILL_AT": point})
+    assert killed.status == -signal.SIGKILL
+    assert geomap("index", "rebuild", "--db", str(db)).status == 0
+    _verified(db)
+    assert snapshot(db) == snapshot(setup["both"])
+    reference = tmp_path / "reference.duckdb"  # the same rebuild, uninterrupted
+    _copy_store(setup["both"], reference)
+    assert geomap("index", "rebuild", "--db", str(reference)).status == 0
+    want = geomap("neighbors", "--db", str(reference), "--prompt", "3", "--layer", "2", "-k", "5", "--json")
+    got = geomap("neighbors", "--db", str(db), "--prompt", "3", "--layer", "2", "-k", "5", "--json")
+    assert got.status == want.status == 0 and got.stdout == want.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MB tmpfs (root only); unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a disk-full test needs to mount a small tmpfs (as root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(mount: Path, leave: int) -> Path:
+    """Fill the file system until ``leave`` bytes are free."""
+    filler = mount / "filler"
+    free = shutil.disk_usage(mount).free
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        block = b"\0" * (1 << 20)
+        remaining = max(free - leave, 0)
+        while remaining > 0:
+            f.write(block[:remaining])
+            remaining -= len(block)
+    return filler
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_disk_full_during_ingestion_then_rerun_after_freeing_space(setup, small_disk):
+    db = small_disk / "store.duckdb"
+    filler = _fill(small_disk, 6 << 20)  # room for a few batches of the nine prompts, not for all
+    args = _ingest_args([setup["first"]], db, setup["model"])
+    full = geomap(*args)
+    assert full.status == 2, full.stderr
+    line = _one_error_line(full.stderr)
+    assert "No space left on device" in line and str(db) in line
+    assert not list(small_disk.glob("*.indexes/*.tmp"))
+    filler.unlink()
+    assert geomap(*args).status == 0
+    got, want = snapshot(db), snapshot(setup["base"])
+    assert got == want  # the failed run was taken up again and finished: one run, done
+    _verified(db)
+
+
+def test_disk_full_during_index_rebuild_leaves_no_temp_file(setup, small_disk):
+    db = small_disk / "store.duckdb"
+    _copy_store(setup["both"], db)
+    filler = _fill(small_disk, 8 << 10)
+    full = geomap("index", "rebuild", "--db", str(db))
+    assert full.status == 2, full.stderr
+    line = _one_error_line(full.stderr)
+    assert "No space left on device" in line
+    assert not list(small_disk.glob("*.indexes/*.tmp"))
+    filler.unlink()
+    assert geomap("index", "rebuild", "--db", str(db)).status == 0
+    _verified(db)
+    assert snapshot(db) == snapshot(setup["both"])

@@ -1,0 +1,215 @@
+"""A table of bad inputs: each ends with exit status 2, one line on stderr naming the problem, no traceback, and a
+store whose every file is byte for byte what it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.forked import geomap
+
+
+def store_checksum(db: Path) -> str:
+    """sha256 over every file of the store (the DuckDB file, its WAL, its index folder)."""
+    h = hashlib.sha256()
+    for path in sorted(db.parent.glob(db.name + "*")) + sorted(db.with_name(db.stem + ".indexes").glob("*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("user-errors")
+    model = tiny_dirs["llama"]
+    (root / "good.txt").write_text("The storm is\nParis is\n")
+    db = root / "store" / "s.duckdb"
+    done = geomap("ingest", str(root / "good.txt"), "--db", str(db), "--model", str(model))
+    assert done.status == 0, done.stderr
+    files = {
+        "empty.txt": b"", "blank.txt": b"\n   \n\t\n", "bad-utf8.txt": b"fine\n\xc3\x28 broken\n",
+        "text-int.jsonl": b'{"text": 123}\n', "tags-int.jsonl": b'{"text": "x", "tags": 5}\n',
+        "no-text.jsonl": b'{"prompt": "x"}\n', "bad-json.jsonl": b'{"text": "x"\n',
+        "corrupt.parquet": b"PAR1 not really", "prompts.xyz": b"The storm is\n",
+    }
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    pq.write_table(pa.table({"text": [1, 2]}), root / "int-text.parquet")
+    pipelines = {
+        "tags-string": 'tags = "demo"', "unknown-key": "tag = ['demo']", "batch-eight": 'batch_size = "eight"',
+        "store-int": "store = 5", "topk-string": '[capture]\ntop_k = "50"', "batch-zero": "batch_size = 0",
+        "float16": '[capture]\nvector_dtype = "float16"', "layers-99": "[capture]\nlayers = [99]",
+        "lens-50": "[capture]\nlens_positions = [50]", "positions-word": '[capture]\nattn_positions = "first"',
+        "continuation-negative": "continuation_tokens = -1", "missing-source": None, "no-sources": None,
+        "bad-toml": None, "source-missing-file": None,
+    }
+    for name, extra in pipelines.items():
+        head = f'model = "{model}"\n' + ("" if name == "store-int" else f'store = "{db}"\n')
+        source = '[[sources]]\npath = "good.txt"\n'
+        if name == "tags-string":
+            text = head + source + 'tags = "demo"\n'
+        elif name == "missing-source":
+            text = head + "[[sources]]\ntags = ['x']\n"
+        elif name == "no-sources":
+            text = head
+        elif name == "bad-toml":
+            text = head + "batch_size = = 3\n" + source
+        elif name == "source-missing-file":
+            text = head + '[[sources]]\npath = "nowhere.txt"\n'
+        elif extra.startswith("["):
+            text = head + source + extra + "\n"
+        else:
+            text = head + extra + "\n" + source
+        (root / f"{name}.toml").write_text(text)
+    return {"root": root, "db": db, "model": model}
+
+
+# (case id, arguments, a piece of the one error line). {root}, {db}, {model} are filled in.
+ING = ["ingest", "{root}/good.txt", "--db", "{db}", "--model", "{model}"]
+CASES = [
+    ("neighbors-k-0", ["neighbors", "--db", "{db}", "--prompt", "1", "--layer", "1", "-k", "0"], "-k"),
+    ("neighbors-k-negative", ["neighbors", "--db", "{db}", "--prompt", "1", "--layer", "1", "-k", "-5"], "-k"),
+    ("neighbors-layer-40", ["neighbors", "--db", "{db}", "--prompt", "1", "--layer", "40"], "0..3"),
+    ("neighbors-layer-negative", ["neighbors", "--db", "{db}", "--prompt", "1", "--layer", "-1"], "0..3"),
+    ("neighbors-no-prompt", ["neighbors", "--db", "{db}", "--prompt", "999", "--layer", "1"], "999"),
+    ("neighbors-no-store", ["neighbors", "--db", "{root}/none.duckdb", "--prompt", "1", "--layer", "1"], "No store"),
+    ("rebuild-no-store", ["index", "rebuild", "--db", "{root}/none.duckdb"], "No store at"),
+    ("verify-no-store", ["index", "verify", "--db", "{root}/none.duckdb"], "No store at"),
+    ("batch-size-0", [*ING, "--batch-size", "0"], "--batch-size"),
+    ("batch-size-negative", [*ING, "--batch-size", "-3"], "--batch-size"),
+    ("top-k-0", [*ING, "--top-k", "0"], "--top-k"),
+    ("mlp-top-word", [*ING, "--mlp-top", "many"], "--mlp-top"),
+    ("overflow-drop", [*ING, "--overflow", "drop"], "--overflow"),
+    ("positions-word", [*ING, "--lens-positions", "1,x"], "--lens-positions"),
+    ("layers-word", [*ING, "--layers", "first"], "--layers"),
+    ("layers-99", [*ING, "--layers", "0,99"], "0..3"),
+    ("positions-50", [*ING, "--attn-positions", "50"], "attn_positions [50]"),
+    ("unknown-option", [*ING, "--overflw", "truncate"], "--overflw"),
+    ("empty-file", ["ingest", "{root}/empty.txt", "--db", "{db}", "--model", "{model}"], "no prompts to store"),
+    ("blank-file", ["ingest", "{root}/blank.txt", "--db", "{db}", "--model", "{model}"], "no prompts to store"),
+    ("bad-utf8", ["ingest", "{root}/bad-utf8.txt", "--db", "{db}", "--model", "{model}"], "line 2: not valid UTF-8"),
+    ("jsonl-text-int", ["ingest", "{root}/text-int.jsonl", "--db", "{db}"], "'text' must be a string"),
+    ("jsonl-tags-int", ["ingest", "{root}/tags-int.jsonl", "--db", "{db}"], "'tags' must be a list"),
+    ("jsonl-no-text", ["ingest", "{root}/no-text.jsonl", "--db", "{db}"], "no 'text' field"),
+    ("jsonl-bad-json", ["ingest", "{root}/bad-json.jsonl", "--db", "{db}"], "line 1: invalid JSON"),
+    ("parquet-corrupt", ["ingest", "{root}/corrupt.parquet", "--db", "{db}"], "not a readable parquet file"),
+    ("parquet-int-text", ["ingest", "{root}/int-text.parquet", "--db", "{db}"], "'text' must be a string"),
+    ("unknown-format", ["ingest", "{root}/prompts.xyz", "--db", "{db}"], "unknown prompt format"),
+    ("missing-model", [*ING[:-1], "{root}/no-such-model"], "no-such-model"),
+    ("toml-tags-string", ["run", "{root}/tags-string.toml"], "sources[0].tags = 'demo'"),
+    ("toml-unknown-key", ["run", "{root}/unknown-key.toml"], "unknown key 'tag'"),
+    ("toml-batch-eight", ["run", "{root}/batch-eight.toml"], "batch_size = 'eight'"),
+    ("toml-batch-zero", ["run", "{root}/batch-zero.toml"], "batch_size = 0"),
+    ("toml-store-int", ["run", "{root}/store-int.toml"], "store = 5"),
+    ("toml-topk-string", ["run", "{root}/topk-string.toml"], "capture.top_k = '50'"),
+    ("toml-float16", ["run", "{root}/float16.toml"], "capture.vector_dtype = 'float16'"),
+    ("toml-positions-word", ["run", "{root}/positions-word.toml"], "capture.attn_positions = 'first'"),
+    ("toml-continuation-negative", ["run", "{root}/continuation-negative.toml"], "continuation_tokens = -1"),
+    ("toml-layers-99", ["run", "{root}/layers-99.toml"], "layers [99]"),
+    ("toml-lens-50", ["run", "{root}/lens-50.toml"], "lens_positions [50]"),
+    ("toml-source-without-path", ["run", "{root}/missing-source.toml"], "missing key 'sources[0].path'"),
+    ("toml-no-sources", ["run", "{root}/no-sources.toml"], "missing key 'sources'"),
+    ("toml-syntax", ["run", "{root}/bad-toml.toml"], "Cannot read pipeline"),
+    ("toml-source-file-missing", ["run", "{root}/source-missing-file.toml"], "nowhere.txt"),
+    ("toml-missing", ["run", "{root}/none.toml"], "none.toml"),
+    ("trace-empty-file", ["trace", "--file", "{root}/empty.txt"], "no prompts to trace"),
+    ("report-no-prompt", ["report", "journey", "--prompt", "999", "--db", "{db}", "--out", "{root}/r/x.html"], "999"),
+    ("attribute-no-prompt", ["attribute", "--prompt", "999", "--db", "{db}"], "999"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "names"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, case, args, names):
+    db = world["db"]
+    before = store_checksum(db)
+    args = [a.format(root=world["root"], db=db, model=world["model"]) for a in args]
+    done = geomap(*args)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.status == 2, (case, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert names.format(root=world["root"]) in lines[0], lines[0]
+    assert store_checksum(db) == before
+    assert not (world["root"] / "none.duckdb").exists()  # nothing created where no store was
+
+
+def test_second_writer_fails_before_loading_the_model(world):
+    con = duckdb.connect(str(world["db"]))  # this process now holds the write lock
+    try:
+        done = geomap("ingest", str(world["root"] / "good.txt"), "--db", str(world["db"]), "--model",
+                      str(world["root"] / "no-such-model"))  # a lock checked after loading would fail on the model
+    finally:
+        con.close()
+    assert done.status == 2
+    assert done.stderr.strip().startswith("error: The store") and "locked" in done.stderr
+
+
+def test_read_only_geomap_home_is_one_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(home)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a read-only mount (root): {mounted.stderr.strip()}")
+    try:
+        done = geomap("trace", "The storm is", env={"GEOMAP_HOME": str(home)})
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("[geomap]")]
+    assert done.status == 2 and "Traceback" not in done.stderr
+    assert len(lines) == 1 and "GEOMAP_HOME" in lines[0] and "Read-only file system" in lines[0], lines
+
+
+def test_bom_is_dropped_and_long_prompts_can_be_truncated_from_the_cli(world, tmp_path):
+    db = tmp_path / "s.duckdb"
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfThe storm is\n")
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "Paris is"}\n')
+    long = tmp_path / "long.txt"
+    long.write_text("storm " * 5000 + "\n")
+    for path, extra in ((bom, []), (jsonl, []), (long, ["--overflow", "truncate"])):
+        done = geomap("ingest", str(path), "--db", str(db), "--model", str(world["model"]), *extra)
+        assert done.status == 0, done.stderr
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.execute("SELECT text, status, truncated FROM prompts ORDER BY id").fetchall()
+    finally:
+        con.close()
+    assert [r[0][:12] for r in rows] == ["The storm is", "Paris is", "storm storm "]
+    assert all(r[1] == "done" for r in rows) and rows[2][2] is True
+
+
+def test_rerun_of_a_finished_ingestion_records_no_empty_run(world):
+    con = duckdb.connect(str(world["db"]), read_only=True)
+    runs = con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+    con.close()
+    done = geomap("ingest", str(world["root"] / "good.txt"), "--db", str(world["db"]), "--model",
+                  str(world["model"]), "--json")
+    assert done.status == 0, done.stderr
+    assert json.loads(done.stdout)["run_id"] is None
+    con = duckdb.connect(str(world["db"]), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM runs").fetchall()[0][0] == runs
+    finally:
+        con.close()
+
+
+def test_report_never_overwrites_a_foreign_index_html(world, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "index.html").write_text("<html>my own page</html>")
+    db = tmp_path / "s.duckdb"
+    shutil.copy(world["db"], db)
+    done = geomap("report", "journey", "--prompt", "1", "--db", str(db), "--out", str(out / "x.html"))
+    assert done.status == 0, done.stderr
+    assert (out / "x.html").exists()
+    assert (out / "index.html").read_text() == "<html>my own page</html>"
