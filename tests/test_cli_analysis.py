@@ -41,8 +41,9 @@ def test_decode_json(db):
 def test_attribute_names_what_promotes_coming(db):
     out = run("attribute", "--prompt", "1", "--token", " coming", "--db", db)
     assert out["token"] == " coming" and {"token", "logit", "parts"} <= set(out)
-    assert set(out["parts"][0]) == {"component", "layer", "head", "value"}
-    layer_level = [p for p in out["parts"] if p["component"] in ("embed", "attn", "mlp", "bias")]
+    assert set(out["parts"][0]) == {"component", "layer", "head", "value", "level"}
+    layer_level = [p for p in out["parts"] if p["level"] == "layer"]
+    assert {p["component"] for p in layer_level} <= {"embed", "attn", "mlp", "bias"}
     assert sum(p["value"] for p in layer_level) == pytest.approx(out["model_logit"], abs=1e-3)
     top = out["promoting"][0]
     assert (top["component"], top["layer"]) == ("mlp", 17) and top["value"] > 4
