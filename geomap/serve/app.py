@@ -221,6 +221,7 @@ def _finite(value):
 def create_app(settings: Settings) -> FastAPI:
     """The application, wrapped in its perimeter (Host/Origin checks, token, body size limit)."""
     from geomap.serve.docs import router as docs_router
+    from geomap.serve.report_routes import router as report_router
     from geomap.serve.routes import router
 
     server = Server(settings)
@@ -239,6 +240,7 @@ def create_app(settings: Settings) -> FastAPI:
                               "and HTML reports.")
     app.state.server = server
     app.include_router(router)
+    app.include_router(report_router)
     app.include_router(docs_router)
     app.add_exception_handler(RequestValidationError, _validation)
 

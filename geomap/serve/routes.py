@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from geomap.errors import GeomapError
-from geomap.report.render import CSP
-from geomap.serve.fits import FitsBusy
 from geomap.store.sql import _json_value, run_sql
 
 router = APIRouter()
@@ -290,123 +285,3 @@ async def post_sql(request: Request, body: SqlRequest) -> dict:
     return {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
             "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
             "max_rows": cap}
-
-
-# ---- reports -------------------------------------------------------------------------------------------------------
-
-PAGE = re.compile(r"^(?:journey-(?P<j>\d+)(?:-p(?P<pos>\d+))?|run-(?P<run>\d+)|compare-(?P<a>\d+)-(?P<b>\d+)"
-                  r"|(?P<index>index))\.html$")
-
-
-MAX_ID = 2**31 - 1
-
-
-def _page(server, page: str) -> dict:
-    """Parse and validate a report page name against the store, cheaply, before any model or report work.
-
-    Returns:
-        The page's parts (``j``, ``pos``, ``run``, ``a``, ``b``, ``index``) and ``runs``: the runs whose maps it draws.
-    """
-    match = PAGE.match(page)
-    if not match:
-        raise HTTPException(404, f"No report page {page!r}: use index.html, journey-<id>.html, "
-                                 "journey-<id>-p<pos>.html, run-<id>.html or compare-<a>-<b>.html.")
-    g = {k: (int(v) if v and v.isdigit() else v) for k, v in match.groupdict().items()}
-    runs: list[int] = []
-    if g["run"] is not None:
-        found = server.rows("SELECT id FROM runs WHERE id = ?", min(g["run"], MAX_ID + 1))
-        if g["run"] > MAX_ID or not found:
-            raise HTTPException(404, f"No run with id {g['run']}.")
-    for key in ("j", "a", "b"):
-        if g[key] is None:
-            continue
-        found = server.rows("SELECT run_id, n_tokens FROM prompts WHERE id = ? AND status = 'done'",
-                            min(g[key], MAX_ID + 1))
-        if g[key] > MAX_ID or not found:
-            raise HTTPException(404, f"No stored prompt with id {g[key]}.")
-        if key == "j" and g["pos"] is not None and not 0 <= g["pos"] < (found[0]["n_tokens"] or 0):
-            raise HTTPException(404, f"Prompt {g['j']} has positions 0..{(found[0]['n_tokens'] or 1) - 1}, "
-                                     f"not {g['pos']}.")
-        runs.append(int(found[0]["run_id"]))
-    g["runs"] = sorted(set(runs))
-    return g
-
-
-def _render(server, g: dict) -> str:
-    from geomap.report.api import compare_report, journey_report, run_report
-
-    db = server.db_path
-    with server.report_lock:
-        if g["index"]:
-            return _index(server)
-        if g["j"] is not None:
-            return journey_report(db, g["j"], single_file=True, write=False, pos=g["pos"],
-                                  loaded=server.model_for_prompt(g["j"])).html
-        if g["run"] is not None:
-            return run_report(db, g["run"], single_file=True, write=False, loaded=server.model_for_run(g["run"])).html
-        return compare_report(db, g["a"], g["b"], single_file=True, write=False,
-                              loaded=server.model_for_prompt(g["a"])).html
-
-
-def _waiting(server, runs: list[int]) -> HTMLResponse | None:
-    """Queue the map fits a page needs; a page saying so (202, reloading itself) while any is pending."""
-    from html import escape
-
-    from geomap.serve.fits import missing
-
-    pending = []
-    for run_id in runs:
-        methods = missing(server.rows, run_id)
-        if methods:
-            fit = server.fits.request(run_id, methods)
-            if fit.status == "failed":
-                raise HTTPException(500, f"Fitting the maps of run {run_id} failed: {fit.error}")
-            if fit.status == "done":  # it ended meanwhile, or fitted maps that are not in the store
-                if missing(server.rows, run_id):
-                    raise HTTPException(500, f"The maps of run {run_id} were fitted but are not in the store; see "
-                                             "the server log.")
-                continue
-            pending.append(f"run {run_id}: {', '.join(m.upper() for m in methods)} ({fit.status})")
-    if not pending:
-        return None
-    body = ("<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>geomap: fitting maps</title>"
-            "<p>This page draws its run's maps, which the server is fitting now in the background: "
-            + escape("; ".join(pending)) + ". The page reloads itself every 5 seconds until they are stored.</p>")
-    return HTMLResponse(body, status_code=202, headers={"retry-after": "5", "content-security-policy": CSP})
-
-
-def _index(server) -> str:
-    from geomap.report.render import render
-
-    runs = server.rows("SELECT id, pipeline, model FROM runs WHERE status = 'done' ORDER BY id")
-    prompts = server.rows("SELECT id, text FROM prompts WHERE status = 'done' ORDER BY id LIMIT 5000")
-    entries = [{"href": f"run-{r['id']}.html", "title": f"run {r['id']} ({r['pipeline']}, {r['model']})"}
-               for r in runs]
-    entries += [{"href": f"journey-{p['id']}.html", "title": f"journey of prompt {p['id']}: {p['text'][:80]}"}
-                for p in prompts]
-    return render("index.html.j2", {"entries": entries}, single_file=True)
-
-
-@router.get("/reports/{page}", response_class=HTMLResponse, tags=["reports"])
-async def get_report(request: Request, page: Annotated[str, Path(max_length=100)]) -> HTMLResponse:
-    """A report rendered from the store (pages link to each other by these names)."""
-    server = _server(request)
-    try:
-        parts = await run_in_threadpool(_page, server, page)
-        waiting = await run_in_threadpool(_waiting, server, parts["runs"])
-        if waiting is not None:
-            return waiting
-        html = await run_in_threadpool(_render, server, parts)
-    except FitsBusy as exc:
-        raise HTTPException(503, str(exc), headers={"retry-after": "30"}) from None
-    except GeomapError as exc:
-        status = 404 if str(exc).startswith("No ") else 400
-        raise HTTPException(status, str(exc)) from None
-    return HTMLResponse(html)
-
-
-@router.get("/reports", include_in_schema=False)
-def reports_root() -> RedirectResponse:
-    """The index page (pages link each other by relative names, so it lives beside them)."""
-    return RedirectResponse("/reports/index.html")
-
