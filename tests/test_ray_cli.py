@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from geomap.errors import GeomapError
@@ -21,13 +22,22 @@ from tests.raystore import PROMPTS, assert_same_store, capture_worker_pids, snap
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _pipeline(tmp_path: Path, model_dir: Path, engine: str = "") -> Path:
+def _pipeline(tmp_path: Path, model_dir: Path, engine: str = "", top: str = "") -> Path:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(p for p in PROMPTS if p.strip()), encoding="utf-8")
     toml = tmp_path / "pipe.toml"
-    toml.write_text(f'name = "raytest"\nmodel = "{model_dir}"\nbatch_size = 2\n[capture]\nattn_positions = "all"\n'
+    toml.write_text(f'name = "raytest"\nmodel = "{model_dir}"\nbatch_size = 2\n{top}[capture]\nattn_positions = "all"\n'
                     f'lens_positions = "all"\n[[sources]]\npath = "prompts.txt"\n{engine}', encoding="utf-8")
     return toml
+
+
+def _continuations(db: Path) -> int:
+    """Stored prompts that continue another (a pipeline's continuation_tokens)."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM prompts WHERE parent_id IS NOT NULL").fetchall()[0][0]
+    finally:
+        con.close()
 
 
 def _geomap(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -79,7 +89,8 @@ def _progress(proc: subprocess.Popen, seen: list[int], done: threading.Event) ->
 
 def test_a_killed_driver_resumes_with_the_same_command(tmp_path, tiny_dirs):
     pytest.importorskip("ray")
-    toml = _pipeline(tmp_path, tiny_dirs["llama"], '[engine]\nkind = "ray"\nworkers = 2\n')
+    # continuations too: the Ray engine stores them as the inline run does (the driver generates them)
+    toml = _pipeline(tmp_path, tiny_dirs["llama"], '[engine]\nkind = "ray"\nworkers = 2\n', "continuation_tokens = 2\n")
     reference, db = tmp_path / "inline.duckdb", tmp_path / "ray.duckdb"
     inline = _geomap("run", str(toml), "--engine", "inline", "--db", str(reference))
     assert inline.wait(timeout=600) == 0, inline.stderr.read()
@@ -106,4 +117,5 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path, tiny_dirs):
     assert again.returncode == 0, err
     assert f'"skipped": {partial}' in out, (out, time.perf_counter() - start)
     assert_same_store(snapshot(db), snapshot(reference))
+    assert _continuations(db) == _continuations(reference) == len([p for p in PROMPTS if p.strip()])
     assert not list((tmp_path / "ray.shards").glob("*"))  # every shard merged once, then removed

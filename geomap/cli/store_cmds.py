@@ -112,8 +112,12 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
                               pipe.batch_size, pipe.name)
         _report(summary, as_json)
+        loaded = None
+        if pipe.continuation_tokens:  # generation is one token at a time: the driver does it, as the inline run does
+            loaded = load_model(pipe.model, device=device)
+            _continue(store, pipe, prompts, loaded, as_json)
         if pipe.reports and not no_reports:
-            _pipeline_reports(store, pipe, prompts, None)
+            _pipeline_reports(store, pipe, prompts, loaded)
         return
     if (client := server_for(store)) is not None:
         from geomap.cli.remote import fetch_report, run_job
@@ -137,12 +141,17 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json)
     if pipe.continuation_tokens:
-        from geomap.ingest.generation import continue_prompts
-
-        continue_prompts(store, loaded, [spec.text for spec in prompts], pipe.continuation_tokens, pipe.capture,
-                         pipe.vector_dtype, progress=not as_json)
+        _continue(store, pipe, prompts, loaded, as_json)
     if pipe.reports and not no_reports:
         _pipeline_reports(store, pipe, prompts, loaded)
+
+
+def _continue(store: Path, pipe, prompts, loaded, as_json: bool) -> None:
+    """Store the pipeline's greedy continuations after its prompts (the same step for every engine)."""
+    from geomap.ingest.generation import continue_prompts
+
+    continue_prompts(store, loaded, [spec.text for spec in prompts], pipe.continuation_tokens, pipe.capture,
+                     pipe.vector_dtype, progress=not as_json)
 
 
 def _pipeline_reports(store: Path, pipe, prompts, loaded) -> None:
