@@ -105,6 +105,36 @@ def test_kill_at_a_commit_boundary_then_rerun(setup, tmp_path, point, stage):
     _verified(db)
 
 
+def _generations(db: Path) -> list[tuple]:
+    """Each stored continuation: its parent's key, its text and how many decisions it has."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("""SELECT parent.key, g.text, (SELECT count(*) FROM decisions d WHERE d.prompt_id = g.id)
+                              FROM prompts g JOIN prompts parent ON parent.id = g.parent_id ORDER BY g.id""").fetchall()
+    finally:
+        con.close()
+
+
+def test_kill_during_a_pipelines_continuations_then_rerun(setup, tmp_path):
+    """The continuations after a pipeline's prompts: a kill inside their second batch, one rerun, the same store."""
+    toml = tmp_path / "pipe.toml"
+    toml.write_text(f'name = "kill"\nmodel = "{setup["model"]}"\nbatch_size = 2\ncontinuation_tokens = 2\n'
+                    f'[capture]\nattn_positions = "all"\nlens_positions = "all"\n'
+                    f'[[sources]]\npath = "{setup["first"]}"\n', encoding="utf-8")
+    reference, db = tmp_path / "reference.duckdb", tmp_path / "store.duckdb"
+    assert geomap("run", str(toml), "--db", str(reference)).status == 0
+    want = _generations(reference)
+    assert len(want) == 9 and all(n == 2 for _, _, n in want)  # every continuation with its two decisions
+    killed = geomap("run", str(toml), "--db", str(db), env={"GEOMAP_KILL_AT": "batch.inserted@7"})  # 5 + 2
+    assert killed.status == -signal.SIGKILL, killed.stderr[-2000:]
+    assert 0 < len(_generations(db)) < 9
+    rerun = geomap("run", str(toml), "--db", str(db))
+    assert rerun.status == 0, rerun.stderr
+    assert snapshot(db) == snapshot(reference)
+    assert _generations(db) == want
+    _verified(db)
+
+
 @pytest.mark.parametrize("point", ["index.temp_written@2", "index.manifest_committed@2", "index.published@3"])
 def test_kill_during_index_rebuild_then_rerun(setup, tmp_path, point):
     db = tmp_path / "store.duckdb"

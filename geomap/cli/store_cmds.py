@@ -151,7 +151,7 @@ def _continue(store: Path, pipe, prompts, loaded, as_json: bool) -> None:
     from geomap.ingest.generation import continue_prompts
 
     continue_prompts(store, loaded, [spec.text for spec in prompts], pipe.continuation_tokens, pipe.capture,
-                     pipe.vector_dtype, progress=not as_json)
+                     pipe.vector_dtype, progress=not as_json, batch_size=pipe.batch_size)
 
 
 def _pipeline_reports(store: Path, pipe, prompts, loaded) -> None:

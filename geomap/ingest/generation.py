@@ -14,9 +14,10 @@ from geomap.analysis.decoding import Strategy
 from geomap.analysis.generate import capture_generation, eos_ids, generate_tokens, generation_config
 from geomap.analysis.persist import decision_row, insert_rows
 from geomap.capture.config import CaptureConfig
+from geomap.errors import PromptError
 from geomap.ingest.engine import ingest
-from geomap.ingest.runs import ensure_vocab, model_identity, start_run
-from geomap.store.db import connect, ensure_schema
+from geomap.ingest.runs import ensure_vocab, mark_failed, model_identity, resumable_run, start_run
+from geomap.store.db import connect, ensure_schema, storage_error
 from geomap.store.shards import write_batch
 from geomap.store.vectors import sync_state_indexes
 from geomap.store.writer import PromptSpec, prompt_key
@@ -50,20 +51,10 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
         parent_id = con.execute("SELECT id FROM prompts WHERE key = ?", [parent_key]).fetchall()[0][0]
         found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
         if not found:
-            generation = generate_tokens(loaded, text, max_new_tokens, strategy)
-            journey = capture_generation(loaded, generation, generation_config(config, generation))
-            ensure_vocab(con, loaded)
-            run_id = start_run(con, loaded, config, vector_dtype, "generate")
-            spec = PromptSpec(journey.text, "generate", None, (), parent_id, decoding, len(generation.prompt_ids))
-            write_batch(con, run_id, vector_dtype, [(spec, key, journey)])
-            prompt_id = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()[0][0]
-            n0 = len(generation.prompt_ids)
-            insert_rows(con, "decisions", [decision_row(d, prompt_id, n0 - 1 + i, "generate", i)
-                                           for i, d in enumerate(generation.decisions)], with_id=True)
-            sync_state_indexes(con, Path(db_path))
-            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
-        else:
-            prompt_id = found[0][0]
+            _store_generations(con, Path(db_path), loaded, config, vector_dtype, "generate",
+                               [(text, parent_id, decoding, key)], max_new_tokens, strategy)
+            found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
+        prompt_id = found[0][0]
         rows = con.execute("""SELECT d.id, d.chosen_id, v.text, d.model_prob, p.text
                               FROM decisions d JOIN prompts p ON p.id = d.prompt_id
                               JOIN runs r ON r.id = p.run_id
@@ -98,21 +89,109 @@ def _stored_prompt_key(db_path: str | Path, loaded, text: str) -> str | None:
 
 
 def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, config=None,
-                     vector_dtype: str = "float32", progress: bool = True) -> int:
+                     vector_dtype: str = "float32", progress: bool = True, batch_size: int = 8) -> int:
     """Store a short greedy continuation after each stored prompt (a pipeline's ``continuation_tokens``).
 
-    Each continuation is a generation linked to its prompt (see `generate`); one already stored is reused, so a
-    rerun adds nothing. Prompts that are not stored (failed) are skipped.
+    Each continuation is stored as `generate` stores it (the same key, so either finds the other's), but all of
+    them go into one run, ``batch_size`` generations a transaction (each with its decisions), and the FAISS
+    indexes are brought up to date once at the end. One already stored is reused, so a rerun adds nothing; prompts
+    that are not stored (failed) are skipped, and so is one whose continuation would not fit the context window.
 
     Returns:
-        How many continuations are stored for these texts.
+        How many of these texts have a stored continuation.
+    """
+    if max_new_tokens < 1:
+        return 0
+    config = config or CaptureConfig()
+    identity, config_json = model_identity(loaded), config.to_json()
+    con = connect(db_path)
+    try:
+        ensure_schema(con, loaded.anatomy.d_model)
+        unique = list(dict.fromkeys(texts))
+        parents = dict(con.execute("""SELECT p.text, min(p.id) FROM prompts p JOIN runs r ON r.id = p.run_id
+                                      WHERE p.text IN (SELECT unnest(?)) AND r.weights_sha256 = ?
+                                        AND p.parent_id IS NULL AND p.status = 'done' GROUP BY p.text""",
+                                   [unique, loaded.weights_hash]).fetchall())
+        keys = dict(con.execute("SELECT id, key FROM prompts WHERE id IN (SELECT unnest(?))",
+                                [list(parents.values())]).fetchall())
+        wanted = []
+        for text in (t for t in unique if t in parents):
+            decoding = json.dumps({**Strategy().to_dict(), "max_new_tokens": max_new_tokens,
+                                   "parent": keys[parents[text]]}, sort_keys=True, separators=(",", ":"))
+            wanted.append((text, parents[text], decoding, prompt_key(identity, config_json, text, decoding)))
+        stored = {r[0] for r in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
+                                            [[w[3] for w in wanted]]).fetchall()}
+        todo = [w for w in wanted if w[3] not in stored]
+        if todo:
+            stored |= _store_generations(con, Path(db_path), loaded, config, vector_dtype, "continue", todo,
+                                         max_new_tokens, Strategy(), batch_size, progress, skip_overflow=True)
+    finally:
+        con.close()
+    return sum(w[3] in stored for w in wanted)
+
+
+def _store_generations(con, db_path: Path, loaded, config: CaptureConfig, vector_dtype: str, pipeline: str,
+                       todo: list[tuple[str, int, str, str]], max_new_tokens: int, strategy: Strategy,
+                       batch_size: int = 8, progress: bool = False, skip_overflow: bool = False) -> set[str]:
+    """Generate after each ``(text, parent_id, decoding, key)``, store the generations and their decisions.
+
+    One run for all of them, started with the first batch to store (no run that stored nothing); each batch of
+    generations is one transaction with their decisions (a kill leaves none of a batch, so a rerun redoes it
+    whole); the FAISS indexes are synced once at the end. An error marks the run ``failed``, as ingestion does.
+
+    Returns:
+        The keys stored (with ``skip_overflow``, a text whose generation would not fit the context window is left
+        out; without it, that raises `PromptError`).
     """
     from tqdm import tqdm
 
-    if max_new_tokens < 1:
-        return 0
-    todo = [t for t in dict.fromkeys(texts) if _stored_prompt_key(db_path, loaded, t) is not None]
-    for text in tqdm(todo, unit="prompt", desc="continuations", disable=not progress or not todo,
-                     dynamic_ncols=True):
-        generate(db_path, loaded, text, max_new_tokens, Strategy(), config, vector_dtype)
-    return len(todo)
+    run_id, done = None, set()
+    bar = tqdm(total=len(todo), unit="prompt", desc="continuations", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(todo), batch_size):
+            items, steps = _generate_batch(loaded, config, todo[start:start + batch_size], max_new_tokens, strategy,
+                                           skip_overflow)
+            if items and run_id is None:
+                ensure_vocab(con, loaded)  # a killed run of the same command is finished under its own id
+                run_id = start_run(con, loaded, config, vector_dtype, pipeline,
+                                   resumable_run(con, loaded, config, vector_dtype, pipeline))
+
+            def decisions(con, ids: dict[str, int], steps=steps) -> None:
+                rows = [decision_row(d, ids[key], n0 - 1 + i, "generate", i)
+                        for key, (n0, made) in steps.items() if key in ids for i, d in enumerate(made)]
+                insert_rows(con, "decisions", rows, with_id=True)
+
+            if items:
+                write_batch(con, run_id, vector_dtype, items, within=decisions)
+                done |= set(steps)
+            bar.update(len(todo[start:start + batch_size]))
+        if run_id is not None:
+            sync_state_indexes(con, db_path)
+            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
+    except Exception as exc:
+        if run_id is not None:
+            mark_failed(con, db_path, run_id)
+        if (error := storage_error(exc, db_path)) is not None:
+            raise error from None
+        raise
+    finally:
+        bar.close()
+    return done
+
+
+def _generate_batch(loaded, config: CaptureConfig, todo, max_new_tokens: int, strategy: Strategy,
+                    skip_overflow: bool) -> tuple[list, dict]:
+    """Generate and capture each of ``todo``: the shard items, and ``{key: (prompt length, decisions)}``."""
+    items, steps = [], {}
+    for text, parent_id, decoding, key in todo:
+        try:
+            generation = generate_tokens(loaded, text, max_new_tokens, strategy)
+        except PromptError:
+            if not skip_overflow:
+                raise
+            continue  # its continuation does not fit the context window: nothing to store
+        journey = capture_generation(loaded, generation, generation_config(config, generation))
+        n0 = len(generation.prompt_ids)
+        items.append((PromptSpec(journey.text, "generate", None, (), parent_id, decoding, n0), key, journey))
+        steps[key] = (n0, generation.decisions)
+    return items, steps

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +178,8 @@ def read_shard(path: str | Path) -> Shard:
 
 
 def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
-                vocab_text: np.ndarray | None = None) -> dict:
+                vocab_text: np.ndarray | None = None,
+                within: Callable[[duckdb.DuckDBPyConnection, dict[str, int]], None] | None = None) -> dict:
     """Merge a shard into the store in one transaction, idempotently.
 
     Prompts whose key is already stored (or that appear twice in the shard) are skipped; a shard already recorded in
@@ -189,6 +190,8 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
         shard: The shard.
         run_id: The run its new prompts belong to.
         vocab_text: Token texts by id for ``lens_stats.top1_token`` when the shard lacks them.
+        within: Called inside the transaction with ``{key: prompt id}`` of the prompts it adds, to store rows that
+            belong to them (a generation's decisions) in the same commit.
 
     Returns:
         Rows added per table, ``skipped`` (prompts already stored) and ``errors`` ({prompt text: reason} for prompts
@@ -231,6 +234,8 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
                                          pa.array(vocab_text[table.column("top1_id").to_numpy()], pa.string()))
             _insert(con, name, table, run_id)
             counts[name] = table.num_rows
+        if within is not None:
+            within(con, {key: int(i) for key, i in zip(keys, ids) if i >= 0})
         con.execute("INSERT INTO merged_shards VALUES (?, now(), ?, ?)", [shard.shard_id, run_id, counts["prompts"]])
         kill_point("batch.inserted")
         con.execute("COMMIT")
@@ -243,9 +248,10 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
 
 def write_batch(con: duckdb.DuckDBPyConnection, run_id: int, vector_dtype: str,
                 items: Sequence[tuple[PromptSpec, str, Journey | PromptFailure]],
-                vocab_text: np.ndarray | None = None) -> dict:
+                vocab_text: np.ndarray | None = None,
+                within: Callable[[duckdb.DuckDBPyConnection, dict[str, int]], None] | None = None) -> dict:
     """Build a shard of ``items`` and merge it at once (the inline path: one transaction per batch)."""
-    return merge_shard(con, build_shard(items, vector_dtype, vocab_text=vocab_text), run_id, vocab_text)
+    return merge_shard(con, build_shard(items, vector_dtype, vocab_text=vocab_text), run_id, vocab_text, within)
 
 
 def _rekey(table: pa.Table, ids: np.ndarray, keep: np.ndarray) -> pa.Table:
