@@ -28,7 +28,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
 
     Args:
         model: The model measured (a preset, directory or hub id).
-        quick: Fewer prompts, rounds and sizes (under 5 minutes on 2 cores).
+        quick: Fewer prompts, rounds and sizes (about 20 minutes on 2 cores; the full run takes hours).
         workdir: Where temporary stores go (default a temporary folder, removed afterwards).
         say: Progress lines.
     """
@@ -39,7 +39,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
     repeats = 3
     n_prompts = 16 if quick else 32
     sizes = (10_000, 50_000) if quick else (10_000, 100_000, 1_000_000)
-    memory_counts = (30, 120, 300) if quick else (100, 1000, 5000)
+    memory_counts = (100, 200, 300) if quick else (100, 1000, 5000)  # 100: DuckDB's buffer has filled
     n_map = 5_000 if quick else 50_000
     loaded = load_model(model, device="cpu")
     texts = prompts(n_prompts)
@@ -63,7 +63,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         say(f"kNN at {', '.join(f'{n:,}' for n in sizes)} states")
         figures += query_bench.knn_figures(base, sizes)
         say("ingestion on Ray (started locally, 2 workers) beside inline")
-        figures += ray_bench.ray_figures(model, texts, folder, 2 if quick else repeats)
+        figures += ray_bench.ray_figures(model, prompts(48 if quick else 96), folder, 2 if quick else repeats)
         say(f"memory at {', '.join(map(str, memory_counts))} prompts (fresh processes)")
         figures += store_bench.memory_figures(model, texts, memory_counts, folder)
     return machine(), figures, time.perf_counter() - start

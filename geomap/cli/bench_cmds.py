@@ -10,7 +10,9 @@ import click
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="Fewer prompts, rounds and sizes: under 5 minutes.")
+@click.option("--quick", is_flag=True,
+              help="Fewer prompts, rounds and sizes: about 20 minutes on 2 cores (the full run takes hours: its "
+                   "memory figure stores 5,000 prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print {machine, figures: [{name, value, unit, target, met}]}.")
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
