@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -119,3 +120,32 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path, tiny_dirs):
     assert_same_store(snapshot(db), snapshot(reference))
     assert _continuations(db) == _continuations(reference) == len([p for p in PROMPTS if p.strip()])
     assert not list((tmp_path / "ray.shards").glob("*"))  # every shard merged once, then removed
+
+
+def test_a_server_runs_the_ray_engine_for_the_cli(tmp_path, tiny_dirs):
+    """With `geomap serve` owning the store, `--engine ray` goes to the server: it drives Ray and merges the shards."""
+    pytest.importorskip("ray")
+    from tests.test_serve import Api, start_server, stop_server
+
+    toml = _pipeline(tmp_path, tiny_dirs["llama"])
+    reference, db = tmp_path / "inline.duckdb", tmp_path / "served.duckdb"
+    inline = _geomap("run", str(toml), "--engine", "inline", "--db", str(reference))
+    assert inline.wait(timeout=600) == 0, inline.stderr.read()
+    proc, port = start_server(db, tiny_dirs["llama"])
+    try:
+        refused = _geomap("run", str(toml), "--engine", "ray", "--address", "10.0.0.5:6379", "--db", str(db))
+        _, err = refused.communicate(timeout=300)
+        assert refused.returncode == 2 and "--address" in err and "Traceback" not in err, err
+        served = _geomap("run", str(toml), "--engine", "ray", "--workers", "2", "--db", str(db), "--json")
+        out, err = served.communicate(timeout=600)
+        assert served.returncode == 0, err
+        assert "(server, ray)" in err
+        run_id = json.loads(out.splitlines()[0])["run_id"]
+        assert Api(port).ok("GET", f"/runs/{run_id}")["job"]["engine"] == "ray"
+        status, got = Api(port).call("POST", "/runs", {"prompts": ["x"], "engine": {"kind": "inline", "workers": 2}})
+        assert status == 422 and "engine.kind 'ray'" in json.dumps(got), got
+    finally:
+        log = stop_server(proc)
+    assert "Traceback" not in log, log
+    assert_same_store(snapshot(db), snapshot(reference))
+    assert not list((tmp_path / "served.shards").glob("*"))  # every shard merged once, then removed

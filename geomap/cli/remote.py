@@ -20,16 +20,22 @@ def server_for(db_path: Path) -> Client | None:
 
 
 def run_job(client: Client, prompts, model: str, capture, vector_dtype: str, batch_size: int, name: str,
-            progress: bool = True) -> tuple[RunSummary, dict]:
-    """Submit prompts as a server job, follow its progress, and return its summary and final job view."""
+            progress: bool = True, engine=None) -> tuple[RunSummary, dict]:
+    """Submit prompts as a server job, follow its progress, and return its summary and final job view.
+
+    ``engine`` (an `EngineConfig`): ``kind`` and ``workers`` go to the server, which starts Ray on its own machine.
+    """
     from tqdm import tqdm
 
     body = {"prompts": [{"text": p.text, "tags": list(p.tags), "source_id": p.source_id} for p in prompts],
             "model": model, "capture": json.loads(capture.to_json()), "vector_dtype": vector_dtype,
             "batch_size": batch_size, "name": name}
+    if engine is not None and engine.kind == "ray":
+        body["engine"] = {"kind": "ray", "workers": engine.workers}
     job = client.request("POST", "/runs", body)
     run_id = job["run_id"]
-    bar = tqdm(total=len(prompts), unit="prompt", desc=f"run {run_id} (server)", disable=not progress,
+    where = "server, ray" if "engine" in body else "server"
+    bar = tqdm(total=len(prompts), unit="prompt", desc=f"run {run_id} ({where})", disable=not progress,
                dynamic_ncols=True)
 
     def show(view: dict) -> None:

@@ -66,16 +66,24 @@ def engine_options(command):
 
 def _ray_ingest(engine, store: Path, prompts, model: str, device: str | None, config, vector_dtype: str,
                 batch_size: int, pipeline: str):
-    """Run an ingestion on Ray, unless a server owns the store (it ingests inline; say so and stop)."""
-    from geomap.cli.remote import server_for
-    from geomap.errors import GeomapError
+    """Run an ingestion on Ray with this process as the driver and the store's writer."""
     from geomap.ingest.ray_engine import ingest_ray, require_ray
 
     require_ray()
-    if server_for(store) is not None:
-        raise GeomapError(f"{store} is served by `geomap serve`, which ingests inline: stop the server to run on "
-                          "Ray, or drop --engine ray to send the run to the server")
     return ingest_ray(model, prompts, store, config, vector_dtype, batch_size, pipeline, engine, device)
+
+
+def _server_engine(engine, device: str | None):
+    """The engine to ask a server for: it runs Ray on its own machine, so no address or device comes from here."""
+    from geomap.errors import GeomapError
+
+    if engine.kind == "ray" and engine.address is not None:
+        raise GeomapError("a running `geomap serve` owns this store and starts Ray on its own machine: --address "
+                          "applies to a run without a server (stop the server, or drop --address)")
+    if device is not None:
+        raise GeomapError("a running `geomap serve` owns this store and chose its device when it started: drop "
+                          "--device, or stop the server")
+    return engine
 
 
 @click.command()
@@ -107,7 +115,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     prompts = pipe.prompts()
     require_prompts(prompts, f"{pipeline_file} (its sources {', '.join(str(p) for p, _, _ in pipe.sources)})")
     store = db or pipe.store
-    if engine.kind == "ray":
+    client = server_for(store)
+    if engine.kind == "ray" and client is None:
         _quiet_transformers()
         summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
                               pipe.batch_size, pipe.name)
@@ -119,11 +128,11 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         if pipe.reports and not no_reports:
             _pipeline_reports(store, pipe, prompts, loaded)
         return
-    if (client := server_for(store)) is not None:
+    if client is not None:
         from geomap.cli.remote import fetch_report, run_job
 
         summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
-                                pipe.name)
+                                pipe.name, engine=_server_engine(engine, device))
         _report(summary, as_json)
         if pipe.continuation_tokens:
             click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
@@ -226,15 +235,14 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     require_prompts(prompts, ", ".join(map(str, files)))
     from geomap.cli.remote import run_job, server_for
 
+    if (client := server_for(_db(db))) is not None:
+        _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest",
+                        engine=_server_engine(engine, device))[0], as_json)
+        return
     if engine.kind == "ray":
         _quiet_transformers()
         _report(_ray_ingest(engine, _db(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
                             batch_size, "ingest"), as_json)
-        return
-
-    if (client := server_for(_db(db))) is not None:
-        _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest")[0],
-                as_json)
         return
     _check_writable(_db(db))
     _quiet_transformers()

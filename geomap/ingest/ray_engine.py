@@ -131,7 +131,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
                vector_dtype: str = "float32", batch_size: int = 8, pipeline: str = "ingest",
                engine: EngineConfig | None = None, device: str | None = None, dtype: str | None = None,
                progress: bool = True, index: bool = True,
-               on_progress: Callable[[dict], None] | None = None) -> RunSummary:
+               on_progress: Callable[[dict], None] | None = None, run_id: int | None = None) -> RunSummary:
     """Capture and store prompts with Ray workers; the same store as `geomap.ingest.engine.ingest` makes.
 
     Args:
@@ -150,6 +150,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
         index: Bring the FAISS indexes up to date at the end.
         on_progress: Called after every merged shard (and once at the start) with ``run_id, total, stored,
             skipped, failed, tokens, workers``.
+        run_id: A ``queued`` run row to fill in (a server's job), else a new run.
 
     Returns:
         A summary of the run.
@@ -172,7 +173,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
             texts = prepare_store(con, db_path, skeleton)
             identity, config_json = model_identity(skeleton), config.to_json()
             meta = {"model": identity, "capture": config_json}
-            run_id = start_run(con, skeleton, config, vector_dtype, pipeline)
+            run_id = start_run(con, skeleton, config, vector_dtype, pipeline, run_id)
             keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
             skipped = len(keyed) - len(unstored(con, keyed))  # stored before this run
             tally = _Tally(con, run_id, on_progress, start)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geomap.capture.config import CaptureConfig
+from geomap.ingest.engine_config import EngineConfig
 from geomap.store.writer import PromptSpec
 
 log = logging.getLogger("geomap.serve")
@@ -19,7 +20,7 @@ log = logging.getLogger("geomap.serve")
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What to ingest: prompts, the model (a name the server may load), capture options, storage dtype."""
+    """What to ingest: prompts, the model (a name the server may load), capture options, storage dtype, engine."""
 
     prompts: tuple[PromptSpec, ...]
     model: str
@@ -27,6 +28,7 @@ class JobSpec:
     vector_dtype: str = "float32"
     batch_size: int = 8
     pipeline: str = "ingest"
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Job:
         """A JSON-ready summary."""
         now = self.finished or time.time()
         return {"run_id": self.run_id, "status": self.status, "pipeline": self.spec.pipeline, "model": self.spec.model,
+                "engine": self.spec.engine.kind,
                 "prompts": len(self.spec.prompts), "progress": dict(self.progress), "error": self.error,
                 "queued_s": round((self.started or now) - self.submitted, 3),
                 "running_s": None if self.started is None else round(now - self.started, 3)}
@@ -104,16 +107,29 @@ class JobRunner:
         finally:
             con.close()
 
-    def _work(self) -> None:
+    def _ingest(self, job: Job):
+        """Run a job's ingestion on its engine; returns the model (or its skeleton) and the run's summary."""
+        spec = job.spec
+        if spec.engine.kind == "ray":  # this server is the Ray driver and the store's one writer: it merges
+            from geomap.ingest.ray_engine import ingest_ray
+            from geomap.models.skeleton import skeleton_model
+
+            summary = ingest_ray(spec.model, list(spec.prompts), self.db_path, spec.capture, spec.vector_dtype,
+                                 spec.batch_size, spec.pipeline, engine=spec.engine, progress=False,
+                                 on_progress=job.progress.update, run_id=job.run_id)
+            return skeleton_model(spec.model), summary
         from geomap.ingest.engine import ingest
 
+        loaded = self._model(spec.model)
+        return loaded, ingest(loaded, list(spec.prompts), self.db_path, spec.capture, spec.vector_dtype,
+                              spec.batch_size, pipeline=spec.pipeline, progress=False, run_id=job.run_id,
+                              on_progress=job.progress.update)
+
+    def _work(self) -> None:
         while (job := self._queue.get()) is not None:
             job.status, job.started = "running", time.time()
             try:
-                loaded = self._model(job.spec.model)
-                summary = ingest(loaded, list(job.spec.prompts), self.db_path, job.spec.capture,
-                                 job.spec.vector_dtype, job.spec.batch_size, pipeline=job.spec.pipeline,
-                                 progress=False, run_id=job.run_id, on_progress=job.progress.update)
+                loaded, summary = self._ingest(job)
                 job.progress.update(seconds=round(summary.seconds, 3), failures=list(summary.failures),
                                     prompts=self._stored(loaded, job.spec))
                 job.status = "done"

@@ -59,6 +59,21 @@ class PromptIn(BaseModel):
     source_id: str | None = Field(default=None, max_length=200)
 
 
+class EngineIn(BaseModel):
+    """The engine of a job: this server's process (inline), or Ray workers it starts on its machine."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["inline", "ray"] = "inline"
+    workers: int | None = Field(default=None, ge=1, le=256, description="Ray: model replicas (default: one per "
+                                                                         "GPU, else one per two cores).")
+
+    @model_validator(mode="after")
+    def _workers_need_ray(self) -> EngineIn:
+        if self.kind == "inline" and self.workers is not None:
+            raise ValueError("engine.workers applies to the Ray engine: give engine.kind 'ray'")
+        return self
+
+
 class RunRequest(BaseModel):
     """An ingestion job: inline prompts, or the name of a pipeline in the server's pipelines folder."""
 
@@ -72,6 +87,8 @@ class RunRequest(BaseModel):
     capture: dict[str, Any] = Field(default_factory=dict, description="CaptureConfig fields, e.g. attn_positions.")
     vector_dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(default=8, ge=1, le=256)
+    engine: EngineIn | None = Field(default=None, description="Default: the pipeline's [engine] (no cluster "
+                                                              "address comes over HTTP), else inline.")
 
     @model_validator(mode="after")
     def _one_source(self) -> RunRequest:
@@ -82,6 +99,7 @@ class RunRequest(BaseModel):
 
 def _job_spec(server, body: RunRequest):
     from geomap.capture.config import CaptureConfig
+    from geomap.ingest.engine_config import EngineConfig
     from geomap.ingest.pipeline import load_pipeline
     from geomap.serve.jobs import JobSpec
     from geomap.store.writer import PromptSpec
@@ -91,8 +109,10 @@ def _job_spec(server, body: RunRequest):
         if path.parent != server.settings.pipelines.resolve() or not path.exists():
             raise HTTPException(404, f"No pipeline named {body.pipeline!r} in the server's pipelines folder.")
         pipe = load_pipeline(path)
+        engine = pipe.engine if body.engine is None else pipe.engine.override(body.engine.kind, None,
+                                                                               body.engine.workers)
         spec = JobSpec(tuple(pipe.prompts()), body.model or pipe.model, pipe.capture, pipe.vector_dtype,
-                       pipe.batch_size, pipe.name)
+                       pipe.batch_size, pipe.name, engine)
     else:
         _whole_numbers(body.capture, "capture")
         try:
@@ -102,8 +122,10 @@ def _job_spec(server, body: RunRequest):
         prompts = tuple(PromptSpec(p, source="api") if isinstance(p, str) else
                         PromptSpec(p.text, source="api", source_id=p.source_id, tags=tuple(p.tags))
                         for p in body.prompts or [])
+        engine = EngineConfig() if body.engine is None else EngineConfig(body.engine.kind,
+                                                                         workers=body.engine.workers)
         spec = JobSpec(prompts, body.model or server.default_model, capture, body.vector_dtype, body.batch_size,
-                       body.name)
+                       body.name, engine)
     if not server.allowed_model(spec.model):
         raise HTTPException(403, f"This server does not load model {spec.model!r}: it loads its --model names (else "
                                  "the presets) and the models of stored runs.")
