@@ -131,7 +131,7 @@ def test_a_server_runs_the_ray_engine_for_the_cli(tmp_path, tiny_dirs):
     reference, db = tmp_path / "inline.duckdb", tmp_path / "served.duckdb"
     inline = _geomap("run", str(toml), "--engine", "inline", "--db", str(reference))
     assert inline.wait(timeout=600) == 0, inline.stderr.read()
-    proc, port = start_server(db, tiny_dirs["llama"])
+    proc, port = start_server(db, tiny_dirs["llama"], "--ray")
     try:
         refused = _geomap("run", str(toml), "--engine", "ray", "--address", "10.0.0.5:6379", "--db", str(db))
         _, err = refused.communicate(timeout=300)

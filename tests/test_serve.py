@@ -216,6 +216,10 @@ def test_the_perimeter(served):
     assert status == 413 and "too large" in got["detail"]
     status, got = api.call("POST", "/runs", {"prompts": ["x"], "model": "/etc"})
     assert status == 403 and "does not load model" in got["detail"]
+    status, got = api.call("POST", "/runs", {"prompts": ["x"], "engine": {"kind": "ray"}})
+    assert status == 403 and "geomap serve --ray" in got["detail"]  # Ray jobs only where the server allows them
+    status, got = api.call("POST", "/runs", {"prompts": ["x"], "engine": {"kind": "ray", "address": "10.0.0.5:6379"}})
+    assert status == 422 and "address" in got["detail"]  # no cluster address over HTTP
     status, got = api.call("GET", "/reports/../../etc/passwd")
     assert status == 404
 

@@ -29,9 +29,12 @@ from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 @click.option("--sql-max-rows", default=10_000, show_default=True, help="Most rows a query returns.")
 @click.option("--sql-memory", "sql_memory", default=DEFAULT_MEMORY_MB, show_default=True,
               help="Memory budget of one SQL query, MB: past it the query is stopped and refused.")
+@click.option("--ray", "ray_jobs", is_flag=True,
+              help="Let jobs run on Ray (started on this machine; needs 'geomap[ray]'): `geomap run --engine ray` "
+                   "on this store then goes through the server. Without it, Ray jobs are refused.")
 def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts: tuple[str, ...],
           models: tuple[str, ...], pipelines: Path, max_body: int, sql_time_limit: float, sql_max_rows: int,
-          sql_memory: float) -> None:
+          sql_memory: float, ray_jobs: bool) -> None:
     """Serve the store over HTTP: runs, prompts, SQL, neighbours, ingestion jobs and reports (docs at /docs)."""
     from geomap.cli import _quiet_transformers
     from geomap.serve.app import Settings
@@ -39,10 +42,14 @@ def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts:
     from geomap.store.sql_budget import check_limits
 
     check_limits(sql_time_limit, sql_max_rows, sql_memory)
+    if ray_jobs:
+        from geomap.ingest.ray_engine import require_ray
+
+        require_ray()  # one clear line now, not a failed job later
     _quiet_transformers()
     settings = Settings(_db(db), token=token, allowed_hosts=allow_hosts, max_body=max_body,
                         sql_time_limit=sql_time_limit, sql_max_rows=sql_max_rows,
-                        sql_memory_mb=sql_memory, models=models, pipelines=pipelines)
+                        sql_memory_mb=sql_memory, models=models, pipelines=pipelines, ray_jobs=ray_jobs)
     run_server(settings, host, port)
 
 

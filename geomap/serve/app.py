@@ -58,6 +58,7 @@ class Settings:
             the first is the default model of jobs.
         pipelines: Folder of pipeline TOML files that ``POST /runs {"pipeline": NAME}`` may run.
         preloaded: Already loaded models by name (tests, notebooks).
+        ray_jobs: Whether jobs may run on Ray (started on this machine); off, they are refused.
     """
 
     db_path: Path
@@ -70,6 +71,7 @@ class Settings:
     models: tuple[str, ...] = ()
     pipelines: Path = Path("pipelines")
     preloaded: dict = field(default_factory=dict)
+    ray_jobs: bool = False
 
 
 class Server:

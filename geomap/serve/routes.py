@@ -126,6 +126,9 @@ def _job_spec(server, body: RunRequest):
                                                                          workers=body.engine.workers)
         spec = JobSpec(prompts, body.model or server.default_model, capture, body.vector_dtype, body.batch_size,
                        body.name, engine)
+    if spec.engine.kind == "ray" and not server.settings.ray_jobs:
+        raise HTTPException(403, "This server runs jobs inline: start it with `geomap serve --ray` to let jobs run "
+                                 "on Ray.")
     if not server.allowed_model(spec.model):
         raise HTTPException(403, f"This server does not load model {spec.model!r}: it loads its --model names (else "
                                  "the presets) and the models of stored runs.")
