@@ -30,14 +30,17 @@ def _chunks(base: np.ndarray, n: int, seed: int) -> Iterator[tuple[int, np.ndarr
         yield start, synthesise(base, min(CHUNK, n - start), seed=seed * 100_003 + start // CHUNK)
 
 
-def knn_ivfpq(base: np.ndarray, n: int, m: int = 64, queries: int = 100) -> dict:
-    """IVF-PQ over ``n`` synthetic states: build time, bytes per state, single-query latency and recall@10."""
+def knn_ivfpq(base: np.ndarray, n: int, codec: str = "PQ64x8", queries: int = 100) -> dict:
+    """IVF over ``n`` synthetic states with compressed lists: build time, bytes per state, latency and recall@10.
+
+    ``codec`` is the FAISS factory's list encoding: ``PQ64x8`` (64 bytes a state), ``PQ160x8``, ``SQ8`` (d bytes).
+    """
     import faiss
 
     faiss.omp_set_num_threads(1)  # OpenMP spinning on a shared, oversubscribed machine costs more than it gives
     d = base.shape[1]
     nlist = int(2 ** round(np.log2(np.sqrt(n))))
-    index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x8", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(d, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(7)
     start = time.perf_counter()
     index.train(next(_chunks(base, min(n, 40 * nlist), seed=99))[1] if 40 * nlist <= CHUNK else
@@ -62,7 +65,7 @@ def knn_ivfpq(base: np.ndarray, n: int, m: int = 64, queries: int = 100) -> dict
         cand_i = np.concatenate([truth_i, top + first], 1)
         keep = np.argsort(-cand_d, 1)[:, :10]
         truth_d, truth_i = np.take_along_axis(cand_d, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    out = {"n": n, "d": d, "nlist": nlist, "pq_bytes": m, "train_s": round(train, 1), "build_s": round(build, 1),
+    out = {"n": n, "d": d, "nlist": nlist, "codec": codec, "train_s": round(train, 1), "build_s": round(build, 1),
            "index_bytes_per_state": round(faiss.serialize_index(index).size / n, 1), "probes": []}
     for nprobe in (16, 32, 64, 128):
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     knn = sub.add_parser("knn")
     knn.add_argument("--db", type=Path, required=True, help="A store of real states (seeds the synthetic ones).")
     knn.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
+    knn.add_argument("--codec", default="PQ64x8", help="List encoding: PQ64x8, PQ160x8, SQ8, ...")
     shards = sub.add_parser("shards")
     shards.add_argument("--counts", type=int, nargs="+", default=[16, 128, 1024])
     size = sub.add_parser("bytes")
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
         base = real_states(args.db, 9)
         for n in args.sizes:
-            print(json.dumps(knn_ivfpq(base, n)), flush=True)
+            print(json.dumps(knn_ivfpq(base, n, args.codec)), flush=True)
     elif args.what == "shards":
         for row in shard_sql(args.counts):
             print(json.dumps(row), flush=True)
