@@ -69,11 +69,13 @@ def ensure_vocab(con, loaded: LoadedModel) -> None:
 
 
 def reserve_run(con, pipeline: str) -> int:
-    """Insert a ``queued`` run row (filled in when its ingestion starts) and return its id."""
-    run_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM runs").fetchall()[0][0]
-    con.execute("INSERT INTO runs (id, started_at, status, pipeline) VALUES (?, now(), 'queued', ?)",
-                [run_id, pipeline])
-    return int(run_id)
+    """Insert a ``queued`` run row (filled in when its ingestion starts) and return its id.
+
+    One statement picks the id and inserts the row; `start_run` fills a queued row in place, so no other writer
+    ever sees the largest id disappear and hands it out twice.
+    """
+    return int(con.execute("INSERT INTO runs (id, started_at, status, pipeline) SELECT coalesce(max(id), 0) + 1, "
+                           "now(), 'queued', ? FROM runs RETURNING id", [pipeline]).fetchall()[0][0])
 
 
 def resumable_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str) -> int | None:
@@ -105,17 +107,22 @@ def start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str
             con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running' AND id <> ?", [run_id])
             return run_id
     con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")  # we hold the write lock
-    if run_id is None:
-        run_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM runs").fetchall()[0][0]
-    else:
-        con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued'", [run_id])
     a = loaded.anatomy
-    con.execute(
-        "INSERT INTO runs VALUES (?, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-        [run_id, loaded.name, a.model_type, loaded.weights_hash, str(loaded.dtype).removeprefix("torch."),
-         vector_dtype, config.to_json(), pipeline, a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim,
-         a.vocab_size])
-    return run_id
+    values = [loaded.name, a.model_type, loaded.weights_hash, str(loaded.dtype).removeprefix("torch."), vector_dtype,
+              config.to_json(), pipeline, a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size]
+    if run_id is not None:  # a queued row, filled in place (its id is never free in between)
+        filled = con.execute(
+            "UPDATE runs SET started_at = now(), finished_at = NULL, model = ?, model_type = ?, weights_sha256 = ?, "
+            "dtype = ?, vector_dtype = ?, capture_config = ?, pipeline = ?, status = 'running', n_layers = ?, "
+            "d_model = ?, n_heads = ?, n_kv_heads = ?, head_dim = ?, vocab_size = ? WHERE id = ? AND status = "
+            "'queued' RETURNING id", [*values, run_id]).fetchall()
+        if filled:
+            return run_id
+    return int(con.execute(
+        "INSERT INTO runs SELECT coalesce(max(id), 0) + 1, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, "
+        "? FROM runs RETURNING id" if run_id is None else
+        "INSERT INTO runs VALUES (?, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?) RETURNING id",
+        values if run_id is None else [run_id, *values]).fetchall()[0][0])
 
 
 def mark_failed(con, db_path, run_id: int) -> None:
