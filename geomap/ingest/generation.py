@@ -42,8 +42,7 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
     if parent_key is None:
         ingest(loaded, [PromptSpec(text)], db_path, config, vector_dtype, progress=False)
         parent_key = prompt_key(identity, config_json, text)
-    decoding = json.dumps({**strategy.to_dict(), "max_new_tokens": max_new_tokens, "parent": parent_key},
-                          sort_keys=True, separators=(",", ":"))
+    decoding = _decoding(strategy, max_new_tokens, parent_key)
     key = prompt_key(identity, config_json, text, decoding)
     con = connect(db_path)
     try:
@@ -79,13 +78,24 @@ def _stored_prompt_key(db_path: str | Path, loaded, text: str) -> str | None:
     con = connect(db_path)
     try:
         ensure_schema(con)
-        rows = con.execute("""SELECT p.key FROM prompts p JOIN runs r ON r.id = p.run_id
-                              WHERE p.text = ? AND r.weights_sha256 = ? AND p.parent_id IS NULL
-                                AND p.status = 'done' ORDER BY p.id LIMIT 1""",
-                           [text, loaded.weights_hash]).fetchall()
+        found = _stored_parents(con, loaded, [text])
     finally:
         con.close()
-    return rows[0][0] if rows else None
+    return found[text][1] if found else None
+
+
+def _stored_parents(con, loaded, texts: list[str]) -> dict[str, tuple[int, str]]:
+    """``{text: (id, key)}`` of the first stored (non-generated, done) prompt with each text and this model."""
+    rows = con.execute("""SELECT p.text, min(p.id), arg_min(p.key, p.id) FROM prompts p JOIN runs r ON r.id = p.run_id
+                          WHERE p.text IN (SELECT unnest(?)) AND r.weights_sha256 = ? AND p.parent_id IS NULL
+                            AND p.status = 'done' GROUP BY p.text""", [texts, loaded.weights_hash]).fetchall()
+    return {text: (int(pid), key) for text, pid, key in rows}
+
+
+def _decoding(strategy: Strategy, max_new_tokens: int, parent_key: str) -> str:
+    """A generation's canonical decoding JSON (part of its key)."""
+    return json.dumps({**strategy.to_dict(), "max_new_tokens": max_new_tokens, "parent": parent_key},
+                      sort_keys=True, separators=(",", ":"))
 
 
 def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, config=None,
@@ -108,17 +118,12 @@ def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, co
     try:
         ensure_schema(con, loaded.anatomy.d_model)
         unique = list(dict.fromkeys(texts))
-        parents = dict(con.execute("""SELECT p.text, min(p.id) FROM prompts p JOIN runs r ON r.id = p.run_id
-                                      WHERE p.text IN (SELECT unnest(?)) AND r.weights_sha256 = ?
-                                        AND p.parent_id IS NULL AND p.status = 'done' GROUP BY p.text""",
-                                   [unique, loaded.weights_hash]).fetchall())
-        keys = dict(con.execute("SELECT id, key FROM prompts WHERE id IN (SELECT unnest(?))",
-                                [list(parents.values())]).fetchall())
+        parents = _stored_parents(con, loaded, unique)
         wanted = []
         for text in (t for t in unique if t in parents):
-            decoding = json.dumps({**Strategy().to_dict(), "max_new_tokens": max_new_tokens,
-                                   "parent": keys[parents[text]]}, sort_keys=True, separators=(",", ":"))
-            wanted.append((text, parents[text], decoding, prompt_key(identity, config_json, text, decoding)))
+            parent_id, parent_key = parents[text]
+            decoding = _decoding(Strategy(), max_new_tokens, parent_key)
+            wanted.append((text, parent_id, decoding, prompt_key(identity, config_json, text, decoding)))
         stored = {r[0] for r in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
                                             [[w[3] for w in wanted]]).fetchall()}
         todo = [w for w in wanted if w[3] not in stored]
@@ -149,9 +154,12 @@ def _store_generations(con, db_path: Path, loaded, config: CaptureConfig, vector
     bar = tqdm(total=len(todo), unit="prompt", desc="continuations", disable=not progress, dynamic_ncols=True)
     try:
         for start in range(0, len(todo), batch_size):
-            items, steps = _generate_batch(loaded, config, todo[start:start + batch_size], max_new_tokens, strategy,
-                                           skip_overflow)
-            if items and run_id is None:
+            chunk = todo[start:start + batch_size]
+            items, steps = _generate_batch(loaded, config, chunk, max_new_tokens, strategy, skip_overflow)
+            bar.update(len(chunk))
+            if not items:
+                continue
+            if run_id is None:
                 ensure_vocab(con, loaded)  # a killed run of the same command is finished under its own id
                 run_id = start_run(con, loaded, config, vector_dtype, pipeline,
                                    resumable_run(con, loaded, config, vector_dtype, pipeline))
@@ -161,10 +169,8 @@ def _store_generations(con, db_path: Path, loaded, config: CaptureConfig, vector
                         for key, (n0, made) in steps.items() if key in ids for i, d in enumerate(made)]
                 insert_rows(con, "decisions", rows, with_id=True)
 
-            if items:
-                write_batch(con, run_id, vector_dtype, items, within=decisions)
-                done |= set(steps)
-            bar.update(len(todo[start:start + batch_size]))
+            write_batch(con, run_id, vector_dtype, items, within=decisions)
+            done |= set(steps)
         if run_id is not None:
             sync_state_indexes(con, db_path)
             con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])

@@ -118,11 +118,9 @@ def start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str
             "'queued' RETURNING id", [*values, run_id]).fetchall()
         if filled:
             return run_id
-    return int(con.execute(
-        "INSERT INTO runs SELECT coalesce(max(id), 0) + 1, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, "
-        "? FROM runs RETURNING id" if run_id is None else
-        "INSERT INTO runs VALUES (?, now(), NULL, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?) RETURNING id",
-        values if run_id is None else [run_id, *values]).fetchall()[0][0])
+    return int(con.execute(  # the given id, else the next one, picked in the statement that inserts the row
+        "INSERT INTO runs SELECT coalesce(?::INTEGER, coalesce(max(id), 0) + 1), now(), NULL, ?, ?, ?, ?, ?, ?, ?, "
+        "'running', ?, ?, ?, ?, ?, ? FROM runs RETURNING id", [run_id, *values]).fetchall()[0][0])
 
 
 def mark_failed(con, db_path, run_id: int) -> None:

@@ -97,6 +97,11 @@ class RunRequest(BaseModel):
         return self
 
 
+def _engine(base, asked: EngineIn | None):
+    """The job's engine: ``base`` (the pipeline's, else inline) with the request's kind and workers over it."""
+    return base if asked is None else base.override(asked.kind, None, asked.workers)
+
+
 def _job_spec(server, body: RunRequest):
     from geomap.capture.config import CaptureConfig
     from geomap.ingest.engine_config import EngineConfig
@@ -109,10 +114,8 @@ def _job_spec(server, body: RunRequest):
         if path.parent != server.settings.pipelines.resolve() or not path.exists():
             raise HTTPException(404, f"No pipeline named {body.pipeline!r} in the server's pipelines folder.")
         pipe = load_pipeline(path)
-        engine = pipe.engine if body.engine is None else pipe.engine.override(body.engine.kind, None,
-                                                                               body.engine.workers)
         spec = JobSpec(tuple(pipe.prompts()), body.model or pipe.model, pipe.capture, pipe.vector_dtype,
-                       pipe.batch_size, pipe.name, engine)
+                       pipe.batch_size, pipe.name, _engine(pipe.engine, body.engine))
     else:
         _whole_numbers(body.capture, "capture")
         try:
@@ -122,10 +125,8 @@ def _job_spec(server, body: RunRequest):
         prompts = tuple(PromptSpec(p, source="api") if isinstance(p, str) else
                         PromptSpec(p.text, source="api", source_id=p.source_id, tags=tuple(p.tags))
                         for p in body.prompts or [])
-        engine = EngineConfig() if body.engine is None else EngineConfig(body.engine.kind,
-                                                                         workers=body.engine.workers)
         spec = JobSpec(prompts, body.model or server.default_model, capture, body.vector_dtype, body.batch_size,
-                       body.name, engine)
+                       body.name, _engine(EngineConfig(), body.engine))
     if spec.engine.kind == "ray" and not server.settings.ray_jobs:
         raise HTTPException(403, "This server runs jobs inline: start it with `geomap serve --ray` to let jobs run "
                                  "on Ray.")
