@@ -191,7 +191,7 @@ def test_a_report_that_needs_a_fit_answers_at_once_and_fits_in_the_background(li
             status, page = api.call("GET", "/reports/journey-2.html")
     assert status == 200 and 'id="trajectory"' in page
     methods = api.ok("POST", "/sql", {"sql": "SELECT DISTINCT method FROM projections ORDER BY 1"})["rows"]
-    assert methods == [["pca"], ["umap"]]
+    assert methods == [["pca"]]  # only the map the page draws: no UMAP fit for a page
 
 
 def test_cross_site_requests_are_refused(limited):

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from geomap.report.links import Links, in_folder, journey_name, run_name, served
 from geomap.report.pages import journey_page, write_page
 
 DEFAULT_FOLDER = Path("reports")
@@ -44,14 +45,26 @@ def one_instance(db_path: str | Path):
         release_store(db_path)
 
 
-def page_name(prompt_id: int, pos: int | None = None) -> str:
-    """``journey-<id>.html`` for a prompt's last token, ``journey-<id>-p<pos>.html`` for another position."""
-    return f"journey-{prompt_id}.html" if pos is None else f"journey-{prompt_id}-p{pos}.html"
+page_name = journey_name
+
+
+def store_links(db_path, folder: Path | None = None, planned: frozenset[str] = frozenset()) -> Links:
+    """What a page may link to: in ``folder``, the pages there or ``planned``; without a folder, every page."""
+    from geomap.analysis.page_reads import page_keys
+    from geomap.store.db import connect
+
+    con = connect(db_path, read_only=True)
+    try:
+        keys = page_keys(con)
+    finally:
+        con.close()
+    return served(keys) if folder is None else in_folder(keys, folder, planned)
 
 
 def journey_report(db_path: str | Path, prompt_id: int,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
-                   write: bool = True, pos: int | None = None, linked: bool = True) -> Report:
+                   write: bool = True, pos: int | None = None, linked: bool = True,
+                   links: Links | None = None) -> Report:
     """The journey report of a stored prompt's token (default its last).
 
     The report stage reads the store only: to report on a new text, store it first
@@ -66,34 +79,44 @@ def journey_report(db_path: str | Path, prompt_id: int,
         write: Write the file (and refresh the folder's ``index.html``).
         pos: The token's position (default: the last).
         linked: Also write the missing pages of the generation steps the page links to.
+        links: What the page may link to (default: written, the pages beside it and its steps' pages; else all).
     """
     from geomap.analysis.api import model_for_prompt
     from geomap.report.data import journey_data
 
+    target = (Path(out) if out else None) if write else None
     with one_instance(db_path):
+        if links is None:
+            links = store_links(db_path, None)
+            if write:  # the pages beside it, and its generations' steps, which it writes below
+                steps = frozenset(journey_name(p, s) for p, s in links.keys.steps_of([prompt_id])) if linked else ()
+                links = in_folder(links.keys, target.parent if target else DEFAULT_FOLDER, frozenset(steps))
         loaded = model_for_prompt(db_path, prompt_id, loaded)
-        data = journey_data(db_path, prompt_id, loaded, pos=pos)
+        data = journey_data(db_path, prompt_id, loaded, pos=pos, links=links)
     page = journey_page(data, single_file)
     path = None
     if write:
-        name = page_name(prompt_id, None if data["prompt"]["is_last"] else data["prompt"]["pos"])
-        path = write_page(page, Path(out) if out else DEFAULT_FOLDER / name, single_file)
+        name = journey_name(prompt_id, None if data["prompt"]["is_last"] else data["prompt"]["pos"])
+        path = write_page(page, target or DEFAULT_FOLDER / name, single_file)
         for step in data["generations"] if linked else []:
-            target = path.parent / page_name(step["prompt_id"], step["pos"])
-            if not target.exists():
+            target = path.parent / journey_name(step["prompt_id"], step["pos"])
+            if step["href"] and not target.exists():
                 journey_report(db_path, step["prompt_id"], out=target, single_file=single_file, loaded=loaded,
-                               pos=step["pos"], linked=False)
+                               pos=step["pos"], linked=False, links=links)
     return Report(page, path)
 
 
 def run_report(db_path: str | Path, run_id: int, out: str | Path | None = None, single_file: bool = False,
-               loaded=None, write: bool = True) -> Report:
+               loaded=None, write: bool = True, links: Links | None = None) -> Report:
     """One page for a whole run (default file ``reports/run-<id>.html``)."""
     from geomap.report.render import render
     from geomap.report.run_data import run_data
 
-    page = render("run.html.j2", run_data(db_path, run_id, loaded), single_file)
-    path = write_page(page, Path(out) if out else DEFAULT_FOLDER / f"run-{run_id}.html", single_file) if write else None
+    target = Path(out) if out else DEFAULT_FOLDER / run_name(run_id)
+    if links is None:
+        links = store_links(db_path, target.parent if write else None)
+    page = render("run.html.j2", run_data(db_path, run_id, loaded, links=links), single_file)
+    path = write_page(page, target, single_file) if write else None
     return Report(page, path)
 
 
@@ -152,14 +175,22 @@ def pipeline_reports(db_path: str | Path, keys: list[str], folder: str | Path, l
     try:
         rows = con.execute("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) AND status = 'done' "
                            "ORDER BY id", [list(keys)]).fetchall()
+        steps = con.execute("""SELECT DISTINCT p.run_id FROM prompts p JOIN decisions d ON d.prompt_id = p.id
+                               AND d.source = 'generate' WHERE p.parent_id IN (SELECT unnest(?))""",
+                            [[pid for pid, _ in rows]]).fetchall()
     finally:
         con.close()
-    todo = [pid for pid, _ in rows if not (folder / f"journey-{pid}.html").exists()]
+    links = store_links(db_path, folder)
+    ours = {pid for pid, _ in rows}
+    runs = sorted({run for _, run in rows} | {run for (run,) in steps})
+    planned = {journey_name(p) for p in ours} | {journey_name(p, s) for p, s in links.keys.steps_of(ours)}
+    links = in_folder(links.keys, folder, frozenset(planned | {run_name(r) for r in runs}))
+    todo = [pid for pid in sorted(ours) if not (folder / journey_name(pid)).exists()]
     written = 0
     for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
-        journey_report(db_path, pid, out=folder / f"journey-{pid}.html", loaded=loaded)
+        journey_report(db_path, pid, out=folder / journey_name(pid), loaded=loaded, links=links)
         written += 1
-    for run_id in sorted({run for _, run in rows}):
-        run_report(db_path, run_id, out=folder / f"run-{run_id}.html", loaded=loaded)
+    for run_id in runs:
+        run_report(db_path, run_id, out=folder / run_name(run_id), loaded=loaded, links=links)
         written += 1
     return written

@@ -10,7 +10,9 @@ import torch
 
 from geomap.analysis import load
 from geomap.analysis.geometry import normed_state
+from geomap.analysis.page_reads import page_keys
 from geomap.report import decoding_view, geometry_view, head_view, layer_view
+from geomap.report.links import Links, served
 from geomap.store.db import StoreError, connect, ensure_schema
 
 TOKEN_WINDOW = 64  # tokens listed around the followed one (long prompts are windowed; see docs/journey.md)
@@ -32,7 +34,7 @@ def _token_map(con, sha: str, ids) -> dict[int, str]:
 
 
 def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[int, int] | None = None,
-                 knn: int = 6, pos: int | None = None) -> dict:
+                 knn: int = 6, pos: int | None = None, links: Links | None = None) -> dict:
     """Everything the journey report of one token shows (default: the prompt's last).
 
     Args:
@@ -43,6 +45,7 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
             non-BOS token is largest).
         knn: Neighbours per layer.
         pos: The token's position (a generation's step ``i`` is position ``n_prompt - 1 + i``).
+        links: Which pages the page may link to (default: every page of the store, as served).
     """
     from geomap.analysis import api
     from geomap.analysis.positions_api import position
@@ -161,7 +164,22 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
                   "prob": float(probs[0]) if len(probs) else None} for ell, tids, probs in lens]
     generations = [{"prompt_id": g, "text": t, "step": s, "id": c, "token": texts.get(int(c)), "prob": p,
                     "strategy": st, "pos": ps, "parent_id": par} for g, t, s, c, p, st, ps, par in generations]
+    if links is None:
+        c = connect(db_path, read_only=True)
+        try:
+            links = served(page_keys(c))
+        finally:
+            c.close()
+    neighbours = _neighbours(db_path, prompt_id, L, knn, last)
+    for block in neighbours:
+        for r in block["rows"]:
+            r["href"] = links.journey(r["prompt_id"], r["pos"])
+    for g in generations:
+        g["href"] = links.journey(g["prompt_id"], g["pos"])
+    hrefs = {"run": links.run(info.run_id), "parent": nav["parent"] and links.journey(nav["parent"]),
+             "prev": nav["prev"] and links.journey(nav["prev"]), "next": nav["next"] and links.journey(nav["next"])}
     return {
+        "hrefs": hrefs,
         "prompt": {"id": prompt_id, "text": info.text, "n_tokens": n, "run_id": info.run_id, "pos": last,
                    "is_last": last == n - 1, "shown": len(shown), **nav},
         "model": {"name": run[0], "type": run[1], "n_layers": L, "d_model": run[3], "n_heads": run[4],
@@ -203,7 +221,7 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         "attribution": {"attrs": _clean(attribution.attrs), "rows": [
             {**r, "layer": None if r["layer"] is None else int(r["layer"]),
              "head": None if r["head"] is None else int(r["head"])} for r in _frame_rows(attribution)]},
-        "neighbours": _neighbours(db_path, prompt_id, L, knn, last),
+        "neighbours": neighbours,
         "generations": generations,
     }
 

@@ -9,12 +9,17 @@ import numpy as np
 from geomap.store.db import StoreError, connect, ensure_schema
 
 
-def run_data(db_path: str | Path, run_id: int, loaded=None) -> dict:
-    """A whole pipeline run: final-state map, per-layer curves, depth histogram, head entropy, prompt table."""
+def run_data(db_path: str | Path, run_id: int, loaded=None, links=None) -> dict:
+    """A whole pipeline run: final-state map, per-layer curves, depth histogram, head entropy, prompt table.
+
+    ``links`` (`geomap.report.links.Links`) names the journey page of each prompt (default: every page, served).
+    """
     from geomap.analysis import load
     from geomap.analysis.geometry import normed_states
     from geomap.analysis.maps import run_model
+    from geomap.analysis.page_reads import page_keys
     from geomap.analysis.projection import fit_projection
+    from geomap.report.links import served
 
     con = connect(db_path)
     try:
@@ -36,6 +41,7 @@ def run_data(db_path: str | Path, run_id: int, loaded=None) -> dict:
                                WHERE p.run_id = ? GROUP BY h.layer, h.head ORDER BY h.layer, h.head""",
                             [run_id]).fetchall()
         finals = load.run_states(con, run_id, [n_layers])
+        links = links or served(page_keys(con))
     finally:
         con.close()
     last = {int(p[0]): int(p[3]) - 1 for p in prompts}
@@ -56,7 +62,8 @@ def run_data(db_path: str | Path, run_id: int, loaded=None) -> dict:
                 "started": str(started), "status": status, "n_prompts": len(prompts)},
         "prompts": [{"id": int(p[0]), "text": p[1], "tags": list(p[2] or []), "n_tokens": int(p[3]), "token": p[4],
                      "prob": float(p[5]), "entropy": float(p[6]),
-                     "depth": None if p[7] is None else int(p[7])} for p in prompts],
+                     "depth": None if p[7] is None else int(p[7]), "href": links.journey(int(p[0]))}
+                    for p in prompts],
         "curves": [{"layer": int(r[0]), "entropy": float(r[1]), "kl": float(r[2]), "agree": float(r[3])}
                    for r in curves],
         "depth_histogram": [{"depth": d, "count": depths.count(d)} for d in range(n_layers + 1)],

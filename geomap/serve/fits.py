@@ -1,10 +1,10 @@
 """Map fits of the server as background jobs: a report never fits a map inside a request.
 
-A journey or compare page shows its run's joint PCA and UMAP maps. The report stage fits and stores them the first
-time a page of the run needs them; UMAP over a large run takes minutes, and a request must not. So the server checks
-beforehand (`missing`), and when a map is missing it queues a fit here and answers at once (202, a page that reloads
-itself); the page renders once the maps are stored. One worker fits one run at a time, at most `MAX_PENDING` runs
-wait, and a run is queued once however many requests ask for it.
+A journey or compare page shows its run's joint PCA map (the UMAP map is no longer drawn there, so it is not fitted
+for a page). The report stage needs it stored; a fit over a large run takes long, and a request must not wait. So
+the server checks beforehand (`missing`), and when a map is missing it queues a fit here and answers at once (202,
+a page that reloads itself); the page renders once the maps are stored. One worker fits one run at a time, at most
+`MAX_PENDING` runs wait, and a run is queued once however many requests ask for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from geomap.errors import GeomapError
 
 log = logging.getLogger("geomap.serve")
-METHODS = ("pca", "umap")  # the maps a journey page draws (see geomap.report.data)
+METHODS = ("pca",)  # the maps a journey page draws (see geomap.report.data)
 MAX_PENDING = 4
 
 

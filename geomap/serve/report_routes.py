@@ -97,14 +97,16 @@ def _waiting(server, runs: list[int]) -> HTMLResponse | None:
 
 
 def _index(server) -> str:
+    from geomap.report.api import store_links
     from geomap.report.render import render
 
+    links = store_links(server.db_path)
     runs = server.rows("SELECT id, pipeline, model FROM runs WHERE status = 'done' ORDER BY id")
     prompts = server.rows("SELECT id, text FROM prompts WHERE status = 'done' ORDER BY id LIMIT 5000")
     entries = [{"href": f"run-{r['id']}.html", "title": f"run {r['id']} ({r['pipeline']}, {r['model']})"}
                for r in runs]
-    entries += [{"href": f"journey-{p['id']}.html", "title": f"journey of prompt {p['id']}: {p['text'][:80]}"}
-                for p in prompts]
+    entries += [{"href": href, "title": f"journey of prompt {p['id']}: {p['text'][:80]}"}
+                for p in prompts if (href := links.journey(p["id"]))]
     return render("index.html.j2", {"entries": entries}, single_file=True)
 
 
