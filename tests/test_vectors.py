@@ -211,26 +211,26 @@ def test_missing_layer_is_a_clear_error(store):
 
 
 def test_vocab_index_exact_and_cached(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("GEOMAP_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "faiss"  # the caller's cache folder: the store takes nothing from models
     rng = np.random.default_rng(10)
     matrix = rng.normal(size=(2000, D)).astype(np.float32)
     weights_hash = "0123456789abcdef" * 4
-    index = vocab_index(matrix, weights_hash, "unembed")
+    index = vocab_index(matrix, weights_hash, "unembed", folder)
     queries = rng.normal(size=(8, D)).astype(np.float32)
     scores, found = index.search(queries, 10)
     assert np.array_equal(found, np.argsort(-(matrix @ queries.T), axis=0)[:10].T)
     assert np.allclose(scores, np.sort(matrix @ queries.T, axis=0)[::-1][:10].T, atol=1e-4)
     path = tmp_path / "home" / "faiss" / "0123456789abcdef-unembed.faiss"
     mtime = path.stat().st_mtime_ns
-    again = vocab_index(matrix, weights_hash, "unembed")
+    again = vocab_index(matrix, weights_hash, "unembed", folder)
     assert path.stat().st_mtime_ns == mtime
     assert np.array_equal(again.search(queries, 10)[1], found)
-    tied = vocab_index(matrix, weights_hash, "embed", tied=True)
+    tied = vocab_index(matrix, weights_hash, "embed", folder, tied=True)
     assert tied.ntotal == 2000 and path.stat().st_mtime_ns == mtime
     assert not (path.parent / "0123456789abcdef-embed.faiss").exists()
     raw = path.read_bytes()
     path.write_bytes(raw[:-8])
     with caplog.at_level(logging.WARNING, logger="geomap.store.vectors"):
-        rebuilt = vocab_index(matrix, weights_hash, "unembed")
+        rebuilt = vocab_index(matrix, weights_hash, "unembed", folder)
     assert any("sha256" in m for m in caplog.messages)
     assert path.read_bytes() == raw and np.array_equal(rebuilt.search(queries, 10)[1], found)

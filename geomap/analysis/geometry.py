@@ -86,6 +86,7 @@ def unembedding_geometry(loaded: LoadedModel, state: np.ndarray, layer: int, con
         contrast_ids: Extra token ids to compare (for example " banana").
         k: Candidates, nearest directions and embedding neighbours to keep.
     """
+    from geomap.models.presets import cache_home
     from geomap.store.vocab_index import vocab_index
 
     a = loaded.anatomy
@@ -95,7 +96,7 @@ def unembedding_geometry(loaded: LoadedModel, state: np.ndarray, layer: int, con
     h = normed_state(loaded, state)
     logits = w_u @ h + b
     top = np.argsort(-logits, kind="stable")[:k]
-    index = vocab_index(w_u, loaded.weights_hash, "unembed")
+    index = vocab_index(w_u, loaded.weights_hash, "unembed", cache_home() / "faiss")
     scores, found = index.search(h[None].astype(np.float32), k)
     nearest = _align(w_u, found[0], h)
     nearest = TokenAlignment(nearest.token_ids, scores[0].astype(np.float32), nearest.cosine)

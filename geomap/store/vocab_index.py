@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from geomap.models.presets import cache_home
 from geomap.store.files import publish, sha256_of, write_temp
 
 log = logging.getLogger(__name__)
 _OPEN: dict[tuple, tuple[tuple, faiss.Index]] = {}  # indexes this process read: key → (file signature, index)
 
 
-def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, tied: bool = False) -> faiss.Index:
+def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, folder: Path, tied: bool = False) -> faiss.Index:
     """Exact inner-product index over a vocabulary matrix's rows, cached once per model.
 
     No normalisation: a score is the logit without bias. Exact on purpose: HNSW is no usable shortcut for inner
     product over a 262k vocabulary (top-10 overlap 0.28 measured). The cache file,
-    ``cache_home()/faiss/<weights_hash[:16]>-<which>.faiss``, is written atomically with a ``.sha256`` sidecar; a
+    ``<folder>/<weights_hash[:16]>-<which>.faiss``, is written atomically with a ``.sha256`` sidecar; a
     file that fails the check is rebuilt (it derives from the weights) with a warning.
 
     Args:
         matrix: (V, d) float32 rows (embedding or unembedding).
         weights_hash: sha256 of the model's weights.
         which: 'embed' or 'unembed'.
+        folder: Where the cache files live (the caller's per-machine cache; the store knows no models).
         tied: embedding and unembedding are the same matrix; both then share the 'unembed' file.
 
     Returns:
@@ -33,11 +34,11 @@ def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, tied: bool = 
     """
     which = "unembed" if tied else which
     key = (weights_hash, which, tuple(matrix.shape))
-    path = cache_home() / "faiss" / f"{weights_hash[:16]}-{which}.faiss"
+    path = Path(folder) / f"{weights_hash[:16]}-{which}.faiss"
     cached = _OPEN.get(key)
     if cached is not None and cached[0] == _signature(path):  # same file as checked before: skip the sha256
         return cached[1]
-    index = _load_or_build(matrix, weights_hash, which)
+    index = _load_or_build(matrix, path)
     _OPEN[key] = (_signature(path), index)
     return index
 
@@ -51,9 +52,8 @@ def _signature(path) -> tuple:
     return (str(path), st.st_size, st.st_mtime_ns)
 
 
-def _load_or_build(matrix: np.ndarray, weights_hash: str, which: str) -> faiss.Index:
+def _load_or_build(matrix: np.ndarray, path: Path) -> faiss.Index:
     x = np.ascontiguousarray(matrix, dtype=np.float32)
-    path = cache_home() / "faiss" / f"{weights_hash[:16]}-{which}.faiss"
     sidecar = path.with_name(path.name + ".sha256")
     if path.exists():
         expected = sidecar.read_text().strip() if sidecar.exists() else None
