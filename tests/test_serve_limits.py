@@ -260,3 +260,57 @@ def test_concurrent_queries_share_the_budget_one_at_a_time(limited):
     for t in threads:
         t.join(60)
     assert [r[0] for r in results] == [200] * 4 and all(r[1]["rows"] == [[3000000]] for r in results)
+
+
+def test_readers_overlap_a_short_query_answers_while_a_long_one_runs(limited):
+    api, _, _ = limited
+    assert api.ok("GET", "/healthz")["sql_readers"]["slots"] >= 2
+    replies = []
+
+    def long():
+        replies.append(("long", *api.call("POST", "/sql", {"sql": "SELECT count(*) FROM range(100000000000)",
+                                                            "time_limit": 5})))
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    end = time.time() + 30
+    while api.ok("GET", "/healthz")["sql_readers"]["busy"] < 1 and time.time() < end:
+        time.sleep(0.01)
+    assert not replies  # the long query holds a reader slot and runs
+    short = api.call("POST", "/sql", {"sql": "SELECT count(*) FROM runs"})
+    replies.append(("short", *short))
+    thread.join(60)
+    assert [r[0] for r in replies] == ["short", "long"], replies  # one query at a time would answer them the other way
+    assert replies[0][1] == 200 and replies[1][1] == 408
+
+
+def test_an_honest_query_beside_a_memory_bomb_is_answered(limited):
+    api, _, _ = limited
+    replies = {}
+
+    def one(name, sql):
+        replies[name] = api.call("POST", "/sql", {"sql": sql, "time_limit": 5})
+
+    threads = [threading.Thread(target=one, args=("bomb", BOMBS["list aggregate"])),
+               threading.Thread(target=one, args=("honest", "SELECT count(*), sum(i) FROM range(60000000) t(i)"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert replies["bomb"][0] == 403 and f"needs more than {BUDGET_MB} MB" in replies["bomb"][1]["detail"], replies
+    assert replies["honest"][0] == 200 and replies["honest"][1]["rows"][0][0] == 60000000, replies["honest"]
+
+
+def test_honest_queries_during_a_job_are_never_refused(limited):
+    api, _, _ = limited
+    job = api.ok("POST", "/runs", {"prompts": [p + " again" for p in PROMPTS[:30]], "batch_size": 2})
+    statuses, end = [], time.time() + 120
+    while time.time() < end:
+        statuses.append(api.call("POST", "/sql", {"sql": "SELECT * FROM trajectory WHERE prompt_id = ?",
+                                                  "params": [1 + len(statuses) % 3]})[0])
+        statuses.append(api.call("POST", "/sql", {"sql": "SELECT * FROM journey LIMIT 50"})[0])
+        statuses.append(api.call("GET", "/runs")[0])
+        if api.ok("GET", f"/runs/{job['run_id']}")["job"]["status"] not in ("queued", "running"):
+            break
+    assert api.wait(job["run_id"])["job"]["status"] == "done"
+    assert len(statuses) >= 6 and set(statuses) == {200}, statuses

@@ -1,4 +1,7 @@
-"""User SQL against a store: one read-only query in a locked-down connection, with a time limit and a row cap."""
+"""User SQL against a store: one read-only query in a locked-down connection, with a time limit, a row cap and a budget.
+
+The budget judges that query alone, and many such queries run at once (`geomap.store.sql_budget`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import datetime as dt
 import io
 import json
 import math
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +25,7 @@ import numpy as np
 
 from geomap.errors import GeomapError
 from geomap.store.db import connect, served
-from geomap.store.sql_budget import DEFAULT_MEMORY_MB, SLOT, TRIGGER, Watchdog, check_limits
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE, TRIGGER, Watchdog, check_limits
 from geomap.store.sql_guard import Refused, TooBig, check
 
 FORMATS = ("table", "csv", "json")
@@ -170,19 +175,48 @@ def _cell(v: Any) -> str:
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
-def _open(db_path: str | Path, memory_mb: float) -> duckdb.DuckDBPyConnection:
+def _open(db_path: str | Path, memory_mb: float) -> tuple[duckdb.DuckDBPyConnection, Callable, str]:
     """A read-only connection under `sql_connection_config`, its memory bounded by the budget.
 
-    In a served store this is a cursor of the server's instance, bounded per connection; elsewhere a private
-    instance whose whole ``memory_limit`` (and spill to disk) is the budget.
+    In a served store this is a cursor of the server's instance (in a READ ONLY transaction: its own snapshot),
+    bounded per connection; elsewhere a private instance whose whole ``memory_limit`` (and spill to disk) is the
+    budget.
+
+    Returns:
+        The connection, what opens a probe of its instance for the watchdog, and the instance's name.
     """
     mb = max(int(memory_mb * TRIGGER), 1)
     if served(db_path):
         con = connect(db_path, read_only=True)
         con.execute(f"SET operator_memory_limit = '{mb}MB'")
-        return con
-    return connect(db_path, read_only=True, config={**sql_connection_config(), "memory_limit": f"{mb}MB",
-                                                    "max_temp_directory_size": f"{4 * mb}MB"})
+        return con, lambda: connect(db_path), f"served:{Path(db_path).resolve()}"
+    con = connect(db_path, read_only=True, config={**sql_connection_config(), "memory_limit": f"{mb}MB",
+                                                   "max_temp_directory_size": f"{4 * mb}MB"})
+    probe = con.cursor()  # made here: the watchdog's thread must not touch a connection while it runs a query
+    return con, lambda: probe, f"private:{id(con)}"
+
+
+class _Rerun(Exception):
+    """A query stopped for memory while other queries shared its instance: it is judged again, alone."""
+
+
+_GUARDED: OrderedDict[tuple[str, int, float], None] = OrderedDict()  # statements the guard passed, by budget
+_GUARDED_MAX = 512
+_GUARDED_LOCK = threading.Lock()
+
+
+def _guard(con: duckdb.DuckDBPyConnection, sql: str, budget: int, memory_mb: float) -> None:
+    """`geomap.store.sql_guard.check`, remembered for statements it passed (it depends on the text and budget only)."""
+    key = (sql, budget, memory_mb)
+    with _GUARDED_LOCK:
+        if key in _GUARDED:
+            _GUARDED.move_to_end(key)
+            return
+    check(con, sql, budget, memory_mb)
+    with _GUARDED_LOCK:
+        _GUARDED[key] = None
+        while len(_GUARDED) > _GUARDED_MAX:
+            _GUARDED.popitem(last=False)
 
 
 def _error(exc: duckdb.Error) -> SqlError:
@@ -204,17 +238,18 @@ def _memory(memory_mb: float, detail: str = "") -> SqlMemory:
 
 
 def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int, cap: int, memory_mb: float, watch: Watchdog) -> list[tuple]:
-    """Up to ``max_rows + 1`` rows, in small batches, stopping once the rows or the process pass the budget."""
+    """Up to ``max_rows + 1`` rows, in batches that grow while small, stopping once the rows pass the budget."""
     rows: list[tuple] = []
-    size = 0
+    size, step = 0, 64
     while len(rows) <= max_rows:
-        batch = con.fetchmany(min(64, max_rows + 1 - len(rows)))
+        batch = con.fetchmany(min(step, max_rows + 1 - len(rows)))
         if not batch:
             break
         size += sum(_approx_bytes(v) for row in batch for v in row)
         if size > cap or watch.over_memory.is_set():
             raise _memory(memory_mb, f": its first {len(rows) + len(batch)} rows passed it")
-        rows.extend(tuple(r) for r in batch)
+        rows.extend(batch)
+        step = max(1, min(step * 2, 2048, int(cap / 16 / (size / len(rows) + 1))))  # a batch stays small beside cap
     return rows
 
 
@@ -245,10 +280,10 @@ def run_sql(
         db_path: The store's DuckDB file.
         sql: One statement: SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN, or a reading PRAGMA/CALL.
         params: Values for ``?`` (a sequence) or ``$name`` (a mapping) placeholders.
-        time_limit: Seconds before the query is interrupted (waiting for another user query counts).
+        time_limit: Seconds before the query is interrupted (waiting for a reader slot counts).
         max_rows: Most rows returned; ``truncated`` says whether more matched.
-        memory_mb: The memory budget: DuckDB's limit for the query, the most the process may grow while it runs,
-            and the most its fetched rows may take.
+        memory_mb: The memory budget: DuckDB's limit for the query, the most its intermediates may grow by in
+            DuckDB's accounting while it runs, and the most its fetched rows may take.
 
     Returns:
         The columns, up to ``max_rows`` rows, whether rows were cut, and the elapsed seconds.
@@ -264,30 +299,45 @@ def run_sql(
     check_limits(time_limit, max_rows, memory_mb)
     max_rows, budget = int(max_rows), int(memory_mb * 2**20)
     start = time.perf_counter()
-    if not SLOT.acquire(timeout=time_limit):
-        raise SqlTimeout(f"Refused: another query held the store's SQL slot for the whole time limit of "
+    deadline = start + time_limit
+    if not GATE.enter(deadline):
+        raise SqlTimeout(f"Refused: all {GATE.size} reader slots stayed busy for the whole time limit of "
                          f"{time_limit:g} s; try again.")
     try:
-        con = _open(db_path, memory_mb)
-        try:
-            return _run(con, sql, params, time_limit, max_rows, memory_mb, budget, start)
-        finally:
-            con.close()
+        return _attempt(db_path, sql, params, time_limit, max_rows, memory_mb, budget, start, alone=False)
+    except _Rerun:
+        pass
     finally:
-        SLOT.release()
+        GATE.leave()
+    if not GATE.alone(deadline):  # judged alone: only what this query builds can refuse it
+        raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s (waiting to be measured "
+                         "alone, after other queries' memory was seen beside its own); try again.")
+    try:
+        return _attempt(db_path, sql, params, time_limit, max_rows, memory_mb, budget, start, alone=True)
+    finally:
+        GATE.leave_alone()
+
+
+def _attempt(db_path, sql: str, params, time_limit: float, max_rows: int, memory_mb: float, budget: int,
+             start: float, alone: bool) -> SqlResult:
+    con, probe, instance = _open(db_path, memory_mb)
+    try:
+        return _run(con, sql, params, time_limit, max_rows, memory_mb, budget, start, probe, instance, alone)
+    finally:
+        con.close()
 
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, max_rows: int, memory_mb: float,
-         budget: int, start: float) -> SqlResult:
+         budget: int, start: float, probe: Callable, instance: str, alone: bool) -> SqlResult:
     try:
-        check(con, sql, int(budget * TRIGGER), memory_mb)
+        _guard(con, sql, int(budget * TRIGGER), memory_mb)
     except Refused as exc:
         if str(exc).startswith("No SQL"):
             raise SqlError(str(exc)) from None
         raise _memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
     except duckdb.Error as exc:
         raise _error(exc) from None
-    watch = Watchdog(con, time_limit, budget, start)
+    watch = Watchdog(con, time_limit, budget, start, probe, instance)
     try:
         with watch:
             con.execute(sql, params)
@@ -295,14 +345,19 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
             rows = _fetch(con, max_rows, int(budget * TRIGGER), memory_mb, watch) if columns else []
     except (duckdb.Error, SqlMemory) as exc:
         elapsed = watch.elapsed()
-        if watch.over_memory.is_set() or isinstance(exc, (duckdb.OutOfMemoryException, SqlMemory)):
-            if isinstance(exc, SqlMemory):
-                raise
+        memory = watch.over_memory.is_set() or isinstance(exc, duckdb.OutOfMemoryException)
+        if memory and watch.shared and not alone and not watch.timed_out.is_set():
+            raise _Rerun() from None
+        if isinstance(exc, SqlMemory):
+            raise
+        if memory:
             raise _memory(memory_mb, f", and was stopped after {elapsed:.1f} s") from None
         if watch.timed_out.is_set():
             raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s and was stopped "
                              f"after {elapsed:.1f} s; narrow it (WHERE, LIMIT) or raise the limit.") from None
         raise _error(exc) from None
     if watch.over_memory.is_set():
+        if watch.shared and not alone:
+            raise _Rerun()
         raise _memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s")
     return SqlResult(columns, rows[:max_rows], len(rows) > max_rows, time.perf_counter() - start)

@@ -1,13 +1,25 @@
-"""The limits of user SQL: checked numbers, one query at a time, and a watchdog for time and memory.
+"""The limits of user SQL: checked numbers, a bounded pool of readers, and a watchdog that judges each query alone.
 
-DuckDB bounds what goes through its buffer manager (``memory_limit`` for a private instance, the per-connection
-``operator_memory_limit`` for a cursor of the served one), but some values are built outside it (a list from
-``range(n)``, a string from ``repeat``), and an interrupt is only noticed between steps. So user SQL also runs under a
-`Watchdog`: a thread that samples the process's resident memory every few milliseconds and interrupts the query when
-it has grown by `TRIGGER` of the budget (DuckDB notices an interrupt between steps, and a growing list or string
-doubles its buffer, so the query overshoots the trigger before it stops; the rest of the budget is that margin), or
-when the time limit passes. One query runs at a time (`SLOT`), so the growth
-it sees is that query's own. `geomap.store.sql_guard` refuses beforehand what a constant sets beyond the budget.
+A query's memory is bounded by what belongs to that query, never by the process's resident set (which holds an
+ingestion job's batches, a report's render, other readers):
+
+- `geomap.store.sql_guard` refuses beforehand a list or string whose size a constant sets beyond the budget (DuckDB
+  builds those in one step, outside its accounting, and cannot be interrupted while it does);
+- DuckDB bounds the query's sorts and hash tables per cursor (``operator_memory_limit``, spilling to disk);
+- the rows it fetches are counted, batch by batch, against the budget (`geomap.store.sql`);
+- the `Watchdog` reads DuckDB's own accounting of query intermediates (`QUERY_TAGS` of ``duckdb_memory()``: the
+  aggregate states of ``list``/``string_agg``, hash tables, sorts, windows; not the cached table blocks an
+  ingestion fills) and interrupts the query when they have grown by `TRIGGER` of the budget since it began, or when
+  the time limit passes. DuckDB notices an interrupt between steps, so a query overshoots the trigger before it
+  stops; the rest of the budget is that margin.
+
+That accounting is the instance's, so while several readers run, one query's growth is seen by all of them. A query
+stopped for memory while others ran is therefore judged again alone (`ReaderGate.alone`): it reruns with the pool to
+itself, and only what it then builds can refuse it. An honest query beside a memory bomb loses time, never its
+answer.
+
+Readers run in parallel on a pool of `READERS` slots sized to the machine (datasette's ``num_sql_threads``); a query
+waiting for a slot counts the wait against its time limit.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from numbers import Real
 
 import duckdb
@@ -24,10 +37,11 @@ from geomap.errors import GeomapError
 
 DEFAULT_MEMORY_MB = 1024  # user SQL's memory budget (server and CLI), MB
 MAX_MEMORY_MB = 1 << 20
-SAMPLE_S = 0.005  # how often the watchdog looks
+SAMPLE_S = 0.005  # how often the watchdog looks at the time and at DuckDB's accounting
+GRACE_S = 0.02  # a query younger than this is not sampled: a point query never pays for a look at DuckDB's memory
 TRIGGER = 0.25  # the share of the budget at which the watchdog interrupts
-SLOT = threading.Lock()  # one user query at a time in a process
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+QUERY_TAGS = ("ALLOCATOR", "HASH_TABLE", "ORDER_BY", "WINDOW")  # DuckDB's memory tags of query intermediates
+READERS = max(2, min(16, 2 * (os.cpu_count() or 1)))  # user queries at once in a process
 
 
 class LimitError(GeomapError):
@@ -53,41 +67,125 @@ def check_limits(time_limit: object, max_rows: object, memory_mb: object = DEFAU
         raise LimitError(f"the memory budget must be at most {MAX_MEMORY_MB} MB, not {memory_mb!r}.")
 
 
-def rss_bytes() -> int | None:
-    """This process's resident memory now (Linux ``/proc``), or None where it cannot be read."""
-    try:
-        with open("/proc/self/statm", "rb") as handle:
-            return int(handle.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
+class ReaderGate:
+    """A pool of reader slots, and a way to have it to oneself.
+
+    ``enter`` takes one of ``size`` slots; ``alone`` takes them all (it waits for the readers inside to leave, and
+    readers arriving after it wait for it). Both give up at a deadline.
+    """
+
+    def __init__(self, size: int = READERS):
+        self.size = size
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    def enter(self, deadline: float) -> bool:
+        """Take a slot before ``deadline`` (a ``time.perf_counter()`` value); False if none came free in time."""
+        with self._cond:
+            while self._alone or self._waiting_alone or self._inside >= self.size:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        """Give a slot back."""
+        with self._cond:
+            self._inside -= 1
+            self._cond.notify_all()
+
+    def alone(self, deadline: float) -> bool:
+        """Take the whole pool before ``deadline``; False if the readers inside did not leave in time."""
+        with self._cond:
+            self._waiting_alone += 1
+            try:
+                while self._alone or self._inside:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                self._alone = True
+                return True
+            finally:
+                self._waiting_alone -= 1
+                self._cond.notify_all()
+
+    def leave_alone(self) -> None:
+        """Give the whole pool back."""
+        with self._cond:
+            self._alone = False
+            self._cond.notify_all()
+
+    def busy(self) -> int:
+        """Readers inside now."""
+        return self._inside
+
+
+GATE = ReaderGate()
+
+
+def intermediates(probe: duckdb.DuckDBPyConnection) -> int:
+    """Bytes DuckDB accounts now to query intermediates (`QUERY_TAGS`) in the instance of ``probe``."""
+    tags = ", ".join(f"'{t}'" for t in QUERY_TAGS)
+    row = probe.execute(f"SELECT sum(memory_usage_bytes) FROM duckdb_memory() WHERE tag IN ({tags})").fetchone()
+    return int(row[0] or 0)
 
 
 class Watchdog:
-    """Interrupts one connection's query past a time limit or a memory budget (growth of resident memory).
+    """Interrupts one connection's query past a time limit or a memory budget (see the module's docstring).
 
     Args:
         con: The connection running the query.
         time_limit: Seconds from ``start``.
-        budget: Bytes the process may grow by while the query runs.
-        start: ``time.perf_counter()`` when the request began (waiting for the slot counts).
+        budget: The query's memory budget, bytes; it is interrupted at `TRIGGER` of it.
+        start: ``time.perf_counter()`` when the request began (waiting for a slot counts).
+        probe: Opens another connection to the same DuckDB instance, to read its accounting while the query runs
+            (called once, by the watchdog's thread, when the query has run `GRACE_S`).
+        instance: Names the DuckDB instance (queries of one instance see each other's intermediates).
     """
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, time_limit: float, budget: int, start: float):
+    def __init__(self, con: duckdb.DuckDBPyConnection, time_limit: float, budget: int, start: float,
+                 probe: Callable[[], duckdb.DuckDBPyConnection], instance: str):
         self.con, self.time_limit, self.budget, self.start = con, time_limit, budget, start
+        self.instance = instance
+        self._open_probe = probe
+        self._probe: duckdb.DuckDBPyConnection | None = None
+        self._probe_lock = threading.Lock()
+        self._closed = False
         self.timed_out = threading.Event()
         self.over_memory = threading.Event()
         self.peak_growth = 0
-        self._done = threading.Event()
-        self._base = rss_bytes()
-        self._thread = threading.Thread(target=self._watch, name="geomap-sql-watchdog", daemon=True)
+        self.shared = False  # another user query ran in the same instance while this one was watched
+        self.began = 0.0
+        self.base: int | None = None
 
     def __enter__(self) -> Watchdog:
-        self._thread.start()
+        self.began = time.perf_counter()
+        _MONITOR.add(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
+        _MONITOR.remove(self)
+        with self._probe_lock:
+            self._closed = True
+            if self._probe is not None:
+                self._probe.close()
+
+    def used(self) -> int | None:
+        """DuckDB's accounting of query intermediates in this query's instance now (None once it has ended)."""
+        with self._probe_lock:
+            if self._closed:
+                return None
+            try:
+                if self._probe is None:
+                    self._probe = self._open_probe()
+                return intermediates(self._probe)
+            except duckdb.Error:
+                return None
 
     def elapsed(self) -> float:
         """Seconds since the request began."""
@@ -97,14 +195,70 @@ class Watchdog:
         """Whether the watchdog interrupted the query."""
         return self.timed_out.is_set() or self.over_memory.is_set()
 
-    def _watch(self) -> None:
-        while not self._done.wait(SAMPLE_S):
-            now = rss_bytes()
-            if now is not None and self._base is not None:
-                self.peak_growth = max(self.peak_growth, now - self._base)
-                if now - self._base > self.budget * TRIGGER:
-                    self.over_memory.set()
-            if self.elapsed() > self.time_limit:
-                self.timed_out.set()
-            if self.stopped():
-                self.con.interrupt()  # repeated until the query ends: an interrupt lands between DuckDB's steps
+    def _stop(self) -> None:
+        self.con.interrupt()  # repeated until the query ends: an interrupt lands between DuckDB's steps
+
+
+class _Monitor:
+    """One thread for every running query: it looks at each one's clock, and at DuckDB's accounting per instance."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watches: set[Watchdog] = set()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def add(self, watch: Watchdog) -> None:
+        with self._lock:
+            self._watches.add(watch)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="geomap-sql-watchdog", daemon=True)
+                self._thread.start()
+            self._wake.set()
+
+    def remove(self, watch: Watchdog) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def _run(self) -> None:
+        idle_since = time.perf_counter()
+        while True:
+            with self._lock:
+                watches = list(self._watches)
+                if not watches and time.perf_counter() - idle_since > 1.0:
+                    self._thread = None
+                    return
+            if not watches:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            idle_since = time.perf_counter()
+            self._look(watches)
+            time.sleep(SAMPLE_S)
+
+    def _look(self, watches: list[Watchdog]) -> None:
+        now = time.perf_counter()
+        instances: dict[str, list[Watchdog]] = {}
+        for w in watches:
+            if w.elapsed() > w.time_limit:
+                w.timed_out.set()
+            instances.setdefault(w.instance, []).append(w)
+        for group in instances.values():
+            if len(group) > 1:
+                for w in group:
+                    w.shared = True
+            old = [w for w in group if now - w.began >= GRACE_S and not w.stopped()]
+            used = next((u for w in old if (u := w.used()) is not None), None)
+            if used is not None:
+                for w in old:
+                    if w.base is None:
+                        w.base = used
+                    w.peak_growth = max(w.peak_growth, used - w.base)
+                    if used - w.base > w.budget * TRIGGER:
+                        w.over_memory.set()
+        for w in watches:
+            if w.stopped():
+                w._stop()
+
+
+_MONITOR = _Monitor()
