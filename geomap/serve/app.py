@@ -236,7 +236,10 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             server.stop()
 
+    from geomap.serve.encode import FastJSONResponse
+
     app = FastAPI(title="geomap", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=FastJSONResponse,
                   description="The journeys of tokens through a language model, stored in DuckDB and FAISS: runs, "
                               "prompts, trajectories, attention, lens, neighbours, read-only SQL, ingestion jobs "
                               "and HTML reports.")

@@ -6,9 +6,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from geomap.serve.encode import ARROW_STREAM, arrow_response, dumps, wants_arrow
 from geomap.store.sql import _json_value, run_sql
+from geomap.store.sql_budget import GATE
 
 router = APIRouter()
 Id = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -26,6 +29,7 @@ class Health(BaseModel):
     version: str
     db: str | None
     jobs_busy: bool
+    sql_readers: dict[str, int] = Field(description="User queries running now (busy) and the reader pool's size.")
 
 
 @router.get("/healthz", response_model=Health, tags=["meta"])
@@ -36,7 +40,8 @@ def healthz(request: Request) -> dict:
     given = request.headers.get("authorization", "").partition(" ")[2].strip()
     shown = token is None or given == token
     return {"status": "ok", "version": request.app.version, "db": str(server.db_path) if shown else None,
-            "jobs_busy": server.jobs.busy() if server.jobs else False}
+            "jobs_busy": server.jobs.busy() if server.jobs else False,
+            "sql_readers": {"busy": GATE.busy(), "slots": GATE.size}}
 
 
 # ---- runs and prompts ----------------------------------------------------------------------------------------------
@@ -45,9 +50,10 @@ def healthz(request: Request) -> dict:
 def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
     """Stored runs, newest first."""
-    return _server(request).rows("SELECT id, started_at, finished_at, status, pipeline, model, model_type, "
-                 "vector_dtype, n_layers, d_model, n_heads, (SELECT count(*) FROM prompts p WHERE p.run_id = r.id) "
-                 "AS n_prompts FROM runs r ORDER BY id DESC LIMIT ? OFFSET ?", limit, offset)
+    return _server(request).rows("SELECT r.id, started_at, finished_at, r.status, pipeline, model, model_type, "
+                 "vector_dtype, n_layers, d_model, n_heads, coalesce(n.n, 0) AS n_prompts FROM runs r LEFT JOIN "
+                 "(SELECT run_id, count(*) AS n FROM prompts GROUP BY run_id) n ON n.run_id = r.id "
+                 "ORDER BY r.id DESC LIMIT ? OFFSET ?", limit, offset)
 
 
 class PromptIn(BaseModel):
@@ -301,13 +307,26 @@ class SqlResponse(BaseModel):
     max_rows: int
 
 
-@router.post("/sql", response_model=SqlResponse, tags=["sql"])
-async def post_sql(request: Request, body: SqlRequest) -> dict:
-    """Run read-only SQL in a READ ONLY transaction, locked down, with a time limit, a row cap and a memory budget."""
+@router.post("/sql", response_model=SqlResponse, tags=["sql"],
+             responses={200: {"content": {ARROW_STREAM: {}}, "description": "The rows as JSON, or as an Arrow IPC "
+                                                                         "stream when Accept asks for one."}})
+async def post_sql(request: Request, body: SqlRequest) -> Response:
+    """Run read-only SQL in a READ ONLY transaction, locked down, with a time limit, a row cap and a memory budget.
+
+    Many queries run at once, each on its own snapshot, on the server's pool of reader slots. With ``Accept:
+    application/vnd.apache.arrow.stream`` the rows come as an Arrow IPC stream, and the other fields as
+    ``x-geomap-*`` headers.
+    """
     settings = _server(request).settings
     limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
     result = await run_in_threadpool(run_sql, settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap,
                                      memory_mb=settings.sql_memory_mb)
-    return {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
-            "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
-            "max_rows": cap}
+    if wants_arrow(request.headers.get("accept")):
+        table = await run_in_threadpool(result.to_arrow)
+        return arrow_response(table, {"x-geomap-truncated": str(result.truncated).lower(),
+                                      "x-geomap-elapsed-s": f"{result.elapsed_s:.6f}",
+                                      "x-geomap-time-limit": f"{limit:g}", "x-geomap-max-rows": str(cap)})
+    out = {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
+           "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
+           "max_rows": cap}
+    return Response(dumps(out), media_type="application/json")
