@@ -314,3 +314,24 @@ def test_honest_queries_during_a_job_are_never_refused(limited):
             break
     assert api.wait(job["run_id"])["job"]["status"] == "done"
     assert len(statuses) >= 6 and set(statuses) == {200}, statuses
+
+
+def test_sql_answers_as_arrow_with_the_same_values_as_json(limited):
+    import http.client
+
+    import pyarrow as pa
+
+    api, _, _ = limited
+    body = {"sql": "SELECT * FROM trajectory WHERE prompt_id = ? ORDER BY pos, layer", "params": [1], "max_rows": 5}
+    as_json = api.ok("POST", "/sql", body)
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=60)
+    conn.request("POST", "/sql", body=json.dumps(body).encode(),
+                 headers={"content-type": "application/json", "accept": "application/vnd.apache.arrow.stream"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    assert resp.status == 200 and resp.getheader("content-type") == "application/vnd.apache.arrow.stream"
+    table = pa.ipc.open_stream(data).read_all()
+    assert table.column_names == as_json["columns"] and table.num_rows == len(as_json["rows"]) == 5
+    assert [list(r.values()) for r in table.to_pylist()] == as_json["rows"]
+    assert resp.getheader("x-geomap-truncated") == str(as_json["truncated"]).lower() == "true"
