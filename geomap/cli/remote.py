@@ -19,6 +19,28 @@ def server_for(db_path: Path) -> Client | None:
     return client
 
 
+def refuse_if_served(db_path: Path, command: str, instead: str = "") -> None:
+    """Refuse, in one line naming the server, a command that needs the store's file while geomap's server owns it.
+
+    Raises:
+        StoreLockedError: A running ``geomap serve`` owns ``db_path``.
+    """
+    from geomap.store.db import StoreLockedError
+
+    client = find_server(db_path)
+    if client is not None:
+        raise StoreLockedError(served_message(db_path, client, command, instead))
+
+
+def served_message(db_path: Path, client: Client, command: str, instead: str = "") -> str:
+    """One line: geomap's own server owns the store, where it is, and what to do."""
+    pid = f" (pid {client.pid})" if client.pid is not None else ""
+    stop = f"kill {client.pid}" if client.pid is not None else "Ctrl-C in its terminal"
+    todo = instead or f"stop the server ({stop}) and run it again, or copy the store and give --db"
+    return (f"{db_path} is served by geomap's own server at {client.url}{pid}, which holds the store's file, and "
+            f"`geomap {command}` does not go through it: {todo}.")
+
+
 def run_job(client: Client, prompts, model: str, capture, vector_dtype: str, batch_size: int, name: str,
             progress: bool = True, engine=None) -> tuple[RunSummary, dict]:
     """Submit prompts as a server job, follow its progress, and return its summary and final job view.

@@ -25,8 +25,8 @@ class ServerError(GeomapError):
 class Client:
     """JSON over HTTP to one geomap server (standard library only)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
-        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, pid: int | None = None):
+        self.url, self.token, self.timeout, self.pid = url.rstrip("/"), token, timeout, pid
 
     def page(self, path: str, wait: float = 3600.0) -> str:
         """GET a report page, waiting while the server answers 202 (it is fitting the maps the page draws).
@@ -96,7 +96,7 @@ def find_server(db_path: str | Path) -> Client | None:
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    client = Client(info["url"], info.get("token"), timeout=600.0)
+    client = Client(info["url"], info.get("token"), timeout=600.0, pid=int(info["pid"]))
     try:
         health = Client(info["url"], info.get("token"), timeout=3.0).request("GET", "/healthz")
     except (GeomapError, OSError):

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -67,25 +66,74 @@ def sql_connection_config() -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
 class SqlResult:
-    """Result of `run_sql`: column names, at most ``max_rows`` rows, whether more were cut, and the run time."""
+    """Result of `run_sql`: column names, at most ``max_rows`` rows, whether more were cut, and the run time.
 
-    columns: list[str]
-    rows: list[tuple]
-    truncated: bool
-    elapsed_s: float
+    A result fetched from the store keeps its rows as Arrow (``table``) until they are asked for as Python values
+    (``rows``, `to_records`, `format`), so a query's memory budget is spent on the data (a ``FLOAT[640]`` vector
+    takes 2.5 kB, not the 20 kB of a list of Python floats) and vectors keep their stored float32.
+
+    Args:
+        columns: Column names (duplicates are kept).
+        rows: The rows as tuples; None when ``table`` holds them.
+        truncated: Whether more rows matched than were kept.
+        elapsed_s: Seconds the query took.
+        table: The rows as a pyarrow Table, when they came from the store.
+    """
+
+    def __init__(self, columns: list[str], rows: list[tuple] | None = None, truncated: bool = False,
+                 elapsed_s: float = 0.0, table: Any = None):
+        self.columns, self.truncated, self.elapsed_s, self.table = list(columns), truncated, elapsed_s, table
+        self._rows = rows
+
+    @property
+    def rows(self) -> list[tuple]:
+        """The rows as tuples of Python values (built from ``table`` on first use)."""
+        if self._rows is None:
+            from geomap.store.columns import py_values
+
+            if self.table is None or not self.columns:
+                self._rows = []
+            else:
+                self._rows = list(zip(*(py_values(c) for c in self.table.columns)))
+        return self._rows
+
+    def __len__(self) -> int:
+        return self.table.num_rows if self._rows is None and self.table is not None else len(self.rows)
+
+    def to_numpy(self, column: str | None = None) -> Any:
+        """Columns as numpy arrays: a ``FLOAT[d]`` vector column as one ``(rows, d)`` float32 array.
+
+        Args:
+            column: One column's name; None for all of them.
+
+        Returns:
+            The named column's array, or ``{name: array}`` for every column (see `geomap.store.columns.to_numpy`).
+        """
+        from geomap.store.columns import to_numpy
+
+        table = self.to_arrow()
+        if column is not None:
+            return to_numpy(table.column(self.columns.index(column)))
+        return {name: to_numpy(table.column(i)) for i, name in enumerate(self.columns)}
 
     def to_pandas(self) -> Any:
         """The rows as a pandas DataFrame (duplicate column names are kept)."""
         import pandas as pd
 
+        if self.table is not None and len(set(self.columns)) == len(self.columns):
+            return self.table.to_pandas()
         return pd.DataFrame.from_records(self.rows, columns=self.columns)
 
     def to_arrow(self) -> Any:
-        """The rows as a pyarrow Table; a column Arrow cannot type is given as strings."""
+        """The rows as a pyarrow Table (vectors keep their stored type).
+
+        A column Arrow cannot type is given as strings.
+        """
         import pyarrow as pa
 
+        if self.table is not None:
+            return self.table
         arrays = []
         for i in range(len(self.columns)):
             values = [row[i] for row in self.rows]
@@ -175,23 +223,24 @@ def _cell(v: Any) -> str:
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
-def _open(db_path: str | Path, memory_mb: float) -> tuple[duckdb.DuckDBPyConnection, Callable, str]:
+def _open(db_path: str | Path, memory_mb: float, share: float = TRIGGER,
+          threads: int | None = None) -> tuple[duckdb.DuckDBPyConnection, Callable, str]:
     """A read-only connection under `sql_connection_config`, its memory bounded by the budget.
 
     In a served store this is a cursor of the server's instance (in a READ ONLY transaction: its own snapshot),
-    bounded per connection; elsewhere a private instance whose whole ``memory_limit`` (and spill to disk) is the
-    budget.
+    bounded per connection; elsewhere a private instance whose whole ``memory_limit`` (and spill to disk) is
+    ``share`` of the budget, with ``threads`` threads (default: DuckDB's, one a core).
 
     Returns:
         The connection, what opens a probe of its instance for the watchdog, and the instance's name.
     """
-    mb = max(int(memory_mb * TRIGGER), 1)
+    mb = max(int(memory_mb * share), 1)
     if served(db_path):
         con = connect(db_path, read_only=True)
         con.execute(f"SET operator_memory_limit = '{mb}MB'")
         return con, lambda: connect(db_path), f"served:{Path(db_path).resolve()}"
-    con = connect(db_path, read_only=True, config={**sql_connection_config(), "memory_limit": f"{mb}MB",
-                                                   "max_temp_directory_size": f"{4 * mb}MB"})
+    config = {**sql_connection_config(), "memory_limit": f"{mb}MB", "max_temp_directory_size": f"{4 * mb}MB"}
+    con = connect(db_path, read_only=True, config=config if threads is None else {**config, "threads": threads})
     probe = con.cursor()  # made here: the watchdog's thread must not touch a connection while it runs a query
     return con, lambda: probe, f"private:{id(con)}"
 
@@ -237,33 +286,48 @@ def _memory(memory_mb: float, detail: str = "") -> SqlMemory:
                      "narrow it (WHERE, LIMIT, fewer or smaller columns).")
 
 
-def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int, cap: int, memory_mb: float, watch: Watchdog) -> list[tuple]:
-    """Up to ``max_rows + 1`` rows, in batches that grow while small, stopping once the rows pass the budget."""
-    rows: list[tuple] = []
-    size, step = 0, 64
-    while len(rows) <= max_rows:
-        batch = con.fetchmany(min(step, max_rows + 1 - len(rows)))
-        if not batch:
-            break
-        size += sum(_approx_bytes(v) for row in batch for v in row)
+FETCH_ROWS = 1024  # rows per Arrow batch read from DuckDB
+
+
+def batches_of(reader) -> Any:
+    """The record batches of a DuckDB Arrow reader, DuckDB's errors raised as `duckdb.Error` again.
+
+    Through the reader, DuckDB's errors (an interrupt, out of memory, a conversion error) arrive as pyarrow's
+    exceptions; they are turned back into DuckDB's own classes so callers map them as they map any DuckDB error.
+    """
+    import pyarrow as pa
+
+    iterator = iter(reader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            message = str(exc)
+            if "Out of Memory" in message:
+                raise duckdb.OutOfMemoryException(message) from None
+            if "INTERRUPT" in message:
+                raise duckdb.InterruptException(message) from None
+            raise duckdb.Error(message) from None
+        yield batch
+
+
+def _fetch(rel: duckdb.DuckDBPyRelation, max_rows: int, cap: int, memory_mb: float, watch: Watchdog):
+    """Up to ``max_rows + 1`` rows as one Arrow table, stopping once the rows or the process pass the budget."""
+    import pyarrow as pa
+
+    reader = rel.to_arrow_reader(min(FETCH_ROWS, max_rows + 1))
+    batches, count, size = [], 0, 0
+    for batch in batches_of(reader):
+        batches.append(batch)
+        count += batch.num_rows
+        size += batch.nbytes
         if size > cap or watch.over_memory.is_set():
-            raise _memory(memory_mb, f": its first {len(rows) + len(batch)} rows passed it")
-        rows.extend(batch)
-        step = max(1, min(step * 2, 2048, int(cap / 16 / (size / len(rows) + 1))))  # a batch stays small beside cap
-    return rows
-
-
-def _approx_bytes(v: Any) -> int:
-    """A quick estimate of a fetched value's size in memory."""
-    if isinstance(v, (str, bytes, bytearray)):
-        return 49 + len(v)
-    if isinstance(v, (list, tuple)):
-        if v and isinstance(v[0], (int, float)):
-            return 56 + 32 * len(v)
-        return 56 + sum(_approx_bytes(x) for x in v)
-    if isinstance(v, dict):
-        return 64 + sum(_approx_bytes(k) + _approx_bytes(x) for k, x in v.items())
-    return 32
+            raise _memory(memory_mb, f": its first {count} rows passed it")
+        if count > max_rows:
+            break
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def run_sql(
@@ -340,9 +404,9 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
     watch = Watchdog(con, time_limit, budget, start, probe, instance)
     try:
         with watch:
-            con.execute(sql, params)
-            columns = [d[0] for d in con.description or []]
-            rows = _fetch(con, max_rows, int(budget * TRIGGER), memory_mb, watch) if columns else []
+            rel = con.sql(sql, params=params)
+            columns = list(rel.columns) if rel is not None else []
+            table = _fetch(rel, max_rows, int(budget * TRIGGER), memory_mb, watch) if columns else None
     except (duckdb.Error, SqlMemory) as exc:
         elapsed = watch.elapsed()
         memory = watch.over_memory.is_set() or isinstance(exc, duckdb.OutOfMemoryException)
@@ -360,4 +424,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
         if watch.shared and not alone:
             raise _Rerun()
         raise _memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s")
-    return SqlResult(columns, rows[:max_rows], len(rows) > max_rows, time.perf_counter() - start)
+    count = 0 if table is None else table.num_rows
+    if table is not None:
+        table = table.slice(0, max_rows)
+    return SqlResult(columns, None, count > max_rows, time.perf_counter() - start, table=table)

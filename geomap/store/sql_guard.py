@@ -146,7 +146,7 @@ def _check_tokens(con: duckdb.DuckDBPyConnection, body: str) -> None:
 
 
 def _check_tree(con: duckdb.DuckDBPyConnection, body: str, budget_bytes: int, budget_mb: float | None) -> None:
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [body]).fetchone()[0])
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [body]).fetchall()[0][0])
     if tree.get("error"):
         if "SELECT statements" in str(tree.get("error_message")):
             raise Refused("only a query (SELECT, FROM, WITH, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN) runs here.")
