@@ -20,6 +20,11 @@ Names (the process stops *at* the call, so "before X" means X did not happen):
     ``index.manifest_committed``: the manifest row is committed, the temp file not yet renamed into place.
     ``index.published``: the index file is renamed into place (one layer done).
     ``run.indexed``: every index is in step with DuckDB, the run row not yet marked ``done``.
+
+An intervention sweep (`geomap.ingest.interventions`) has its own boundaries, in `SWEEP_POINTS` (walked by
+``tests/test_intervene_store.py``), besides ``run.started``:
+    ``intervene.batch_inserted``: a batch's ledger, delta and effects rows are inserted, not committed.
+    ``intervene.batch_committed``: that transaction committed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ ENV = "GEOMAP_KILL_AT"
 
 POINTS = ("vocab.inserted", "run.started", "batch.inserted", "batch.committed", "index.temp_written",
           "index.manifest_committed", "index.published", "run.indexed")
+
+SWEEP_POINTS = ("intervene.batch_inserted", "intervene.batch_committed")
 
 _calls: Counter[str] = Counter()
 

@@ -1,0 +1,150 @@
+"""Interventions stored as data: the ledger, the delta view, the effects, idempotent reruns, kill safety, the CLI."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+
+from geomap.analysis.interventions import counterfactual, effects, journey_diff, trace_grid
+from geomap.capture import CaptureConfig, capture
+from geomap.faults import SWEEP_POINTS
+from geomap.ingest.interventions import sweep
+from geomap.intervene import Edits, Noise, Site, Spec, prepare
+from geomap.intervene.engine import edits_for
+from geomap.intervene.spec import vector_bytes
+from tests.forked import geomap
+
+TEXT, OTHER = "The storm is coming over the hills", "The storm is moving over the hills"
+
+
+def _specs(loaded):
+    n_layers = loaded.anatomy.n_layers
+    return [*[Spec("patch", TEXT, Site("resid", layer), (pos,), source=OTHER) for layer in range(n_layers + 1)
+              for pos in (-4, -1)],
+            Spec("trace", TEXT, Site("mlp", 1), (-1,), noise=Noise((1, 2), 3.0, 5)),
+            Spec("steer", TEXT, Site("resid", 1), (-1,), vector=vector_bytes(np.ones(loaded.anatomy.d_model)),
+                 vector_label="ones", coefficient=2.0)]
+
+
+def _counts(db) -> dict:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+                for t in ("interventions", "intervention_states", "effects", "runs", "prompts")}
+    finally:
+        con.close()
+
+
+def test_clean_plus_delta_is_the_intervened_journey_and_reruns_store_nothing(tiny_models, tmp_path):
+    loaded, db = tiny_models["qwen2"], tmp_path / "store.duckdb"
+    specs = _specs(loaded)
+    first = sweep(loaded, specs, db, name="s", batch_size=5)
+    assert first.stored == len(specs) and first.skipped == 0
+    before = _counts(db)
+    again = sweep(loaded, specs, db, name="s", batch_size=3)
+    assert again.stored == 0 and again.ids == first.ids and _counts(db) == before
+    base = prepare(loaded, specs)
+    for spec, iid in zip(specs, first.ids):
+        _, edits, first_layer, first_pos = edits_for(loaded, spec, base)
+        with Edits(loaded.anatomy, [edits]):
+            (j,) = capture(loaded, [TEXT], CaptureConfig())
+        frame, vectors = counterfactual(db, iid)
+        np.testing.assert_allclose(vectors, j.stream.resid, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(frame.norm.to_numpy().reshape(vectors.shape[:2]),
+                                   np.linalg.norm(j.stream.resid, axis=-1), rtol=1e-4)
+        changed = frame.changed.to_numpy().reshape(vectors.shape[:2])
+        assert not changed[:first_layer].any() and not changed[:, :first_pos].any()
+        assert changed[first_layer:, first_pos:].all()
+
+
+def test_effects_of_a_patch_into_itself_are_nothing(tiny_models, tmp_path):
+    loaded, db = tiny_models["gpt2"], tmp_path / "store.duckdb"
+    specs = [Spec("patch", TEXT, Site("resid", layer), (-1,), source=TEXT) for layer in range(3)]
+    sweep(loaded, specs, db, targets=[" the"], name="self")
+    frame = effects(db, "self")
+    assert len(frame) == 3 and (frame.token == " the").all()
+    assert np.allclose(frame.prob_change, 0, atol=1e-6) and np.allclose(frame.kl, 0, atol=1e-6)
+    assert frame.first_flip_layer.isna().all() and not frame.top1_changed.any()
+    assert (frame["rank"] == frame.clean_rank).all()
+    grid = trace_grid(db, "self")
+    assert list(grid.layer) == [0, 1, 2] and (grid.pos == len(loaded.tokenizer(TEXT)["input_ids"]) - 1).all()
+    diff = journey_diff(db, int(frame.intervention_id.iloc[0]))
+    assert np.allclose(diff.cosine, 1.0, atol=1e-6)
+
+
+def test_effects_match_the_model(tiny_models, tmp_path):
+    loaded, db = tiny_models["llama"], tmp_path / "store.duckdb"
+    spec = Spec("patch", TEXT, Site("resid", 1), (-1,), source=OTHER)
+    summary = sweep(loaded, [spec], db, targets=[" the", " over"], name="one")
+    frame = effects(db, "one")
+    base = prepare(loaded, [spec])
+    _, edits, _, _ = edits_for(loaded, spec, base)
+    with Edits(loaded.anatomy, [edits]):
+        (j,) = capture(loaded, [TEXT], CaptureConfig())
+    probs = np.exp(j.last_logits - j.last_logits.max())
+    probs /= probs.sum()
+    for row in frame.itertuples():
+        assert row.intervention_id == summary.ids[0]
+        assert row.prob == pytest.approx(probs[row.token_id], rel=1e-4)
+        assert row.rank == int((j.last_logits > j.last_logits[row.token_id]).sum()) + 1
+
+
+@pytest.mark.parametrize("point", [*SWEEP_POINTS, "intervene.batch_committed@2", "run.started"])
+def test_a_killed_sweep_rerun_gives_the_uninterrupted_store(tiny_dirs, tmp_path, point):
+    model = str(tiny_dirs["llama"])
+    args = ["intervene", "patch", TEXT, "--source", OTHER, "--layer", "all", "--pos", "-3:", "--model", model,
+            "--batch-size", "4", "--name", "k"]
+    reference = tmp_path / "ref.duckdb"
+    assert geomap(*args, "--db", str(reference)).status == 0
+    db = tmp_path / "killed.duckdb"
+    killed = geomap(*args, "--db", str(db), env={"GEOMAP_KILL_AT": point})
+    assert killed.status == -9
+    done = geomap(*args, "--db", str(db))
+    assert done.status == 0, done.stderr
+
+    def snapshot(path):
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+            return {"ledger": q("SELECT id, key, run_id, prompt_id, layer, positions FROM interventions ORDER BY id"),
+                    "delta": q("SELECT intervention_id, pos, layer, round(norm, 4) FROM intervention_states "
+                               "ORDER BY ALL"),
+                    "effects": q("SELECT intervention_id, token_id, round(prob, 6) FROM effects ORDER BY ALL"),
+                    "runs": q("SELECT id, status, pipeline FROM runs ORDER BY id")}
+        finally:
+            con.close()
+
+    assert snapshot(db) == snapshot(reference)
+
+
+def test_cli_errors_are_one_line_and_store_nothing(tiny_dirs, tmp_path):
+    db = tmp_path / "s.duckdb"
+    model = str(tiny_dirs["gpt2"])
+    for args in (["patch", TEXT, "--model", model, "--layer", "99", "--source", OTHER],
+                 ["patch", TEXT, "--model", model, "--layer", "x", "--source", OTHER],
+                 ["steer", TEXT, "--model", model, "--layer", "1"],
+                 ["trace", TEXT, "--model", model, "--subject", "volcano"],
+                 ["ablate", TEXT, "--model", model, "--how", "resample"]):
+        done = geomap("intervene", *args, "--db", str(db))
+        assert done.status == 2, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert not db.exists() or _counts(db)["interventions"] == 0
+
+
+def test_cli_trace_and_steer(tiny_dirs, tmp_path):
+    db = tmp_path / "s.duckdb"
+    model = str(tiny_dirs["gemma3_text"])
+    done = geomap("intervene", "trace", TEXT, "--subject", "storm", "--model", model, "--db", str(db), "--name", "t",
+                  "--target", " the")
+    assert done.status == 0, done.stderr
+    grid = trace_grid(db, "t")
+    n = len(duckdb.connect(str(db), read_only=True).execute("SELECT * FROM tokens WHERE prompt_id = 1").fetchall())
+    assert len(grid) == 4 * n  # every boundary of the 3-layer model × every position
+    done = geomap("intervene", "steer", TEXT, "--tokens", " the", " over", "--layer", "1", "--pos", "-1",
+                  "--alpha", "0,2,4", "--model", model, "--db", str(db), "--name", "st", "--json")
+    assert done.status == 0, done.stderr
+    frame = effects(db, "st")
+    assert sorted(frame.coefficient.unique()) == [0, 2, 4]
+    zero = frame[frame.coefficient == 0]
+    assert np.allclose(zero.prob_change, 0, atol=1e-5)
