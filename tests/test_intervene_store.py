@@ -148,3 +148,39 @@ def test_cli_trace_and_steer(tiny_dirs, tmp_path):
     assert sorted(frame.coefficient.unique()) == [0, 2, 4]
     zero = frame[frame.coefficient == 0]
     assert np.allclose(zero.prob_change, 0, atol=1e-5)
+
+
+def _pipeline(tmp_path, model, extra: str):
+    (tmp_path / "p.txt").write_text(f"{TEXT}\n{OTHER}\n")
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\nmodel = "{model}"\nstore = "{tmp_path / "s.duckdb"}"\n'
+                    f'[[sources]]\npath = "p.txt"\n{extra}')
+    return path
+
+
+def test_a_pipeline_runs_its_interventions_once(tiny_dirs, tmp_path):
+    extra = (f'[[interventions]]\nname = "tr"\noperation = "trace"\nprompt = "{TEXT}"\ncorrupt = "{OTHER}"\n'
+             'layers = [0, 2]\npositions = "-2:"\ntargets = [" the"]\n')
+    path = _pipeline(tmp_path, tiny_dirs["qwen3"], extra)
+    done = geomap("run", str(path))
+    assert done.status == 0, done.stderr
+    assert "interventions 'tr': 4 stored" in done.stderr
+    again = geomap("run", str(path))
+    assert again.status == 0 and "0 stored, 4 already stored" in again.stderr
+    grid = trace_grid(tmp_path / "s.duckdb", "tr")
+    assert sorted(zip(grid.layer, grid.pos)) == sorted((layer, p) for layer in (0, 2) for p in (grid.pos.max() - 1,
+                                                                                               grid.pos.max()))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[[interventions]]\noperation = "poke"\nprompt = "x"\n', "operation = 'poke' is not allowed"),
+    ('[[interventions]]\noperation = "steer"\nprompt = "x"\nalpha = [1]\n', "unknown key 'alpha'"),
+    ('[[interventions]]\noperation = "trace"\n', "missing key 'prompt'"),
+    ('[[interventions]]\noperation = "patch"\nprompt = "x"\nlayers = "some"\n', "layers = 'some' is not allowed"),
+])
+def test_bad_intervention_entries_are_one_line_errors(tiny_dirs, tmp_path, extra, message):
+    path = _pipeline(tmp_path, tiny_dirs["qwen3"], extra)
+    done = geomap("run", str(path))
+    assert done.status == 2 and message in done.stderr and "[[interventions]] #1" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "s.duckdb").exists()

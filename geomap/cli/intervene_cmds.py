@@ -10,22 +10,6 @@ import click
 from geomap.cli.store_cmds import _db, db_option
 
 
-def parse_range(value: str, top: int, what: str) -> list[int]:
-    """``all``, ``3``, ``-1``, ``2,5,7`` or ``2:6`` (end exclusive) → ints; ``top`` is the count of valid values."""
-    from geomap.intervene.hooks import InterventionError
-
-    text = value.strip()
-    if text == "all":
-        return list(range(top))
-    try:
-        if ":" in text:
-            lo, _, hi = text.partition(":")
-            return list(range(int(lo or 0), int(hi) if hi else top))
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InterventionError(f"{what} {value!r} is not 'all', a number, a list (2,5) or a range (2:6)") from None
-
-
 def _common(fn):
     for option in reversed([
         click.argument("prompt"),
@@ -49,26 +33,20 @@ def _common(fn):
     return fn
 
 
-def _cells(loaded, prompt: str, layers: str, positions: str, site: str, heads: str | None):
-    """(Site, position) cells of a sweep: every layer × position (× head)."""
-    from geomap.capture.tokens import encode
-    from geomap.intervene import Site
+def _run(data: dict, db: Path | None, model_name: str | None, batch_size: int, as_json: bool) -> None:
+    """Validate a sweep's options (as a pipeline's [[interventions]] entry), run it, print its effects."""
+    from geomap.ingest.intervention_plan import run_plan, validate_plan
 
-    a = loaded.anatomy
-    n = len(encode(loaded.tokenizer, prompt, a.context_window, "error").ids)
-    top = a.n_layers + 1 if site == "resid" else a.n_layers
-    layer_list = parse_range(layers, top, "--layer")
-    pos_list = [p - n if p >= 0 else p for p in parse_range(positions, n, "--pos")]
-    head_list = parse_range(heads or "all", a.n_heads, "--head") if site == "head" else [None]
-    return [(Site(site, layer, head), pos) for layer in layer_list for head in head_list for pos in pos_list]
+    plan = validate_plan({k: v for k, v in data.items() if v is not None}, "geomap intervene")
+    loaded = _load(model_name)
+    summary = run_plan(loaded, plan, _db(db), batch_size)
+    _print(_db(db), plan.sweep_name(), summary, as_json)
 
 
-def _finish(loaded, specs, db, targets, name, batch_size, as_json) -> None:
+def _print(db: Path, name: str, summary, as_json: bool) -> None:
     from geomap.analysis.interventions import effects
-    from geomap.ingest.interventions import sweep
 
-    summary = sweep(loaded, specs, _db(db), targets, name=name, batch_size=batch_size)
-    frame = effects(_db(db), name)
+    frame = effects(db, name)
     frame = frame[frame.intervention_id.isin(summary.ids)]
     if as_json:
         for row in frame.to_dict(orient="records"):
@@ -106,17 +84,35 @@ def intervene() -> None:
     """Patch, ablate, steer or trace a prompt's run; store the counterfactual journeys and their effects."""
 
 
+def _selection(value: str | None, what: str):
+    """An option's 'all' / N / list / range as the plan's "all" or list (ranges need the model: kept as text)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text == "all":
+        return "all"
+    if ":" in text:
+        return text
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        from geomap.intervene import InterventionError
+
+        raise InterventionError(f"{what} {value!r} is not 'all', a number, a list (2,5) or a range (2:6)") from None
+
+
+def _options(prompt, layers, positions, site, heads, targets, name) -> dict:
+    return {"prompt": prompt, "layers": _selection(layers, "--layer"), "positions": _selection(positions, "--pos"),
+            "site": site, "heads": _selection(heads, "--head"), "targets": list(targets) or None, "name": name}
+
+
 @intervene.command()
 @_common
 @click.option("--source", required=True, help="The prompt whose activations are copied in.")
 def patch(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, source):
     """Copy a site from SOURCE's run into PROMPT's run, at every chosen layer × position (aligned from the end)."""
-    from geomap.intervene import Spec
-
-    loaded = _load(model_name)
-    specs = [Spec("patch", prompt, s, (p,), source=source)
-             for s, p in _cells(loaded, prompt, layers, positions, site, heads)]
-    _finish(loaded, specs, db, targets, name or f"patch: {prompt}", batch_size, as_json)
+    _run({"operation": "patch", **_options(prompt, layers, positions, site, heads, targets, name), "source": source},
+         db, model_name, batch_size, as_json)
 
 
 @intervene.command()
@@ -127,37 +123,8 @@ def patch(prompt, db, model_name, layers, positions, site, heads, targets, name,
 def ablate(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, how, source,
            mean_tag):
     """Zero a site, set it to its mean over a stored prompt set, or resample it from another prompt."""
-    from geomap.intervene import InterventionError, Spec
-    from geomap.intervene.directions import site_mean
-    from geomap.intervene.spec import vector_bytes
-
-    loaded = _load(model_name)
-    if how == "resample" and not source:
-        raise InterventionError("--how resample needs --source")
-    if how == "mean" and not mean_tag:
-        raise InterventionError("--how mean needs --mean-tag")
-    texts = _tagged_texts(_db(db), mean_tag) if how == "mean" else []
-    specs = []
-    for s, p in _cells(loaded, prompt, layers, positions, site, heads):
-        vector = vector_bytes(site_mean(loaded, texts, s)) if how == "mean" else None
-        specs.append(Spec("ablate", prompt, s, (p,), ablation=how, source=source if how == "resample" else None,
-                          vector=vector, vector_label=f"mean of tag {mean_tag}" if vector else None))
-    _finish(loaded, specs, db, targets, name or f"ablate {how}: {prompt}", batch_size, as_json)
-
-
-def _tagged_texts(db: Path, tag: str) -> list[str]:
-    from geomap.intervene import InterventionError
-    from geomap.store.db import connect
-
-    con = connect(db, read_only=True)
-    try:
-        rows = con.execute("SELECT DISTINCT text FROM prompts WHERE list_contains(tags, ?) AND status = 'done' "
-                           "AND parent_id IS NULL ORDER BY text", [tag]).fetchall()
-    finally:
-        con.close()
-    if not rows:
-        raise InterventionError(f"no stored prompt is tagged {tag!r}")
-    return [r[0] for r in rows]
+    _run({"operation": "ablate", **_options(prompt, layers, positions, site, heads, targets, name), "ablation": how,
+          "source": source, "mean_tag": mean_tag}, db, model_name, batch_size, as_json)
 
 
 @intervene.command()
@@ -170,34 +137,16 @@ def _tagged_texts(db: Path, tag: str) -> list[str]:
 def steer(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, alphas, tokens,
           tags, state_id):
     """Add α·direction at a layer and positions, over a sweep of α."""
-    from geomap.analysis.interventions import stored_state, tagged_mean_state
-    from geomap.intervene import InterventionError, Spec
-    from geomap.intervene.directions import unembed_direction
-    from geomap.intervene.spec import vector_bytes
+    from geomap.intervene import InterventionError
 
-    if sum(x is not None for x in (tokens, tags, state_id)) != 1:
-        raise InterventionError("give one direction: --tokens A B, --tags A B or --state ID")
     try:
         coefficients = [float(a) for a in alphas.split(",") if a.strip()]
     except ValueError:
         raise InterventionError(f"--alpha {alphas!r} is not a comma-separated list of numbers") from None
-    loaded = _load(model_name)
-    cells = _cells(loaded, prompt, layers, positions, site, heads)
-    layer_set = sorted({s.layer for s, _ in cells})
-    by_layer = {}
-    for layer in layer_set:
-        if tokens:
-            by_layer[layer] = (unembed_direction(loaded, *tokens), f"u({tokens[0]!r}) - u({tokens[1]!r})")
-        elif tags:
-            vec = tagged_mean_state(_db(db), tags[0], layer) - tagged_mean_state(_db(db), tags[1], layer)
-            by_layer[layer] = (vec, f"mean[{tags[0]}] - mean[{tags[1]}] at layer {layer}")
-        else:
-            by_layer[layer] = (stored_state(_db(db), state_id), f"state {state_id}")
-    pos = tuple(sorted({p for _, p in cells}))
-    specs = [Spec("steer", prompt, s, pos, vector=vector_bytes(by_layer[s.layer][0]),
-                  vector_label=by_layer[s.layer][1], coefficient=c)
-             for s in dict.fromkeys(s for s, _ in cells) for c in coefficients]
-    _finish(loaded, specs, db, targets, name or f"steer: {prompt}", batch_size, as_json)
+    _run({"operation": "steer", **_options(prompt, layers, positions, site, heads, targets, name),
+          "alphas": coefficients, "direction_tokens": list(tokens) if tokens else None,
+          "direction_tags": list(tags) if tags else None, "direction_state": state_id},
+         db, model_name, batch_size, as_json)
 
 
 @intervene.command()
@@ -211,34 +160,19 @@ def steer(prompt, db, model_name, layers, positions, site, heads, targets, name,
 def trace(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, corrupt,
           subject, noise_scale, seed, window):
     """Causal trace: restore every (layer, position) of PROMPT's clean run into a corrupted run."""
-    from geomap.intervene import InterventionError, Noise, Spec
-
-    if (corrupt is None) == (subject is None):
-        raise InterventionError("give --corrupt TEXT or --subject TEXT (noise on the subject), not both")
-    loaded = _load(model_name)
-    cells = _cells(loaded, prompt, layers, positions, site, heads)
-    if corrupt is not None:
-        specs = [Spec("trace", corrupt, s, (p,), source=prompt, window=window) for s, p in cells]
-    else:
-        noisy = subject_positions(loaded, prompt, subject)
-        specs = [Spec("trace", prompt, s, (p,), noise=Noise(noisy, noise_scale, seed), window=window)
-                 for s, p in cells]
-    _finish(loaded, specs, db, targets, name or f"trace: {prompt}", batch_size, as_json)
+    _run({"operation": "trace", **_options(prompt, layers, positions, site, heads, targets, name),
+          "corrupt": corrupt, "subject": subject, "noise": noise_scale, "seed": seed, "window": window},
+         db, model_name, batch_size, as_json)
 
 
-def subject_positions(loaded, prompt: str, subject: str) -> tuple[int, ...]:
-    """Token positions of PROMPT covering the last occurrence of ``subject`` (by character offsets)."""
-    from geomap.intervene import InterventionError
+def run_pipeline_interventions(store: Path, pipe, loaded, quiet: bool = False) -> None:
+    """Run a pipeline's ``[[interventions]]`` sweeps (after its prompts), one summary line each on stderr."""
+    from geomap.ingest.intervention_plan import run_plan
 
-    start = prompt.rfind(subject)
-    if not subject or start < 0:
-        raise InterventionError(f"subject {subject!r} is not in the prompt")
-    end = start + len(subject)
-    enc = loaded.tokenizer(prompt, return_offsets_mapping=True)
-    out = tuple(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start)
-    if not out:
-        raise InterventionError(f"subject {subject!r} covers no token of the prompt")
-    return out
+    for plan in pipe.interventions:
+        summary = run_plan(loaded, plan, store, pipe.batch_size, config=pipe.capture)
+        click.echo(f"interventions {plan.sweep_name()!r}: {summary.stored} stored, {summary.skipped} already stored",
+                   err=True)
 
 
 COMMANDS = [intervene]

@@ -151,6 +151,10 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     _report(summary, as_json)
     if pipe.continuation_tokens:
         _continue(store, pipe, prompts, loaded, as_json)
+    if pipe.interventions:
+        from geomap.cli.intervene_cmds import run_pipeline_interventions
+
+        run_pipeline_interventions(store, pipe, loaded, no_reports)
     if pipe.reports and not no_reports:
         _pipeline_reports(store, pipe, prompts, loaded)
 

@@ -33,6 +33,8 @@ class Pipeline:
             ``index.html``), or None for none.
         continuation_tokens: Greedy tokens to generate and store after each prompt (0: none).
         engine: How the run is executed (the ``[engine]`` table: inline, or on Ray).
+        interventions: The ``[[interventions]]`` sweeps run after the prompts are stored
+            (`geomap.ingest.intervention_plan.InterventionSchema` each).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Pipeline:
     reports: Path | None = None
     continuation_tokens: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
+    interventions: tuple = ()
 
     def prompts(self) -> list[PromptSpec]:
         """Read every source, in order."""
@@ -64,9 +67,20 @@ def load_pipeline(path: str | Path) -> Pipeline:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
     engine = parse_engine(data.pop("engine", None), str(path))  # the [engine] table (the schema covers the rest)
+    plans = _interventions(data.pop("interventions", []), str(path))
     spec = validate_pipeline(data, str(path))
     sources = tuple(((path.parent / s.path).resolve(), s.format, tuple(s.tags)) for s in spec.sources)
     return Pipeline(name=spec.name or path.stem, model=spec.model or DEFAULT_MODEL, store=Path(spec.store),
                     batch_size=spec.batch_size, capture=spec.capture.config(), vector_dtype=spec.capture.vector_dtype,
                     sources=sources, reports=Path(spec.reports) if spec.reports else None,
-                    continuation_tokens=spec.continuation_tokens, engine=engine)
+                    continuation_tokens=spec.continuation_tokens, engine=engine,
+                    interventions=plans)
+
+
+def _interventions(entries, where: str) -> tuple:
+    """The ``[[interventions]]`` tables, each validated (one-line errors naming the entry)."""
+    from geomap.ingest.intervention_plan import validate_plan
+
+    if not isinstance(entries, list):
+        raise GeomapError(f"{where}: interventions must be [[interventions]] tables")
+    return tuple(validate_plan(entry, f"{where} [[interventions]] #{i + 1}") for i, entry in enumerate(entries))
