@@ -37,7 +37,7 @@ install-test: $(VENV)/.installed-test $(CHROMIUM)
 # The demo: 35 prompts through Gemma-3-270M into data/geomap.duckdb (a rerun skips what is stored), then a summary.
 run: install
 	$(BIN)/geomap run pipelines/journey.toml
-	$(BIN)/geomap sql "SELECT prompt_id, text, top1_token, round(top1_prob, 3) AS p, prediction_depth FROM journey ORDER BY prompt_id LIMIT 12"
+	$(BIN)/geomap sql "SELECT prompt_id, text, top1_token, round(top1_prob, 3) AS p, prediction_depth FROM journey WHERE kind = 'prompt' ORDER BY prompt_id LIMIT 12"
 
 test:
 	@t0=$$(date +%s); \

@@ -186,11 +186,22 @@ CREATE TABLE IF NOT EXISTS attention (
 
 -- Views: the common questions as one short query.
 
+-- What each stored prompt is: a user's prompt, a pipeline's continuation of one (`continuation_tokens`), or a
+-- `geomap generate` generation; the two last name the prompt they continue (parent_id).
+CREATE OR REPLACE VIEW prompt_kind AS
+SELECT p.id AS prompt_id, p.parent_id, p.source_id,
+       CASE WHEN p.parent_id IS NULL THEN 'prompt' WHEN r.pipeline = 'continue' THEN 'continuation'
+            ELSE 'generation' END AS kind
+FROM prompts p
+LEFT JOIN runs r ON r.id = p.run_id;
+
 CREATE OR REPLACE VIEW trajectory AS
 SELECT s.prompt_id, s.pos, s.layer, s.norm, s.cos_final,
-       l.top1_id, l.top1_token, l.top1_prob, l.entropy, l.kl_to_final, l.final_rank, l.final_prob
+       l.top1_id, l.top1_token, l.top1_prob, l.entropy, l.kl_to_final, l.final_rank, l.final_prob,
+       k.kind, k.parent_id
 FROM states s
-LEFT JOIN lens_stats l USING (prompt_id, pos, layer);
+LEFT JOIN lens_stats l USING (prompt_id, pos, layer)
+LEFT JOIN prompt_kind k USING (prompt_id);
 
 CREATE OR REPLACE VIEW journey AS
 WITH last AS (SELECT id AS prompt_id, n_tokens - 1 AS pos FROM prompts WHERE status = 'done'),
@@ -200,11 +211,12 @@ depth AS (
 )
 SELECT p.id AS prompt_id, p.run_id, p.text, p.tags, p.n_tokens,
        t.text AS last_token, n.token_ids[1] AS top1_id, v.text AS top1_token, n.probs[1] AS top1_prob,
-       n.entropy, d.prediction_depth
+       n.entropy, d.prediction_depth, k.kind, p.parent_id, p.source_id
 FROM prompts p
 JOIN last ON last.prompt_id = p.id
 JOIN tokens t ON t.prompt_id = p.id AND t.pos = last.pos
 JOIN next_token n ON n.prompt_id = p.id AND n.pos = last.pos
 JOIN runs r ON r.id = p.run_id
 LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = n.token_ids[1]
-LEFT JOIN depth d ON d.prompt_id = p.id;
+LEFT JOIN depth d ON d.prompt_id = p.id
+LEFT JOIN prompt_kind k ON k.prompt_id = p.id;
