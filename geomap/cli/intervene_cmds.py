@@ -165,14 +165,33 @@ def trace(prompt, db, model_name, layers, positions, site, heads, targets, name,
          db, model_name, batch_size, as_json)
 
 
-def run_pipeline_interventions(store: Path, pipe, loaded, quiet: bool = False) -> None:
-    """Run a pipeline's ``[[interventions]]`` sweeps (after its prompts), one summary line each on stderr."""
+@intervene.command("report")
+@db_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--sweep", "names", multiple=True, help="Only this sweep (repeatable); default: every sweep.")
+@click.option("--single-file", is_flag=True, help="Inline the CSS and script into each page.")
+def report(db, out, names, single_file):
+    """Write each sweep's page (heatmap or steering chart) and every intervened journey beside its clean one."""
+    from geomap.report.intervention_view import intervention_reports
+
+    written = intervention_reports(_db(db), out, list(names) or None, single_file)
+    click.echo(f"{len(written)} pages written; open {out / 'index.html'}")
+
+
+def run_pipeline_interventions(store: Path, pipe, loaded, no_reports: bool = False) -> None:
+    """Run a pipeline's ``[[interventions]]`` sweeps (after its prompts) and their report pages."""
     from geomap.ingest.intervention_plan import run_plan
 
     for plan in pipe.interventions:
         summary = run_plan(loaded, plan, store, pipe.batch_size, config=pipe.capture)
         click.echo(f"interventions {plan.sweep_name()!r}: {summary.stored} stored, {summary.skipped} already stored",
                    err=True)
+    if pipe.reports and not no_reports:
+        from geomap.report.intervention_view import intervention_reports
+
+        names = [plan.sweep_name() for plan in pipe.interventions]
+        written = intervention_reports(store, pipe.reports, names)
+        click.echo(f"interventions: {len(written)} report pages in {pipe.reports}", err=True)
 
 
 COMMANDS = [intervene]
