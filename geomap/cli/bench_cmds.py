@@ -17,8 +17,25 @@ import click
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as a Markdown table (e.g. for docs/benchmarks.md).")
-def bench(quick: bool, as_json: bool, model_name: str, markdown: Path | None) -> None:
+@click.option("--load", "load_", is_flag=True,
+              help="The server under load instead: req/s and p50/p99 per query kind at 1, 4 and 16 clients, idle "
+                   "and while a job ingests (a server of its own on 127.0.0.1).")
+@click.option("--soak", type=click.FloatRange(min=0.1), default=None, metavar="MINUTES",
+              help="With --load: mixed load plus repeated ingestion jobs for MINUTES; fails on errors, on resident "
+                   "memory growth over 10% after warm-up, or on rows not stored exactly once.")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --load: the store to serve (default: one built of --prompts prompts in a temporary folder).")
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=300, show_default=True,
+              help="With --load and no --db: prompts in the store it builds.")
+@click.option("--clients", default="1,4,16", show_default=True, help="With --load: client counts.")
+@click.option("--seconds", type=click.FloatRange(min=1), default=20.0, show_default=True,
+              help="With --load: seconds of each idle phase (a job phase lasts until its job ends, 60 s at least).")
+def bench(quick: bool, as_json: bool, model_name: str, markdown: Path | None, load_: bool, soak: float | None,
+          db: Path | None, n_prompts: int, clients: str, seconds: float) -> None:
     """Measure geomap beside the bare model, the peers and the machine (medians of interleaved rounds)."""
+    if load_ or soak is not None:
+        _load(model_name, as_json, markdown, soak, db, n_prompts, clients, seconds)
+        return
     from geomap.bench import run_bench
     from geomap.bench.core import as_json as to_json
     from geomap.bench.core import as_markdown, as_text
@@ -36,6 +53,38 @@ def bench(quick: bool, as_json: bool, model_name: str, markdown: Path | None) ->
     if missed:
         click.echo(f"{len(missed)} target(s) missed: {', '.join(missed)}", err=True)
     sys.exit(0)
+
+
+def _load(model: str, as_json: bool, markdown: Path | None, soak: float | None, db: Path | None, n_prompts: int,
+          clients: str, seconds: float) -> None:
+    import tempfile
+
+    from geomap.bench import load_bench
+    from geomap.cli import _quiet_transformers
+
+    _quiet_transformers()
+    try:
+        counts = tuple(int(c) for c in clients.split(","))
+        if not counts or min(counts) < 1 or max(counts) > 64:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{clients!r}: give client counts from 1 to 64, e.g. 1,4,16.",
+                                 param_hint="--clients") from None
+    if db is not None and not db.exists():
+        raise click.BadParameter(f"no store at {db}.", param_hint="--db")
+    say = lambda line: click.echo(f"bench: {line}", err=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        store = db or load_bench.build_store(Path(tmp) / "load.duckdb", model, n_prompts, say)
+        if soak is not None:
+            report = load_bench.run_soak(store, model, soak, say=say)
+            click.echo(json.dumps(report) if as_json else json.dumps({k: v for k, v in report.items()
+                                                                       if k != "rss_samples"}, indent=1))
+            sys.exit(0 if report["ok"] else 1)
+        phases = load_bench.run_load(store, model, counts, seconds, say=say)
+    table = load_bench.as_markdown(phases)
+    if markdown:
+        markdown.write_text(table + "\n", encoding="utf-8")
+    click.echo(json.dumps([p.row() for p in phases]) if as_json else table)
 
 
 COMMANDS = [bench]

@@ -319,13 +319,18 @@ async def post_sql(request: Request, body: SqlRequest) -> Response:
     """
     settings = _server(request).settings
     limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
-    result = await run_in_threadpool(run_sql, settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap,
-                                     memory_mb=settings.sql_memory_mb)
-    if wants_arrow(request.headers.get("accept")):
-        table = await run_in_threadpool(result.to_arrow)
-        return arrow_response(table, {"x-geomap-truncated": str(result.truncated).lower(),
-                                      "x-geomap-elapsed-s": f"{result.elapsed_s:.6f}",
-                                      "x-geomap-time-limit": f"{limit:g}", "x-geomap-max-rows": str(cap)})
+    arrow = wants_arrow(request.headers.get("accept"))
+    return await run_in_threadpool(_sql_answer, settings, body, limit, cap, arrow)  # the loop only moves bytes
+
+
+def _sql_answer(settings, body: SqlRequest, limit: float, cap: int, arrow: bool) -> Response:
+    """Run the query and encode its answer, in a worker thread."""
+    result = run_sql(settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap,
+                     memory_mb=settings.sql_memory_mb)
+    if arrow:
+        return arrow_response(result.to_arrow(), {"x-geomap-truncated": str(result.truncated).lower(),
+                                                  "x-geomap-elapsed-s": f"{result.elapsed_s:.6f}",
+                                                  "x-geomap-time-limit": f"{limit:g}", "x-geomap-max-rows": str(cap)})
     out = {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
            "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
            "max_rows": cap}

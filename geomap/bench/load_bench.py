@@ -1,0 +1,357 @@
+"""``geomap bench --load``: the server under many clients, idle and while a job ingests, and a soak.
+
+The benchmark starts its own ``geomap serve`` on 127.0.0.1 (a free port) over a store, sends a mix of requests from
+client threads, and stops the server when done. Clients talk to that server only. Every loop is bounded by a count
+and a time. The mix, per client, in turn:
+
+- ``trajectory``: ``POST /sql`` ``SELECT * FROM trajectory WHERE prompt_id = ?`` (a random stored prompt);
+- ``runs``: ``GET /runs``;
+- ``journey``: ``POST /sql`` ``SELECT * FROM journey LIMIT 50``.
+
+A 403 or 408 is a refusal (the budget or the time limit), any other failure an error. The soak repeats ingestion
+jobs under mixed load, samples the server's resident memory every second, fails on more than `SOAK_GROWTH` growth
+after its warm-up, and checks that every job's prompts and states are stored exactly once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geomap.bench import prompts as bench_prompts
+
+KINDS = ("trajectory", "runs", "journey")
+MAX_REQUESTS = 20_000  # per client and phase, whatever the time left
+SOAK_GROWTH = 0.10
+
+
+@dataclass
+class Phase:
+    """What one phase measured: latencies (seconds) per kind, refusals, errors, wall time, the server's peak RSS."""
+
+    name: str
+    clients: int
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    refused: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    server_cpu_s: float = 0.0
+
+    def requests(self) -> int:
+        """Answered requests (refusals included)."""
+        return sum(len(v) for v in self.latencies.values())
+
+    def row(self) -> dict:
+        """A JSON-ready summary: req/s, p50/p99 ms per kind, refusals, errors."""
+        out = {"phase": self.name, "clients": self.clients, "requests": self.requests(),
+               "req_per_s": round(self.requests() / self.seconds, 1) if self.seconds else 0.0,
+               "refused": self.refused, "errors": len(self.errors), "peak_rss_mb": round(self.peak_rss_mb),
+               "server_cpu_ms_per_request": round(1000 * self.server_cpu_s / max(1, self.requests()), 2)}
+        for kind, values in self.latencies.items():
+            values = sorted(values)
+            out[f"{kind}_p50_ms"] = round(1000 * _pct(values, 0.50), 1) if values else None
+            out[f"{kind}_p99_ms"] = round(1000 * _pct(values, 0.99), 1) if values else None
+        return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Client:
+    """One keep-alive HTTP connection to the server."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        """Send one request; reconnects once if the server closed an idle connection."""
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in (0, 1):
+            try:
+                self.conn.request(method, path, body=data, headers={"content-type": "application/json"})
+                response = self.conn.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def ok(self, method: str, path: str, body: dict | None = None):
+        """The decoded JSON of a 2xx answer."""
+        status, data = self.call(method, path, body)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"{method} {path}: {status} {data[:300]!r}")
+        return json.loads(data)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MB (0 where it cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far, seconds (0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def start_server(db: Path, model: str, log: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """``geomap serve`` over ``db`` on a free loopback port; returns the process and port once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "geomap", "serve", "--db", str(db), "--host", "127.0.0.1", "--port", str(port),
+           "--model", model, *extra]
+    handle = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ})
+    end = time.time() + 180
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            probe = Client(port)
+            if probe.call("GET", "/healthz")[0] == 200:
+                probe.close()
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not answer within 180 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server (SIGTERM, then SIGKILL after 30 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _request(client: Client, kind: str, ids: list[int], rng: random.Random) -> tuple[int, bytes]:
+    if kind == "trajectory":
+        return client.call("POST", "/sql", {"sql": "SELECT * FROM trajectory WHERE prompt_id = ?",
+                                            "params": [rng.choice(ids)]})
+    if kind == "runs":
+        return client.call("GET", "/runs")
+    return client.call("POST", "/sql", {"sql": "SELECT * FROM journey LIMIT 50"})
+
+
+def load(port: int, pid: int, name: str, clients: int, seconds: float, ids: list[int],
+         until: Callable[[], bool] | None = None) -> Phase:
+    """Run ``clients`` threads of the mix for ``seconds`` (or until ``until()`` turns true, within ``seconds``)."""
+    phase = Phase(name, clients)
+    lock = threading.Lock()
+    end = time.perf_counter() + seconds
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        client = Client(port)
+        try:
+            for i in range(MAX_REQUESTS):
+                if stop.is_set() or time.perf_counter() > end:
+                    return
+                kind = KINDS[(i + seed) % len(KINDS)]
+                start = time.perf_counter()
+                try:
+                    status, body = _request(client, kind, ids, rng)
+                except (OSError, http.client.HTTPException) as exc:
+                    with lock:
+                        phase.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                    continue
+                took = time.perf_counter() - start
+                with lock:
+                    phase.latencies[kind].append(took)
+                    if status in (403, 408):
+                        phase.refused += 1
+                    elif status != 200:
+                        phase.errors.append(f"{kind}: {status} {body[:200]!r}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    began, cpu = time.perf_counter(), cpu_seconds(pid)
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        phase.peak_rss_mb = max(phase.peak_rss_mb, rss_mb(pid))
+        if until is not None and until():
+            stop.set()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    phase.seconds = time.perf_counter() - began
+    phase.server_cpu_s = cpu_seconds(pid) - cpu
+    return phase
+
+
+def submit_job(client: Client, texts: list[str]) -> int:
+    """Queue an ingestion job of ``texts``; returns its run id."""
+    return int(client.ok("POST", "/runs", {"prompts": texts, "name": "loadbench", "batch_size": 4})["run_id"])
+
+
+def job_done(client: Client, run_id: int) -> bool:
+    """Whether a job has left the queue and finished (done or failed)."""
+    return client.ok("GET", f"/runs/{run_id}")["job"]["status"] not in ("queued", "running")
+
+
+def fresh_texts(n: int, tag: str) -> list[str]:
+    """``n`` prompts no store holds yet (each starts with ``tag``, a short word)."""
+    return [f"{tag} {t}" for t in bench_prompts(n)]
+
+
+def run_load(db: Path, model: str, clients: tuple[int, ...] = (1, 4, 16), seconds: float = 20.0,
+             job_prompts: int = 40, say: Callable[[str], None] = print) -> list[Phase]:
+    """Idle and while-a-job-ingests phases at each client count, against a server this function starts."""
+    proc, port = start_server(db, model, db.with_name(db.name + ".loadbench.log"))
+    phases: list[Phase] = []
+    try:
+        admin = Client(port)
+        ids = [r[0] for r in admin.ok("POST", "/sql", {"sql": "SELECT id FROM prompts WHERE status = 'done' "
+                                                              "ORDER BY id", "max_rows": 1_000_000})["rows"]]
+        if not ids:
+            raise RuntimeError(f"the store {db} holds no prompts: build one first")
+        load(port, proc.pid, "warm-up", 2, 3.0, ids)
+        for n in clients:
+            say(f"load: {n} client(s), idle, {seconds:g} s")
+            phases.append(load(port, proc.pid, "idle", n, seconds, ids))
+        for n in clients:
+            run_id = submit_job(admin, fresh_texts(job_prompts, f"L{n}x{time.time() % 1e5:.0f}"))
+            say(f"load: {n} client(s) while job {run_id} ingests {job_prompts} prompts")
+            phase = load(port, proc.pid, "job", n, max(seconds, 60.0), ids,
+                         until=lambda r=run_id: job_done(admin, r))
+            phase.name = f"job ({job_prompts} prompts)"
+            phases.append(phase)
+            end = time.time() + 600
+            while not job_done(admin, run_id) and time.time() < end:
+                time.sleep(0.5)
+        admin.close()
+    finally:
+        stop_server(proc)
+    return phases
+
+
+def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts: int = 20,
+             say: Callable[[str], None] = print) -> dict:
+    """Mixed load plus one ingestion job after another for ``minutes``; memory, errors and stored rows checked."""
+    proc, port = start_server(db, model, db.with_name(db.name + ".soak.log"))
+    samples: list[tuple[float, float]] = []
+    jobs: list[tuple[int, int]] = []
+    try:
+        admin = Client(port)
+        ids = [r[0] for r in admin.ok("POST", "/sql", {"sql": "SELECT id FROM prompts WHERE status = 'done' "
+                                                              "ORDER BY id", "max_rows": 1_000_000})["rows"]]
+        start = time.perf_counter()
+        end = start + 60 * minutes
+        total = Phase("soak", clients)
+        while time.perf_counter() < end:
+            run_id = submit_job(admin, fresh_texts(job_prompts, f"S{len(jobs)}x{time.time() % 1e5:.0f}"))
+            jobs.append((run_id, job_prompts))
+            phase = load(port, proc.pid, "soak", clients, max(1.0, min(120.0, end - time.perf_counter())), ids,
+                         until=lambda r=run_id: job_done(admin, r))
+            for kind in KINDS:
+                total.latencies[kind] += phase.latencies[kind]
+            total.refused += phase.refused
+            total.errors += phase.errors
+            total.seconds += phase.seconds
+            samples.append((time.perf_counter() - start, rss_mb(proc.pid)))
+            say(f"soak: {len(jobs)} job(s), {samples[-1][0] / 60:.1f} min, server RSS {samples[-1][1]:.0f} MB, "
+                f"{total.requests()} requests, {len(total.errors)} errors")
+        wait_end = time.time() + 600
+        while jobs and not job_done(admin, jobs[-1][0]) and time.time() < wait_end:
+            time.sleep(0.5)
+        failed_jobs = [r for r, _ in jobs if admin.ok("GET", f"/runs/{r}")["job"]["status"] != "done"]
+        stored = _stored_once(admin, jobs)
+        admin.close()
+    finally:
+        stop_server(proc)
+    warm = [m for t, m in samples if t >= samples[-1][0] * 0.25] if samples else []
+    base = statistics.median(warm[: max(1, len(warm) // 4)]) if warm else 0.0
+    last = statistics.median(warm[-max(1, len(warm) // 4):]) if warm else 0.0
+    growth = (last - base) / base if base else 0.0
+    ok = not total.errors and not failed_jobs and stored["ok"] and growth <= SOAK_GROWTH
+    return {"minutes": minutes, "jobs": len(jobs), "failed_jobs": failed_jobs, "load": total.row(),
+            "rss_after_warmup_mb": round(base), "rss_end_mb": round(last), "rss_growth": round(growth, 4),
+            "rss_samples": [(round(t), round(m)) for t, m in samples], "stored_once": stored,
+            "errors": total.errors[:20], "ok": ok}
+
+
+def _stored_once(client: Client, jobs: list[tuple[int, int]]) -> dict:
+    """Every job's stored prompts are in the store once, under its run, and no prompt key or state is there twice."""
+    sql = client.ok
+    counted = sql("POST", "/sql", {"sql": "SELECT run_id, count(*) FROM prompts WHERE status = 'done' GROUP BY run_id",
+                                   "max_rows": 100_000})["rows"]
+    per_run = {run: n for run, n in counted}
+    short, failed = {}, 0
+    for run_id, n in jobs:
+        progress = sql("GET", f"/runs/{run_id}")["job"]["progress"]
+        failed += int(progress.get("failed") or 0)
+        if per_run.get(run_id, 0) != progress.get("stored") or progress.get("stored", 0) + int(
+                progress.get("failed") or 0) + int(progress.get("skipped") or 0) != n:
+            short[run_id] = {"in the store": per_run.get(run_id, 0), "job": progress}
+    dup_keys = sql("POST", "/sql", {"sql": "SELECT count(*) FROM (SELECT key FROM prompts GROUP BY key "
+                                           "HAVING count(*) > 1)", "time_limit": 60})["rows"][0][0]
+    dup_states = sql("POST", "/sql", {"sql": "SELECT count(*) FROM (SELECT prompt_id, pos, layer FROM states "
+                                             "GROUP BY ALL HAVING count(*) > 1)", "time_limit": 60})["rows"][0][0]
+    return {"ok": not short and dup_keys == 0 and dup_states == 0, "runs_not_matching": short,
+            "prompts_failed": failed, "duplicate_prompt_keys": dup_keys, "duplicate_states": dup_states}
+
+
+def build_store(db: Path, model: str, n_prompts: int, say: Callable[[str], None] = print) -> Path:
+    """A store of ``n_prompts`` bench prompts ingested with ``model`` (skipped when ``db`` already holds them)."""
+    from geomap.ingest.engine import ingest
+    from geomap.models import load_model
+    from geomap.store.writer import PromptSpec
+
+    say(f"load: building a store of {n_prompts} prompts with {model} at {db}")
+    loaded = load_model(model, device="cpu")
+    ingest(loaded, [PromptSpec(t, source="bench") for t in bench_prompts(n_prompts)], db, batch_size=16,
+           pipeline="loadbench-store", progress=False)
+    return db
+
+
+def as_markdown(phases: list[Phase]) -> str:
+    """The load table as Markdown (the issue's columns)."""
+    lines = ["| clients | phase | req/s | trajectory p50 / p99 | runs p50 / p99 | journey p50 / p99 | refused | "
+             "errors | server RSS peak | server CPU / request |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in phases:
+        r = p.row()
+
+        def pair(kind: str, r: dict = r) -> str:
+            return f"{r[f'{kind}_p50_ms']} / {r[f'{kind}_p99_ms']} ms"
+
+        lines.append(f"| {p.clients} | {p.name} | {r['req_per_s']} | {pair('trajectory')} | {pair('runs')} | "
+                     f"{pair('journey')} | {r['refused']} | {r['errors']} | {r['peak_rss_mb']} MB | "
+                     f"{r['server_cpu_ms_per_request']} ms |")
+    return "\n".join(lines)

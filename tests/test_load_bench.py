@@ -1,0 +1,24 @@
+"""``geomap bench --load`` runs end to end on a tiny store: its own loopback server, every phase, the soak's checks.
+
+A smoke test of the harness, not a timed test: figures are measured by the benchmark itself.
+"""
+
+from __future__ import annotations
+
+from geomap.bench import load_bench
+
+
+def test_load_and_soak_on_a_tiny_store(tiny_dirs, tmp_path):
+    model = str(tiny_dirs["llama"])
+    db = load_bench.build_store(tmp_path / "l.duckdb", model, 12, say=lambda line: None)
+    phases = load_bench.run_load(db, model, clients=(1, 3), seconds=1.5, job_prompts=4, say=lambda line: None)
+    assert [(p.name, p.clients) for p in phases] == [("idle", 1), ("idle", 3), ("job (4 prompts)", 1),
+                                                    ("job (4 prompts)", 3)]
+    for p in phases:
+        assert p.errors == [] and p.refused == 0, p.row()
+        assert all(p.latencies[k] for k in load_bench.KINDS), p.row()
+    table = load_bench.as_markdown(phases)
+    assert table.count("\n") == 5 and "| 3 | idle |" in table
+    report = load_bench.run_soak(db, model, 0.2, clients=2, job_prompts=3, say=lambda line: None)
+    assert report["ok"], report
+    assert report["jobs"] >= 1 and report["stored_once"]["duplicate_states"] == 0
