@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
+from geomap.cli.prompt_ids import prompt_option
 from geomap.cli.store_cmds import _db, db_option
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-prompt_option = click.option("--prompt", "prompt_id", type=int, required=True, help="Stored prompt id.")
-
 
 def strategy_options(fn):
     """The decoding options shared by `decode` and `generate` (none given: greedy)."""
@@ -39,7 +38,7 @@ def _show(token: str | None) -> str:
 
 
 @click.command()
-@prompt_option
+@prompt_option()
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
 @strategy_options
 @db_option
@@ -105,7 +104,7 @@ def generate(text: str, max_new_tokens: int, temperature, top_k, top_p, min_p, s
 
 
 @click.command()
-@prompt_option
+@prompt_option()
 @click.option("--layer", type=int, default=None, help="Residual boundary 0..L (default: L, the final layer).")
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
 @click.option("--contrast", multiple=True, help="A token to compare, e.g. ' banana' (repeatable).")
@@ -151,7 +150,7 @@ def geometry(prompt_id: int, layer: int | None, pos: int | None, contrast: tuple
 
 
 @click.command()
-@prompt_option
+@prompt_option()
 @click.option("--token", default=None, help="Token text to attribute, e.g. ' coming' (default: the top-1).")
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
 @click.option("--top", default=5, show_default=True, help="Promoting and suppressing parts to show.")
@@ -232,7 +231,7 @@ def project(run_id: int, method: str, layers: str | None, per_layer: bool, seed:
 
 
 @click.command()
-@prompt_option
+@prompt_option()
 @click.option("--layer", type=int, default=None, help="Decoder layer (default: every layer with stored attention).")
 @click.option("--head", type=int, default=None, help="Head (default: all).")
 @click.option("--key-pos", type=int, default=None, help="Key position (default: the one each head attends most).")
@@ -268,7 +267,7 @@ def position(prompt_id: int, layer: int | None, head: int | None, key_pos: int |
 
 
 @click.command()
-@prompt_option
+@prompt_option()
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
 @db_option
 @json_option

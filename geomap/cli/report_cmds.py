@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from geomap.cli.prompt_ids import prompt_option
 from geomap.cli.store_cmds import _db, db_option
 
 
@@ -20,7 +21,7 @@ def report() -> None:
 
 
 @report.command("journey")
-@click.option("--prompt", "prompt_id", type=int, default=None, help="Stored prompt id.")
+@prompt_option(required=False)
 @click.option("--text", default=None, help="A prompt to store (everything captured) and report on.")
 @click.option("--pos", type=int, default=None, help="Token position (default: the last; e.g. a generation step).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -81,7 +82,7 @@ def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None
 
 
 @report.command("compare")
-@click.option("--prompt", "prompt_ids", type=int, multiple=True, required=True, help="Two stored prompt ids.")
+@prompt_option("prompt_ids", multiple=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="HTML file (default: reports/compare-<a>-<b>.html).")
 @click.option("--single-file", is_flag=True, help="Inline the stylesheet and script (no assets/ folder).")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from geomap.cli.prompt_ids import prompt_option
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
@@ -40,18 +41,42 @@ def _check_writable(store: Path) -> None:
         connect(store).close()
 
 
-def _report(summary, as_json: bool) -> None:
+def _keys(model, config, prompts) -> list[str]:
+    """The content keys of ``prompts`` under ``config`` and ``model`` (a loaded model, or a name: its skeleton)."""
+    from geomap.ingest.runs import model_identity
+    from geomap.store.writer import prompt_key
+
+    if isinstance(model, str):
+        from geomap.models.skeleton import skeleton_model
+
+        model = skeleton_model(model)
+    identity, config_json = model_identity(model), config.to_json()
+    return [prompt_key(identity, config_json, spec.text) for spec in prompts]
+
+
+def _report(summary, as_json: bool, store: Path | None = None, keys: list[str] | None = None) -> None:
+    """Print a run's summary and, given the prompts' keys, which store id each of the user's prompts has."""
+    from geomap.cli.prompt_ids import mapping_line, stored_prompts
     from geomap.ingest.runs import summary_json
 
+    stored = stored_prompts(store, keys) if keys is not None else None
     if as_json:
-        click.echo(summary_json(summary))
-    elif summary.run_id is None:
+        body = json.loads(summary_json(summary))
+        click.echo(json.dumps(body if stored is None else {**body, "prompts": stored}))
+    else:
+        if stored:
+            click.echo(mapping_line(stored), err=True)
+        _summary_line(summary)
+    for line in summary.failures:
+        click.echo(f"error: {line}", err=True)
+
+
+def _summary_line(summary) -> None:
+    if summary.run_id is None:
         click.echo(f"no prompts to store: all {summary.skipped} are stored already (no run recorded)", err=True)
     else:
         click.echo(f"run {summary.run_id}: stored {summary.stored} prompts ({summary.tokens} tokens), skipped "
                    f"{summary.skipped} already stored, {summary.failed} failed, in {summary.seconds:.1f}s", err=True)
-    for line in summary.failures:
-        click.echo(f"error: {line}", err=True)
 
 
 def engine_options(command):
@@ -120,7 +145,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         _quiet_transformers()
         summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
                               pipe.batch_size, pipe.name)
-        _report(summary, as_json)
+        _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
         loaded = None
         if pipe.continuation_tokens:  # generation is one token at a time: the driver does it, as the inline run does
             loaded = load_model(pipe.model, device=device)
@@ -133,7 +158,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 
         summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
                                 pipe.name, engine=_server_engine(engine, device))
-        _report(summary, as_json)
+        _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
         if pipe.continuation_tokens:
             click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
         if pipe.reports and not no_reports:
@@ -148,7 +173,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     _quiet_transformers()
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
-    _report(summary, as_json)
+    _report(summary, as_json, store, _keys(loaded, pipe.capture, prompts))
     if pipe.continuation_tokens:
         _continue(store, pipe, prompts, loaded, as_json)
     if pipe.interventions:
@@ -241,17 +266,20 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
 
     if (client := server_for(_db(db))) is not None:
         _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest",
-                        engine=_server_engine(engine, device))[0], as_json)
+                        engine=_server_engine(engine, device))[0], as_json, _db(db),
+                _keys(model_name or DEFAULT_MODEL, config, prompts))
         return
     if engine.kind == "ray":
         _quiet_transformers()
-        _report(_ray_ingest(engine, _db(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
-                            batch_size, "ingest"), as_json)
+        summary = _ray_ingest(engine, _db(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
+                              batch_size, "ingest")
+        _report(summary, as_json, _db(db), _keys(model_name or DEFAULT_MODEL, config, prompts))
         return
     _check_writable(_db(db))
     _quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device)
-    _report(run_ingest(loaded, prompts, _db(db), config, vector_dtype, batch_size), as_json)
+    _report(run_ingest(loaded, prompts, _db(db), config, vector_dtype, batch_size), as_json, _db(db),
+            _keys(loaded, config, prompts))
 
 
 @click.command()
@@ -284,7 +312,7 @@ def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float,
 
 @click.command()
 @db_option
-@click.option("--prompt", "prompt_id", type=int, required=True, help="Stored prompt id.")
+@prompt_option()
 @click.option("--layer", type=int, required=True, help="Residual boundary 0..L.")
 @click.option("--pos", type=int, default=None, help="Position (default: the prompt's last).")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1),
