@@ -251,6 +251,7 @@ class _Rerun(Exception):
 
 _GUARDED: OrderedDict[tuple[str, int, float], None] = OrderedDict()  # statements the guard passed, by budget
 _GUARDED_MAX = 512
+_GUARDED_TEXT = 4096  # longer statements are checked every time: the memory of what is remembered stays small
 _GUARDED_LOCK = threading.Lock()
 
 
@@ -262,6 +263,8 @@ def _guard(con: duckdb.DuckDBPyConnection, sql: str, budget: int, memory_mb: flo
             _GUARDED.move_to_end(key)
             return
     check(con, sql, budget, memory_mb)
+    if len(sql) > _GUARDED_TEXT:
+        return
     with _GUARDED_LOCK:
         _GUARDED[key] = None
         while len(_GUARDED) > _GUARDED_MAX:
