@@ -108,6 +108,23 @@ def served(db_path: str | Path) -> bool:
     return Path(db_path).resolve() in _SERVED
 
 
+def _server_holding(path: Path, pid: int | None) -> str | None:
+    """When the lock's holder is geomap's own server for this store (its ``<db>.serve.json``), one line saying so."""
+    import json
+
+    resolved = path.resolve()
+    try:
+        info = json.loads(resolved.with_name(resolved.name + ".serve.json").read_text(encoding="utf-8"))
+        server_pid, url = int(info["pid"]), str(info["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid is not None and pid != server_pid:
+        return None
+    return (f"The store {path} is served by geomap's own server at {url} (pid {server_pid}), which holds its file: "
+            f"this command does not go through the server yet; stop the server (kill {server_pid}) and run it "
+            "again, or query it through `geomap sql` or the server's API.")
+
+
 def connect(db_path: str | Path, read_only: bool = False, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Connect to a store's DuckDB file, turning lock conflicts into a clear `StoreLockedError`.
 
@@ -130,6 +147,9 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
         message = str(exc)
         if "lock" in message.lower():
             holder = re.search(r"\(PID (\d+)\)", message)
+            served_by = _server_holding(path, int(holder.group(1)) if holder else None)
+            if served_by is not None:
+                raise StoreLockedError(served_by) from None
             who = f"process {holder.group(1)}" if holder else "another process"
             raise StoreLockedError(
                 f"The store {path} is locked by {who}, which is writing to it. Wait for it to finish, or use "

@@ -1,0 +1,60 @@
+"""A served store serves every command: each store command either works through the running server, or ends with
+one line naming geomap's own server (its URL and pid) and what to do. Never "locked by process N, which is
+writing to it" for a server that sits idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.forked import geomap
+from tests.test_serve import Api, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dirs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    db = folder / "s.duckdb"
+    (folder / "p.txt").write_text("The storm is\nThe market is\n")
+    done = geomap("ingest", str(folder / "p.txt"), "--db", str(db), "--model", str(tiny_dirs["llama"]))
+    assert done.status == 0, done.stderr
+    proc, port = start_server(db, tiny_dirs["llama"])
+    Api(port).ok("GET", "/healthz")
+    yield db, folder, proc, port
+    stop_server(proc)
+
+
+# Through the server: these answer.
+THROUGH = [
+    ["sql", "SELECT count(*) AS n FROM prompts"],
+    ["neighbors", "--prompt", "1", "--layer", "1", "-k", "2"],
+    ["report", "run", "--run", "1", "--out", "{folder}/r/run-1.html"],
+]
+# Need the store's file: one line naming the server.
+NAMED = [
+    ["stats", "--prompt", "1"],
+    ["decode", "--prompt", "1"],
+    ["attribute", "--prompt", "1"],
+    ["position", "--prompt", "1"],
+    ["index", "verify"],
+    ["index", "rebuild"],
+    ["export", "prompts", "--out", "{folder}/p.parquet"],
+]
+
+
+@pytest.mark.parametrize("args", THROUGH, ids=[" ".join(a[:2]) for a in THROUGH])
+def test_commands_go_through_the_server(served, args):
+    db, folder, _, port = served
+    done = geomap(*[a.format(folder=folder) for a in args], "--db", str(db))
+    assert done.status == 0, done.stderr
+    assert f"127.0.0.1:{port}" in done.stderr  # it said it went through the server
+
+
+@pytest.mark.parametrize("args", NAMED, ids=[" ".join(a[:2]) for a in NAMED])
+def test_other_commands_name_the_server(served, args):
+    db, folder, proc, port = served
+    done = geomap(*[a.format(folder=folder) for a in args], "--db", str(db))
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("geomap serve owns")]
+    assert done.status == 2, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, lines
+    assert "geomap's own server" in lines[0] and f"pid {proc.pid}" in lines[0] and str(port) in lines[0], lines[0]
+    assert "writing to it" not in lines[0]
