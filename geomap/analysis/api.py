@@ -5,21 +5,20 @@ Scalars that describe a whole result (the chosen token, the margin, the logit) t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 from geomap.analysis import load
 from geomap.analysis.decoding import Strategy, decide
 from geomap.analysis.persist import decision_row, insert_rows, transaction
-from geomap.store.db import connect, ensure_schema
+from geomap.store.db import ensure_schema
+from geomap.store.handle import Store, StoreLike
 
 
-def decode(db_path: str | Path, prompt_id: int, strategy: Strategy, pos: int | None = None) -> pd.DataFrame:
+def decode(store: StoreLike, prompt_id: int, strategy: Strategy, pos: int | None = None) -> pd.DataFrame:
     """Decide the next token from stored logits (no model rerun) and store the decision in ``decisions``.
 
     Args:
-        db_path: The store.
+        store: The store (a path opens one for the call).
         prompt_id: A stored prompt.
         strategy: Greedy, or sampling with temperature / top-k / top-p / min-p and a seed.
         pos: The position whose next token is decided (default: the last, where the full logits are stored).
@@ -28,16 +27,13 @@ def decode(db_path: str | Path, prompt_id: int, strategy: Strategy, pos: int | N
         The kept candidates (``id, token, prob``), most probable first. ``attrs`` holds ``chosen`` (``id, token,
         rank, prob``), ``exact``, ``cut_mass``, ``tail_mass``, ``strategy``, ``pos`` and ``decision_id``.
     """
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         info = load.prompt_info(con, prompt_id)
         pos = load.resolve_pos(info, pos)
         d = decide(load.candidates(con, info, pos), strategy)
         (decision_id,) = insert_rows(con, "decisions", [decision_row(d, prompt_id, pos, "decode")], with_id=True)
         texts = load.token_texts(con, info.weights_sha256, [*d.kept_ids, d.chosen_id])
-    finally:
-        con.close()
     frame = pd.DataFrame({"id": d.kept_ids.astype(int), "token": [texts.get(int(i)) for i in d.kept_ids],
                           "prob": d.kept_probs.astype(float)})
     frame.attrs.update(
@@ -60,17 +56,14 @@ def model_for(info, loaded=None):
     return loaded
 
 
-def model_for_prompt(db_path: str | Path, prompt_id: int, loaded=None):
+def model_for_prompt(store: StoreLike, prompt_id: int, loaded=None):
     """The model a stored prompt was captured with (``loaded`` if its weights match, else loaded by name)."""
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
         info = load.prompt_info(con, prompt_id)
-    finally:
-        con.close()
     return model_for(info, loaded)
 
 
-def geometry(db_path: str | Path, prompt_id: int, layer: int | None = None, pos: int | None = None,
+def geometry(store: StoreLike, prompt_id: int, layer: int | None = None, pos: int | None = None,
              contrast: tuple[str, ...] = (), k: int = 10, loaded=None) -> pd.DataFrame:
     """The unembedding geometry of a stored state, stored in ``geometry`` and ``margins``.
 
@@ -86,8 +79,7 @@ def geometry(db_path: str | Path, prompt_id: int, layer: int | None = None, pos:
     from geomap.analysis.geometry import unembedding_geometry
     from geomap.store.db import StoreError
 
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         info = load.prompt_info(con, prompt_id)
         pos = load.resolve_pos(info, pos)
@@ -114,8 +106,6 @@ def geometry(db_path: str | Path, prompt_id: int, layer: int | None = None, pos:
                                           "direction_dot": g.direction_dot, "bias_diff": g.bias_diff,
                                           "normed_norm": float(np.linalg.norm(g.normed))}])
         texts = load.token_texts(con, info.weights_sha256, [r["token_id"] for r in rows] + [g.top1_id, g.top2_id])
-    finally:
-        con.close()
     frame = pd.DataFrame([{"role": r["role"], "rank": r["rank"], "id": r["token_id"],
                            "token": texts.get(r["token_id"]), "dot": r["dot"], "cosine": r["cosine"]} for r in rows])
     frame.attrs.update(margin=g.margin, direction_dot=g.direction_dot, bias_diff=g.bias_diff,
@@ -125,7 +115,7 @@ def geometry(db_path: str | Path, prompt_id: int, layer: int | None = None, pos:
     return frame
 
 
-def attribute(db_path: str | Path, prompt_id: int, token: str | None = None, pos: int | None = None,
+def attribute(store: StoreLike, prompt_id: int, token: str | None = None, pos: int | None = None,
               loaded=None) -> pd.DataFrame:
     """Direct logit attribution of a token's logit at a stored position, stored in ``attributions``.
 
@@ -137,8 +127,7 @@ def attribute(db_path: str | Path, prompt_id: int, token: str | None = None, pos
     """
     from geomap.analysis.attribution import attribute as decompose
 
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         info = load.prompt_info(con, prompt_id)
         pos = load.resolve_pos(info, pos)
@@ -158,15 +147,13 @@ def attribute(db_path: str | Path, prompt_id: int, token: str | None = None, pos
             insert_rows(con, "attributions", rows)
         model_logit = load.stored_logit(con, info, pos, token_id)
         text = load.token_texts(con, info.weights_sha256, [token_id]).get(token_id)
-    finally:
-        con.close()
     frame = pd.DataFrame(rows).drop(columns=["prompt_id", "pos", "token_id"])
     frame.attrs.update(token={"id": token_id, "token": text}, logit=result.logit, model_logit=model_logit, pos=pos,
                        prompt_id=prompt_id)
     return frame
 
 
-def trajectory_stats(db_path: str | Path, prompt_id: int, pos: int | None = None) -> pd.DataFrame:
+def trajectory_stats(store: StoreLike, prompt_id: int, pos: int | None = None) -> pd.DataFrame:
     """One position's trajectory through the layers, from the ``layer_curves`` and ``position_stats`` views.
 
     Returns:
@@ -174,8 +161,7 @@ def trajectory_stats(db_path: str | Path, prompt_id: int, pos: int | None = None
         final_rank, norm, norm_growth, cos_final``. ``attrs`` holds ``prediction_depth``, ``final`` (the
         model's top-1 ``{id, token}``) and ``pos``.
     """
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         info = load.prompt_info(con, prompt_id)
         pos = load.resolve_pos(info, pos)
@@ -191,8 +177,6 @@ def trajectory_stats(db_path: str | Path, prompt_id: int, pos: int | None = None
         final = con.execute("SELECT token_ids[1] FROM next_token WHERE prompt_id = ? AND pos = ?",
                             [prompt_id, pos]).fetchall()[0][0]
         final_text = load.token_texts(con, info.weights_sha256, [final]).get(final)
-    finally:
-        con.close()
     frame.attrs.update(prediction_depth=depth[0][0] if depth else None, final={"id": final, "token": final_text},
                        pos=pos, prompt_id=prompt_id, text=info.text)
     return frame

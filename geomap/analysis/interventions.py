@@ -9,7 +9,7 @@ import pandas as pd
 
 from geomap.errors import GeomapError
 from geomap.store.codec import from_blob
-from geomap.store.db import connect
+from geomap.store.handle import Store
 from geomap.store.interventions import has_intervention_tables
 
 
@@ -18,13 +18,10 @@ class NoInterventionsError(GeomapError):
 
 
 def _read(db_path: str | Path, sql: str, params: list | None = None) -> pd.DataFrame:
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         if not has_intervention_tables(con):
             raise NoInterventionsError(f"{db_path} holds no interventions; run `geomap intervene` first")
         return con.execute(sql, params or []).df()
-    finally:
-        con.close()
 
 
 def effects(db_path: str | Path, sweep: str | None = None) -> pd.DataFrame:
@@ -86,13 +83,10 @@ def trace_grid(db_path: str | Path, sweep: str, token_id: int | None = None) -> 
 
 def tagged_mean_state(db_path: str | Path, tag: str, layer: int) -> np.ndarray:
     """The mean stored residual at ``layer`` of the last position of every prompt tagged ``tag`` (d,)."""
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         rows = con.execute("""SELECT s.vec, s.vec_bf16 FROM states s JOIN prompts p ON p.id = s.prompt_id
                               WHERE list_contains(p.tags, ?) AND s.layer = ? AND s.pos = p.n_tokens - 1
                                 AND p.status = 'done'""", [tag, layer]).fetchall()
-    finally:
-        con.close()
     if not rows:
         raise NoInterventionsError(f"no stored prompt is tagged {tag!r}")
     return np.mean([_vector(v, b) for v, b in rows], axis=0)
@@ -100,11 +94,8 @@ def tagged_mean_state(db_path: str | Path, tag: str, layer: int) -> np.ndarray:
 
 def stored_state(db_path: str | Path, state_id: int) -> np.ndarray:
     """One stored residual vector by its ``states.id`` (d,)."""
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         rows = con.execute("SELECT vec, vec_bf16 FROM states WHERE id = ?", [state_id]).fetchall()
-    finally:
-        con.close()
     if not rows:
         raise NoInterventionsError(f"no stored state {state_id}")
     return _vector(*rows[0])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +11,8 @@ from geomap.analysis import load
 from geomap.analysis.geometry import normed_states
 from geomap.analysis.persist import insert_rows, next_id, transaction
 from geomap.analysis.projection import fit_projection
-from geomap.store.db import StoreError, connect, ensure_schema
+from geomap.store.db import StoreError, ensure_schema
+from geomap.store.handle import Store, StoreLike
 
 
 def run_model(con, run_id: int, loaded=None):
@@ -35,14 +35,14 @@ def top_candidates(con, run_id: int, limit: int = 12) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def project(db_path: str | Path, run_id: int, method: str = "pca", layers: list[int] | None = None,
+def project(store: StoreLike, run_id: int, method: str = "pca", layers: list[int] | None = None,
             joint: bool = True, seed: int = 0, loaded=None) -> pd.DataFrame:
     """Fit 2-D maps of a run's states after the final norm, and store them.
 
     Results go to ``projections``, ``projection_points`` and ``projection_tokens``.
 
     Args:
-        db_path: The store.
+        store: The store (a path opens one for the call).
         run_id: The run whose states are mapped.
         method: ``pca``, ``umap`` or ``tsne``.
         layers: Boundaries to include (default all).
@@ -53,8 +53,7 @@ def project(db_path: str | Path, run_id: int, method: str = "pca", layers: list[
     Returns:
         One row per fit: ``projection_id, layer (None when joint), n_points, explained`` (PCA).
     """
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         loaded = run_model(con, run_id, loaded)
         states = load.run_states(con, run_id, layers)
@@ -82,8 +81,6 @@ def project(db_path: str | Path, run_id: int, method: str = "pca", layers: list[
                     for t, c in zip(token_ids, fit.token_coords)])
             out.append({"projection_id": pid, "layer": layer, "n_points": int(len(idx)),
                         "explained": None if fit.explained is None else [float(v) for v in fit.explained]})
-    finally:
-        con.close()
     frame = pd.DataFrame(out)
     frame.attrs.update(run_id=run_id, method=method, joint=joint, layers=chosen, tokens=token_ids)
     return frame
@@ -105,7 +102,7 @@ def _insert_points(con, projection_id: int, states: load.StateSet, idx: np.ndarr
         con.unregister("_points")
 
 
-def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
+def place(store: StoreLike, projection_id: int, prompt_id: int, loaded=None,
           tokens: list[int] | None = None, positions: list[int] | None = None) -> pd.DataFrame:
     """Place a stored journey (any run, same model) into a fitted map.
 
@@ -113,7 +110,7 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
     inverse-distance-weighted mean of its 10 nearest fitted states (their fitted models are not stored).
 
     Args:
-        db_path: The store.
+        store: The store (a path opens one for the call).
         projection_id: A fitted map (``projections.id``).
         prompt_id: The journey to place.
         loaded: The model (loaded by name from the run when None).
@@ -126,8 +123,7 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
     """
     from geomap.analysis.projection import place_by_neighbours, place_pca
 
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         rows = con.execute("SELECT run_id, method, layers, joint, layer, center, components, token_scale "
                            "FROM projections WHERE id = ?", [projection_id]).fetchall()
         if not rows:
@@ -157,8 +153,6 @@ def place(db_path: str | Path, projection_id: int, prompt_id: int, loaded=None,
             fit_xy = np.stack([fitted["x"], fitted["y"]], 1).astype(np.float32)
             coords = place_by_neighbours(fit_x, fit_xy, x)
             token_coords = place_by_neighbours(fit_x, fit_xy, dirs) if token_ids else np.zeros((0, 2), np.float32)
-    finally:
-        con.close()
     frame = pd.DataFrame({"pos": [p for p, _, _ in vecs], "layer": [ell for _, ell, _ in vecs],
                           "x": coords[:, 0], "y": coords[:, 1]})
     frame.attrs.update(exact=method == "pca", projection_id=projection_id, prompt_id=prompt_id,

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from geomap.analysis import load
 from geomap.analysis.persist import insert_rows, transaction
 from geomap.analysis.position import distance_profile, learned_position_similarity, rope_angles
-from geomap.store.db import StoreError, connect, ensure_schema
+from geomap.store.db import StoreError, ensure_schema
+from geomap.store.handle import Store, StoreLike
 
 
-def position(db_path: str | Path, prompt_id: int, layer: int | None = None, head: int | None = None,
+def position(store: StoreLike, prompt_id: int, layer: int | None = None, head: int | None = None,
              key_pos: int | None = None, max_distance: int = 64, loaded=None, pos: int | None = None) -> pd.DataFrame:
     """How position shapes a stored prompt's attention scores; stored in ``rope_angles`` and ``position_scores``.
 
@@ -29,8 +28,7 @@ def position(db_path: str | Path, prompt_id: int, layer: int | None = None, head
     """
     from geomap.analysis.api import model_for
 
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         info = load.prompt_info(con, prompt_id)
         loaded = model_for(info, loaded)
@@ -79,8 +77,6 @@ def position(db_path: str | Path, prompt_id: int, layer: int | None = None, head
             insert_rows(con, "rope_angles", angle_rows)
             insert_rows(con, "position_scores", [{"prompt_id": prompt_id, **{k: r[k] for k in (
                 "layer", "head", "key_pos", "distance", "score")}} for r in out])
-    finally:
-        con.close()
     frame = pd.DataFrame(out)
     frame.attrs.update(kind="rope", q_pos=q_pos, prompt_id=prompt_id, ropes={
         name: {"pairs": len(f), "inv_freq_first": float(f[0]), "inv_freq_last": float(f[-1])}

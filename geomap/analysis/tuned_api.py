@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
@@ -11,10 +9,11 @@ import torch
 from geomap.analysis import load
 from geomap.analysis.persist import insert_rows, next_id, transaction
 from geomap.analysis.tuned_lens import _final_logprobs, full_kl, train_tuned_lens
-from geomap.store.db import connect, ensure_schema
+from geomap.store.db import ensure_schema
+from geomap.store.handle import Store, StoreLike
 
 
-def tuned_lens(db_path: str | Path, run_id: int, steps: int = 150, heldout_every: int = 5, seed: int = 0,
+def tuned_lens(store: StoreLike, run_id: int, steps: int = 150, heldout_every: int = 5, seed: int = 0,
                loaded=None) -> pd.DataFrame:
     """Train a tuned lens on a run's states; every ``heldout_every``-th prompt is held out for the report.
 
@@ -28,8 +27,7 @@ def tuned_lens(db_path: str | Path, run_id: int, steps: int = 150, heldout_every
     """
     from geomap.analysis.maps import run_model
 
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con)
         loaded = run_model(con, run_id, loaded)
         states = load.run_states(con, run_id)
@@ -64,8 +62,6 @@ def tuned_lens(db_path: str | Path, run_id: int, steps: int = 150, heldout_every
                 {"lens_id": lens_id, "prompt_id": int(prompts[j]), "pos": keys[j][1], "layer": layer,
                  "top1_id": int(top1[j]), "kl_to_final": float(kl[j]), "heldout": bool(heldout[j])}
                 for layer, kl, top1 in stats for j in range(len(keys))])
-    finally:
-        con.close()
     frame = pd.DataFrame([{"layer": r.layer, "tuned_kl": r.tuned_kl, "logit_kl": r.logit_kl, "steps": r.steps}
                           for r in reports])
     frame.attrs.update(lens_id=lens_id, train_prompts=n_train, heldout_prompts=len(set(prompts[heldout].tolist())),

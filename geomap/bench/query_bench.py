@@ -12,15 +12,12 @@ from geomap.bench.core import Figure, judged, median, percentile
 
 def real_states(db_path: Path, layer: int) -> np.ndarray:
     """The stored residuals of one layer, standardised and normalised as the store's indexes hold them."""
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
     from geomap.store.vectors import open_state_index
 
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.open(db_path, "r") as store, store.snapshot() as con:
         x = np.stack(con.execute("SELECT vec FROM states WHERE layer = ? ORDER BY id", [layer]).fetchnumpy()["vec"])
         index = open_state_index(con, db_path, layer)
-    finally:
-        con.close()
     return index.prepare(x.astype(np.float32))
 
 
@@ -83,8 +80,7 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
 
 def sql_figures(db_path: Path, repeats: int = 30) -> list[Figure]:
     """Latency of fetching one prompt's whole trajectory, from an open store (as the server does) and a cold one."""
-    import duckdb
-
+    from geomap.store.handle import Store
     from geomap.store.sql import run_sql, sql_connection_config
 
     ids = [r[0] for r in run_sql(db_path, "SELECT id FROM prompts WHERE status = 'done' ORDER BY id").rows]
@@ -92,20 +88,15 @@ def sql_figures(db_path: Path, repeats: int = 30) -> list[Figure]:
     bare = ("SELECT s.pos, s.layer, s.norm, s.cos_final, l.top1_id, l.top1_prob, l.entropy, l.kl_to_final, "
             "l.final_rank FROM states s LEFT JOIN lens_stats l USING (prompt_id, pos, layer) "
             "WHERE s.prompt_id = ? ORDER BY s.pos, s.layer")
-    anchor = duckdb.connect(str(db_path), read_only=True, config=sql_connection_config())
     lat: dict[str, list[float]] = {"view": [], "bare": [], "cold": []}
-    try:
+    with Store.open(db_path, "r", sql_connection_config()) as store:
         for i in range(repeats):
             pid = ids[i % len(ids)]
             for name, sql in (("view", view), ("bare", bare)):
-                cur = anchor.cursor()
                 t0 = time.perf_counter()
-                cur.execute("BEGIN TRANSACTION READ ONLY")
-                cur.execute(sql, [pid]).fetchall()
+                with store.snapshot() as cur:
+                    cur.execute(sql, [pid]).fetchall()
                 lat[name].append(time.perf_counter() - t0)
-                cur.close()
-    finally:
-        anchor.close()
     for i in range(min(repeats, 10)):
         t0 = time.perf_counter()
         run_sql(db_path, view, [ids[i % len(ids)]])

@@ -18,7 +18,7 @@ from geomap.capture.config import CaptureConfig
 from geomap.capture.engine import iter_capture
 from geomap.ingest.engine import ingest
 from geomap.ingest.runs import ensure_vocab, model_identity
-from geomap.store.db import connect, ensure_schema, index_dir, prepare_writer
+from geomap.store.db import connect, ensure_schema, index_dir, writer_settings
 from geomap.store.shards import write_batch
 from geomap.store.writer import PromptSpec, journey_tables, prompt_key, vocab_texts
 
@@ -72,7 +72,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
     def geomap_write():
         path = _fresh(folder, "w.duckdb")
         con = _store(loaded, path)
-        prepare_writer(con, path)  # as ingest sets its connection up
+        writer_settings(con)  # as ingest sets its store up
         _write(con, items, vocab)
         con.execute("CHECKPOINT")
         con.close()
@@ -135,7 +135,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
         b = time.perf_counter()
         path = _fresh(folder, "s.duckdb")
         con = _store(loaded, path)
-        prepare_writer(con, path)
+        writer_settings(con)
         _write(con, _items(loaded, config, texts, journeys),
                vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size))
         c = time.perf_counter()

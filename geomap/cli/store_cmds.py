@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from geomap.cli.prompt_ids import prompt_option
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
+
+if TYPE_CHECKING:
+    from geomap.store.handle import StoreLike
 
 PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
 
@@ -35,10 +39,10 @@ def _existing(db: Path | None) -> Path:
 
 def _check_writable(store: Path) -> None:
     """Fail fast, before a model loads, when another process holds the store's write lock."""
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
 
     if store.exists():
-        connect(store).close()
+        Store.open(store, "w").close()
 
 
 def _keys(model, config, prompts) -> list[str]:
@@ -184,7 +188,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         _pipeline_reports(store, pipe, prompts, loaded)
 
 
-def _continue(store: Path, pipe, prompts, loaded, as_json: bool) -> None:
+def _continue(store: StoreLike, pipe, prompts, loaded, as_json: bool) -> None:
     """Store the pipeline's greedy continuations after its prompts (the same step for every engine)."""
     from geomap.ingest.generation import continue_prompts
 
@@ -192,7 +196,7 @@ def _continue(store: Path, pipe, prompts, loaded, as_json: bool) -> None:
                      pipe.vector_dtype, progress=not as_json, batch_size=pipe.batch_size)
 
 
-def _pipeline_reports(store: Path, pipe, prompts, loaded) -> None:
+def _pipeline_reports(store: StoreLike, pipe, prompts, loaded) -> None:
     """Write the reports a pipeline asks for (``loaded`` None: the report stage loads the model if it needs it)."""
     from geomap.ingest.runs import model_identity
     from geomap.models.skeleton import skeleton_model
@@ -355,15 +359,11 @@ def index() -> None:
 @click.option("--kind", default="auto", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), show_default=True)
 def index_rebuild(db: Path | None, kind: str) -> None:
     """Rebuild every state index from DuckDB (recomputing the standardisation)."""
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
     from geomap.store.vectors import build_state_indexes
 
-    path = _existing(db)
-    con = connect(path)
-    try:
-        rows = build_state_indexes(con, path, kind=kind)
-    finally:
-        con.close()
+    with Store.open(_existing(db), "w") as store, store.writer() as con:
+        rows = build_state_indexes(con, store.path, kind=kind)
     click.echo(f"rebuilt {len(rows)} indexes ({sum(r['ntotal'] for r in rows)} vectors)")
 
 
@@ -371,15 +371,11 @@ def index_rebuild(db: Path | None, kind: str) -> None:
 @db_option
 def index_verify(db: Path | None) -> None:
     """Check every index file against its manifest row and DuckDB."""
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
     from geomap.store.vectors import verify_indexes
 
-    path = _existing(db)
-    con = connect(path, read_only=True)
-    try:
-        problems = verify_indexes(con, path)
-    finally:
-        con.close()
+    with Store.open(_existing(db), "r") as store, store.snapshot() as con:
+        problems = verify_indexes(con, store.path)
     for line in problems:
         click.echo(f"problem: {line}", err=True)
     if problems:

@@ -21,11 +21,12 @@ from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.runs import RunSummary, ensure_vocab, mark_failed, model_identity, resumable_run, start_run
 from geomap.ingest.validate import check_against_model
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, ensure_schema, prepare_writer, storage_error
+from geomap.store.db import ensure_schema, storage_error
+from geomap.store.handle import Store, StoreLike
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
 
 
-def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Path,
+def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], store: StoreLike,
            config: CaptureConfig | None = None, vector_dtype: str = "float32", batch_size: int = 8,
            pipeline: str = "ingest", progress: bool = True, index: bool = True, run_id: int | None = None,
            on_progress: Callable[[dict], None] | None = None) -> RunSummary:
@@ -34,7 +35,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     Args:
         loaded: The model.
         prompts: Prompts with their provenance.
-        db_path: The store's DuckDB file (created if missing).
+        store: The store (a path opens one for the call, creating it if missing).
         config: Capture options.
         vector_dtype: ``"float32"`` or ``"bfloat16"``.
         batch_size: Prompts per forward pass and per transaction.
@@ -56,10 +57,8 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
     """
     config = config or CaptureConfig()
     start = time.perf_counter()
-    db_path = Path(db_path)
-    con = connect(db_path)
-    try:
-        texts = prepare_store(con, db_path, loaded)
+    with Store.use(store, "w") as opened, opened.writer() as con:
+        texts = prepare_store(opened, con, loaded)
         identity, config_json = model_identity(loaded), config.to_json()
         keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
         todo = unstored(con, keyed)
@@ -68,7 +67,7 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             run_id = resumable_run(con, loaded, config, vector_dtype, pipeline)
             if run_id is None and not todo:  # nothing to store and nothing to finish: record no empty run
                 if index:
-                    _sync(con, db_path)
+                    _sync(con, opened.path)
                 return RunSummary(None, 0, len(keyed), 0, 0, time.perf_counter() - start, ())
         run_id = start_run(con, loaded, config, vector_dtype, pipeline, run_id)
         kill_point("run.started")
@@ -78,18 +77,16 @@ def ingest(loaded: LoadedModel, prompts: Sequence[PromptSpec], db_path: str | Pa
             _store(con, loaded, todo, run_id, config, vector_dtype, batch_size, texts, identity, config_json,
                    tally, progress)
             if index:
-                _sync(con, db_path)
+                _sync(con, opened.path)
             kill_point("run.indexed")
             con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
         except Exception as exc:
-            mark_failed(con, db_path, run_id)
-            if (error := storage_error(exc, db_path)) is not None:
+            mark_failed(opened, con, run_id)
+            if (error := storage_error(exc, opened.path)) is not None:
                 raise error from None
             raise
         return RunSummary(run_id, tally.done, len(keyed) - len(todo), tally.failed, tally.tokens,
                           time.perf_counter() - start, tuple(tally.failures))
-    finally:
-        con.close()
 
 
 def _sync(con, db_path: Path) -> None:
@@ -119,9 +116,9 @@ def _store(con, loaded: LoadedModel, todo: list, run_id: int, config: CaptureCon
         bar.close()
 
 
-def prepare_store(con, db_path: Path, loaded: LoadedModel):
+def prepare_store(store: Store, con, loaded: LoadedModel):
     """Ready a store for a run of ``loaded`` (writer settings, schema, vocabulary); returns its token texts by id."""
-    prepare_writer(con, db_path)
+    store.prepare_writer()
     ensure_schema(con, loaded.anatomy.d_model)
     ensure_vocab(con, loaded)
     return vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
@@ -169,7 +166,7 @@ class _Tally:
             self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}", rows=merged.counts.get("states", 0))
 
 
-def store_text(db_path: str | Path, text: str, loaded: LoadedModel | None = None) -> int:
+def store_text(store: StoreLike, text: str, loaded: LoadedModel | None = None) -> int:
     """Store ``text`` with attention and lens at every position (unless stored already); return its prompt id.
 
     This is how a report of an ad-hoc text gets its data: the ingestion stage captures, the report reads.
@@ -178,10 +175,7 @@ def store_text(db_path: str | Path, text: str, loaded: LoadedModel | None = None
 
     loaded = loaded or load_model()
     config = CaptureConfig(attn_positions="all", lens_positions="all")
-    ingest(loaded, [PromptSpec(text)], db_path, config, progress=False)
-    key = prompt_key(model_identity(loaded), config.to_json(), text)
-    con = connect(db_path, read_only=True)
-    try:
-        return int(con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()[0][0])
-    finally:
-        con.close()
+    with Store.use(store, "w") as opened:
+        ingest(loaded, [PromptSpec(text)], opened, config, progress=False)
+        key = prompt_key(model_identity(loaded), config.to_json(), text)
+        return int(opened.query("SELECT id FROM prompts WHERE key = ?", [key]).scalar())

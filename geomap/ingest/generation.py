@@ -6,7 +6,6 @@ The loop itself is analysis (`geomap.analysis.generate`); storing its journey an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 
@@ -17,13 +16,14 @@ from geomap.capture.config import CaptureConfig
 from geomap.errors import PromptError
 from geomap.ingest.engine import ingest
 from geomap.ingest.runs import ensure_vocab, mark_failed, model_identity, resumable_run, start_run
-from geomap.store.db import connect, ensure_schema, storage_error
+from geomap.store.db import ensure_schema, storage_error
+from geomap.store.handle import Store, StoreLike
 from geomap.store.shards import write_batch
 from geomap.store.vectors import sync_state_indexes
 from geomap.store.writer import PromptSpec, prompt_key
 
 
-def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strategy: Strategy,
+def generate(store: StoreLike, loaded, text: str, max_new_tokens: int, strategy: Strategy,
              config=None, vector_dtype: str = "float32") -> pd.DataFrame:
     """Generate after ``text``, store the generation as a prompt linked to its parent, with a decision per step.
 
@@ -38,19 +38,24 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
     """
     config = config or CaptureConfig()
     identity, config_json = model_identity(loaded), config.to_json()
-    parent_key = _stored_prompt_key(db_path, loaded, text)
+    with Store.use(store, "w") as opened:
+        return _generate(opened, loaded, text, max_new_tokens, strategy, config, vector_dtype, identity, config_json)
+
+
+def _generate(store: Store, loaded, text: str, max_new_tokens: int, strategy: Strategy, config: CaptureConfig,
+              vector_dtype: str, identity: str, config_json: str) -> pd.DataFrame:
+    parent_key = _stored_prompt_key(store, loaded, text)
     if parent_key is None:
-        ingest(loaded, [PromptSpec(text)], db_path, config, vector_dtype, progress=False)
+        ingest(loaded, [PromptSpec(text)], store, config, vector_dtype, progress=False)
         parent_key = prompt_key(identity, config_json, text)
     decoding = _decoding(strategy, max_new_tokens, parent_key)
     key = prompt_key(identity, config_json, text, decoding)
-    con = connect(db_path)
-    try:
+    with store.writer() as con:
         ensure_schema(con, loaded.anatomy.d_model)
         parent_id = con.execute("SELECT id FROM prompts WHERE key = ?", [parent_key]).fetchall()[0][0]
         found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
         if not found:
-            _store_generations(con, Path(db_path), loaded, config, vector_dtype, "generate",
+            _store_generations(store, con, loaded, config, vector_dtype, "generate",
                                [(text, parent_id, decoding, key)], max_new_tokens, strategy)
             found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
         prompt_id = found[0][0]
@@ -60,8 +65,6 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
                               LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = d.chosen_id
                               WHERE d.prompt_id = ? AND d.source = 'generate' ORDER BY d.step""",
                            [prompt_id]).fetchall()
-    finally:
-        con.close()
     frame = pd.DataFrame({"id": [r[1] for r in rows], "token": [r[2] for r in rows],
                           "prob": [float(r[3]) for r in rows]})
     eos = bool(rows) and rows[-1][1] in eos_ids(loaded)
@@ -71,16 +74,11 @@ def generate(db_path: str | Path, loaded, text: str, max_new_tokens: int, strate
     return frame
 
 
-def _stored_prompt_key(db_path: str | Path, loaded, text: str) -> str | None:
+def _stored_prompt_key(store: Store, loaded, text: str) -> str | None:
     """The key of an already stored (non-generated) prompt with this text and model, if any."""
-    if not Path(db_path).exists():
-        return None
-    con = connect(db_path)
-    try:
+    with store.writer() as con:
         ensure_schema(con)
         found = _stored_parents(con, loaded, [text])
-    finally:
-        con.close()
     return found[text][1] if found else None
 
 
@@ -98,7 +96,7 @@ def _decoding(strategy: Strategy, max_new_tokens: int, parent_key: str) -> str:
                       sort_keys=True, separators=(",", ":"))
 
 
-def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, config=None,
+def continue_prompts(store: StoreLike, loaded, texts, max_new_tokens: int, config=None,
                      vector_dtype: str = "float32", progress: bool = True, batch_size: int = 8) -> int:
     """Store a short greedy continuation after each stored prompt (a pipeline's ``continuation_tokens``).
 
@@ -114,8 +112,7 @@ def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, co
         return 0
     config = config or CaptureConfig()
     identity, config_json = model_identity(loaded), config.to_json()
-    con = connect(db_path)
-    try:
+    with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con, loaded.anatomy.d_model)
         unique = list(dict.fromkeys(texts))
         parents = _stored_parents(con, loaded, unique)
@@ -128,14 +125,12 @@ def continue_prompts(db_path: str | Path, loaded, texts, max_new_tokens: int, co
                                             [[w[3] for w in wanted]]).fetchall()}
         todo = [w for w in wanted if w[3] not in stored]
         if todo:
-            stored |= _store_generations(con, Path(db_path), loaded, config, vector_dtype, "continue", todo,
+            stored |= _store_generations(opened, con, loaded, config, vector_dtype, "continue", todo,
                                          max_new_tokens, Strategy(), batch_size, progress, skip_overflow=True)
-    finally:
-        con.close()
     return sum(w[3] in stored for w in wanted)
 
 
-def _store_generations(con, db_path: Path, loaded, config: CaptureConfig, vector_dtype: str, pipeline: str,
+def _store_generations(store: Store, con, loaded, config: CaptureConfig, vector_dtype: str, pipeline: str,
                        todo: list[tuple[str, int, str, str]], max_new_tokens: int, strategy: Strategy,
                        batch_size: int = 8, progress: bool = False, skip_overflow: bool = False) -> set[str]:
     """Generate after each ``(text, parent_id, decoding, key)``, store the generations and their decisions.
@@ -172,12 +167,12 @@ def _store_generations(con, db_path: Path, loaded, config: CaptureConfig, vector
             write_batch(con, run_id, vector_dtype, items, within=decisions)
             done |= set(steps)
         if run_id is not None:
-            sync_state_indexes(con, db_path)
+            sync_state_indexes(con, store.path)
             con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
     except Exception as exc:
         if run_id is not None:
-            mark_failed(con, db_path, run_id)
-        if (error := storage_error(exc, db_path)) is not None:
+            mark_failed(store, con, run_id)
+        if (error := storage_error(exc, store.path)) is not None:
             raise error from None
         raise
     finally:

@@ -190,14 +190,11 @@ def _steers(loaded, plan: InterventionSchema, grid, db_path) -> list[Spec]:
 
 
 def _tagged_texts(db_path, tag: str) -> list[str]:
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
 
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         rows = con.execute("SELECT DISTINCT text FROM prompts WHERE list_contains(tags, ?) AND status = 'done' "
                            "AND parent_id IS NULL ORDER BY text", [tag]).fetchall()
-    finally:
-        con.close()
     if not rows:
         raise InterventionError(f"no stored prompt is tagged {tag!r}")
     return [r[0] for r in rows]

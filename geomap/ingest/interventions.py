@@ -26,7 +26,8 @@ from geomap.intervene.engine import prepare, run_specs
 from geomap.intervene.hooks import InterventionError
 from geomap.intervene.spec import Spec, resolve
 from geomap.models.loading import LoadedModel
-from geomap.store.db import connect, storage_error
+from geomap.store.db import storage_error
+from geomap.store.handle import Store
 from geomap.store.interventions import ensure_intervention_tables, stored_keys, write_interventions
 from geomap.store.writer import PromptSpec, prompt_key
 
@@ -79,8 +80,7 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
     ingest(loaded, [PromptSpec(t) for t in texts], db_path, config, progress=False)
     identity = model_identity(loaded)
     keys = [spec.key(identity) for spec in specs]
-    con = connect(db_path)
-    try:
+    with Store.use(db_path, "w") as opened, opened.writer() as con:
         ensure_intervention_tables(con)
         width = loaded.anatomy.d_model
         prompt_ids = _prompt_ids(con, identity, config, texts)
@@ -94,16 +94,14 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
                 _run(con, loaded, todo, run_id, prompt_ids, wanted, name, batch_size, width)
                 con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
             except Exception as exc:
-                mark_failed(con, db_path, run_id)
-                if (error := storage_error(exc, db_path)) is not None:
+                mark_failed(opened, con, run_id)
+                if (error := storage_error(exc, opened.path)) is not None:
                     raise error from None
                 raise
         ids = dict(con.execute("SELECT key, id FROM interventions WHERE key IN (SELECT unnest(?))",
                                [keys]).fetchall())
         return SweepSummary(run_id if todo else None, len(todo), len(specs) - len(todo),
                             time.perf_counter() - start, tuple(int(ids[k]) for k in keys))
-    finally:
-        con.close()
 
 
 def _prompt_ids(con, identity: str, config: CaptureConfig, texts: list[str]) -> dict[str, int]:

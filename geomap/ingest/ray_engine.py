@@ -33,7 +33,7 @@ from geomap.ingest.engine_config import EngineConfig
 from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.ray_worker import CaptureWorker, prompt_table
 from geomap.ingest.runs import RunSummary, model_identity, start_run
-from geomap.store.db import connect
+from geomap.store.handle import Store, StoreLike
 from geomap.store.shards import ShardError, read_shard, shard_paths
 from geomap.store.writer import PromptSpec, prompt_key
 
@@ -121,13 +121,13 @@ def _workers_alive(ray) -> int | None:
         return None
 
 
-def shard_folder(db_path: str | Path, engine: EngineConfig) -> Path:
+def shard_folder(db_path: Path, engine: EngineConfig) -> Path:
     """Where workers put shards: ``engine.shards``, else ``<store>.shards`` beside the DuckDB file (absolute)."""
     db_path = Path(db_path)
     return Path(engine.shards or db_path.with_name(db_path.stem + ".shards")).expanduser().resolve()
 
 
-def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, config: CaptureConfig | None = None,
+def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, config: CaptureConfig | None = None,
                vector_dtype: str = "float32", batch_size: int = 8, pipeline: str = "ingest",
                engine: EngineConfig | None = None, device: str | None = None, dtype: str | None = None,
                progress: bool = True, index: bool = True,
@@ -138,7 +138,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
         model: Preset, local model directory or hub id (every worker loads it; this process reads only its
             config, tokenizer and weights hash).
         prompts: Prompts with their provenance.
-        db_path: The store's DuckDB file (created if missing); this process is its only writer.
+        store: The store (a path opens one for the call, creating it if missing); this process is its only writer.
         config: Capture options.
         vector_dtype: ``"float32"`` or ``"bfloat16"``.
         batch_size: Prompts per forward pass, per Ray task and per merge.
@@ -167,10 +167,9 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
     try:
         plan = plan_workers(engine, ray.cluster_resources(), device)
         skeleton = skeleton_model(model, plan.device, dtype)
-        db_path, shards = Path(db_path), shard_folder(db_path, engine)
-        con = connect(db_path)
-        try:
-            texts = prepare_store(con, db_path, skeleton)
+        with Store.use(store, "w") as opened, opened.writer() as con:
+            shards = shard_folder(opened.path, engine)
+            texts = prepare_store(opened, con, skeleton)
             identity, config_json = model_identity(skeleton), config.to_json()
             meta = {"model": identity, "capture": config_json}
             run_id = start_run(con, skeleton, config, vector_dtype, pipeline, run_id)
@@ -196,11 +195,9 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], db_path: str | Path, c
             if index:
                 from geomap.store.vectors import sync_state_indexes
 
-                sync_state_indexes(con, db_path)
+                sync_state_indexes(con, opened.path)
             con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
             return tally.summary(time.perf_counter() - start)
-        finally:
-            con.close()
     finally:
         if started:
             ray.shutdown()

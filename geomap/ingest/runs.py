@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -14,6 +15,7 @@ from geomap.errors import GeomapError
 from geomap.faults import kill_point
 from geomap.models.loading import LoadedModel
 from geomap.store.db import rollback_quietly
+from geomap.store.handle import Store
 
 
 @dataclass(frozen=True)
@@ -123,16 +125,12 @@ def start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str
         "'running', ?, ?, ?, ?, ?, ? FROM runs RETURNING id", [run_id, *values]).fetchall()[0][0])
 
 
-def mark_failed(con, db_path, run_id: int) -> None:
+def mark_failed(store: Store, con, run_id: int) -> None:
     """Mark a run ``failed`` after an error, best effort, never raising over the error that led here.
 
-    DuckDB may have invalidated ``con`` after the error, so a fresh connection tries again. On a full disk both
-    may fail: the next run then finds the run ``running`` and takes it up again.
+    DuckDB may have invalidated ``con`` after the error, so a fresh cursor of the store tries again. On a full disk
+    both may fail: the next run then finds the run ``running`` and takes it up again.
     """
-    import duckdb
-
-    from geomap.store.db import connect
-
     def mark(c) -> None:
         rollback_quietly(c)
         c.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = ?", [run_id])
@@ -141,13 +139,10 @@ def mark_failed(con, db_path, run_id: int) -> None:
         mark(con)
         return
     except (duckdb.Error, OSError):
-        con.close()
+        pass
     try:
-        fresh = connect(db_path)
-        try:
+        with store.writer() as fresh:
             mark(fresh)
-        finally:
-            fresh.close()
     except (duckdb.Error, OSError, GeomapError):
         pass
 

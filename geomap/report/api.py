@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import html
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from geomap.report.links import Links, in_folder, journey_name, run_name, served
 from geomap.report.pages import journey_page, write_page
+from geomap.store.handle import Store, StoreLike
 
 DEFAULT_FOLDER = Path("reports")
 
@@ -26,42 +26,19 @@ class Report:
                 f'srcdoc="{html.escape(self.html, quote=True)}"></iframe>')
 
 
-@contextmanager
-def one_instance(db_path: str | Path):
-    """Within the block, every connection to the store is a cursor of one open instance (opened once, not per query).
-
-    A report reads the store through a dozen helpers that each connect; opening the DuckDB file each time cost more
-    than the queries. When this process already serves the store (`geomap serve`), nothing changes.
-    """
-    from geomap.store.db import release_store, serve_store, served
-
-    if served(db_path) or not Path(db_path).exists():
-        yield
-        return
-    serve_store(db_path, {})
-    try:
-        yield
-    finally:
-        release_store(db_path)
-
-
 page_name = journey_name
 
 
-def store_links(db_path, folder: Path | None = None, planned: frozenset[str] = frozenset()) -> Links:
+def store_links(store: StoreLike, folder: Path | None = None, planned: frozenset[str] = frozenset()) -> Links:
     """What a page may link to: in ``folder``, the pages there or ``planned``; without a folder, every page."""
     from geomap.analysis.page_reads import page_keys
-    from geomap.store.db import connect
 
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
         keys = page_keys(con)
-    finally:
-        con.close()
     return served(keys) if folder is None else in_folder(keys, folder, planned)
 
 
-def journey_report(db_path: str | Path, prompt_id: int,
+def journey_report(store: StoreLike, prompt_id: int,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
                    write: bool = True, pos: int | None = None, linked: bool = True,
                    links: Links | None = None) -> Report:
@@ -71,7 +48,7 @@ def journey_report(db_path: str | Path, prompt_id: int,
     (`geomap.ingest.engine.store_text`).
 
     Args:
-        db_path: The store.
+        store: The store (a path opens one for the call).
         prompt_id: A stored prompt.
         out: The HTML file (default ``reports/journey-<id>.html``).
         single_file: Inline the stylesheet and script instead of linking ``assets/`` beside the page.
@@ -85,78 +62,75 @@ def journey_report(db_path: str | Path, prompt_id: int,
     from geomap.report.data import journey_data
 
     target = (Path(out) if out else None) if write else None
-    with one_instance(db_path):
+    with Store.use(store, "w", create=False) as opened:
         if links is None:
-            links = store_links(db_path, None)
+            links = store_links(opened, None)
             if write:  # the pages beside it, and its generations' steps, which it writes below
                 steps = frozenset(journey_name(p, s) for p, s in links.keys.steps_of([prompt_id])) if linked else ()
                 links = in_folder(links.keys, target.parent if target else DEFAULT_FOLDER, frozenset(steps))
-        loaded = model_for_prompt(db_path, prompt_id, loaded)
-        data = journey_data(db_path, prompt_id, loaded, pos=pos, links=links)
-    page = journey_page(data, single_file)
-    path = None
-    if write:
-        name = journey_name(prompt_id, None if data["prompt"]["is_last"] else data["prompt"]["pos"])
-        path = write_page(page, target or DEFAULT_FOLDER / name, single_file)
-        for step in data["generations"] if linked else []:
-            target = path.parent / journey_name(step["prompt_id"], step["pos"])
-            if step["href"] and not target.exists():
-                journey_report(db_path, step["prompt_id"], out=target, single_file=single_file, loaded=loaded,
-                               pos=step["pos"], linked=False, links=links)
+        loaded = model_for_prompt(opened, prompt_id, loaded)
+        data = journey_data(opened, prompt_id, loaded, pos=pos, links=links)
+        page = journey_page(data, single_file)
+        path = None
+        if write:
+            name = journey_name(prompt_id, None if data["prompt"]["is_last"] else data["prompt"]["pos"])
+            path = write_page(page, target or DEFAULT_FOLDER / name, single_file)
+            for step in data["generations"] if linked else []:
+                target = path.parent / journey_name(step["prompt_id"], step["pos"])
+                if step["href"] and not target.exists():
+                    journey_report(opened, step["prompt_id"], out=target, single_file=single_file, loaded=loaded,
+                                   pos=step["pos"], linked=False, links=links)
     return Report(page, path)
 
 
-def run_report(db_path: str | Path, run_id: int, out: str | Path | None = None, single_file: bool = False,
+def run_report(store: StoreLike, run_id: int, out: str | Path | None = None, single_file: bool = False,
                loaded=None, write: bool = True, links: Links | None = None) -> Report:
     """One page for a whole run (default file ``reports/run-<id>.html``)."""
     from geomap.report.render import render
     from geomap.report.run_data import run_data
 
     target = Path(out) if out else DEFAULT_FOLDER / run_name(run_id)
-    if links is None:
-        links = store_links(db_path, target.parent if write else None)
-    page = render("run.html.j2", run_data(db_path, run_id, loaded, links=links), single_file)
+    with Store.use(store, "w") as opened:
+        if links is None:
+            links = store_links(opened, target.parent if write else None)
+        page = render("run.html.j2", run_data(opened, run_id, loaded, links=links), single_file)
     path = write_page(page, target, single_file) if write else None
     return Report(page, path)
 
 
-def compare_report(db_path: str | Path, first: int, second: int, out: str | Path | None = None,
+def compare_report(store: StoreLike, first: int, second: int, out: str | Path | None = None,
                    single_file: bool = False, loaded=None, write: bool = True) -> Report:
     """Two journeys side by side (default file ``reports/compare-<a>-<b>.html``)."""
     from geomap.analysis.api import model_for_prompt
     from geomap.report.data import journey_data
     from geomap.report.render import render
 
-    with one_instance(db_path):
-        loaded = model_for_prompt(db_path, first, loaded)
-        data = {"a": journey_data(db_path, first, loaded),
-                "b": journey_data(db_path, second, model_for_prompt(db_path, second, loaded))}
-        data["cosines"] = _state_cosines(db_path, first, second)
+    with Store.use(store, "w", create=False) as opened:
+        loaded = model_for_prompt(opened, first, loaded)
+        data = {"a": journey_data(opened, first, loaded),
+                "b": journey_data(opened, second, model_for_prompt(opened, second, loaded))}
+        data["cosines"] = _state_cosines(opened, first, second)
     page = render("compare.html.j2", data, single_file)
     target = Path(out) if out else DEFAULT_FOLDER / f"compare-{first}-{second}.html"
     return Report(page, write_page(page, target, single_file) if write else None)
 
 
-def _state_cosines(db_path, first: int, second: int) -> list[dict]:
+def _state_cosines(store: Store, first: int, second: int) -> list[dict]:
     """Per boundary, the cosine between the two prompts' residual states at their last positions."""
     import numpy as np
 
     from geomap.analysis import load
-    from geomap.store.db import connect
 
-    con = connect(db_path, read_only=True)
-    try:
+    with store.snapshot() as con:
         infos = [load.prompt_info(con, p) for p in (first, second)]
         out = []
         for layer in range(min(i.n_layers for i in infos) + 1):
             a, b = (load.state(con, i.id, layer, i.n_tokens - 1).astype(np.float64) for i in infos)
             out.append({"layer": layer, "cos": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))})
         return out
-    finally:
-        con.close()
 
 
-def pipeline_reports(db_path: str | Path, keys: list[str], folder: str | Path, loaded=None,
+def pipeline_reports(store: StoreLike, keys: list[str], folder: str | Path, loaded=None,
                      progress: bool = True) -> int:
     """Write the reports of a pipeline's prompts.
 
@@ -166,21 +140,21 @@ def pipeline_reports(db_path: str | Path, keys: list[str], folder: str | Path, l
     Returns:
         How many pages were written.
     """
+    folder = Path(folder)
+    with Store.use(store, "w") as opened:
+        return _pipeline_reports(opened, keys, folder, loaded, progress)
+
+
+def _pipeline_reports(store: Store, keys: list[str], folder: Path, loaded, progress: bool) -> int:
     from tqdm import tqdm
 
-    from geomap.store.db import connect
-
-    folder = Path(folder)
-    con = connect(db_path, read_only=True)
-    try:
+    with store.snapshot() as con:
         rows = con.execute("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) AND status = 'done' "
                            "ORDER BY id", [list(keys)]).fetchall()
         steps = con.execute("""SELECT DISTINCT p.run_id FROM prompts p JOIN decisions d ON d.prompt_id = p.id
                                AND d.source = 'generate' WHERE p.parent_id IN (SELECT unnest(?))""",
                             [[pid for pid, _ in rows]]).fetchall()
-    finally:
-        con.close()
-    links = store_links(db_path, folder)
+    links = store_links(store, folder)
     ours = {pid for pid, _ in rows}
     runs = sorted({run for _, run in rows} | {run for (run,) in steps})
     planned = {journey_name(p) for p in ours} | {journey_name(p, s) for p, s in links.keys.steps_of(ours)}
@@ -188,9 +162,9 @@ def pipeline_reports(db_path: str | Path, keys: list[str], folder: str | Path, l
     todo = [pid for pid in sorted(ours) if not (folder / journey_name(pid)).exists()]
     written = 0
     for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
-        journey_report(db_path, pid, out=folder / journey_name(pid), loaded=loaded, links=links)
+        journey_report(store, pid, out=folder / journey_name(pid), loaded=loaded, links=links)
         written += 1
     for run_id in runs:
-        run_report(db_path, run_id, out=folder / run_name(run_id), loaded=loaded, links=links)
+        run_report(store, run_id, out=folder / run_name(run_id), loaded=loaded, links=links)
         written += 1
     return written

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,9 +10,11 @@ import torch
 from geomap.analysis import load
 from geomap.analysis.geometry import normed_state
 from geomap.analysis.page_reads import page_keys
+from geomap.lru import Lru
 from geomap.report import decoding_view, geometry_view, head_view, layer_view
 from geomap.report.links import Links, served
-from geomap.store.db import StoreError, connect, ensure_schema
+from geomap.store.db import StoreError, ensure_schema
+from geomap.store.handle import Store, StoreLike
 
 TOKEN_WINDOW = 64  # tokens listed around the followed one (long prompts are windowed; see docs/journey.md)
 HEAT_WINDOW = 12  # key positions per head in the every-head tables
@@ -33,12 +34,12 @@ def _token_map(con, sha: str, ids) -> dict[int, str]:
     return load.token_texts(con, sha, [int(i) for i in ids])
 
 
-def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[int, int] | None = None,
+def journey_data(store: StoreLike, prompt_id: int, loaded=None, head: tuple[int, int] | None = None,
                  knn: int = 6, pos: int | None = None, links: Links | None = None) -> dict:
     """Everything the journey report of one token shows (default: the prompt's last).
 
     Args:
-        db_path: The store.
+        store: The store (a path opens one for the call).
         prompt_id: A stored prompt.
         loaded: The model it was captured with (loaded when None).
         head: ``(layer, head)`` opened first in "inside any head" (default: the head whose weight on an earlier,
@@ -47,24 +48,26 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         pos: The token's position (a generation's step ``i`` is position ``n_prompt - 1 + i``).
         links: Which pages the page may link to (default: every page of the store, as served).
     """
+    with Store.use(store, "w") as opened:
+        return _journey_data(opened, prompt_id, loaded, head, knn, pos, links)
+
+
+def _journey_data(store: Store, prompt_id: int, loaded, head: tuple[int, int] | None, knn: int, pos: int | None,
+                  links: Links | None) -> dict:
     from geomap.analysis import api
     from geomap.analysis.positions_api import position
 
-    con = connect(db_path)
-    try:
+    with store.writer() as con:
         ensure_schema(con)
         info = load.prompt_info(con, prompt_id)
         run = _rows(con, "SELECT model, model_type, n_layers, d_model, n_heads, n_kv_heads, head_dim, vocab_size, "
                          "capture_config FROM runs WHERE id = ?", info.run_id)[0]
-    finally:
-        con.close()
     loaded = api.model_for(info, loaded)
     n, L = info.n_tokens, info.n_layers
     last = load.resolve_pos(info, pos)
-    attribution = api.attribute(db_path, prompt_id, pos=last, loaded=loaded)
-    stats = api.trajectory_stats(db_path, prompt_id, last)
-    con = connect(db_path)
-    try:
+    attribution = api.attribute(store, prompt_id, pos=last, loaded=loaded)
+    stats = api.trajectory_stats(store, prompt_id, last)
+    with store.writer() as con:
         sha = info.weights_sha256
         shown = set(head_view.window(last, TOKEN_WINDOW))
         tokens = [{"pos": p, "id": t, "text": x, "bytes": b.hex(" ") if b else "", "special": s, "generated": g}
@@ -107,8 +110,6 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
         resid = {ell: load.state(con, prompt_id, ell, last) for ell in range(L + 1)}
         nav = _neighbour_prompts(con, info, prompt_id)
         emb_row = loaded.anatomy.embed.weight[int(tokens[-1]["id"])].detach().float().cpu().numpy()
-    finally:
-        con.close()
 
     ids = set(int(t) for r in lens for t in r[1]) | {int(r[3]) for r in generations}
     start = resid[0]
@@ -117,11 +118,8 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     ids |= {int(v) for v in candidates.ids[:decoding_view.LISTED]}
 
     def texts_for(extra) -> dict[int, str]:
-        c = connect(db_path, read_only=True)
-        try:
+        with store.snapshot() as c:
             return _token_map(c, sha, extra)
-        finally:
-            c.close()
 
     texts = texts_for(ids)
     normed = normed_state(loaded, final_state)
@@ -131,25 +129,22 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     if not projection:
         from geomap.analysis.maps import project
 
-        project(db_path, info.run_id, "pca", loaded=loaded)
-        c = connect(db_path, read_only=True)
-        try:
+        project(store, info.run_id, "pca", loaded=loaded)
+        with store.snapshot() as c:
             projection = _rows(c, "SELECT id, explained FROM projections WHERE run_id = ? AND joint AND "
                                   "method = 'pca' ORDER BY id DESC LIMIT 1", info.run_id)
-        finally:
-            c.close()
     pid, explained = projection[0]
     from geomap.analysis.maps import place
 
     own = [int(t) for t in candidates.ids[:MAP_CANDIDATES]]
-    placed = place(db_path, pid, prompt_id, loaded=loaded, tokens=own, positions=[last])
-    pca = _map(db_path, pid, placed, last, texts)
+    placed = place(store, pid, prompt_id, loaded=loaded, tokens=own, positions=[last])
+    pca = _map(store, pid, placed, last, texts)
     pca["explained"] = [float(v) for v in explained or []]
 
     lse = float(candidates.logsumexp)
     head_layer, head_index = head or _chosen_head(attn, last)
     # The position section draws one head's q·k by distance: only that head is computed.
-    pos_frame = position(db_path, prompt_id, layer=head_layer, head=head_index, max_distance=32, loaded=loaded,
+    pos_frame = position(store, prompt_id, layer=head_layer, head=head_index, max_distance=32, loaded=loaded,
                          pos=last)
     capture = json.loads(run[8]) if run[8] else {}
     fallback = float(run[6]) ** -0.5 if run[6] else 1.0
@@ -165,12 +160,9 @@ def journey_data(db_path: str | Path, prompt_id: int, loaded=None, head: tuple[i
     generations = [{"prompt_id": g, "text": t, "step": s, "id": c, "token": texts.get(int(c)), "prob": p,
                     "strategy": st, "pos": ps, "parent_id": par} for g, t, s, c, p, st, ps, par in generations]
     if links is None:
-        c = connect(db_path, read_only=True)
-        try:
+        with store.snapshot() as c:
             links = served(page_keys(c))
-        finally:
-            c.close()
-    neighbours = _neighbours(db_path, prompt_id, L, knn, last)
+    neighbours = _neighbours(store, prompt_id, L, knn, last)
     for block in neighbours:
         for r in block["rows"]:
             r["href"] = links.journey(r["prompt_id"], r["pos"])
@@ -231,7 +223,7 @@ def neighbour_layers(n_layers: int) -> list[int]:
     return sorted({round(i * n_layers / 4) for i in range(5)})
 
 
-_ROW_NORMS: dict[str, np.ndarray] = {}
+_ROW_NORMS: Lru[np.ndarray] = Lru(4)  # bounded: the embedding rows' norms of the last models, by weights hash
 
 
 def embedding_neighbours(loaded, state: np.ndarray, k: int = 10) -> list[tuple[int, float]]:
@@ -242,7 +234,7 @@ def embedding_neighbours(loaded, state: np.ndarray, k: int = 10) -> list[tuple[i
     w_e = loaded.anatomy.embed.weight.detach()
     norms = _ROW_NORMS.get(loaded.weights_hash)
     if norms is None:
-        norms = _ROW_NORMS[loaded.weights_hash] = torch.linalg.vector_norm(w_e.float(), dim=1).cpu().numpy()
+        norms = _ROW_NORMS.put(loaded.weights_hash, torch.linalg.vector_norm(w_e.float(), dim=1).cpu().numpy())
     x = torch.as_tensor(np.asarray(state, np.float32)).to(w_e.device, w_e.dtype)
     with torch.no_grad():
         dots = (w_e @ x).float().cpu().numpy()
@@ -330,9 +322,8 @@ def _layer_rows(attn, contrib, norms, neurons, stats, resid, tokens, last, shown
     return [by_layer[k] for k in sorted(by_layer)]
 
 
-def _map(db_path, projection_id: int, placed, last: int, texts: dict[int, str]) -> dict:
-    con = connect(db_path, read_only=True)
-    try:
+def _map(store, projection_id: int, placed, last: int, texts: dict[int, str]) -> dict:
+    with store.snapshot() as con:
         pts = con.execute("""SELECT p.x, p.y, p.layer, p.prompt_id, j.top1_token FROM projection_points p
                              JOIN prompts q ON q.id = p.prompt_id
                              LEFT JOIN journey j ON j.prompt_id = p.prompt_id
@@ -341,8 +332,6 @@ def _map(db_path, projection_id: int, placed, last: int, texts: dict[int, str]) 
                               JOIN projections pr ON pr.id = t.projection_id JOIN runs r ON r.id = pr.run_id
                               LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = t.token_id
                               WHERE t.projection_id = ?""", [projection_id]).fetchall()
-    finally:
-        con.close()
     if len(pts) > MAP_BACKGROUND:  # a large run: an even sample of its points
         pts = [pts[i] for i in np.linspace(0, len(pts) - 1, MAP_BACKGROUND).astype(int)]
     path = placed[placed["pos"] == last].sort_values("layer")
@@ -356,13 +345,13 @@ def _map(db_path, projection_id: int, placed, last: int, texts: dict[int, str]) 
             + [{"x": float(x), "y": float(y), "token": t, "own": False} for x, y, t, i in toks if int(i) not in mine]}
 
 
-def _neighbours(db_path, prompt_id: int, n_layers: int, k: int, pos: int) -> list[dict]:
+def _neighbours(store, prompt_id: int, n_layers: int, k: int, pos: int) -> list[dict]:
     from geomap.store.query import neighbors
 
     out = []
     for layer in neighbour_layers(n_layers):
         try:
-            frame = neighbors(db_path, prompt_id, layer, pos, k + 1)
+            frame = neighbors(store, prompt_id, layer, pos, k + 1)
         except StoreError:
             continue
         rows = frame[(frame["prompt_id"] != prompt_id) | (frame["pos"] != frame["pos"].iloc[0])].head(k)

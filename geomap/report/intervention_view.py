@@ -16,34 +16,25 @@ import pandas as pd
 from geomap.analysis.interventions import effects, journey_diff, sweeps
 from geomap.report.pages import write_page
 from geomap.report.render import render
-from geomap.store.db import connect
+from geomap.store.handle import Store
 
 
 def _tokens(db_path, prompt_id: int) -> list[str]:
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         return [r[0] for r in con.execute("SELECT text FROM tokens WHERE prompt_id = ? ORDER BY pos",
                                           [prompt_id]).fetchall()]
-    finally:
-        con.close()
 
 
 def _vocab(db_path, ids: list[int]) -> dict[int, str]:
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         rows = con.execute("SELECT token_id, any_value(text) FROM vocab WHERE token_id IN (SELECT unnest(?)) "
                            "GROUP BY token_id", [[int(i) for i in ids]]).fetchall()
-    finally:
-        con.close()
     return {int(i): t for i, t in rows}
 
 
 def _prompt_text(db_path, prompt_id: int) -> str:
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         return con.execute("SELECT text FROM prompts WHERE id = ?", [prompt_id]).fetchall()[0][0]
-    finally:
-        con.close()
 
 
 def _none(value):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from geomap.lru import Lru
+
 # Display names of the matrices the seed's algebra uses, by the parameter's module name.
 MATRIX_NAMES = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_O", "c_attn": "W_Q|W_K|W_V",
                 "gate_proj": "W_gate", "up_proj": "W_up (W₁)", "down_proj": "W_down (W₂)", "c_fc": "W₁",
@@ -18,7 +20,7 @@ MATRIX_NAMES = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_
 NEURON_TOKENS = 4  # tokens listed per direction (up / down) for each neuron
 # (weights hash) -> {(layer, neuron): (up ids, down ids)}: a neuron's tokens depend on the weights only, so pages
 # written in one process (a pipeline's reports, the server) compute each neuron once.
-_NEURON_CACHE: dict[str, dict[tuple[int, int], tuple]] = {}
+_NEURON_CACHE: Lru[dict[tuple[int, int], tuple]] = Lru(4)  # bounded: 4 models, each at most its neurons
 
 
 def _params(module, prefix: str, conv1d: bool) -> list[dict]:
@@ -127,7 +129,7 @@ def neuron_rows(loaded, mlp, texts_for) -> dict[int, list[dict]]:
         texts_for: A callable from token ids to ``{id: text}``.
     """
     picks = [(int(layer), int(n)) for layer, neurons, _ in mlp for n in neurons]
-    cache = _NEURON_CACHE.setdefault(loaded.weights_hash, {})
+    cache = _NEURON_CACHE.get_or_put(loaded.weights_hash, dict)
     missing = sorted({p for p in picks if p not in cache})
     if missing:
         logits = neuron_directions(loaded, missing)

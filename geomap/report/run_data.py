@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from geomap.store.db import StoreError, connect, ensure_schema
+from geomap.store.db import StoreError, ensure_schema
+from geomap.store.handle import Store, StoreLike
 
 
-def run_data(db_path: str | Path, run_id: int, loaded=None, links=None) -> dict:
+def run_data(store: StoreLike, run_id: int, loaded=None, links=None) -> dict:
     """A whole pipeline run: final-state map, per-layer curves, depth histogram, head entropy, prompt table.
 
     ``links`` (`geomap.report.links.Links`) names the journey page of each prompt (default: every page, served).
     """
+    with Store.use(store, "w") as opened:
+        return _run_data(opened, run_id, loaded, links)
+
+
+def _run_data(store: Store, run_id: int, loaded, links) -> dict:
     from geomap.analysis import load
     from geomap.analysis.geometry import normed_states
     from geomap.analysis.maps import run_model
@@ -21,8 +25,7 @@ def run_data(db_path: str | Path, run_id: int, loaded=None, links=None) -> dict:
     from geomap.analysis.projection import fit_projection
     from geomap.report.links import served
 
-    con = connect(db_path)
-    try:
+    with store.writer() as con:
         ensure_schema(con)
         runs = con.execute("SELECT model, pipeline, n_layers, n_heads, started_at, status FROM runs WHERE id = ?",
                            [run_id]).fetchall()
@@ -42,8 +45,6 @@ def run_data(db_path: str | Path, run_id: int, loaded=None, links=None) -> dict:
                             [run_id]).fetchall()
         finals = load.run_states(con, run_id, [n_layers])
         links = links or served(page_keys(con))
-    finally:
-        con.close()
     last = {int(p[0]): int(p[3]) - 1 for p in prompts}
     keep = np.asarray([last.get(int(pid)) == int(pos) for pid, pos in zip(finals.prompt_ids, finals.pos)])
     x = normed_states(loaded, finals.x[keep])

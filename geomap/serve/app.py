@@ -2,9 +2,10 @@
 
 Design (see docs/architecture.md, "Serving"): the process opens the store once, as one DuckDB instance locked down
 with `geomap.store.sql.sql_connection_config` (no file, network or extension access; settings locked). geomap's own
-writer needs none of that, so the lockdown costs it nothing. Every request and the ingestion worker take cursors of
-that instance (`geomap.store.db.connect` hands them out); read-only work, user SQL included, runs in READ ONLY
-transactions, which give it a snapshot and let DuckDB itself refuse any write.
+writer needs none of that, so the lockdown costs it nothing. The server holds that instance as one
+`geomap.store.handle.Store` for its life; every request and the ingestion worker take cursors of it; read-only work,
+user SQL included, runs in READ ONLY transactions (`Store.snapshot`), which give it a snapshot and let DuckDB itself
+refuse any write.
 """
 
 from __future__ import annotations
@@ -27,16 +28,9 @@ from geomap.errors import GeomapError
 from geomap.serve.fits import FitRunner
 from geomap.serve.jobs import JobRunner
 from geomap.serve.security import BODY_TIMEOUT_S, LOOPBACK_NAMES, BodyTimeout, BodyTooLarge, Perimeter
-from geomap.store.db import (
-    INGEST_MEMORY,
-    WRITE_CHECKPOINT_THRESHOLD,
-    StoreError,
-    connect,
-    ensure_schema,
-    release_store,
-    serve_store,
-)
-from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, sql_connection_config
+from geomap.store.db import INGEST_MEMORY, WRITE_CHECKPOINT_THRESHOLD, StoreError, ensure_schema
+from geomap.store.handle import Store
+from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, json_value, sql_connection_config
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 log = logging.getLogger("geomap.serve")
@@ -75,16 +69,24 @@ class Settings:
 
 
 class Server:
-    """What the routes share: settings, the loaded models, the job runner, a lock for report writes."""
+    """What the routes share: settings, the open store, the loaded models, the job runner, a lock for report writes."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db_path = settings.db_path.resolve()
+        self._store: Store | None = None
         self._models = dict(settings.preloaded)
         self._model_lock = threading.Lock()
         self.report_lock = threading.Lock()  # reports may persist analyses (projections, geometry): one at a time
         self.jobs: JobRunner | None = None
         self.fits: FitRunner | None = None
+
+    @property
+    def store(self) -> Store:
+        """The store this server opened for its life (between `start` and `stop`)."""
+        if self._store is None:
+            raise StoreError(f"The server has not opened {self.db_path}.")
+        return self._store
 
     @property
     def default_model(self) -> str:
@@ -95,15 +97,7 @@ class Server:
 
     def rows(self, sql: str, *params) -> list[dict]:
         """One read-only query in its own snapshot, as JSON-ready dicts."""
-        from geomap.store.sql import _json_value
-
-        con = connect(self.db_path, read_only=True)
-        try:
-            cur = con.execute(sql, list(params))
-            cols = [d[0] for d in cur.description]
-            return [{c: _json_value(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
-        finally:
-            con.close()
+        return [{c: json_value(v) for c, v in row.items()} for row in self.store.query(sql, list(params)).dicts()]
 
     def allowed_model(self, name: str) -> bool:
         """The ``--model`` names (else the presets), preloaded models, and the models of stored runs."""
@@ -139,37 +133,28 @@ class Server:
     def _reserve(self, pipeline: str) -> int:
         from geomap.ingest.runs import reserve_run
 
-        con = connect(self.db_path)
-        try:
+        with self.store.writer() as con:
             ensure_schema(con)
             return reserve_run(con, pipeline)
-        finally:
-            con.close()
 
     def _fail(self, run_id: int) -> None:
-        con = connect(self.db_path)
-        try:
+        with self.store.writer() as con:
             con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = ?", [run_id])
-        finally:
-            con.close()
 
     def start(self) -> None:
-        """Open the store as this process's served instance and start the job worker."""
-        memory = os.environ.get("GEOMAP_INGEST_MEMORY", INGEST_MEMORY)  # the instance's cap, as `prepare_writer` sets
-        try:  # it for a private writer; a user query's DuckDB memory (operator_memory_limit) lives within it
-            serve_store(self.db_path, {**sql_connection_config(), "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD,
-                                       "memory_limit": memory})
+        """Open the store (one locked-down instance for the server's life) and start the job worker."""
+        memory = os.environ.get("GEOMAP_INGEST_MEMORY", INGEST_MEMORY)  # the instance's cap, as `writer_settings`
+        try:  # sets it for a private writer; a user query's DuckDB memory (operator_memory_limit) lives within it
+            self._store = Store.open(self.db_path, "w", {**sql_connection_config(), "memory_limit": memory,
+                                                         "checkpoint_threshold": WRITE_CHECKPOINT_THRESHOLD})
         except duckdb.InvalidInputException as exc:
             raise StoreError(f"GEOMAP_INGEST_MEMORY={memory!r} is not a memory size DuckDB accepts (e.g. 512MB, "
                              f"2GB): {str(exc).splitlines()[0]}") from None
-        con = connect(self.db_path)
-        try:
+        with self.store.writer() as con:
             ensure_schema(con)
             con.execute("UPDATE runs SET status = 'interrupted' WHERE status IN ('queued', 'running')")
-        finally:
-            con.close()
-        self.jobs = JobRunner(self.db_path, self.model, self._reserve, self._fail)
-        self.fits = FitRunner(self.db_path, self.model_for_run)
+        self.jobs = JobRunner(self.store, self.model, self._reserve, self._fail)
+        self.fits = FitRunner(self.store, self.model_for_run)
 
     def stop(self) -> None:
         """Stop the worker and close the store."""
@@ -177,8 +162,10 @@ class Server:
             self.jobs.stop()
         if self.fits is not None:
             self.fits.stop()
+        store, self._store = self._store, None
         try:
-            release_store(self.db_path)
+            if store is not None:
+                store.close()
         except Exception as exc:  # noqa: BLE001 - a job still running at shutdown: the process exit closes the file
             log.warning("closing the store at shutdown: %s", exc)
 

@@ -16,9 +16,9 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from geomap.errors import GeomapError
+from geomap.store.handle import Store
 
 log = logging.getLogger("geomap.serve")
 METHODS = ("pca",)  # the maps a journey page draws (see geomap.report.data)
@@ -51,12 +51,12 @@ class FitRunner:
     """One daemon thread fitting runs' maps, in the order asked.
 
     Args:
-        db_path: The served store.
+        store: The served store.
         model_for_run: Returns the loaded model of a run.
     """
 
-    def __init__(self, db_path: Path, model_for_run: Callable[[int], object]):
-        self.db_path, self._model_for_run = db_path, model_for_run
+    def __init__(self, store: Store, model_for_run: Callable[[int], object]):
+        self.store, self._model_for_run = store, model_for_run
         self._queue: queue.Queue[Fit | None] = queue.Queue()
         self._fits: dict[int, Fit] = {}
         self._lock = threading.Lock()
@@ -95,7 +95,7 @@ class FitRunner:
             try:
                 loaded = self._model_for_run(fit.run_id)
                 for method in fit.methods:
-                    project(self.db_path, fit.run_id, method, loaded=loaded)
+                    project(self.store, fit.run_id, method, loaded=loaded)
                 fit.status = "done"
             except Exception as exc:  # noqa: BLE001 - reported to the next request for the page
                 fit.status, fit.error = "failed", f"{type(exc).__name__}: {exc}"

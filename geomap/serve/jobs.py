@@ -9,10 +9,10 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from geomap.capture.config import CaptureConfig
 from geomap.ingest.engine_config import EngineConfig
+from geomap.store.handle import Store
 from geomap.store.writer import PromptSpec
 
 log = logging.getLogger("geomap.serve")
@@ -58,14 +58,14 @@ class JobRunner:
     """Runs ingestion jobs one at a time in a daemon thread.
 
     Args:
-        db_path: The served store.
+        store: The served store.
         model: Returns the loaded model for a name (the server's cache).
         reserve: Inserts a ``queued`` run row and returns its id (so a job has its run id from the start).
         fail: Marks a run ``failed`` after an error.
     """
 
-    def __init__(self, db_path: Path, model: Callable, reserve: Callable[[str], int], fail: Callable[[int], None]):
-        self.db_path, self._model, self._reserve, self._fail = db_path, model, reserve, fail
+    def __init__(self, store: Store, model: Callable, reserve: Callable[[str], int], fail: Callable[[int], None]):
+        self.store, self._model, self._reserve, self._fail = store, model, reserve, fail
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
@@ -96,16 +96,11 @@ class JobRunner:
     def _stored(self, loaded, spec: JobSpec) -> list[list[int]]:
         """``[prompt id, run id]`` of every prompt of the job now in the store (new or stored before)."""
         from geomap.ingest.runs import model_identity
-        from geomap.store.db import connect
         from geomap.store.writer import prompt_key
 
         keys = [prompt_key(model_identity(loaded), spec.capture.to_json(), p.text) for p in spec.prompts]
-        con = connect(self.db_path, read_only=True)
-        try:
-            return [list(r) for r in con.execute("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) "
-                                                 "AND status = 'done' ORDER BY id", [keys]).fetchall()]
-        finally:
-            con.close()
+        return [list(r) for r in self.store.query("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) "
+                                                  "AND status = 'done' ORDER BY id", [keys])]
 
     def _ingest(self, job: Job):
         """Run a job's ingestion on its engine; returns the model (or its skeleton) and the run's summary."""
@@ -114,14 +109,14 @@ class JobRunner:
             from geomap.ingest.ray_engine import ingest_ray
             from geomap.models.skeleton import skeleton_model
 
-            summary = ingest_ray(spec.model, list(spec.prompts), self.db_path, spec.capture, spec.vector_dtype,
+            summary = ingest_ray(spec.model, list(spec.prompts), self.store, spec.capture, spec.vector_dtype,
                                  spec.batch_size, spec.pipeline, engine=spec.engine, progress=False,
                                  on_progress=job.progress.update, run_id=job.run_id)
             return skeleton_model(spec.model), summary
         from geomap.ingest.engine import ingest
 
         loaded = self._model(spec.model)
-        return loaded, ingest(loaded, list(spec.prompts), self.db_path, spec.capture, spec.vector_dtype,
+        return loaded, ingest(loaded, list(spec.prompts), self.store, spec.capture, spec.vector_dtype,
                               spec.batch_size, pipeline=spec.pipeline, progress=False, run_id=job.run_id,
                               on_progress=job.progress.update)
 

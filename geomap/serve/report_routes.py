@@ -56,7 +56,7 @@ def _page(server, page: str) -> dict:
 def _render(server, g: dict) -> str:
     from geomap.report.api import compare_report, journey_report, run_report
 
-    db = server.db_path
+    db = server.store
     with server.report_lock:
         if g["index"]:
             return _index(server)
@@ -100,7 +100,7 @@ def _index(server) -> str:
     from geomap.report.api import store_links
     from geomap.report.render import render
 
-    links = store_links(server.db_path)
+    links = store_links(server.store)
     runs = server.rows("SELECT id, pipeline, model FROM runs WHERE status = 'done' ORDER BY id")
     prompts = server.rows("SELECT id, text FROM prompts WHERE status = 'done' ORDER BY id LIMIT 5000")
     entries = [{"href": f"run-{r['id']}.html", "title": f"run {r['id']} ({r['pipeline']}, {r['model']})"}

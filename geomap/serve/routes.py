@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from geomap.serve.encode import ARROW_STREAM, arrow_response, dumps, wants_arrow
-from geomap.store.sql import _json_value, run_sql
+from geomap.store.sql import json_value, run_sql
 from geomap.store.sql_budget import GATE
 
 router = APIRouter()
@@ -278,8 +278,8 @@ def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0, 
         prompt_id, pos, layer = found[0]["prompt_id"], found[0]["pos"], found[0]["layer"]
     elif prompt_id is None or layer is None:
         raise HTTPException(422, "Invalid request: give state_id, or prompt_id and layer (and pos).")
-    frame = neighbors(server.db_path, prompt_id, layer, pos, k, last_only=last)
-    rows = [{c: _json_value(v) for c, v in r.items()} for r in frame.to_dict(orient="records")]
+    frame = neighbors(server.store, prompt_id, layer, pos, k, last_only=last)
+    rows = [{c: json_value(v) for c, v in r.items()} for r in frame.to_dict(orient="records")]
     return {"prompt_id": prompt_id, "layer": layer, "pos": pos, "neighbors": rows}
 
 
@@ -320,18 +320,19 @@ async def post_sql(request: Request, body: SqlRequest) -> Response:
     settings = _server(request).settings
     limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
     arrow = wants_arrow(request.headers.get("accept"))
-    return await run_in_threadpool(_sql_answer, settings, body, limit, cap, arrow)  # the loop only moves bytes
+    return await run_in_threadpool(_sql_answer, _server(request), body, limit, cap, arrow)  # the loop moves bytes
 
 
-def _sql_answer(settings, body: SqlRequest, limit: float, cap: int, arrow: bool) -> Response:
+def _sql_answer(server, body: SqlRequest, limit: float, cap: int, arrow: bool) -> Response:
     """Run the query and encode its answer, in a worker thread."""
-    result = run_sql(settings.db_path, body.sql, body.params, time_limit=limit, max_rows=cap,
+    settings = server.settings
+    result = run_sql(server.store, body.sql, body.params, time_limit=limit, max_rows=cap,
                      memory_mb=settings.sql_memory_mb)
     if arrow:
         return arrow_response(result.to_arrow(), {"x-geomap-truncated": str(result.truncated).lower(),
                                                   "x-geomap-elapsed-s": f"{result.elapsed_s:.6f}",
                                                   "x-geomap-time-limit": f"{limit:g}", "x-geomap-max-rows": str(cap)})
-    out = {"columns": result.columns, "rows": [[_json_value(v) for v in r] for r in result.rows],
+    out = {"columns": result.columns, "rows": [[json_value(v) for v in r] for r in result.rows],
            "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
            "max_rows": cap}
     return Response(dumps(out), media_type="application/json")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 from importlib.resources import files
 from pathlib import Path
 
@@ -77,37 +76,6 @@ def index_dir(db_path: Path) -> Path:
     return db_path.with_name(db_path.stem + ".indexes")
 
 
-# Stores this process serves (``geomap serve``): one locked-down DuckDB instance each, opened once. Every `connect` to
-# such a store gets a cursor of that instance (a read-only one inside a READ ONLY transaction: a consistent snapshot
-# that DuckDB itself keeps from writing), so the server is the file's single writer and never conflicts with itself.
-_SERVED: dict[Path, duckdb.DuckDBPyConnection] = {}
-_SERVED_LOCK = threading.Lock()
-
-
-def serve_store(db_path: str | Path, config: dict) -> duckdb.DuckDBPyConnection:
-    """Open a store as this process's single served instance (see `connect`); returns its anchor connection."""
-    path = Path(db_path).resolve()
-    with _SERVED_LOCK:
-        if path in _SERVED:
-            raise StoreError(f"The store {path} is already served by this process.")
-        anchor = connect(path, config=config)
-        _SERVED[path] = anchor
-    return anchor
-
-
-def release_store(db_path: str | Path) -> None:
-    """Stop serving a store: close its anchor connection (the file lock goes with the last cursor)."""
-    with _SERVED_LOCK:
-        anchor = _SERVED.pop(Path(db_path).resolve(), None)
-    if anchor is not None:
-        anchor.close()
-
-
-def served(db_path: str | Path) -> bool:
-    """Whether this process serves the store at ``db_path``."""
-    return Path(db_path).resolve() in _SERVED
-
-
 def _server_holding(path: Path, pid: int | None) -> str | None:
     """When the lock's holder is geomap's own server for this store (its ``<db>.serve.json``), one line saying so."""
     import json
@@ -126,18 +94,11 @@ def _server_holding(path: Path, pid: int | None) -> str | None:
 
 
 def connect(db_path: str | Path, read_only: bool = False, config: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """Connect to a store's DuckDB file, turning lock conflicts into a clear `StoreLockedError`.
+    """Open a DuckDB instance of a store's file, turning lock conflicts into a clear `StoreLockedError`.
 
-    In a process that serves the store (`serve_store`), this returns a cursor of the served instance instead; a
-    ``read_only`` cursor runs inside a READ ONLY transaction, so it sees one snapshot and cannot write.
+    The stages open stores through `geomap.store.handle.Store`, which owns what this returns.
     """
     path = Path(db_path)
-    anchor = _SERVED.get(path.resolve())
-    if anchor is not None:
-        cursor = anchor.cursor()
-        if read_only:
-            cursor.execute("BEGIN TRANSACTION READ ONLY")
-        return cursor
     if read_only and not path.exists():
         raise StoreError(f"No store at {path}; create one with `geomap run` or `geomap ingest`.")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,8 +125,8 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
 INGEST_MEMORY = "1GB"  # DuckDB's memory cap while ingesting, unless $GEOMAP_INGEST_MEMORY says otherwise
 
 
-def prepare_writer(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> None:
-    """Set a writing connection up for ingestion: deferred checkpoints and a memory cap.
+def writer_settings(con: duckdb.DuckDBPyConnection) -> None:
+    """Set a writing instance up for ingestion: deferred checkpoints and a memory cap (both instance-wide).
 
     - Checkpoints wait for `WRITE_CHECKPOINT_THRESHOLD` of write-ahead log. With DuckDB's 16MB default an ingestion
       checkpoints after every batch and recompresses the open row groups each time; every commit is still durable.
@@ -173,10 +134,8 @@ def prepare_writer(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> None:
       ``512MB`` or ``4GB``). Without a cap DuckDB keeps written blocks cached up to 80% of the machine's memory, so
       an ingestion's memory grew with every prompt. Under the cap it evicts them (they are on disk already).
 
-    A served store (``geomap serve``) sets both when it opens, for the whole instance.
+    A served store (``geomap serve``) is given both in its configuration when it opens (`Store.prepare_writer`).
     """
-    if served(db_path):
-        return
     con.execute(f"SET checkpoint_threshold = '{WRITE_CHECKPOINT_THRESHOLD}'")
     limit = os.environ.get("GEOMAP_INGEST_MEMORY", INGEST_MEMORY)
     try:

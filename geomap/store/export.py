@@ -29,7 +29,17 @@ import duckdb
 import numpy as np
 
 from geomap.errors import GeomapError
-from geomap.store.sql import SqlError, SqlMemory, SqlRefused, SqlTimeout, _error, _memory, _open, batches_of
+from geomap.store.handle import StoreLike
+from geomap.store.sql import (
+    SqlError,
+    SqlMemory,
+    SqlRefused,
+    SqlTimeout,
+    batches_of,
+    error_for,
+    no_memory,
+    open_reader,
+)
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE, TRIGGER, Watchdog, check_limits
 from geomap.store.sql_guard import Refused, TooBig, check
 
@@ -80,13 +90,13 @@ def query_for(query_or_table: str) -> str:
     return f'SELECT * FROM "{text}"' if _NAME.fullmatch(text) else text
 
 
-def export(db_path: str | Path, query_or_table: str, out: str | Path, fmt: str | None = None,
+def export(store: StoreLike, query_or_table: str, out: str | Path, fmt: str | None = None,
            params: Any = None, time_limit: float = EXPORT_TIME_LIMIT, memory_mb: float = DEFAULT_MEMORY_MB,
            on_rows: Callable[[int], None] | None = None) -> ExportSummary:
     """Stream a table or a read-only query of the store into a file, with no row cap.
 
     Args:
-        db_path: The store's DuckDB file.
+        store: The store (a path is opened privately for the export, read-only and locked down).
         query_or_table: A table or view name, or one read-only SQL statement (checked as `run_sql` checks it).
         out: The file to write (replaced when the export succeeds).
         fmt: One of `FORMATS`; default from ``out``'s suffix.
@@ -113,7 +123,7 @@ def export(db_path: str | Path, query_or_table: str, out: str | Path, fmt: str |
         raise SqlTimeout(f"Refused: all {GATE.size} reader slots stayed busy for the whole time limit of "
                          f"{time_limit:g} s; try again.")
     try:
-        con, probe, instance = _open(db_path, memory_mb, DUCKDB_SHARE, EXPORT_THREADS)
+        con, probe, instance = open_reader(store, memory_mb, DUCKDB_SHARE, EXPORT_THREADS)
         try:
             watch = Watchdog(con, time_limit, budget, start, probe, instance)
             return _export(con, watch, sql, params, out, fmt, memory_mb, budget, on_rows)
@@ -130,9 +140,9 @@ def _export(con: duckdb.DuckDBPyConnection, watch: Watchdog, sql: str, params: A
     except Refused as exc:
         if str(exc).startswith("No SQL"):
             raise SqlError(str(exc)) from None
-        raise _memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
+        raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
     except duckdb.Error as exc:
-        raise _error(exc) from None
+        raise error_for(exc) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -146,12 +156,12 @@ def _export(con: duckdb.DuckDBPyConnection, watch: Watchdog, sql: str, params: A
     except (duckdb.Error, SqlMemory, ExportError, OSError) as exc:
         tmp.unlink(missing_ok=True)
         if watch.over_memory.is_set() or isinstance(exc, (duckdb.OutOfMemoryException, SqlMemory)):
-            raise _memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s") from None
+            raise no_memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s") from None
         if watch.timed_out.is_set():
             raise SqlTimeout(f"Refused: the export ran past its time limit of {watch.time_limit:g} s and was stopped "
                              f"after {watch.elapsed():.1f} s; narrow it (WHERE) or raise --time-limit.") from None
         if isinstance(exc, duckdb.Error):
-            raise _error(exc) from None
+            raise error_for(exc) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import duckdb
 import numpy as np
 import pandas as pd
 
 from geomap.store.codec import from_blob
-from geomap.store.db import StoreError, connect
+from geomap.store.db import StoreError
+from geomap.store.handle import Store, StoreLike
 
 
 def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tuple[int, np.ndarray]:
@@ -27,14 +26,14 @@ def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tup
     return state_id, (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
 
 
-def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None = None, k: int = 10,
+def neighbors(store: StoreLike, prompt_id: int, layer: int, pos: int | None = None, k: int = 10,
               last_only: bool = False) -> pd.DataFrame:
     """The k stored states nearest to one state at the same layer, through its FAISS index, joined back to DuckDB.
 
     Similarity is the cosine of per-layer standardised residuals (see `geomap.store.vectors`).
 
     Args:
-        db_path: The store.
+        store: The store (a path opens one, read-only, for the call).
         prompt_id: The query state's prompt.
         layer: Residual boundary 0..L; neighbours come from the same layer.
         pos: The query state's position (default: the prompt's last).
@@ -48,8 +47,7 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
     """
     from geomap.store.vectors import open_state_index
 
-    con = connect(db_path, read_only=True)
-    try:
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
         top = con.execute("SELECT max(layer) FROM states WHERE prompt_id = ?", [prompt_id]).fetchall()[0][0]
         if top is not None and not 0 <= layer <= top:
             raise StoreError(f"Layer {layer} is outside this store's residual boundaries 0..{top} (the model has "
@@ -61,7 +59,7 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
                                      WHERE s.layer = ? AND s.pos = p.n_tokens - 1""", [layer]).fetchnumpy()["id"]
         if k < 1:
             raise StoreError(f"k must be at least 1, not {k}.")
-        state_index = open_state_index(con, Path(db_path), layer)
+        state_index = open_state_index(con, opened.path, layer)
         k = min(k, state_index.index.ntotal if allowed is None else len(allowed))  # no more than there are
         ids, sims = state_index.search(vec[None], k, allowed)
         hits = pd.DataFrame({"state_id": ids[0], "similarity": sims[0], "rank": np.arange(len(ids[0]))})
@@ -76,8 +74,6 @@ def neighbors(db_path: str | Path, prompt_id: int, layer: int, pos: int | None =
             LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
             ORDER BY h.rank""").df()
         return out
-    finally:
-        con.close()
 
 
 def final_logits(con: duckdb.DuckDBPyConnection, prompt_id: int) -> np.ndarray | None:

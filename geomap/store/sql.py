@@ -23,7 +23,8 @@ import duckdb
 import numpy as np
 
 from geomap.errors import GeomapError
-from geomap.store.db import connect, served
+from geomap.store.db import connect
+from geomap.store.handle import Store, StoreLike
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE, TRIGGER, Watchdog, check_limits
 from geomap.store.sql_guard import Refused, TooBig, check
 
@@ -145,7 +146,7 @@ class SqlResult:
 
     def to_records(self) -> list[dict[str, Any]]:
         """The rows as JSON-ready dicts (bytes as UTF-8 text or ``0x`` hex, NaN as None, dates as ISO text)."""
-        return [{c: _json_value(v) for c, v in zip(self.columns, row)} for row in self.rows]
+        return [{c: json_value(v) for c, v in zip(self.columns, row)} for row in self.rows]
 
     def format(self, fmt: str = "table") -> str:
         """Render the result as ``table`` (aligned plain text), ``csv`` or ``json`` (an array of row objects).
@@ -180,14 +181,14 @@ class SqlResult:
         return "\n".join(lines)
 
 
-def _json_value(v: Any) -> Any:
+def json_value(v: Any) -> Any:
     """A JSON-safe version of a value fetched from DuckDB."""
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, Decimal):
-        return int(v) if v.is_finite() and v == v.to_integral_value() else _json_value(float(v))
+        return int(v) if v.is_finite() and v == v.to_integral_value() else json_value(float(v))
     if isinstance(v, (bytes, bytearray, memoryview)):
         raw = bytes(v)
         try:
@@ -199,17 +200,17 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, (dt.timedelta, uuid.UUID)):
         return str(v)
     if isinstance(v, Mapping):
-        return {str(_json_value(k)): _json_value(x) for k, x in v.items()}
+        return {str(json_value(k)): json_value(x) for k, x in v.items()}
     if isinstance(v, (list, tuple, set)):
-        return [_json_value(x) for x in v]
+        return [json_value(x) for x in v]
     if hasattr(v, "tolist"):  # numpy scalars and arrays
-        return _json_value(v.tolist())
+        return json_value(v.tolist())
     return str(v)
 
 
 def _text(v: Any) -> str:
     """A value as one line of text for CSV: NULL as empty, nested values as JSON."""
-    v = _json_value(v)
+    v = json_value(v)
     if v is None:
         return ""
     return json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else str(v)
@@ -223,24 +224,27 @@ def _cell(v: Any) -> str:
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
-def _open(db_path: str | Path, memory_mb: float, share: float = TRIGGER,
-          threads: int | None = None) -> tuple[duckdb.DuckDBPyConnection, Callable, str]:
-    """A read-only connection under `sql_connection_config`, its memory bounded by the budget.
+def open_reader(store: StoreLike, memory_mb: float, share: float = TRIGGER,
+                threads: int | None = None) -> tuple[duckdb.DuckDBPyConnection, Callable, str]:
+    """A read-only connection under `sql_connection_config`, its memory bounded by the budget; the caller closes it.
 
-    In a served store this is a cursor of the server's instance (in a READ ONLY transaction: its own snapshot),
-    bounded per connection; elsewhere a private instance whose whole ``memory_limit`` (and spill to disk) is
-    ``share`` of the budget, with ``threads`` threads (default: DuckDB's, one a core).
+    In a locked-down store (the one ``geomap serve`` holds) this is a cursor of that instance (in a READ ONLY
+    transaction: its own snapshot), bounded per cursor; elsewhere a private instance of the store's file whose whole
+    ``memory_limit`` (and spill to disk) is ``share`` of the budget, with ``threads`` threads (default: DuckDB's, one
+    a core).
 
     Returns:
         The connection, what opens a probe of its instance for the watchdog, and the instance's name.
     """
     mb = max(int(memory_mb * share), 1)
-    if served(db_path):
-        con = connect(db_path, read_only=True)
+    if isinstance(store, Store) and store.locked:
+        con = store.cursor()
+        con.execute("BEGIN TRANSACTION READ ONLY")
         con.execute(f"SET operator_memory_limit = '{mb}MB'")
-        return con, lambda: connect(db_path), f"served:{Path(db_path).resolve()}"
+        return con, store.cursor, f"served:{store.path.resolve()}"
+    path = store.path if isinstance(store, Store) else Path(store)
     config = {**sql_connection_config(), "memory_limit": f"{mb}MB", "max_temp_directory_size": f"{4 * mb}MB"}
-    con = connect(db_path, read_only=True, config=config if threads is None else {**config, "threads": threads})
+    con = connect(path, read_only=True, config=config if threads is None else {**config, "threads": threads})
     probe = con.cursor()  # made here: the watchdog's thread must not touch a connection while it runs a query
     return con, lambda: probe, f"private:{id(con)}"
 
@@ -271,7 +275,7 @@ def _guard(con: duckdb.DuckDBPyConnection, sql: str, budget: int, memory_mb: flo
             _GUARDED.popitem(last=False)
 
 
-def _error(exc: duckdb.Error) -> SqlError:
+def error_for(exc: duckdb.Error) -> SqlError:
     """Map a DuckDB error to a `SqlRefused` naming what was refused, else a `SqlError` with DuckDB's message."""
     msg = str(exc).strip()
     if isinstance(exc, duckdb.PermissionException):
@@ -284,7 +288,8 @@ def _error(exc: duckdb.Error) -> SqlError:
     return SqlError(f"SQL error: {msg}")
 
 
-def _memory(memory_mb: float, detail: str = "") -> SqlMemory:
+def no_memory(memory_mb: float, detail: str = "") -> SqlMemory:
+    """The `SqlMemory` refusal of a query that needs more than the budget (``detail`` says how it was seen)."""
     return SqlMemory(f"Refused: the query needs more than {memory_mb:g} MB, the memory budget of store SQL{detail}; "
                      "narrow it (WHERE, LIMIT, fewer or smaller columns).")
 
@@ -327,14 +332,14 @@ def _fetch(rel: duckdb.DuckDBPyRelation, max_rows: int, cap: int, memory_mb: flo
         count += batch.num_rows
         size += batch.nbytes
         if size > cap or watch.over_memory.is_set():
-            raise _memory(memory_mb, f": its first {count} rows passed it")
+            raise no_memory(memory_mb, f": its first {count} rows passed it")
         if count > max_rows:
             break
     return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def run_sql(
-    db_path: str | Path,
+    store: StoreLike,
     sql: str,
     params: Sequence[Any] | Mapping[str, Any] | None = None,
     time_limit: float = 5.0,
@@ -344,7 +349,8 @@ def run_sql(
     """Run one read-only SQL statement against a store, datasette-style, within a time limit and a memory budget.
 
     Args:
-        db_path: The store's DuckDB file.
+        store: The store (a locked-down one, as `geomap serve` holds, lends a cursor; otherwise its file is opened
+            privately under `sql_connection_config`).
         sql: One statement: SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN, or a reading PRAGMA/CALL.
         params: Values for ``?`` (a sequence) or ``$name`` (a mapping) placeholders.
         time_limit: Seconds before the query is interrupted (waiting for a reader slot counts).
@@ -361,7 +367,7 @@ def run_sql(
         SqlMemory: It needed more than ``memory_mb``.
         SqlError: DuckDB rejected it (syntax, unknown table or column, ...), or a limit is not a finite positive
             number (`geomap.store.sql_budget.LimitError`).
-        StoreError: There is no store at ``db_path`` (`StoreLockedError` while another process writes to it).
+        StoreError: There is no store at that path (`StoreLockedError` while another process writes to it).
     """
     check_limits(time_limit, max_rows, memory_mb)
     max_rows, budget = int(max_rows), int(memory_mb * 2**20)
@@ -371,7 +377,7 @@ def run_sql(
         raise SqlTimeout(f"Refused: all {GATE.size} reader slots stayed busy for the whole time limit of "
                          f"{time_limit:g} s; try again.")
     try:
-        return _attempt(db_path, sql, params, time_limit, max_rows, memory_mb, budget, start, alone=False)
+        return _attempt(store, sql, params, time_limit, max_rows, memory_mb, budget, start, alone=False)
     except _Rerun:
         pass
     finally:
@@ -380,14 +386,14 @@ def run_sql(
         raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s (waiting to be measured "
                          "alone, after other queries' memory was seen beside its own); try again.")
     try:
-        return _attempt(db_path, sql, params, time_limit, max_rows, memory_mb, budget, start, alone=True)
+        return _attempt(store, sql, params, time_limit, max_rows, memory_mb, budget, start, alone=True)
     finally:
         GATE.leave_alone()
 
 
-def _attempt(db_path, sql: str, params, time_limit: float, max_rows: int, memory_mb: float, budget: int,
+def _attempt(store: StoreLike, sql: str, params, time_limit: float, max_rows: int, memory_mb: float, budget: int,
              start: float, alone: bool) -> SqlResult:
-    con, probe, instance = _open(db_path, memory_mb)
+    con, probe, instance = open_reader(store, memory_mb)
     try:
         return _run(con, sql, params, time_limit, max_rows, memory_mb, budget, start, probe, instance, alone)
     finally:
@@ -401,9 +407,9 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
     except Refused as exc:
         if str(exc).startswith("No SQL"):
             raise SqlError(str(exc)) from None
-        raise _memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
+        raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
     except duckdb.Error as exc:
-        raise _error(exc) from None
+        raise error_for(exc) from None
     watch = Watchdog(con, time_limit, budget, start, probe, instance)
     try:
         with watch:
@@ -418,15 +424,15 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
         if isinstance(exc, SqlMemory):
             raise
         if memory:
-            raise _memory(memory_mb, f", and was stopped after {elapsed:.1f} s") from None
+            raise no_memory(memory_mb, f", and was stopped after {elapsed:.1f} s") from None
         if watch.timed_out.is_set():
             raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s and was stopped "
                              f"after {elapsed:.1f} s; narrow it (WHERE, LIMIT) or raise the limit.") from None
-        raise _error(exc) from None
+        raise error_for(exc) from None
     if watch.over_memory.is_set():
         if watch.shared and not alone:
             raise _Rerun()
-        raise _memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s")
+        raise no_memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s")
     count = 0 if table is None else table.num_rows
     if table is not None:
         table = table.slice(0, max_rows)

@@ -8,10 +8,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from geomap.lru import Lru
 from geomap.store.files import publish, sha256_of, write_temp
 
 log = logging.getLogger(__name__)
-_OPEN: dict[tuple, tuple[tuple, faiss.Index]] = {}  # indexes this process read: key → (file signature, index)
+_OPEN: Lru[tuple[tuple, faiss.Index]] = Lru(4)  # bounded: the indexes this process read, key → (file signature, index)
 
 
 def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, folder: Path, tied: bool = False) -> faiss.Index:
@@ -39,7 +40,7 @@ def vocab_index(matrix: np.ndarray, weights_hash: str, which: str, folder: Path,
     if cached is not None and cached[0] == _signature(path):  # same file as checked before: skip the sha256
         return cached[1]
     index = _load_or_build(matrix, path)
-    _OPEN[key] = (_signature(path), index)
+    _OPEN.put(key, (_signature(path), index))
     return index
 
 
