@@ -37,10 +37,12 @@ def cli() -> None:
               help="Weights dtype (default: float32 on CPU).")
 @click.option("--overflow", default="error", type=click.Choice(["error", "truncate"]),
               help="What to do with a prompt longer than the context window.")
-@click.option("--top", default=10, show_default=True, help="Next-token candidates to show.")
+@click.option("--top-k", "top", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Next-token candidates to show.")
+@click.option("--top", "top_alias", default=None, type=click.IntRange(min=1), hidden=True)  # its former name
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 def trace(text: str | None, prompt_file: str | None, model_name: str | None, device: str | None,
-          dtype: str | None, overflow: str, top: int, as_json: bool) -> None:
+          dtype: str | None, overflow: str, top: int, top_alias: int | None, as_json: bool) -> None:
     """Print the journey of the last token of TEXT: tokens, logit lens per layer, heads, next tokens.
 
     With --file, every prompt of the file is traced; a prompt that fails is reported and the others proceed.
@@ -51,6 +53,7 @@ def trace(text: str | None, prompt_file: str | None, model_name: str | None, dev
     from geomap.errors import PromptError
     from geomap.models import DEFAULT_MODEL, load_model
 
+    top = top_alias if top_alias is not None else top
     if (text is None) == (prompt_file is None):
         raise click.UsageError("Give either TEXT or --file PATH.")
     texts = read_prompt_lines(prompt_file) if prompt_file else [text]

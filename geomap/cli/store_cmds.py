@@ -158,23 +158,15 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
             _pipeline_reports(store, pipe, prompts, loaded)
         return
     if client is not None:
-        from geomap.cli.remote import fetch_report, run_job
-
-        summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
-                                pipe.name, engine=_server_engine(engine, device))
-        _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
-        if pipe.continuation_tokens:
-            click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
-        if pipe.reports and not no_reports:
-            stored = view["progress"].get("prompts", [])
-            pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
-            pages += [f"run-{run}.html" for run in sorted({run for _, run in stored})]
-            for page in pages:
-                fetch_report(client, page, pipe.reports / page)
-            click.echo(f"reports: {len(pages)} written; open {pipe.reports / 'index.html'}", err=True)
+        _run_on_server(client, store, pipe, prompts, engine, device, as_json, no_reports)
         return
     _check_writable(store)
     _quiet_transformers()
+    from geomap.cli.rerun import nothing_new
+
+    if nothing_new(store, pipe, prompts, device, as_json, no_reports):
+        return
+    click.echo(f"loading {pipe.model} to capture what is not stored yet ...", err=True)
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json, store, _keys(loaded, pipe.capture, prompts))
@@ -186,6 +178,25 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         run_pipeline_interventions(store, pipe, loaded, no_reports)
     if pipe.reports and not no_reports:
         _pipeline_reports(store, pipe, prompts, loaded)
+
+
+def _run_on_server(client, store: Path, pipe, prompts, engine, device: str | None, as_json: bool,
+                   no_reports: bool) -> None:
+    """`run` through the server that owns the store: a job, then the reports it asks for, fetched from the server."""
+    from geomap.cli.remote import fetch_report, run_job
+
+    summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
+                            pipe.name, engine=_server_engine(engine, device))
+    _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
+    if pipe.continuation_tokens:
+        click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
+    if pipe.reports and not no_reports:
+        stored = view["progress"].get("prompts", [])
+        pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
+        pages += [f"run-{run}.html" for run in sorted({run for _, run in stored})]
+        for page in pages:
+            fetch_report(client, page, pipe.reports / page)
+        click.echo(f"reports: {len(pages)} written; open {pipe.reports / 'index.html'}", err=True)
 
 
 def _continue(store: StoreLike, pipe, prompts, loaded, as_json: bool) -> None:

@@ -1,0 +1,34 @@
+"""A rerun with nothing new answers from the model's identity alone: no model load, no run recorded; a rerun with
+one new prompt loads the model and stores just that one."""
+
+from __future__ import annotations
+
+import json
+
+from tests.forked import geomap
+from tests.storedb import rows
+
+
+def test_a_noop_rerun_loads_no_model_and_a_new_prompt_does(tiny_dirs, tmp_path):
+    source = tmp_path / "p.txt"
+    source.write_text("The storm is\nThe market is\n")
+    db = tmp_path / "s.duckdb"
+    pipe = tmp_path / "p.toml"
+    pipe.write_text(f'name = "t"\nmodel = "{tiny_dirs["llama"]}"\nstore = "{db}"\ncontinuation_tokens = 2\n'
+                    '[[sources]]\npath = "p.txt"\n')
+    first = geomap("run", str(pipe), "--json")
+    assert first.status == 0, first.stderr
+    assert "loading" in first.stderr
+    before = rows(db, "SELECT count(*) FROM runs")
+    again = geomap("run", str(pipe), "--json")
+    assert again.status == 0, again.stderr
+    assert "loading" not in again.stderr  # answered without the weights
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["run_id"] is None and summary["skipped"] == 2 and len(summary["prompts"]) == 2
+    assert rows(db, "SELECT count(*) FROM runs") == before
+    source.write_text("The storm is\nThe market is\nThe river is\n")
+    third = geomap("run", str(pipe), "--json")
+    assert third.status == 0, third.stderr
+    assert "loading" in third.stderr
+    assert json.loads(third.stdout.strip().splitlines()[0])["stored"] == 1
+    assert rows(db, "SELECT count(*) FROM journey WHERE kind = 'continuation'") == [(3,)]
