@@ -285,6 +285,8 @@ def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts
             total.refused += phase.refused
             total.errors += phase.errors
             total.seconds += phase.seconds
+            total.server_cpu_s += phase.server_cpu_s
+            total.peak_rss_mb = max(total.peak_rss_mb, phase.peak_rss_mb)
             samples.append((time.perf_counter() - start, rss_mb(proc.pid)))
             say(f"soak: {len(jobs)} job(s), {samples[-1][0] / 60:.1f} min, server RSS {samples[-1][1]:.0f} MB, "
                 f"{total.requests()} requests, {len(total.errors)} errors")
