@@ -32,7 +32,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         workdir: Where temporary stores go (default a temporary folder, removed afterwards).
         say: Progress lines.
     """
-    from geomap.bench import capture_bench, query_bench, ray_bench, store_bench
+    from geomap.bench import capture_bench, intervene_bench, query_bench, ray_bench, store_bench
     from geomap.models import load_model
 
     start = time.perf_counter()
@@ -55,6 +55,8 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         say("end to end and storage size")
         figures += store_bench.end_to_end_figures(loaded, texts, folder, repeats)
         db = folder / "e.duckdb"
+        say("interventions: a causal-trace sweep beside its bare forwards; storage per intervention")
+        figures += intervene_bench.intervene_figures(loaded, folder, repeats)
         say("SQL, reports and projections")
         figures += query_bench.sql_figures(db)
         figures += query_bench.report_figures(db, loaded)

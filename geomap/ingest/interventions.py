@@ -77,10 +77,14 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
     db_path = Path(db_path)
     wanted = target_ids(loaded, targets)
     texts = list(dict.fromkeys(t for s in specs for t in (s.prompt, s.source) if t is not None))
-    ingest(loaded, [PromptSpec(t) for t in texts], db_path, config, progress=False)
+    clean = ingest(loaded, [PromptSpec(t) for t in texts], db_path, config, progress=False, index=False)
     identity = model_identity(loaded)
     keys = [spec.key(identity) for spec in specs]
     with Store.use(db_path, "w") as opened, opened.writer() as con:
+        if clean.stored:  # the new clean journeys' states join the FAISS indexes (nothing to do on a rerun)
+            from geomap.store.vectors import sync_state_indexes
+
+            sync_state_indexes(con, opened.path)
         ensure_intervention_tables(con)
         width = loaded.anatomy.d_model
         prompt_ids = _prompt_ids(con, identity, config, texts)
