@@ -29,6 +29,7 @@ class JobSpec:
     batch_size: int = 8
     pipeline: str = "ingest"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    interventions: tuple = ()  # `geomap.ingest.intervention_plan.InterventionSchema` sweeps run after the prompts
 
 
 @dataclass
@@ -120,6 +121,18 @@ class JobRunner:
                               spec.batch_size, pipeline=spec.pipeline, progress=False, run_id=job.run_id,
                               on_progress=job.progress.update)
 
+    def _intervene(self, job: Job) -> None:
+        """Run a job's intervention sweeps after its prompts (the same worker: the server stays the one writer)."""
+        from geomap.ingest.intervention_plan import run_plan
+
+        spec, done = job.spec, []
+        loaded = self._model(spec.model)
+        for plan in spec.interventions:
+            summary = run_plan(loaded, plan, self.db_path, spec.batch_size, config=spec.capture)
+            done.append({"sweep": plan.sweep_name(), "run_id": summary.run_id, "stored": summary.stored,
+                         "skipped": summary.skipped, "ids": list(summary.ids)})
+            job.progress.update(interventions=list(done))
+
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
             job.status, job.started = "running", time.time()
@@ -127,6 +140,8 @@ class JobRunner:
                 loaded, summary = self._ingest(job)
                 job.progress.update(seconds=round(summary.seconds, 3), failures=list(summary.failures),
                                     prompts=self._stored(loaded, job.spec))
+                if job.spec.interventions:
+                    self._intervene(job)
                 job.status = "done"
             except Exception as exc:  # noqa: BLE001 - a job's failure is reported through GET /runs/{id}
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -95,6 +96,10 @@ class RunRequest(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=256)
     engine: EngineIn | None = Field(default=None, description="Default: the pipeline's [engine] (no cluster "
                                                               "address comes over HTTP), else inline.")
+    interventions: list[dict[str, Any]] | None = Field(
+        default=None, max_length=64, description="Intervention sweeps run after the prompts, each as a pipeline's "
+                                                 "[[interventions]] table (docs/interventions.md). Default: the "
+                                                 "pipeline's.")
 
     @model_validator(mode="after")
     def _one_source(self) -> RunRequest:
@@ -133,6 +138,10 @@ def _job_spec(server, body: RunRequest):
                         for p in body.prompts or [])
         spec = JobSpec(prompts, body.model or server.default_model, capture, body.vector_dtype, body.batch_size,
                        body.name, _engine(EngineConfig(), body.engine))
+    if body.interventions is not None:
+        spec = dataclasses.replace(spec, interventions=_plans(body.interventions))
+    elif body.pipeline is not None:
+        spec = dataclasses.replace(spec, interventions=pipe.interventions)
     if spec.engine.kind == "ray" and not server.settings.ray_jobs:
         raise HTTPException(403, "This server runs jobs inline: start it with `geomap serve --ray` to let jobs run "
                                  "on Ray.")
@@ -140,6 +149,17 @@ def _job_spec(server, body: RunRequest):
         raise HTTPException(403, f"This server does not load model {spec.model!r}: it loads its --model names (else "
                                  "the presets) and the models of stored runs.")
     return spec
+
+
+def _plans(entries: list[dict]) -> tuple:
+    """Validate a request's intervention sweeps (422 with the one-line message of the pipeline schema)."""
+    from geomap.ingest.intervention_plan import validate_plan
+    from geomap.intervene.hooks import InterventionError
+
+    try:
+        return tuple(validate_plan(entry, f"interventions[{i}]") for i, entry in enumerate(entries))
+    except InterventionError as exc:
+        raise HTTPException(422, f"Invalid request: {exc}.") from None
 
 
 def _whole_numbers(value: Any, where: str) -> None:
