@@ -74,7 +74,6 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
     """
     start = time.perf_counter()
     config = config or CaptureConfig()
-    db_path = Path(db_path)
     wanted = target_ids(loaded, targets)
     texts = list(dict.fromkeys(t for s in specs for t in (s.prompt, s.source) if t is not None))
     clean = ingest(loaded, [PromptSpec(t) for t in texts], db_path, config, progress=False, index=False)

@@ -128,7 +128,7 @@ class JobRunner:
         spec, done = job.spec, []
         loaded = self._model(spec.model)
         for plan in spec.interventions:
-            summary = run_plan(loaded, plan, self.db_path, spec.batch_size, config=spec.capture)
+            summary = run_plan(loaded, plan, self.store, spec.batch_size, config=spec.capture)
             done.append({"sweep": plan.sweep_name(), "run_id": summary.run_id, "stored": summary.stored,
                          "skipped": summary.skipped, "ids": list(summary.ids)})
             job.progress.update(interventions=list(done))
