@@ -18,17 +18,16 @@ def test_a_noop_rerun_loads_no_model_and_a_new_prompt_does(tiny_dirs, tmp_path):
                     '[[sources]]\npath = "p.txt"\n')
     first = geomap("run", str(pipe), "--json")
     assert first.status == 0, first.stderr
-    assert "loading" in first.stderr
     before = rows(db, "SELECT count(*) FROM runs")
     again = geomap("run", str(pipe), "--json")
     assert again.status == 0, again.stderr
-    assert "loading" not in again.stderr  # answered without the weights
     summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["model_loaded"] is False  # answered from the model's identity, without the weights
     assert summary["run_id"] is None and summary["skipped"] == 2 and len(summary["prompts"]) == 2
     assert rows(db, "SELECT count(*) FROM runs") == before
     source.write_text("The storm is\nThe market is\nThe river is\n")
     third = geomap("run", str(pipe), "--json")
     assert third.status == 0, third.stderr
-    assert "loading" in third.stderr
+    assert "model_loaded" not in json.loads(third.stdout.strip().splitlines()[0])
     assert json.loads(third.stdout.strip().splitlines()[0])["stored"] == 1
     assert rows(db, "SELECT count(*) FROM journey WHERE kind = 'continuation'") == [(3,)]

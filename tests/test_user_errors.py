@@ -49,7 +49,7 @@ def world(tiny_dirs, tmp_path_factory):
         "float16": '[capture]\nvector_dtype = "float16"', "layers-99": "[capture]\nlayers = [99]",
         "lens-50": "[capture]\nlens_positions = [50]", "positions-word": '[capture]\nattn_positions = "first"',
         "continuation-negative": "continuation_tokens = -1", "missing-source": None, "no-sources": None,
-        "bad-toml": None, "source-missing-file": None,
+        "bad-toml": None, "source-missing-file": None, "unquoted": None, "source-singular": None,
     }
     for name, extra in pipelines.items():
         head = f'model = "{model}"\n' + ("" if name == "store-int" else f'store = "{db}"\n')
@@ -62,6 +62,10 @@ def world(tiny_dirs, tmp_path_factory):
             text = head
         elif name == "bad-toml":
             text = head + "batch_size = = 3\n" + source
+        elif name == "unquoted":
+            text = head + "name = journey\n" + source
+        elif name == "source-singular":
+            text = head + '[[source]]\npath = "good.txt"\n'
         elif name == "source-missing-file":
             text = head + '[[sources]]\npath = "nowhere.txt"\n'
         elif extra.startswith("["):
@@ -120,6 +124,14 @@ CASES = [
     ("toml-syntax", ["run", "{root}/bad-toml.toml"], "Cannot read pipeline"),
     ("toml-source-file-missing", ["run", "{root}/source-missing-file.toml"], "nowhere.txt"),
     ("toml-missing", ["run", "{root}/none.toml"], "none.toml"),
+    ("toml-unquoted-text", ["run", "{root}/unquoted.toml"], "a text value needs quotes"),
+    ("toml-source-singular", ["run", "{root}/source-singular.toml"], "unknown key 'source'"),
+    ("export-unknown-suffix", ["export", "prompts", "--out", "{root}/x.xyz", "--db", "{db}"], "--format"),
+    ("export-copy", ["export", "COPY prompts TO 'x.csv'", "--out", "{root}/x.csv", "--db", "{db}"], "COPY"),
+    ("export-npy-text", ["export", "SELECT text FROM prompts", "--out", "{root}/x.npy", "--db", "{db}"],
+     "numbers only"),
+    ("prompt-unknown-source-id", ["stats", "--prompt", "nosuch", "--db", "{db}"], "'nosuch'"),
+    ("trace-top-k-0", ["trace", "x", "--top-k", "0"], "--top-k"),
     ("trace-empty-file", ["trace", "--file", "{root}/empty.txt"], "no prompts to trace"),
     ("report-no-prompt", ["report", "journey", "--prompt", "999", "--db", "{db}", "--out", "{root}/r/x.html"], "999"),
     ("attribute-no-prompt", ["attribute", "--prompt", "999", "--db", "{db}"], "999"),

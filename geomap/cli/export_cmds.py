@@ -38,13 +38,20 @@ def export(query_or_table: str, out: Path, fmt: str | None, db: Path | None, tim
     fmt = format_for(out, fmt)
     path = _existing(db)
     refuse_if_served(path, "export")
-    bar = tqdm(unit="row", unit_scale=True, desc=f"export {out.name}", disable=quiet or as_json, dynamic_ncols=True,
-               leave=False)
+    bars: list = []  # made at the first batch, so a refused export prints its one error line only
+
+    def on_rows(n: int) -> None:
+        if not bars:
+            bars.append(tqdm(unit="row", unit_scale=True, desc=f"export {out.name}", disable=quiet or as_json,
+                             dynamic_ncols=True, leave=False))
+        bars[0].update(n)
+
     try:
         done = run_export(path, query_or_table, out, fmt, time_limit=time_limit, memory_mb=memory_mb,
-                          on_rows=bar.update)
+                          on_rows=on_rows)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     if as_json:
         click.echo(json.dumps({"path": str(done.path), "format": done.format, "rows": done.rows, "bytes": done.bytes,
                                "seconds": round(done.seconds, 3)}))

@@ -41,7 +41,7 @@ def nothing_new(store: Path, pipe, prompts, device: str | None, as_json: bool, n
     from geomap.cli.store_cmds import _pipeline_reports, _report
 
     summary = RunSummary(None, 0, len(set(keys)), 0, 0, time.perf_counter() - start, ())
-    _report(summary, as_json, store, keys)
+    _report(summary, as_json, store, keys, loaded=False)
     if pipe.reports and not no_reports:
         _pipeline_reports(store, pipe, prompts, None)
     return True

@@ -58,7 +58,8 @@ def _keys(model, config, prompts) -> list[str]:
     return [prompt_key(identity, config_json, spec.text) for spec in prompts]
 
 
-def _report(summary, as_json: bool, store: Path | None = None, keys: list[str] | None = None) -> None:
+def _report(summary, as_json: bool, store: Path | None = None, keys: list[str] | None = None,
+            loaded: bool = True) -> None:
     """Print a run's summary and, given the prompts' keys, which store id each of the user's prompts has."""
     from geomap.cli.prompt_ids import mapping_line, stored_prompts
     from geomap.ingest.runs import summary_json
@@ -66,6 +67,7 @@ def _report(summary, as_json: bool, store: Path | None = None, keys: list[str] |
     stored = stored_prompts(store, keys) if keys is not None else None
     if as_json:
         body = json.loads(summary_json(summary))
+        body = body if loaded else {**body, "model_loaded": False}
         click.echo(json.dumps(body if stored is None else {**body, "prompts": stored}))
     else:
         if stored:
@@ -166,7 +168,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 
     if nothing_new(store, pipe, prompts, device, as_json, no_reports):
         return
-    click.echo(f"loading {pipe.model} to capture what is not stored yet ...", err=True)
+    if sys.stderr.isatty():  # what the wait is for (a terminal only: error output stays one line)
+        click.echo(f"loading {pipe.model} to capture what is not stored yet ...", err=True)
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
     _report(summary, as_json, store, _keys(loaded, pipe.capture, prompts))

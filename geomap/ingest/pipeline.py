@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,18 @@ class Pipeline:
         return [spec for path, fmt, tags in self.sources for spec in read_source(path, fmt, tags)]
 
 
+def _toml_hint(text: str, message: str) -> str:
+    """For TOML's "Invalid value": the line it names, and that text values need quotes."""
+    where = re.search(r"at line (\d+)", message)
+    if "Invalid value" not in message or where is None:
+        return ""
+    lines = text.splitlines()
+    number = int(where.group(1))
+    line = lines[number - 1].strip() if 0 < number <= len(lines) else ""
+    return (f"; line {number} reads {line!r}: a text value needs quotes (name = \"journey\", "
+            "tags = [\"demo\"]), a number or true/false does not")
+
+
 def load_pipeline(path: str | Path) -> Pipeline:
     """Parse a pipeline TOML file and check all of it against `geomap.ingest.schema.PipelineSchema`.
 
@@ -63,9 +76,12 @@ def load_pipeline(path: str | Path) -> Pipeline:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        text = path.read_text(encoding="utf-8-sig")
+        data = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GeomapError(f"Cannot read pipeline {path}: {exc}{_toml_hint(text, str(exc))}") from None
     engine = parse_engine(data.pop("engine", None), str(path))  # the [engine] table (the schema covers the rest)
     plans = _interventions(data.pop("interventions", []), str(path))
     spec = validate_pipeline(data, str(path))

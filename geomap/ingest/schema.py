@@ -124,7 +124,8 @@ def _lookup(data: Any, path: tuple) -> Any:
 
 def describe(exc: ValidationError, data: Any, where: str, model: type[BaseModel]) -> str:
     """One line for a schema error: where, the key, the value given and what is allowed."""
-    error = exc.errors()[0]
+    errors = exc.errors()
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # `[[source]]`: say so first
     key, path = _key(tuple(error["loc"]))
     field = next((p for p in reversed(path) if isinstance(p, str)), "")
     if error["type"] == "extra_forbidden":
