@@ -176,13 +176,21 @@ def test_docs_map_every_step_to_its_picture(journey):
     for step, section in table:
         assert where.get(step) == section, (step, section, where.get(step))
         assert f'id="{section}"' in report.html
+    # the first screen links each step to the same section
+    first_screen = report.html.split('id="summary"')[1].split("</ol>")[0]
+    links = re.findall(r'<li value="(\d+)"><a href="#([a-z-]+)">', first_screen)
+    assert links == table
 
 
-def test_layer_boxes_follow_the_architecture(tiny_models):
+def test_layer_boxes_follow_the_architecture(tiny_models, tmp_path):
+    import json
+
+    from geomap.models.weights_slice import write_slice
     from geomap.report.layer_view import layer_boxes
 
     for arch, model in tiny_models.items():
-        boxes = layer_boxes(model)
+        meta = json.loads((write_slice(model, tmp_path / arch) / "meta.json").read_text(encoding="utf-8"))
+        boxes = layer_boxes(meta)
         keys = [b["key"] for b in boxes]
         gemma = arch == "gemma3_text"
         assert ("norm_attn_out" in keys) == gemma and ("norm_mlp_out" in keys) == gemma, (arch, keys)

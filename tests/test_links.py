@@ -11,6 +11,7 @@ from geomap.ingest.generation import continue_prompts
 from geomap.report.api import pipeline_reports
 from geomap.report.linkcheck import check_folder, check_served
 from geomap.store.writer import PromptSpec, prompt_key
+from tests.test_journey_controls import browser  # noqa: F401 - the Chromium fixture
 from tests.test_serve import start_server, stop_server
 
 PROMPTS = ["The storm is", "The market is", "Paris is the capital of"]
@@ -40,14 +41,71 @@ def test_every_link_of_a_pipelines_reports_resolves(built):
     assert check_folder(reports) == []
 
 
-def test_every_link_of_a_served_store_resolves(built):
+def test_continuation_steps_decode_exactly(built):
+    """Each continuation step keeps the full logits it was decided from, so its page decodes exactly."""
+    import duckdb
+    import numpy as np
+
+    from geomap.analysis import load
+
+    db, reports, _, _ = built
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        steps = con.execute("SELECT prompt_id, pos, chosen_id FROM decisions WHERE source = 'generate'").fetchall()
+        assert len(steps) == 2 * len(PROMPTS)
+        for pid, pos, chosen in steps:
+            cand = load.candidates(con, load.prompt_info(con, pid), pos)
+            assert cand.complete and int(cand.ids[np.argmax(cand.logits)]) == chosen  # greedy: the argmax
+    finally:
+        con.close()
+    for pid, pos, _ in steps:
+        assert '"complete": true' in (reports / f"journey-{pid}-p{pos}.html").read_text(encoding="utf-8")
+
+
+def test_continuation_pages_link_their_neighbouring_steps_in_the_sticky_nav(built):
+    import re
+
+    _, reports, _, _ = built
+    for page in sorted(reports.glob("journey-*-p*.html")):
+        nav = page.read_text(encoding="utf-8").split('<nav class="toc"')[1].split("</nav>")[0]
+        steps = re.findall(r'data-step-nav="(prev|next)"', nav)
+        assert steps in (["next"], ["prev"], ["prev", "next"]), (page.name, steps)  # two steps each here
+
+
+@pytest.fixture(scope="module")
+def server(built):
     db, _, _, model_dir = built
     proc, port = start_server(db, model_dir)
-    try:
-        assert check_served(f"http://127.0.0.1:{port}") == []
-    finally:
-        log = stop_server(proc)
+    yield f"http://127.0.0.1:{port}"
+    log = stop_server(proc)
     assert "Traceback" not in log, log
+
+
+def test_every_link_of_a_served_store_resolves(server):
+    import urllib.request
+
+    assert check_served(server) == []
+    with urllib.request.urlopen(f"{server}/reports/journey-1.html", timeout=120) as resp:
+        policy = resp.headers["content-security-policy"]
+    scripts = policy.split("script-src")[1].split(";")[0]
+    assert "'sha256-" in scripts and "'unsafe-inline'" not in scripts
+
+
+@pytest.mark.browser
+def test_a_typed_prompt_reaches_its_journey_page(server, browser):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{server}/reports/index.html")
+    page.fill("[data-ask-text]", "A sentence nobody stored before")
+    page.click("[data-ask] button")
+    page.wait_for_function("document.querySelector('[data-ask-status]') === null || "
+                           "document.querySelector('[data-ask-status]').textContent.length > 0", timeout=30_000)
+    page.wait_for_url("**/reports/journey-*.html", timeout=300_000)
+    page.wait_for_selector("#decoding", timeout=300_000)  # after the run's map is fitted (202 pages reload)
+    assert "A sentence nobody stored before" in page.locator("#summary").text_content()
+    assert errors == [], errors
+    page.close()
 
 
 def test_the_checker_finds_a_missing_page_and_a_missing_anchor(tmp_path):
@@ -60,3 +118,4 @@ def test_the_checker_finds_a_missing_page_and_a_missing_anchor(tmp_path):
     assert any("index.html#nope (no element #nope)" in p for p in problems), problems
     assert any("leaves the reports" in p for p in problems), problems
     assert not any("#top" in p for p in problems), problems
+

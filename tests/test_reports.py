@@ -121,6 +121,11 @@ def test_numbers_match_the_store(reports):
                                  "WHERE prompt_id = 1")[0][0])
     logits = logits[~np.isnan(logits)]
     np.testing.assert_allclose(values("final_logits"), np.sort(logits)[::-1][:15], rtol=1e-5)
+    from geomap.analysis.api import attribute
+
+    counted = rows(db, "SELECT count(*) FROM attributions")[0][0]
+    assert counted == 0  # the page only reads: the analysis below stores them, with the model
+    attribute(db, 1, loaded=model)
     parts = rows(db, "SELECT value FROM attributions WHERE prompt_id = 1 AND level = 'layer' "
                       "AND component IN ('attn', 'mlp')")
     shown = values("attributions.value")

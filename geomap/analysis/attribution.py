@@ -12,9 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from geomap.models.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -59,8 +56,10 @@ class Attribution:
         return [p for p in self.parts if p[0] in ("embed", "attn", "mlp", "bias")]
 
 
-def attribute(loaded: LoadedModel, parts: StreamParts, token_id: int) -> Attribution:
-    """Decompose token ``token_id``'s logit over ``parts``."""
+def attribute(loaded, parts: StreamParts, token_id: int) -> Attribution:
+    """Decompose token ``token_id``'s logit over ``parts`` (``loaded``: a `geomap.models.loading.LoadedModel`)."""
+    import torch
+
     a = loaded.anatomy
     norm = a.final_norm
     u = a.unembed.weight[token_id].detach().double().cpu()
@@ -75,6 +74,27 @@ def attribute(loaded: LoadedModel, parts: StreamParts, token_id: int) -> Attribu
         bias += float(norm.bias.detach().double().cpu() @ u)
     if a.unembed_bias is not None:
         bias += float(a.unembed_bias[token_id])
+    return _decompose(value, bias, parts, token_id)
+
+
+def attribute_weights(weights, parts: StreamParts, token_id: int) -> Attribution:
+    """`attribute` from a model's weight slice (`geomap.analysis.weights.Weights`): no model needed."""
+    u = np.asarray(weights.unembed[int(token_id)], np.float64)
+
+    def value(x: np.ndarray) -> np.ndarray:
+        return weights.frozen(np.asarray(x, np.float32), np.float32(parts.final_scale)).astype(np.float64) @ u
+
+    bias = 0.0
+    norm_bias, unembed_bias = weights.array("final_norm_bias"), weights.array("unembed_bias")
+    if norm_bias is not None:
+        bias += float(np.asarray(norm_bias, np.float64) @ u)
+    if unembed_bias is not None:
+        bias += float(unembed_bias[int(token_id)])
+    return _decompose(value, bias, parts, token_id)
+
+
+def _decompose(value, bias: float, parts: StreamParts, token_id: int) -> Attribution:
+    """The parts' values through ``value`` (frozen norm, then · u), the constant ``bias``, their sum."""
     rows: list[tuple[str, int | None, int | None, float]] = [("embed", None, None, float(value(parts.embed)))]
     attn, mlp = value(parts.attn), value(parts.mlp)
     for layer in range(len(attn)):

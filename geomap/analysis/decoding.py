@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from geomap.errors import GeomapError
 
@@ -99,9 +102,11 @@ class Candidates:
     @classmethod
     def from_full(cls, logits: np.ndarray) -> Candidates:
         """All V logits (a last position's ``final_logits``, or a live model's)."""
-        z = torch.as_tensor(np.asarray(logits, dtype=np.float32))
-        order = torch.argsort(z, descending=True, stable=True)
-        return cls(order.numpy(), z[order].numpy(), float(torch.logsumexp(z, 0)), True)
+        z = np.asarray(logits, dtype=np.float32)
+        order = np.argsort(-z, kind="stable")  # descending, ties in id order (as torch's stable argsort)
+        top = float(z[order[0]]) if len(z) else 0.0
+        lse = top + float(np.log(np.sum(np.exp(z.astype(np.float64) - top)))) if len(z) else float("-inf")
+        return cls(order.astype(np.int64), z[order], lse, True)
 
     @property
     def tail_mass(self) -> float:
@@ -151,6 +156,8 @@ def decide(candidates: Candidates, strategy: Strategy) -> Decision:
         p_top = math.exp(top - candidates.logsumexp)
         return Decision(strategy, ids[:1], np.ones(1, np.float32), p_top, int(ids[0]), 1, 1.0, p_top, True,
                         tail_mass)
+    import torch  # sampling only: reading and greedy decoding stay torch-free (a report's CLI loads no torch)
+
     # Work in vocabulary order with full logits (so ties break as in transformers), else in stored order.
     if candidates.complete:
         z = torch.empty(len(ids), dtype=torch.float32)
@@ -206,6 +213,8 @@ def _stage(closed: bool, broken: bool, closes: bool) -> tuple[bool, bool]:
 
 def _log_norm(scores: torch.Tensor, tail: float | None) -> float:
     """Log of Σ exp(scores), plus the tail's mass when known."""
+    import torch
+
     total = float(torch.logsumexp(scores.double(), 0))
     return total if tail is None else float(np.logaddexp(total, tail))
 
@@ -216,6 +225,8 @@ def _top_p(scores: torch.Tensor, top_p: float, tail: float | None) -> tuple[torc
     Returns:
         The filtered scores, and whether every unseen token is removed (always True without a tail).
     """
+    import torch
+
     sorted_scores, order = torch.sort(scores, descending=False)
     if tail is None:
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)

@@ -35,6 +35,8 @@ class Generation:
         new_ids: (n,) the generated ids.
         decisions: One per generated token; decision ``i`` decided position ``n0 - 1 + i``.
         stopped: ``"max_new_tokens"`` or ``"eos"``.
+        step_logits: (V,) float32 full-vocabulary logits each decision was made from (what exact decoding of a
+            step needs later; stored beside the decisions).
     """
 
     text: str
@@ -42,6 +44,7 @@ class Generation:
     new_ids: np.ndarray
     decisions: tuple[Decision, ...]
     stopped: str
+    step_logits: tuple[np.ndarray, ...] = ()
 
     @property
     def ids(self) -> np.ndarray:
@@ -73,18 +76,20 @@ def generate_tokens(loaded: LoadedModel, text: str, max_new_tokens: int, strateg
                           f"context window of {window}.")
     stop = eos_ids(loaded)
     seq = torch.as_tensor(prompt.ids, dtype=torch.long)[None].to(loaded.device)
-    decisions, new, stopped = [], [], "max_new_tokens"
+    decisions, new, stopped, kept = [], [], "max_new_tokens", []
     for step in range(max_new_tokens):
         logits = loaded.model(input_ids=seq, logits_to_keep=1, use_cache=False).logits[0, -1]
         step_strategy = strategy if strategy.greedy else dataclasses.replace(strategy, seed=(strategy.seed or 0) + step)
-        d = decide(Candidates.from_full(logits.float().cpu().numpy()), step_strategy)
+        full = logits.float().cpu().numpy()
+        kept.append(full)
+        d = decide(Candidates.from_full(full), step_strategy)
         decisions.append(d)
         new.append(d.chosen_id)
         seq = torch.cat([seq, torch.tensor([[d.chosen_id]], device=seq.device)], dim=1)
         if d.chosen_id in stop:
             stopped = "eos"
             break
-    return Generation(text, prompt.ids, np.asarray(new, dtype=np.int64), tuple(decisions), stopped)
+    return Generation(text, prompt.ids, np.asarray(new, dtype=np.int64), tuple(decisions), stopped, tuple(kept))
 
 
 def generation_config(base: CaptureConfig, generation: Generation) -> CaptureConfig:

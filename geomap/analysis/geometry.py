@@ -52,7 +52,12 @@ class Geometry:
 
 
 def normed_states(loaded: LoadedModel, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """States (n, d) after the model's own final norm (what the unembedding reads), in chunks."""
+    """States (n, d) after the model's own final norm (what the unembedding reads), in chunks.
+
+    ``loaded`` may also be a weight slice (`geomap.analysis.weights.Weights`): the same norm, without the model.
+    """
+    if hasattr(loaded, "normed"):
+        return loaded.normed(x)
     norm = loaded.anatomy.final_norm
     x = np.asarray(x, np.float32)
     out = np.empty_like(x)
@@ -61,6 +66,14 @@ def normed_states(loaded: LoadedModel, x: np.ndarray, chunk: int = 8192) -> np.n
             part = torch.as_tensor(x[start:start + chunk]).to(norm.weight.device, norm.weight.dtype)
             out[start:start + chunk] = norm(part).float().cpu().numpy()
     return out
+
+
+def unembed_rows(loaded, ids=None) -> np.ndarray:
+    """Unembedding rows (all, or of ``ids``) as float32 numpy, from a model or a weight slice."""
+    if hasattr(loaded, "unembed_rows"):
+        return np.asarray(loaded.unembed, np.float32) if ids is None else loaded.unembed_rows(ids)
+    w = loaded.anatomy.unembed.weight
+    return (w if ids is None else w[list(ids)]).detach().float().cpu().numpy()
 
 
 def normed_state(loaded: LoadedModel, state: np.ndarray) -> np.ndarray:
@@ -86,7 +99,7 @@ def unembedding_geometry(loaded: LoadedModel, state: np.ndarray, layer: int, con
         contrast_ids: Extra token ids to compare (for example " banana").
         k: Candidates, nearest directions and embedding neighbours to keep.
     """
-    from geomap.models.presets import cache_home
+    from geomap.paths import cache_home
     from geomap.store.vocab_index import vocab_index
 
     a = loaded.anatomy

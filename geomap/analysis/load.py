@@ -51,17 +51,32 @@ def resolve_pos(info: PromptInfo, pos: int | None) -> int:
 
 
 def candidates(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> Candidates:
-    """The next-token logits stored at a position: all of them at the last position, else the top-k."""
-    if pos == info.n_tokens - 1:
-        full = final_logits(con, info.id)
-        if full is not None:
-            return Candidates.from_full(full)
+    """The next-token logits stored at a position, all of them where they are stored, else the top-k.
+
+    All of them: at the last position (``final_logits``) and at a generation step (``step_logits``).
+    """
+    full = final_logits(con, info.id) if pos == info.n_tokens - 1 else stored_step_logits(con, info.id, pos)
+    if full is not None:
+        return Candidates.from_full(full)
     rows = con.execute("SELECT token_ids, logits, logsumexp FROM next_token WHERE prompt_id = ? AND pos = ?",
                        [info.id, pos]).fetchall()
     if not rows:
         raise StoreError(f"No next-token distribution stored for prompt {info.id} at position {pos}.")
     ids, logits, lse = rows[0]
     return Candidates(np.asarray(ids, np.int64), np.asarray(logits, np.float32), float(lse), False)
+
+
+def stored_step_logits(con: duckdb.DuckDBPyConnection, prompt_id: int, pos: int) -> np.ndarray | None:
+    """A generation step's full logits (V,) float32, stored with its decision, or None (older stores: none)."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'step_logits'").fetchall()[0][0]:
+        return None  # an older store, not written since: no such table (a failed query would abort a transaction)
+    found = con.execute("SELECT logits FROM step_logits WHERE prompt_id = ? AND pos = ? ORDER BY chunk",
+                        [prompt_id, pos]).fetchnumpy()
+    if not len(found["logits"]):
+        return None
+    flat = np.concatenate([np.asarray(r, np.float32) for r in found["logits"]])
+    finite = np.flatnonzero(~np.isnan(flat))
+    return flat[: finite[-1] + 1] if len(finite) else flat[:0]
 
 
 def token_texts(con: duckdb.DuckDBPyConnection, weights_sha256: str, ids) -> dict[int, str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from geomap.analysis import load
-from geomap.analysis.geometry import normed_states
+from geomap.analysis.geometry import normed_states, unembed_rows
 from geomap.analysis.persist import insert_rows, next_id, transaction
 from geomap.analysis.projection import fit_projection
 from geomap.store.db import StoreError, ensure_schema
@@ -59,7 +59,7 @@ def project(store: StoreLike, run_id: int, method: str = "pca", layers: list[int
         states = load.run_states(con, run_id, layers)
         x = normed_states(loaded, states.x)
         token_ids = top_candidates(con, run_id)
-        w_u = loaded.anatomy.unembed.weight.detach().float().cpu().numpy()
+        w_u = unembed_rows(loaded)
         groups = [(None, np.arange(len(x)))] if joint else [
             (int(ell), np.flatnonzero(states.layers == ell)) for ell in np.unique(states.layers)]
         chosen = sorted({int(v) for v in np.unique(states.layers)})
@@ -138,7 +138,7 @@ def place(store: StoreLike, projection_id: int, prompt_id: int, loaded=None,
         vecs = [(p, ell, load.state(con, prompt_id, ell, p)) for ell in wanted for p in where]
         x = normed_states(loaded, np.stack([v for _, _, v in vecs]))
         token_ids = [int(t) for t in tokens or []]
-        w_u = loaded.anatomy.unembed.weight[token_ids].detach().float().cpu().numpy()
+        w_u = unembed_rows(loaded, token_ids)
         dirs = w_u / np.maximum(np.linalg.norm(w_u, axis=1, keepdims=True), 1e-30) * float(token_scale or 1.0)
         if method == "pca":
             basis = np.asarray(center, np.float32), np.asarray(components, np.float32)

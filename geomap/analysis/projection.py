@@ -101,7 +101,7 @@ def _umap(x: np.ndarray, tokens: np.ndarray, scale: float, seed: int, n_neighbor
 
     import faiss
 
-    from geomap.models.presets import cache_home
+    from geomap.paths import cache_home
 
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_home() / "numba"))  # compiled kernels persist across runs
     import umap

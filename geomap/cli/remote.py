@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from geomap.ingest.runs import RunSummary
+if TYPE_CHECKING:
+    from geomap.ingest.runs import RunSummary
+
 from geomap.serve.client import Client, find_server
 
 
@@ -74,6 +77,8 @@ def run_job(client: Client, prompts, model: str, capture, vector_dtype: str, bat
 
         raise GeomapError(f"run {run_id} failed on the server: {view.get('error')}")
     p = view["progress"]
+    from geomap.ingest.runs import RunSummary  # torch-free until a job runs (a report's CLI stays fast)
+
     summary = RunSummary(run_id, p.get("stored", 0), p.get("skipped", 0), p.get("failed", 0), p.get("tokens", 0),
                          float(p.get("seconds", 0.0)), tuple(p.get("failures", ())))
     return summary, view

@@ -52,13 +52,37 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
         page = page_name(prompt_id, pos)
         _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))
         return
-    _quiet_transformers()
     if prompt_id is None:
         from geomap.ingest.engine import store_text
 
+        _quiet_transformers()
         prompt_id = store_text(_db(db), text)
+    _prepare(_db(db), [prompt_id])
     done = journey_report(_db(db), prompt_id, out, single_file, pos=pos)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
+
+
+def _prepare(db: Path, prompt_ids: list[int]) -> None:
+    """What a report needs beyond reading (a PCA map; an older store's weight slice, which loads its model once)."""
+    from geomap.report.api import prepare
+
+    def load(info):
+        from geomap.analysis.api import model_for
+        from geomap.cli import _quiet_transformers
+
+        _quiet_transformers()
+        return model_for(info)
+
+    prepare(db, prompt_ids, load_model=load)
+
+
+def _prepare_run(db: Path, run_id: int) -> None:
+    from geomap.store.handle import Store
+
+    with Store.use(db, "r") as opened:
+        first = opened.query("SELECT min(id) FROM prompts WHERE run_id = ? AND status = 'done'", [run_id]).scalar()
+    if first is not None:
+        _prepare(db, [first])
 
 
 @report.command("run")
@@ -69,14 +93,13 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
 @db_option
 def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None) -> None:
     """One page for a whole run: final-state map, layer curves, prediction depth, head entropy, prompts."""
-    from geomap.cli import _quiet_transformers
     from geomap.cli.remote import fetch_report, server_for
     from geomap.report.api import DEFAULT_FOLDER, run_report
 
     if (client := server_for(_db(db))) is not None:
         _fetched(fetch_report(client, f"run-{run_id}.html", out or DEFAULT_FOLDER / f"run-{run_id}.html"))
         return
-    _quiet_transformers()
+    _prepare_run(_db(db), run_id)
     done = run_report(_db(db), run_id, out, single_file)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB)")
 
@@ -89,7 +112,6 @@ def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None
 @db_option
 def report_compare(prompt_ids: tuple[int, ...], out: Path | None, single_file: bool, db: Path | None) -> None:
     """Two journeys side by side, e.g. --prompt 1 --prompt 2."""
-    from geomap.cli import _quiet_transformers
     from geomap.cli.remote import fetch_report, server_for
     from geomap.report.api import DEFAULT_FOLDER, compare_report
 
@@ -99,7 +121,7 @@ def report_compare(prompt_ids: tuple[int, ...], out: Path | None, single_file: b
         page = f"compare-{prompt_ids[0]}-{prompt_ids[1]}.html"
         _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))
         return
-    _quiet_transformers()
+    _prepare(_db(db), list(prompt_ids))
     done = compare_report(_db(db), prompt_ids[0], prompt_ids[1], out, single_file)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB)")
 

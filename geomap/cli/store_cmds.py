@@ -219,7 +219,9 @@ def _pipeline_reports(store: StoreLike, pipe, prompts, loaded) -> None:
 
     identity = model_identity(loaded or skeleton_model(pipe.model))
     keys = [prompt_key(identity, pipe.capture.to_json(), spec.text) for spec in prompts]
-    written = pipeline_reports(store, keys, pipe.reports, loaded)
+    from geomap.analysis.api import model_for
+
+    written = pipeline_reports(store, keys, pipe.reports, loaded, load_model=model_for)
     click.echo(f"reports: {written} written; open {pipe.reports / 'index.html'}", err=True)
 
 

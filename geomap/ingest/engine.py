@@ -117,10 +117,18 @@ def _store(con, loaded: LoadedModel, todo: list, run_id: int, config: CaptureCon
 
 
 def prepare_store(store: Store, con, loaded: LoadedModel):
-    """Ready a store for a run of ``loaded`` (writer settings, schema, vocabulary); returns its token texts by id."""
+    """Ready a store for a run of ``loaded``; returns its token texts by id.
+
+    Sets the writer up, the schema and the vocabulary, and writes the weight slice its reports read.
+    """
+    from geomap.analysis.weights import slice_folder
+    from geomap.models.weights_slice import write_slice
+
     store.prepare_writer()
     ensure_schema(con, loaded.anatomy.d_model)
     ensure_vocab(con, loaded)
+    if next(loaded.model.parameters()).device.type != "meta":  # a skeleton (Ray's driver) has no weights to copy
+        write_slice(loaded, slice_folder(store.path, loaded.weights_hash))
     return vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)
 
 

@@ -161,8 +161,10 @@ def _store_generations(store: Store, con, loaded, config: CaptureConfig, vector_
 
             def decisions(con, ids: dict[str, int], steps=steps) -> None:
                 rows = [decision_row(d, ids[key], n0 - 1 + i, "generate", i)
-                        for key, (n0, made) in steps.items() if key in ids for i, d in enumerate(made)]
+                        for key, (n0, made, _) in steps.items() if key in ids for i, d in enumerate(made)]
                 insert_rows(con, "decisions", rows, with_id=True)
+                _store_step_logits(con, [(ids[key], n0 - 1 + i, z) for key, (n0, _, logits) in steps.items()
+                                         if key in ids for i, z in enumerate(logits)])
 
             write_batch(con, run_id, vector_dtype, items, within=decisions)
             done |= set(steps)
@@ -180,6 +182,29 @@ def _store_generations(store: Store, con, loaded, config: CaptureConfig, vector_
     return done
 
 
+def _store_step_logits(con, steps: list[tuple[int, int, object]]) -> None:
+    """Store each generation step's full logits as ``step_logits`` rows, in its decision's transaction.
+
+    The rows are ``final_logits``' chunks with a position: what exact decoding of a continuation step needs.
+    """
+    import pyarrow as pa
+
+    from geomap.store.writer import logit_chunks
+
+    if not steps:
+        return
+    tables = []
+    for prompt_id, pos, logits in steps:
+        t = logit_chunks(logits, prompt_id)
+        tables.append(t.add_column(1, "pos", pa.array([pos] * t.num_rows, pa.int32())))
+    con.register("_step_logits", pa.concat_tables(tables))
+    try:
+        con.execute("INSERT INTO step_logits (prompt_id, pos, chunk, logits) "
+                    "SELECT prompt_id, pos, chunk, logits FROM _step_logits")
+    finally:
+        con.unregister("_step_logits")
+
+
 def _generate_batch(loaded, config: CaptureConfig, todo, max_new_tokens: int, strategy: Strategy,
                     skip_overflow: bool) -> tuple[list, dict]:
     """Generate and capture each of ``todo``: the shard items, and ``{key: (prompt length, decisions)}``."""
@@ -194,5 +219,5 @@ def _generate_batch(loaded, config: CaptureConfig, todo, max_new_tokens: int, st
         journey = capture_generation(loaded, generation, generation_config(config, generation))
         n0 = len(generation.prompt_ids)
         items.append((PromptSpec(journey.text, "generate", None, (), parent_id, decoding, n0), key, journey))
-        steps[key] = (n0, generation.decisions)
+        steps[key] = (n0, generation.decisions, generation.step_logits)
     return items, steps

@@ -19,14 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geomap.errors import GeomapError, ModelNotFoundError
+from geomap.paths import cache_home
 
 PROBE_PROMPT = "The storm is"
 MANIFEST = "geomap-preset.json"
-
-
-def cache_home() -> Path:
-    """Where geomap keeps converted models and other per-machine caches (``$GEOMAP_HOME``)."""
-    return Path(os.environ.get("GEOMAP_HOME") or Path.home() / ".cache" / "geomap")
 
 
 def _gemma_gguf(workdir: Path) -> Path:

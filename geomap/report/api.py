@@ -38,79 +38,133 @@ def store_links(store: StoreLike, folder: Path | None = None, planned: frozenset
     return served(keys) if folder is None else in_folder(keys, folder, planned)
 
 
+def prepare(store: StoreLike, prompt_ids, loaded=None, load_model=None) -> None:
+    """Satisfy what rendering these prompts' pages needs and does not write: the weight slice, the runs' PCA maps.
+
+    Rendering itself only reads. The CLI (and the tests) call this first; a served store gets its maps from the
+    server's fit queue and its slice when the server starts a report.
+
+    Args:
+        store: The store (a path opens one for the call).
+        prompt_ids: The prompts whose pages (and runs' pages) are about to be rendered.
+        loaded: A loaded model whose slice may be written if the store has none (older stores).
+        load_model: Called with a `PromptInfo` to load its model when no slice is stored and ``loaded`` does not
+            match; without it, a missing slice is a `StoreError` naming the fix.
+    """
+    from geomap.analysis import load
+
+    with Store.use(store, "w", create=False) as opened:
+        with opened.snapshot() as con:
+            infos = {int(p): load.prompt_info(con, int(p)) for p in prompt_ids}
+            mapped = {r for (r,) in con.execute("SELECT DISTINCT run_id FROM projections WHERE joint AND "
+                                                "method = 'pca'").fetchall()}
+        _prepare(opened, infos, mapped, loaded, load_model)
+
+
+def _prepare(store: Store, infos: dict, mapped: set, loaded, load_model) -> None:
+    from geomap.analysis.weights import has_weights, slice_folder, weights_for
+
+    db_path = store.path
+    for info in {i.weights_sha256: i for i in infos.values()}.values():
+        if has_weights(db_path, info.weights_sha256):
+            continue
+        model = loaded if loaded is not None and loaded.weights_hash == info.weights_sha256 else None
+        if model is None and load_model is not None:
+            model = load_model(info)
+        if model is None:
+            weights_for(db_path, info.weights_sha256)  # raises, naming the fix
+        from geomap.models.weights_slice import write_slice
+
+        write_slice(model, slice_folder(db_path, info.weights_sha256))
+    for info in {i.run_id: i for i in infos.values()}.values():
+        if info.run_id not in mapped:
+            from geomap.analysis.maps import project
+
+            project(store, info.run_id, "pca", loaded=weights_for(db_path, info.weights_sha256))
+
+
 def journey_report(store: StoreLike, prompt_id: int,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
                    write: bool = True, pos: int | None = None, linked: bool = True,
-                   links: Links | None = None) -> Report:
-    """The journey report of a stored prompt's token (default its last).
+                   links: Links | None = None, ready: bool = False, served: bool = False) -> Report:
+    """The journey report of a stored prompt's token (default its last), from the store only.
 
-    The report stage reads the store only: to report on a new text, store it first
-    (`geomap.ingest.engine.store_text`).
+    To report on a new text, store it first (`geomap.ingest.engine.store_text`).
 
     Args:
         store: The store (a path opens one for the call).
         prompt_id: A stored prompt.
         out: The HTML file (default ``reports/journey-<id>.html``).
         single_file: Inline the stylesheet and script instead of linking ``assets/`` beside the page.
-        loaded: The model (loaded by name when None).
+        loaded: A loaded model, used only to write the store's weight slice when it has none (older stores).
         write: Write the file (and refresh the folder's ``index.html``).
         pos: The token's position (default: the last).
         linked: Also write the missing pages of the generation steps the page links to.
         links: What the page may link to (default: written, the pages beside it and its steps' pages; else all).
+        ready: The preconditions (`prepare`) are known to hold: render without checking them.
+        served: Rendered for a server (its policy lets the page call that server).
     """
-    from geomap.analysis.api import model_for_prompt
     from geomap.report.data import journey_data
 
     target = (Path(out) if out else None) if write else None
-    with Store.use(store, "w", create=False) as opened:
+    with Store.use(store, "r" if ready else "w", create=False) as opened:
+        if not ready:
+            prepare(opened, [prompt_id], loaded)
         if links is None:
             links = store_links(opened, None)
             if write:  # the pages beside it, and its generations' steps, which it writes below
                 steps = frozenset(journey_name(p, s) for p, s in links.keys.steps_of([prompt_id])) if linked else ()
                 links = in_folder(links.keys, target.parent if target else DEFAULT_FOLDER, frozenset(steps))
-        loaded = model_for_prompt(opened, prompt_id, loaded)
-        data = journey_data(opened, prompt_id, loaded, pos=pos, links=links)
-        page = journey_page(data, single_file)
+        data = journey_data(opened, prompt_id, pos=pos, links=links)
+        page = journey_page(data, single_file, served)
         path = None
         if write:
-            name = journey_name(prompt_id, None if data["prompt"]["is_last"] else data["prompt"]["pos"])
+            name = journey_name(prompt_id, None if data.prompt["is_last"] else data.prompt["pos"])
             path = write_page(page, target or DEFAULT_FOLDER / name, single_file)
-            for step in data["generations"] if linked else []:
-                target = path.parent / journey_name(step["prompt_id"], step["pos"])
-                if step["href"] and not target.exists():
-                    journey_report(opened, step["prompt_id"], out=target, single_file=single_file, loaded=loaded,
-                                   pos=step["pos"], linked=False, links=links)
+            steps = [s for s in data.generations if s["href"]] if linked else []
+            if steps:
+                prepare(opened, {s["prompt_id"] for s in steps}, loaded)
+            for step in steps:
+                step_out = path.parent / journey_name(step["prompt_id"], step["pos"])
+                if not step_out.exists():
+                    journey_report(opened, step["prompt_id"], out=step_out, single_file=single_file,
+                                   pos=step["pos"], linked=False, links=links, ready=True)
     return Report(page, path)
 
 
 def run_report(store: StoreLike, run_id: int, out: str | Path | None = None, single_file: bool = False,
-               loaded=None, write: bool = True, links: Links | None = None) -> Report:
-    """One page for a whole run (default file ``reports/run-<id>.html``)."""
+               loaded=None, write: bool = True, links: Links | None = None, served: bool = False) -> Report:
+    """One page for a whole run (default file ``reports/run-<id>.html``), from the store only.
+
+    ``loaded``: a loaded model, used only to write the store's weight slice when it has none.
+    """
     from geomap.report.render import render
     from geomap.report.run_data import run_data
-
     target = Path(out) if out else DEFAULT_FOLDER / run_name(run_id)
-    with Store.use(store, "w") as opened:
+    with Store.use(store, "r" if loaded is None else "w", create=False) as opened:
+        first = opened.query("SELECT min(id) FROM prompts WHERE run_id = ? AND status = 'done'", [run_id]).scalar()
+        if first is not None and loaded is not None:
+            prepare(opened, [first], loaded)
         if links is None:
             links = store_links(opened, target.parent if write else None)
-        page = render("run.html.j2", run_data(opened, run_id, loaded, links=links), single_file)
+        page = render("run.html.j2", run_data(opened, run_id, links=links), single_file, served=served)
     path = write_page(page, target, single_file) if write else None
     return Report(page, path)
 
 
 def compare_report(store: StoreLike, first: int, second: int, out: str | Path | None = None,
-                   single_file: bool = False, loaded=None, write: bool = True) -> Report:
-    """Two journeys side by side (default file ``reports/compare-<a>-<b>.html``)."""
-    from geomap.analysis.api import model_for_prompt
+                   single_file: bool = False, loaded=None, write: bool = True, ready: bool = False,
+                   served: bool = False) -> Report:
+    """Two journeys side by side (default file ``reports/compare-<a>-<b>.html``), from the store only."""
     from geomap.report.data import journey_data
     from geomap.report.render import render
 
-    with Store.use(store, "w", create=False) as opened:
-        loaded = model_for_prompt(opened, first, loaded)
-        data = {"a": journey_data(opened, first, loaded),
-                "b": journey_data(opened, second, model_for_prompt(opened, second, loaded))}
-        data["cosines"] = _state_cosines(opened, first, second)
-    page = render("compare.html.j2", data, single_file)
+    with Store.use(store, "r" if ready else "w", create=False) as opened:
+        if not ready:
+            prepare(opened, [first, second], loaded)
+        data = {"a": journey_data(opened, first), "b": journey_data(opened, second),
+                "cosines": _state_cosines(opened, first, second)}
+    page = render("compare.html.j2", data, single_file, served=served)
     target = Path(out) if out else DEFAULT_FOLDER / f"compare-{first}-{second}.html"
     return Report(page, write_page(page, target, single_file) if write else None)
 
@@ -131,40 +185,38 @@ def _state_cosines(store: Store, first: int, second: int) -> list[dict]:
 
 
 def pipeline_reports(store: StoreLike, keys: list[str], folder: str | Path, loaded=None,
-                     progress: bool = True) -> int:
+                     progress: bool = True, load_model=None) -> int:
     """Write the reports of a pipeline's prompts.
 
-    A journey report for each stored prompt with one of these keys (existing files are kept), then the report
-    of each of their runs, and the folder's index.
+    A journey report for each stored prompt with one of these keys (existing files are kept) and for each step
+    of their continuations, then the report of each of their runs, and the folder's index. ``loaded`` or
+    ``load_model`` (`prepare`) serve an older store that has no weight slice yet.
 
     Returns:
         How many pages were written.
     """
-    folder = Path(folder)
-    with Store.use(store, "w") as opened:
-        return _pipeline_reports(opened, keys, folder, loaded, progress)
-
-
-def _pipeline_reports(store: Store, keys: list[str], folder: Path, loaded, progress: bool) -> int:
     from tqdm import tqdm
 
-    with store.snapshot() as con:
-        rows = con.execute("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) AND status = 'done' "
-                           "ORDER BY id", [list(keys)]).fetchall()
-        steps = con.execute("""SELECT DISTINCT p.run_id FROM prompts p JOIN decisions d ON d.prompt_id = p.id
-                               AND d.source = 'generate' WHERE p.parent_id IN (SELECT unnest(?))""",
-                            [[pid for pid, _ in rows]]).fetchall()
-    links = store_links(store, folder)
-    ours = {pid for pid, _ in rows}
-    runs = sorted({run for _, run in rows} | {run for (run,) in steps})
-    planned = {journey_name(p) for p in ours} | {journey_name(p, s) for p, s in links.keys.steps_of(ours)}
-    links = in_folder(links.keys, folder, frozenset(planned | {run_name(r) for r in runs}))
-    todo = [pid for pid in sorted(ours) if not (folder / journey_name(pid)).exists()]
-    written = 0
-    for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
-        journey_report(store, pid, out=folder / journey_name(pid), loaded=loaded, links=links)
-        written += 1
-    for run_id in runs:
-        run_report(store, run_id, out=folder / run_name(run_id), loaded=loaded, links=links)
-        written += 1
+    folder = Path(folder)
+    with Store.use(store, "w", create=False) as opened:
+        with opened.snapshot() as con:
+            rows = con.execute("SELECT id, run_id FROM prompts WHERE key IN (SELECT unnest(?)) AND status = 'done' "
+                               "ORDER BY id", [list(keys)]).fetchall()
+            steps = con.execute("""SELECT DISTINCT p.run_id FROM prompts p JOIN decisions d ON d.prompt_id = p.id
+                                   AND d.source = 'generate' WHERE p.parent_id IN (SELECT unnest(?))""",
+                                [[pid for pid, _ in rows]]).fetchall()
+        links = store_links(opened, folder)
+        ours = {pid for pid, _ in rows}
+        prepare(opened, sorted(ours | {p for p, _ in links.keys.steps_of(ours)}), loaded, load_model)
+        runs = sorted({run for _, run in rows} | {run for (run,) in steps})
+        planned = {journey_name(p) for p in ours} | {journey_name(p, s) for p, s in links.keys.steps_of(ours)}
+        links = in_folder(links.keys, folder, frozenset(planned | {run_name(r) for r in runs}))
+        todo = [pid for pid in sorted(ours) if not (folder / journey_name(pid)).exists()]
+        written = 0
+        for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
+            journey_report(opened, pid, out=folder / journey_name(pid), links=links, ready=True)
+            written += 1
+        for run_id in runs:
+            run_report(opened, run_id, out=folder / run_name(run_id), links=links)
+            written += 1
     return written

@@ -14,25 +14,25 @@ BASELINE = 200  # random vocabulary entries drawn (fixed seed) as the baseline
 FAR = 5  # lowest-logit tokens shown
 
 
-def geometry_payload(loaded, normed: np.ndarray, ranked_ids: np.ndarray, low_ids: np.ndarray, texts_for,
+def geometry_payload(weights, normed: np.ndarray, ranked_ids: np.ndarray, low_ids: np.ndarray, texts_for,
                      candidates: int = 8) -> dict:
     """Cosine, |u| and u·h̃ for the top candidates, the farthest tokens and a random baseline.
 
     Args:
-        loaded: The model (its unembedding rows are read).
+        weights: The model's weight slice (its unembedding rows are read).
         normed: h̃, the final state after the final norm (d,).
         ranked_ids: Token ids by final logit, best first.
         low_ids: The lowest-logit token ids.
         texts_for: A callable from token ids to ``{id: text}``.
         candidates: How many top candidates to show.
     """
-    w_u = loaded.anatomy.unembed.weight
+    w_u = weights.unembed
     rng = np.random.default_rng(0)
     random_ids = rng.choice(w_u.shape[0], size=min(BASELINE, w_u.shape[0]), replace=False)
     top = [int(t) for t in ranked_ids[:candidates]]
     far = [int(t) for t in low_ids[:FAR]]
     ids = np.asarray(top + far + [int(t) for t in random_ids], np.int64)
-    rows = w_u[ids].detach().float().cpu().numpy().astype(np.float64)
+    rows = np.asarray(w_u[ids], np.float64)
     h = np.asarray(normed, np.float64)
     h_norm = float(np.linalg.norm(h))
     dots = rows @ h

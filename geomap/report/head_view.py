@@ -104,7 +104,11 @@ def head_payload(attn, keys, attn_update: dict[int, np.ndarray], matrix_rows, to
 
 
 def grid(attn, last: int, tokens) -> list[list[dict]]:
-    """Layer × head cells: entropy and the largest weight on an earlier non-first position (a head's focus)."""
+    """Layer × head cells: entropy, a head's focus and its weight on position 0.
+
+    The focus is the largest weight on an earlier position other than the first; ``bos`` is the weight on position
+    0, where a head parks attention it does not need (the attention sink).
+    """
     rows: dict[int, list[dict]] = {}
     for layer, head, _scores, weights, entropy, *_ in attn:
         w = np.asarray(weights[: last + 1], np.float64)
@@ -112,5 +116,5 @@ def grid(attn, last: int, tokens) -> list[list[dict]]:
         focus = int(np.argmax(earlier)) + 1 if last > 1 else int(np.argmax(w))
         rows.setdefault(int(layer), []).append({"layer": int(layer), "head": int(head), "entropy": r5(entropy),
                                                 "focus": focus, "token": tokens[focus]["text"],
-                                                "focus_weight": r5(w[focus])})
+                                                "focus_weight": r5(w[focus]), "bos": r5(w[0])})
     return [rows[k] for k in sorted(rows)]

@@ -9,7 +9,7 @@ Shapes come from the loaded model's own parameters, grouped into boxes by the ar
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from geomap.lru import Lru
 
@@ -23,17 +23,17 @@ NEURON_TOKENS = 4  # tokens listed per direction (up / down) for each neuron
 _NEURON_CACHE: Lru[dict[tuple[int, int], tuple]] = Lru(4)  # bounded: 4 models, each at most its neurons
 
 
-def _params(module, prefix: str, conv1d: bool) -> list[dict]:
-    """``{name, param, shape, role}`` for the weights under ``module`` (biases folded into the note)."""
+def _params(params: list, prefix: str, conv1d: bool) -> list[dict]:
+    """``{name, label, shape, role}`` for the weights ``[[name, shape], ...]`` of a module (biases noted)."""
     out = []
-    for name, p in module.named_parameters():
+    for name, shape in params:
         owner, _, kind = name.rpartition(".")
         label = MATRIX_NAMES.get(owner.split(".")[-1], owner or prefix)
         if prefix == "mlp" and owner.endswith("c_proj"):
             label = "W₂"
         elif prefix != "mlp" and owner.endswith("c_proj"):
             label = "W_O"
-        shape = list(p.shape)
+        shape = list(shape)
         if kind == "bias":
             role = "bias"
         elif len(shape) == 2:
@@ -47,40 +47,42 @@ def _params(module, prefix: str, conv1d: bool) -> list[dict]:
     return out
 
 
-def layer_boxes(loaded) -> list[dict]:
-    """The boxes of one decoder layer in execution order, each with its operation and matrices (layer 0's)."""
-    a = loaded.anatomy
-    spec = a.spec
-    layer = a.layers[0]
-    norms = list(spec.layer_norms)
-    after_attn = spec.post_attn_norm
-    after_mlp = spec.mlp_add if spec.mlp_add != "mlp" else None
+def layer_boxes(meta: dict) -> list[dict]:
+    """The boxes of one decoder layer in execution order, each with its operation and matrices (layer 0's).
+
+    Args:
+        meta: The model's weight slice description (`geomap.analysis.weights.Weights.meta`).
+    """
+    spec, arch = meta["spec"], meta["architecture"]
+    params = spec["params"]
+    norms = list(spec["layer_norms"])
+    after_attn = spec["post_attn_norm"]
+    after_mlp = spec["mlp_add"] if spec["mlp_add"] != "mlp" else None
     before_mlp = next(n for n in norms[1:] if n not in (after_attn, after_mlp))
-    weight = "(1 + w)" if spec.norm_kind == "rms_plus_one" else "w"
-    how = ("x · (1/std(x − mean)) · w + b" if spec.norm_kind == "layer" else f"x · (1/rms(x)) · {weight}")
+    weight = "(1 + w)" if spec["norm_kind"] == "rms_plus_one" else "w"
+    how = ("x · (1/std(x − mean)) · w + b" if spec["norm_kind"] == "layer" else f"x · (1/rms(x)) · {weight}")
 
     def norm_box(key: str, name: str, title: str, why: str) -> dict:
         return {"key": key, "kind": "norm", "title": title, "module": name, "norm": norms.index(name),
-                "op": f"{how}: {why}", "matrices": _params(layer.get_submodule(name), name, False)}
+                "op": f"{how}: {why}", "matrices": _params(params[name], name, False)}
 
     boxes = [norm_box("norm_attn", norms[0], "norm", "scales the stream before attention reads it")]
-    heads = f"{a.n_heads} heads" + (f" sharing {a.n_kv_heads} key/value groups" if a.n_kv_heads != a.n_heads else "")
-    boxes.append({"key": "attention", "kind": "attention", "title": "attention", "module": spec.attn,
-                  "op": f"q = x·W_Q, k = x·W_K, v = x·W_V per head ({heads}, {a.head_dim} dims each); "
-                        "scores q·k/√d over earlier positions, softmax, weighted sum of v, concatenated heads · W_O",
-                  "matrices": _params(layer.get_submodule(spec.attn), spec.attn, spec.o_proj_conv1d)})
+    boxes.append({"key": "attention", "kind": "attention", "title": "attention", "module": spec["attn"],
+                  "op": attention_op(meta),
+                  "matrices": _params(params[spec["attn"]], spec["attn"], spec["o_proj_conv1d"])})
     if after_attn:
         boxes.append(norm_box("norm_attn_out", after_attn, "post-attention norm",
                               "rescales the attention update before it is added (Gemma's extra norm)"))
     boxes.append({"key": "add_attn", "kind": "add", "title": "+ residual", "op": "h ← h + attention update",
                   "matrices": []})
     boxes.append(norm_box("norm_mlp", before_mlp, "norm", "scales the stream before the MLP reads it"))
-    mlp_path = spec.mlp_down.rsplit(".", 1)[0]
-    gated = any(n.endswith("gate_proj.weight") for n, _ in layer.get_submodule(mlp_path).named_parameters())
+    mlp_path = spec["mlp_path"]
+    gated = any(n.endswith("gate_proj.weight") for n, _ in params[mlp_path])
+    act = arch.get("activation_name") or "act"
     boxes.append({"key": "mlp", "kind": "mlp", "title": "MLP", "module": mlp_path,
-                  "op": ("act(x·W_gate) ⊙ (x·W_up), then ·W_down back to the stream" if gated else
-                         "act(x·W₁ + b₁)·W₂ + b₂"),
-                  "matrices": _params(layer.get_submodule(mlp_path), mlp_path, spec.o_proj_conv1d)})
+                  "op": (f"{act}(x·W_gate) ⊙ (x·W_up), then ·W_down back to the stream" if gated else
+                         f"{act}(x·W₁ + b₁)·W₂ + b₂"),
+                  "matrices": _params(params[mlp_path], mlp_path, spec["o_proj_conv1d"])})
     if after_mlp:
         boxes.append(norm_box("norm_mlp_out", after_mlp, "post-MLP norm",
                               "rescales the MLP update before it is added (Gemma's extra norm)"))
@@ -89,66 +91,66 @@ def layer_boxes(loaded) -> list[dict]:
     return boxes
 
 
-def neuron_directions(loaded, picks: list[tuple[int, int]]) -> torch.Tensor:
-    """(n, vocab) logits of each (layer, neuron)'s output direction read through the unembedding.
-
-    The direction is the neuron's column of the MLP's down projection, passed through the post-MLP norm's weight
-    where the architecture has one and through the final norm's weight (their 1/rms factors are positive scalars
-    that do not change the order of tokens).
-    """
-    a = loaded.anatomy
-    spec = a.spec
-    plus_one = spec.norm_kind == "rms_plus_one"
-    rows = []
-    for layer, neuron in picks:
-        block = a.layers[layer]
-        down = block.get_submodule(spec.mlp_down).weight.detach().float()
-        col = down[neuron] if spec.o_proj_conv1d else down[:, neuron]
-        if spec.mlp_add != "mlp":
-            w = block.get_submodule(spec.mlp_add).weight.detach().float()
-            col = col * ((1.0 + w) if plus_one else w)
-        rows.append(col)
-    if not rows:
-        return torch.zeros((0, a.vocab_size))
-    x = torch.stack(rows)
-    if spec.norm_kind == "layer":
-        x = x - x.mean(dim=1, keepdim=True)
-    w = a.final_norm.weight.detach().float()
-    x = x * ((1.0 + w) if plus_one else w)
-    with torch.no_grad():
-        w_u = a.unembed.weight
-        return (x.to(w_u.device, w_u.dtype) @ w_u.T).float()
+def attention_op(meta: dict) -> str:
+    """The attention box's operations in the model's own order (q/k norms and RoPE only where it has them)."""
+    arch = meta["architecture"]
+    heads = f"{meta['n_heads']} heads" + (f" sharing {meta['n_kv_heads']} key/value groups"
+                                          if meta["n_kv_heads"] != meta["n_heads"] else "")
+    steps = [f"q = x·W_Q, k = x·W_K, v = x·W_V per head ({heads}, {meta['head_dim']} dims each)"]
+    if arch.get("qk_norm"):
+        steps.append("q_norm and k_norm (RMS norms over each head's dims) on q and k")
+    if any(arch.get("ropes") or []):
+        steps.append("RoPE rotates q and k by position (the stored q and k are taken after this step)")
+    elif meta.get("has_pos_embed", False):
+        steps.append("positions were added to the stream at the embedding (learned)")
+    steps.append("scores q·k·scale over earlier positions (the window on sliding layers), softmax, weighted sum "
+                 "of v, heads concatenated · W_O")
+    return "; then ".join(steps)
 
 
-def neuron_rows(loaded, mlp, texts_for) -> dict[int, list[dict]]:
-    """Per layer, its most active neurons with the tokens their output direction pushes up and down.
+def neuron_rows(weights, mlp, texts_for) -> dict[int, list[dict]]:
+    """Per layer, its most active neurons with the tokens their output direction pushes up and down, and how hard.
+
+    A direction's strength is its top logit in standard deviations over the vocabulary (z). A random direction's
+    top token reaches about √(2 ln V) by chance alone; a neuron below `weak_z` is flagged as carrying little
+    token signal.
 
     Args:
-        loaded: The model.
+        weights: The model's weight slice (`geomap.analysis.weights.Weights`).
         mlp: ``(layer, neurons, activations)`` rows.
         texts_for: A callable from token ids to ``{id: text}``.
     """
     picks = [(int(layer), int(n)) for layer, neurons, _ in mlp for n in neurons]
-    cache = _NEURON_CACHE.get_or_put(loaded.weights_hash, dict)
+    cache = _NEURON_CACHE.get_or_put(weights.weights_hash, dict)
     missing = sorted({p for p in picks if p not in cache})
     if missing:
-        logits = neuron_directions(loaded, missing)
+        logits = weights.neuron_logits(missing).astype(np.float64)
         k = min(NEURON_TOKENS, logits.shape[1])
-        ups = torch.topk(logits, k, dim=1).indices.cpu().numpy()
-        downs = torch.topk(-logits, k, dim=1).indices.cpu().numpy()
-        for pick, u, dn in zip(missing, ups, downs):
-            cache[pick] = (u, dn)
-    up = [cache[p][0] for p in picks]
-    down = [cache[p][1] for p in picks]
-    texts = texts_for({int(t) for row in up + down for t in row})
+        mean, sd = logits.mean(1, keepdims=True), np.maximum(logits.std(1, keepdims=True), 1e-30)
+        z = (logits - mean) / sd
+        ups = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        downs = np.argsort(logits, axis=1, kind="stable")[:, :k]
+        for i, pick in enumerate(missing):
+            cache[pick] = (ups[i], downs[i], z[i, ups[i]], z[i, downs[i]])
+    texts = texts_for({int(t) for p in picks for t in (*cache[p][0], *cache[p][1])})
+    weak = weak_z(int(weights.meta["vocab_size"]))
     out: dict[int, list[dict]] = {}
-    i = 0
     for layer, neurons, acts in mlp:
         entry = out.setdefault(int(layer), [])
         for n, value in zip(neurons, acts):
-            raise_, lower = (up[i], down[i]) if value >= 0 else (down[i], up[i])  # the effect here: value × column
+            u, d, zu, zd = cache[(int(layer), int(n))]
+            # the effect here is value × column: a negative activation swaps what is pushed up and down
+            (raise_, zr), (lower, zl) = ((u, zu), (d, zd)) if value >= 0 else ((d, -zd), (u, -zu))
+            strength = float(abs(zr[0]))
             entry.append({"neuron": int(n), "value": float(value),
                           "up": [texts.get(int(t), "?") for t in raise_],
-                          "down": [texts.get(int(t), "?") for t in lower]})
-            i += 1
+                          "down": [texts.get(int(t), "?") for t in lower],
+                          "z_up": [round(float(abs(v)), 2) for v in zr],
+                          "z_down": [round(float(abs(v)), 2) for v in zl],
+                          "strength": strength, "weak": strength < weak})
     return out
+
+
+def weak_z(vocab_size: int) -> float:
+    """The z a random direction's top token reaches by chance (√(2 ln V)), plus one: below it, little signal."""
+    return float(np.sqrt(2 * np.log(max(vocab_size, 2))) + 1.0)

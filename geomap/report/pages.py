@@ -21,9 +21,9 @@ def write_page(html_text: str, out: Path, single_file: bool) -> Path:
     return out
 
 
-def journey_page(data: dict, single_file: bool = False) -> str:
-    """The journey report's HTML."""
-    return render("journey.html.j2", data, single_file)
+def journey_page(data, single_file: bool = False, served: bool = False) -> str:
+    """The journey report's HTML (``served``: for a server, whose own API the page may call)."""
+    return render("journey.html.j2", data, single_file, served=served)
 
 
 def write_index(folder: Path) -> Path:
@@ -45,7 +45,8 @@ def write_index(folder: Path) -> Path:
         kind = page.stem.split("-")[0]
         tags = [t for t in meta.get("tags", "").split(",") if t]
         entries.append({"href": page.name, "title": html.unescape(match.group(1)) if match else page.stem,
-                        "kind": kind, "prediction": meta.get("prediction"), "prob": _float(meta.get("prob")),
+                        "kind": meta.get("kind", kind), "follow": meta.get("follow"), "pos": meta.get("pos"),
+                        "prediction": meta.get("prediction"), "prob": _float(meta.get("prob")),
                         "group": tags[0] if tags else ("journeys" if kind == "journey" else "runs and comparisons")})
     groups: dict[str, list] = {}
     for e in entries:

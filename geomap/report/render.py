@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import math
 from importlib.resources import files
@@ -12,10 +14,34 @@ import jinja2
 from markupsafe import Markup
 
 from geomap.report import svgmap
+from geomap.report.charts import chart
 
 ASSETS = ("geomap.css", "geomap.js")
-CSP = ("default-src 'none'; img-src data:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
-       "connect-src 'none'; form-action 'none'; base-uri 'none'")
+
+
+@functools.cache
+def script_hash() -> str:
+    """The CSP source of the one script a single-file page inlines: ``'sha256-…'`` of ``geomap.js``."""
+    digest = hashlib.sha256(asset_text("geomap.js").encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+def csp(served: bool = False) -> str:
+    """The pages' Content-Security-Policy.
+
+    Nothing comes from the network; the bundled script runs from its file or, inlined, by its hash (never
+    ``'unsafe-inline'`` for scripts); a served page may call its own server (the index's text box).
+    """
+    connect = "'self'" if served else "'none'"
+    return ("default-src 'none'; img-src data:; style-src 'self' 'unsafe-inline'; "
+            f"script-src 'self' {script_hash()}; connect-src {connect}; form-action 'none'; base-uri 'none'")
+
+
+def __getattr__(name: str):
+    """``CSP``: the file pages' policy (kept for importers; computed on first use, it hashes the script)."""
+    if name == "CSP":
+        return csp()
+    raise AttributeError(name)
 
 
 def safe_json(value) -> Markup:
@@ -40,6 +66,8 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, int):
         return str(value)
     v = float(value)
+    if digits == 0 and abs(v) < 1e15:
+        return f"{v:,.0f}"
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -digits):
         return f"{v:.{digits}g}"
     return f"{v:.{digits}f}"
@@ -89,15 +117,29 @@ def polyline(values, width: int = 260, height: int = 70, pad: int = 4) -> str:
                     for i, v in pts)
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates kept between processes (a cold CLI report skips compiling them), when writable."""
+    from geomap.paths import cache_home
+
+    folder = cache_home() / "jinja"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return jinja2.FileSystemBytecodeCache(str(folder))
+
+
 @functools.cache
 def environment() -> jinja2.Environment:
     """The report templates, autoescaped (built once per process: compiling them costs more than rendering)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("geomap.report", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             bytecode_cache=_bytecode_cache())
     env.filters.update(dv=data_value, fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline,
                        json=safe_json)
-    env.globals.update(scale_points=svgmap.scale_points, map_view=svgmap.map_view, needs_zoom=svgmap.needs_zoom,
-                       palette=svgmap.palette, showtok=showtok, max=max, min=min, abs=abs, len=len, enumerate=enumerate)
+    env.globals.update(chart=chart, scale_points=svgmap.scale_points, map_view=svgmap.map_view,
+                       needs_zoom=svgmap.needs_zoom, palette=svgmap.palette, showtok=showtok, max=max, min=min,
+                       abs=abs, len=len, enumerate=enumerate)
     return env
 
 
@@ -106,11 +148,15 @@ def asset_text(name: str) -> str:
     return files("geomap.report").joinpath("assets", name).read_text(encoding="utf-8")
 
 
-def render(template: str, data: dict, single_file: bool = False, asset_prefix: str = "assets/") -> str:
-    """Render a report page; assets are inlined with ``single_file``, else linked from ``asset_prefix``."""
+def render(template: str, data, single_file: bool = False, asset_prefix: str = "assets/", served: bool = False) -> str:
+    """Render a report page; assets are inlined with ``single_file``, else linked from ``asset_prefix``.
+
+    ``served``: the page comes from a server (its policy lets the page call that server).
+    """
     # The bundled assets are geomap's own files, trusted: inlined as they are (escaping would break the script).
     assets = {name: Markup(asset_text(name)) for name in ASSETS} if single_file else None  # noqa: S704
-    return environment().get_template(template).render(d=data, csp=CSP, assets=assets, asset_prefix=asset_prefix)
+    return environment().get_template(template).render(d=data, csp=csp(served), assets=assets,
+                                                       asset_prefix=asset_prefix)
 
 
 def write_assets(folder: Path) -> None:

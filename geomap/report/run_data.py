@@ -4,35 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from geomap.store.db import StoreError, ensure_schema
+from geomap.store.db import StoreError
 from geomap.store.handle import Store, StoreLike
 
 
-def run_data(store: StoreLike, run_id: int, loaded=None, links=None) -> dict:
+def run_data(store: StoreLike, run_id: int, links=None) -> dict:
     """A whole pipeline run: final-state map, per-layer curves, depth histogram, head entropy, prompt table.
 
     ``links`` (`geomap.report.links.Links`) names the journey page of each prompt (default: every page, served).
     """
-    with Store.use(store, "w") as opened:
-        return _run_data(opened, run_id, loaded, links)
-
-
-def _run_data(store: Store, run_id: int, loaded, links) -> dict:
     from geomap.analysis import load
-    from geomap.analysis.geometry import normed_states
-    from geomap.analysis.maps import run_model
     from geomap.analysis.page_reads import page_keys
     from geomap.analysis.projection import fit_projection
+    from geomap.analysis.weights import weights_for
     from geomap.report.links import served
 
-    with store.writer() as con:
-        ensure_schema(con)
-        runs = con.execute("SELECT model, pipeline, n_layers, n_heads, started_at, status FROM runs WHERE id = ?",
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
+        runs = con.execute("SELECT model, pipeline, n_layers, n_heads, started_at, status, weights_sha256 FROM runs "
+                           "WHERE id = ?",
                            [run_id]).fetchall()
         if not runs:
             raise StoreError(f"No run with id {run_id}; list them with `geomap sql \"SELECT * FROM runs\"`.")
-        model, pipeline, n_layers, n_heads, started, status = runs[0]
-        loaded = run_model(con, run_id, loaded)
+        model, pipeline, n_layers, n_heads, started, status, sha = runs[0]
+        weights = weights_for(opened.path, sha)
         prompts = con.execute("""SELECT j.prompt_id, j.text, j.tags, j.n_tokens, j.top1_token, j.top1_prob, j.entropy,
                                         j.prediction_depth FROM journey j WHERE j.run_id = ? ORDER BY j.prompt_id""",
                               [run_id]).fetchall()
@@ -47,7 +41,7 @@ def _run_data(store: Store, run_id: int, loaded, links) -> dict:
         links = links or served(page_keys(con))
     last = {int(p[0]): int(p[3]) - 1 for p in prompts}
     keep = np.asarray([last.get(int(pid)) == int(pos) for pid, pos in zip(finals.prompt_ids, finals.pos)])
-    x = normed_states(loaded, finals.x[keep])
+    x = weights.normed(finals.x[keep])
     fit = fit_projection(x, "pca") if len(x) >= 3 else None
     info = {int(p[0]): p for p in prompts}
     points = [] if fit is None else [

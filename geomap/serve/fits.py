@@ -47,6 +47,14 @@ def missing(rows: Callable[..., list[dict]], run_id: int) -> tuple[str, ...]:
     return tuple(m for m in METHODS if m not in have)
 
 
+def _weights(store: Store, run_id: int):
+    """The run's weight slice beside the store (fits need no model when it is there), or None."""
+    from geomap.analysis.weights import has_weights, weights_for
+
+    sha = store.query("SELECT weights_sha256 FROM runs WHERE id = ?", [run_id]).scalar()
+    return weights_for(store.path, sha) if sha and has_weights(store.path, sha) else None
+
+
 class FitRunner:
     """One daemon thread fitting runs' maps, in the order asked.
 
@@ -93,7 +101,7 @@ class FitRunner:
         while (fit := self._queue.get()) is not None:
             fit.status = "running"
             try:
-                loaded = self._model_for_run(fit.run_id)
+                loaded = _weights(self.store, fit.run_id) or self._model_for_run(fit.run_id)
                 for method in fit.methods:
                     project(self.store, fit.run_id, method, loaded=loaded)
                 fit.status = "done"

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from geomap.errors import GeomapError
-from geomap.report.render import CSP
+from geomap.report.render import csp
 from geomap.serve.fits import FitsBusy
 from geomap.serve.routes import _server
 
@@ -60,13 +60,27 @@ def _render(server, g: dict) -> str:
     with server.report_lock:
         if g["index"]:
             return _index(server)
-        if g["j"] is not None:
-            return journey_report(db, g["j"], single_file=True, write=False, pos=g["pos"],
-                                  loaded=server.model_for_prompt(g["j"])).html
         if g["run"] is not None:
-            return run_report(db, g["run"], single_file=True, write=False, loaded=server.model_for_run(g["run"])).html
-        return compare_report(db, g["a"], g["b"], single_file=True, write=False,
-                              loaded=server.model_for_prompt(g["a"])).html
+            first = server.rows("SELECT min(id) AS id FROM prompts WHERE run_id = ? AND status = 'done'", g["run"])
+            _slices(server, [first[0]["id"]] if first and first[0]["id"] is not None else [])
+            return run_report(db, g["run"], single_file=True, write=False, served=True).html
+        _slices(server, [p for p in (g["j"], g["a"], g["b"]) if p is not None])
+        if g["j"] is not None:
+            return journey_report(db, g["j"], single_file=True, write=False, pos=g["pos"], ready=True,
+                                  served=True).html
+        return compare_report(db, g["a"], g["b"], single_file=True, write=False, ready=True, served=True).html
+
+
+def _slices(server, prompt_ids: list[int]) -> None:
+    """Write the weight slice of an older store's model once (new stores get it at ingestion): pages only read."""
+    from geomap.analysis.weights import has_weights, slice_folder
+    from geomap.models.weights_slice import write_slice
+
+    for pid in prompt_ids:
+        sha = server.rows("SELECT r.weights_sha256 AS sha FROM prompts p JOIN runs r ON r.id = p.run_id "
+                          "WHERE p.id = ?", pid)[0]["sha"]
+        if not has_weights(server.store.path, sha):
+            write_slice(server.model_for_prompt(pid), slice_folder(server.store.path, sha))
 
 
 def _waiting(server, runs: list[int]) -> HTMLResponse | None:
@@ -93,7 +107,7 @@ def _waiting(server, runs: list[int]) -> HTMLResponse | None:
     body = ("<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>geomap: fitting maps</title>"
             "<p>This page draws its run's maps, which the server is fitting now in the background: "
             + escape("; ".join(pending)) + ". The page reloads itself every 5 seconds until they are stored.</p>")
-    return HTMLResponse(body, status_code=202, headers={"retry-after": "5", "content-security-policy": CSP})
+    return HTMLResponse(body, status_code=202, headers={"retry-after": "5", "content-security-policy": csp(True)})
 
 
 def _index(server) -> str:
@@ -107,7 +121,7 @@ def _index(server) -> str:
                for r in runs]
     entries += [{"href": href, "title": f"journey of prompt {p['id']}: {p['text'][:80]}"}
                 for p in prompts if (href := links.journey(p["id"]))]
-    return render("index.html.j2", {"entries": entries}, single_file=True)
+    return render("index.html.j2", {"entries": entries, "served": True}, single_file=True, served=True)
 
 
 @router.get("/reports/{page}", response_class=HTMLResponse, tags=["reports"])
@@ -125,7 +139,7 @@ async def get_report(request: Request, page: Annotated[str, Path(max_length=100)
     except GeomapError as exc:
         status = 404 if str(exc).startswith("No ") else 400
         raise HTTPException(status, str(exc)) from None
-    return HTMLResponse(html)
+    return HTMLResponse(html, headers={"content-security-policy": csp(True)})
 
 
 @router.get("/reports", include_in_schema=False)

@@ -6,10 +6,13 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from geomap.errors import GeomapError
-from geomap.serve.app import Settings, create_app
 from geomap.serve.security import is_loopback
+
+if TYPE_CHECKING:  # the app (and torch) load only when a server starts: the CLI's discovery stays light
+    from geomap.serve.app import Settings
 
 
 def discovery_path(db_path: str | Path) -> Path:
@@ -45,6 +48,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
             settings.token = secrets.token_urlsafe(24)
             print(f"geomap serve: bearer token for this session: {settings.token}", flush=True)
         settings.allowed_hosts = (*settings.allowed_hosts, host)
+    from geomap.serve.app import create_app
+
     app = create_app(settings)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     from geomap.serve.connections import LIMIT_CONCURRENCY, BoundedH11Protocol

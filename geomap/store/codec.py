@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+LOGIT_CHUNK = 4096  # token ids per ``final_logits`` row: small rows, so a checkpoint never pins megabyte values
+
 
 def encode_bf16(x: np.ndarray) -> np.ndarray:
     """float32 (..., d) → uint16 (..., d) bfloat16 bit patterns, rounded to nearest even."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import duckdb
 import numpy as np
-import pandas as pd
 
 from geomap.store.codec import from_blob
 from geomap.store.db import StoreError
 from geomap.store.handle import Store, StoreLike
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tuple[int, np.ndarray]:
@@ -62,6 +66,8 @@ def neighbors(store: StoreLike, prompt_id: int, layer: int, pos: int | None = No
         state_index = open_state_index(con, opened.path, layer)
         k = min(k, state_index.index.ntotal if allowed is None else len(allowed))  # no more than there are
         ids, sims = state_index.search(vec[None], k, allowed)
+        import pandas as pd  # only here: the store's other readers stay light to import
+
         hits = pd.DataFrame({"state_id": ids[0], "similarity": sims[0], "rank": np.arange(len(ids[0]))})
         hits = hits[hits.state_id >= 0]
         con.register("_hits", hits)
@@ -91,7 +97,7 @@ def final_logits(con: duckdb.DuckDBPyConnection, prompt_id: int) -> np.ndarray |
 
 def final_logit(con: duckdb.DuckDBPyConnection, prompt_id: int, token: int) -> float | None:
     """One token's stored last-position logit (None if none is stored or the id is past the vocabulary)."""
-    from geomap.store.writer import LOGIT_CHUNK
+    from geomap.store.codec import LOGIT_CHUNK
 
     rows = con.execute("SELECT logits[? + 1] FROM final_logits WHERE prompt_id = ? AND chunk = ?",
                        [token % LOGIT_CHUNK, prompt_id, token // LOGIT_CHUNK]).fetchall()

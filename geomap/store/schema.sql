@@ -122,6 +122,13 @@ CREATE TABLE IF NOT EXISTS final_logits (  -- the last position's full-vocabular
     logits FLOAT[4096]                      -- NaN past the end of the vocabulary
 );
 
+CREATE TABLE IF NOT EXISTS step_logits (  -- a generation step's full-vocabulary logits, as final_logits' rows
+    prompt_id INTEGER,
+    pos INTEGER,                            -- the position whose next token the step decided
+    chunk SMALLINT,                         -- token ids chunk*4096 .. chunk*4096 + 4095
+    logits FLOAT[4096]                      -- NaN past the end of the vocabulary
+);
+
 CREATE TABLE IF NOT EXISTS merged_shards (  -- shards merged into the store (a shard is merged once)
     shard_id VARCHAR PRIMARY KEY,           -- content id: sha256 of the shard's prompt keys and meta
     merged_at TIMESTAMP,

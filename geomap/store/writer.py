@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from geomap.capture.journey import Journey
-from geomap.store.codec import encode_bf16
+from geomap.store.codec import LOGIT_CHUNK, encode_bf16
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,6 @@ def _readout_tables(j: Journey, prompt_id: int, vocab_text: np.ndarray | None) -
             "tokens": tokens}
 
 
-LOGIT_CHUNK = 4096  # token ids per ``final_logits`` row: small rows, so a checkpoint never pins megabyte values
 
 
 def logit_chunks(logits: np.ndarray, prompt_id: int) -> pa.Table:

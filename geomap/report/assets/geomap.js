@@ -11,6 +11,7 @@
   function fmt(x, digits) {
     if (x === null || x === undefined || x !== x) { return "–"; }
     var v = Number(x);
+    if (digits === 0 && Math.abs(v) < 1e15) { return Math.round(v).toLocaleString("en-US"); }
     if (v !== 0 && (Math.abs(v) >= 1e5 || Math.abs(v) < Math.pow(10, -digits))) {
       return Number(v.toPrecision(Math.max(digits, 1))).toString();
     }
@@ -108,6 +109,7 @@
     var form = document.querySelector("[data-controls]");
     var table = document.querySelector("[data-dist]");
     if (!form || !table || !data.decoding) { return; }
+    form.addEventListener("submit", function (ev) { ev.preventDefault(); });
     var note = document.querySelector("[data-kept]"), sentence = document.querySelector("[data-decision]");
     var vocab = data.decoding.vocab_size, valid = {top_k: 0, top_p: 1}, drawn = null;
     function check(name) {
@@ -127,18 +129,44 @@
       check("top_k"); check("top_p");
       var T = parseFloat(form.temperature.value) || 1, k = valid.top_k, p = valid.top_p;
       form.t.value = fixed(T, 2);
-      var res = decode(T, k, p), rows = table.querySelectorAll("tr[data-rank]"), i;
+      var res = decode(T, k, p), rows = table.querySelectorAll("tr[data-rank]"), i, shown = 0, inRows = 0;
+      var peak = Math.max.apply(null, res.probs.concat([1e-12]));
+      function bar(cell, q, colour, scale) {
+        cell.textContent = "";
+        var b = document.createElement("span");
+        b.style.display = "inline-block"; b.style.height = "9px";
+        b.style.width = Math.max(q > 0 ? 1 : 0, Math.round(240 * Math.min(1, q / (scale || peak)))) + "px"; b.style.background = colour;
+        cell.appendChild(b);
+      }
       for (i = 0; i < rows.length; i++) {
         var cells = rows[i].children, q = res.probs[i], inside = q > 0;
         cells[3].textContent = fmt(q, 4); cells[3].setAttribute("data-value", q);
-        cells[4].textContent = "";
-        var bar = document.createElement("span");
-        bar.style.display = "inline-block"; bar.style.height = "9px";
-        bar.style.width = Math.round(300 * q) + "px"; bar.style.background = inside ? "#2a62c9" : "#ccc";
-        cells[4].appendChild(bar);
+        bar(cells[4], q, inside ? "#2a62c9" : "#ccc");
+        shown += q; if (inside) { inRows++; }
         rows[i].className = (inside ? "kept" : "cut") + (drawn !== null && drawn.rank === i ? " drawn" : "");
       }
+      var barMax = document.querySelector("[data-bar-max]"); if (barMax) { barMax.textContent = fmt(peak, 3); }
+      var tailRow = table.querySelector("[data-tail]");
+      if (tailRow) {
+        var rest = Math.max(0, 1 - shown);
+        tailRow.querySelector("[data-cell=tail]").textContent = fmt(rest, 4);
+        bar(tailRow.children[4], rest, "#e0a000", 1);
+        tailRow.children[4].appendChild(document.createTextNode(" of 1 (its own scale: the whole mass)"));
+        tailRow.children[1].textContent = "every other token (" + Math.max(0, res.kept - inRows) + " of them kept)";
+      }
       var top = data.decoding.top;
+      var drawnRow = table.querySelector("[data-drawn-row]");
+      if (drawnRow) {
+        drawnRow.hidden = !(drawn !== null && drawn.rank >= rows.length);
+        drawnRow.className = drawnRow.hidden ? "" : "drawn";
+        if (!drawnRow.hidden) {
+          var known = drawn.rank < top.length;
+          drawnRow.querySelector("[data-cell=rank]").textContent = drawn.rank + 1;
+          drawnRow.querySelector("[data-cell=token]").textContent = known ? showtok(top[drawn.rank].token) : "(not listed here)";
+          drawnRow.querySelector("[data-cell=logit]").textContent = known ? fmt(top[drawn.rank].logit, 3) : "";
+          drawnRow.querySelector("[data-cell=p]").textContent = known ? fmt(res.probs[drawn.rank], 4) : "";
+        }
+      }
       note.textContent = res.kept + " token(s) stay in the running (" + fmt(100 * res.massKept, 2) +
         "% of the mass at this temperature), " + res.listedKept + " of them listed above" +
         (res.estimate ? "; the unlisted tokens' share at T \u2260 1 is an estimate (only the top logits were stored here)" : "") + ".";
@@ -146,7 +174,8 @@
         ", greedy decoding takes \u201c" + showtok(top[0].token) + "\u201d, now with p = " + fmt(res.probs[0], 4) +
         " (" + fmt(res.model[0], 4) + " before the cut)";
       if (drawn !== null) {
-        var name = drawn.rank < top.length ? "\u201c" + showtok(top[drawn.rank].token) + "\u201d" : "an unlisted token";
+        var name = drawn.rank < top.length ? "\u201c" + showtok(top[drawn.rank].token) + "\u201d" :
+          "a token outside the " + top.length + " whose text this page embeds";
         s += "; the draw with seed " + drawn.seed + " (u = " + fixed(drawn.u, 4) + ") picked " + name + ", rank " + (drawn.rank + 1) +
           (drawn.rank < top.length ? ", p = " + fmt(res.probs[drawn.rank], 4) : "");
       } else {
@@ -175,6 +204,7 @@
     var root = Object.assign({}, row, {head: head});
     document.querySelectorAll("[data-bind]").forEach(function (el) {
       var v = lookup(root, el.getAttribute("data-bind")), digits = parseInt(el.getAttribute("data-digits") || "3", 10);
+      if (el.getAttribute("data-kind") === "text") { el.textContent = v === null || v === undefined ? "" : String(v); return; }
       if (el.getAttribute("data-kind") === "comps") {
         el.textContent = (v || []).map(function (c) { return "[" + c[0] + "] " + fmt(c[1], 3); }).join(", ");
         return;
@@ -324,8 +354,48 @@
     }
   }
 
+  // ---------------------------------------------------------------- your own text (served index) ------------
+  function ask() {
+    var form = document.querySelector("[data-ask]");
+    if (!form) { return; }
+    var status = document.querySelector("[data-ask-status]");
+    function say(text) { status.textContent = text; }
+    function detail(body) { return body && body.detail ? (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)) : ""; }
+    function poll(runId) {
+      fetch("/runs/" + runId, {headers: {accept: "application/json"}}).then(function (r) { return r.json(); }).then(function (run) {
+        var job = run.job || {status: run.status, progress: {}};
+        var p = job.progress || {};
+        if (job.status === "failed") { say("The server could not store it: " + (job.error || "failed") + "."); form.hidden = false; return; }
+        if (job.status === "done" && p.prompts && p.prompts.length) {
+          say("Stored as prompt " + p.prompts[0][0] + "; opening its journey (the page may first fit its run's map)…");
+          window.location.href = "journey-" + p.prompts[0][0] + ".html";
+          return;
+        }
+        var waited = job.status === "queued" ? "queued behind other jobs, " + fmt(job.queued_s, 0) + " s" :
+          "running, " + fmt(job.running_s, 1) + " s" + (p.tokens ? ", " + p.tokens + " tokens" : "");
+        say("Run " + runId + ": " + waited + "…");
+        window.setTimeout(function () { poll(runId); }, 500);
+      }).catch(function (e) { say("Lost the server: " + e); form.hidden = false; });
+    }
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var text = form.querySelector("[data-ask-text]").value;
+      if (!text.trim()) { say("Type a text first."); return; }
+      form.hidden = true;
+      say("Sending…");
+      fetch("/runs", {method: "POST", headers: {"content-type": "application/json"},
+                      body: JSON.stringify({prompts: [text], name: "typed", capture: {attn_positions: "all", lens_positions: "all"}})})
+        .then(function (r) { return r.json().then(function (body) { return {ok: r.ok, status: r.status, body: body}; }); })
+        .then(function (res) {
+          if (!res.ok) { say("Refused (" + res.status + "): " + detail(res.body)); form.hidden = false; return; }
+          poll(res.body.run_id);
+        }).catch(function (e) { say("Could not reach the server: " + e); form.hidden = false; });
+    });
+  }
+
   controls();
   layerControls();
   mapHover();
   switches();
+  ask();
 })();
