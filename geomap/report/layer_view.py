@@ -128,8 +128,7 @@ def neuron_rows(weights, mlp, texts_for) -> dict[int, list[dict]]:
         k = min(NEURON_TOKENS, logits.shape[1])
         mean, sd = logits.mean(1, keepdims=True), np.maximum(logits.std(1, keepdims=True), 1e-30)
         z = (logits - mean) / sd
-        ups = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        downs = np.argsort(logits, axis=1, kind="stable")[:, :k]
+        ups, downs = _top(logits, k), _top(-logits, k)
         for i, pick in enumerate(missing):
             cache[pick] = (ups[i], downs[i], z[i, ups[i]], z[i, downs[i]])
     texts = texts_for({int(t) for p in picks for t in (*cache[p][0], *cache[p][1])})
@@ -149,6 +148,13 @@ def neuron_rows(weights, mlp, texts_for) -> dict[int, list[dict]]:
                           "z_down": [round(float(abs(v)), 2) for v in zl],
                           "strength": strength, "weak": strength < weak})
     return out
+
+
+def _top(x: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) column indices of each row's k largest values, largest first (a partition, then a sort of k)."""
+    part = np.argpartition(-x, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(x, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
 
 
 def weak_z(vocab_size: int) -> float:
