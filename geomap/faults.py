@@ -16,6 +16,10 @@ Names (the process stops *at* the call, so "before X" means X did not happen):
     ``run.started``: the ``running`` run row is committed, no batch yet.
     ``batch.inserted``: a batch's rows are inserted, its transaction not committed.
     ``batch.committed``: a batch's transaction committed.
+    ``segment.temp_written``: a vector segment's temp file is written and fsynced, not yet renamed into place.
+    ``segment.cataloged``: a batch's segments are renamed into place and cataloged, its transaction not committed.
+    ``segment.compacted``: a compacted segment is in place and cataloged, its transaction not committed.
+    ``segment.migrated``: a migrated segment is in place and its rows deleted, its transaction not committed.
     ``index.temp_written``: an index file's temp copy is written and fsynced, its manifest row not committed.
     ``index.manifest_committed``: the manifest row is committed, the temp file not yet renamed into place.
     ``index.published``: the index file is renamed into place (one layer done).
@@ -35,7 +39,8 @@ from collections import Counter
 
 ENV = "GEOMAP_KILL_AT"
 
-POINTS = ("vocab.inserted", "run.started", "batch.inserted", "batch.committed", "index.temp_written",
+POINTS = ("vocab.inserted", "run.started", "batch.inserted", "batch.committed", "segment.temp_written",
+          "segment.cataloged", "segment.compacted", "segment.migrated", "index.temp_written",
           "index.manifest_committed", "index.published", "run.indexed")
 
 SWEEP_POINTS = ("intervene.batch_inserted", "intervene.batch_committed")

@@ -15,6 +15,7 @@ import duckdb
 import pytest
 
 from geomap.faults import POINTS
+from geomap.store.segments import LAYOUT_ENV, segment_dir
 from tests.forked import geomap
 
 TABLES = ["prompts", "tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens", "lens_stats",
@@ -34,6 +35,18 @@ def _ingest_args(files: list[Path], db: Path, model: Path) -> list[str]:
 def _copy_store(src: Path, dst: Path) -> None:
     shutil.copy(src, dst)
     shutil.copytree(src.with_name(src.stem + ".indexes"), dst.with_name(dst.stem + ".indexes"))
+    if segment_dir(src).is_dir():
+        shutil.copytree(segment_dir(src), segment_dir(dst))
+
+
+def _segments_clean(db: Path) -> None:
+    """The segment folder holds exactly the cataloged files (no orphan, no temp, no retired file left)."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cataloged = sorted(r[0] for r in con.execute("SELECT file FROM internal.segments").fetchall())
+    finally:
+        con.close()
+    assert sorted(p.name for p in segment_dir(db).iterdir()) == cataloged
 
 
 def snapshot(db: Path) -> dict:
@@ -83,8 +96,63 @@ CASES = [("vocab.inserted", "fresh"), ("run.started", "fresh"), ("batch.inserted
          ("run.indexed", "append")]
 
 
+# Kill points of the segment layout: an ingestion into a segments store ("fresh", "append"), `geomap store compact`
+# of a segments store written in batches of two, and `geomap store migrate` of a rows store.
+SEGMENT_CASES = [("segment.temp_written@2", "fresh"), ("segment.cataloged@3", "fresh"), ("batch.inserted@2", "fresh"),
+                 ("segment.cataloged@2", "append"), ("segment.compacted@2", "compact"),
+                 ("segment.migrated@2", "migrate")]
+
+
 def test_every_kill_point_is_exercised():
-    assert {point.split("@")[0] for point, _ in CASES} == set(POINTS)  # every boundary has a case
+    covered = {point.split("@")[0] for point, _ in CASES + SEGMENT_CASES}
+    assert covered == set(POINTS)  # every boundary has a case
+
+
+@pytest.fixture(scope="module")
+def segment_setup(setup):
+    """The same ingestions into segments stores: the first file, then the second."""
+    root, env = setup["root"], {LAYOUT_ENV: "segments"}
+    base = root / "seg-base.duckdb"
+    assert geomap(*_ingest_args([setup["first"]], base, setup["model"]), env=env).status == 0
+    both = root / "seg-both.duckdb"
+    _copy_store(base, both)
+    assert geomap(*_ingest_args([setup["second"]], both, setup["model"]), env=env).status == 0
+    return {"base": base, "both": both}
+
+
+def test_a_segments_store_reads_as_the_rows_store(setup, segment_setup):
+    assert snapshot(segment_setup["base"]) == snapshot(setup["base"])
+    assert snapshot(segment_setup["both"]) == snapshot(setup["both"])
+
+
+@pytest.mark.parametrize(("point", "stage"), SEGMENT_CASES, ids=[f"{s}-{p}" for p, s in SEGMENT_CASES])
+def test_kill_at_a_segment_boundary_then_rerun(setup, segment_setup, tmp_path, point, stage):
+    db, env = tmp_path / "store.duckdb", {LAYOUT_ENV: "segments"}
+    if stage == "fresh":
+        args, reference = _ingest_args([setup["first"]], db, setup["model"]), segment_setup["base"]
+    elif stage == "append":
+        _copy_store(segment_setup["base"], db)
+        args, reference = _ingest_args([setup["second"]], db, setup["model"]), segment_setup["both"]
+    else:
+        _copy_store(segment_setup["both"] if stage == "compact" else setup["both"], db)
+        args, reference = ["store", stage, "--db", str(db)], setup["both"]
+    killed = geomap(*args, env={**env, "GEOMAP_KILL_AT": point})
+    assert killed.status == -signal.SIGKILL, f"the kill point {point} was not reached: {killed.stderr[-2000:]}"
+    rerun = geomap(*args, env=env)
+    assert rerun.status == 0, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert snapshot(db) == snapshot(reference)
+    _verified(db)
+    _segments_clean(db)
+    if stage in ("compact", "migrate"):
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            per_table = con.execute("SELECT count(*) FROM internal.segments GROUP BY table_name").fetchall()
+        finally:
+            con.close()
+        assert sorted(per_table) == [(1,)] * 4  # the small segments are one per table now
+        again = geomap(*args, env=env)  # idempotent: a second run changes nothing
+        assert again.status == 0 and snapshot(db) == snapshot(reference)
 
 
 @pytest.mark.parametrize(("point", "stage"), CASES, ids=[f"{s}-{p}" for p, s in CASES])

@@ -57,7 +57,7 @@ def real_store(real, tmp_path_factory):
     config = CaptureConfig(layers=LAYERS)
     db = tmp_path_factory.mktemp("real-index") / "store.duckdb"
     con = connect(db)
-    ensure_schema(con, real.anatomy.d_model)
+    ensure_schema(con, real.anatomy.d_model, layout="rows")  # states inserted directly, into a table
     next_id, n_tokens = 1, 0
     for index, journey in iter_capture(real, prompts, config, batch_size=8):
         resid = journey.stream.resid  # (L+1, T, d)

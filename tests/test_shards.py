@@ -160,7 +160,8 @@ def _ingest_cli(model_dir, prompts, db) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_ingest_kill_merge_twice_and_migrate_store_every_row_once(llama, tiny_dirs, tmp_path):
+def test_ingest_kill_merge_twice_and_migrate_store_every_row_once(llama, tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOMAP_STORE_LAYOUT", "rows")  # the chunking migration is of row stores (older than segments)
     db, clean = tmp_path / "s.duckdb", tmp_path / "clean.duckdb"
     ingest(llama, [PromptSpec(t) for t in TEXTS[:2]], db, progress=False)
     held = _to_old_layout(db)  # a store written before final_logits was chunked

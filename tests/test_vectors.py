@@ -65,7 +65,7 @@ def layer_ids(con, layer: int) -> np.ndarray:
 def store(tmp_path):
     db = tmp_path / "store.duckdb"
     con = connect(db)
-    ensure_schema(con, D)
+    ensure_schema(con, D, layout="rows")  # the tests insert states directly, into a table
     yield con, db
     con.close()
 

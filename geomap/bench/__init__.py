@@ -32,7 +32,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         workdir: Where temporary stores go (default a temporary folder, removed afterwards).
         say: Progress lines.
     """
-    from geomap.bench import capture_bench, intervene_bench, query_bench, ray_bench, store_bench
+    from geomap.bench import capture_bench, intervene_bench, query_bench, ray_bench, steady_bench, store_bench
     from geomap.models import load_model
 
     start = time.perf_counter()
@@ -54,6 +54,9 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         figures += store_bench.store_figures(loaded, texts, folder, repeats)
         say("end to end and storage size")
         figures += store_bench.end_to_end_figures(loaded, texts, folder, repeats)
+        say("steady state: 40 and 240 prompts differenced, per profile and store layout")
+        figures += steady_bench.steady_figures(loaded, prompts(240), folder,
+                                               layouts=("segments",) if quick else ("rows", "segments"))
         db = folder / "e.duckdb"
         say("interventions: a causal-trace sweep beside its bare forwards; storage per intervention")
         figures += intervene_bench.intervene_figures(loaded, folder, repeats)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from geomap.capture.config import CaptureConfig
+from geomap.capture.host import to_host
 from geomap.capture.journey import AttentionInside, Journey, LensReadout, MlpFeatures, Stream
 from geomap.capture.lens import Unembed, to_readout
 from geomap.capture.tokens import Encoded, describe_tokens
@@ -42,9 +43,8 @@ def capture_states_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: 
     rows_p = torch.cat([torch.arange(n) for n in lengths]).to(device)
     final_h = resid[-1][rows_b, rows_p]
     final = Unembed(a).readout(final_h, config.top_k)
-    final_scale = a.norm_scale(a.final_norm, final_h).float().cpu().numpy().reshape(-1)
-    r = resid.float().cpu().numpy()
-    last_logits = out.logits.float().cpu().numpy()
+    final_scale, r, last_logits = to_host(a.norm_scale(a.final_norm, final_h), resid, out.logits)  # one sync
+    final_scale = final_scale.reshape(-1)
     offsets = np.cumsum([0, *lengths])
     k_norms, d = len(a.spec.layer_norms), a.d_model
     journeys = []

@@ -23,6 +23,7 @@ from geomap.ingest.validate import check_against_model
 from geomap.models.loading import LoadedModel
 from geomap.store.db import ensure_schema, storage_error
 from geomap.store.handle import Store, StoreLike
+from geomap.store.segments import open_for_writing
 from geomap.store.writer import PromptSpec, prompt_key, vocab_texts
 
 
@@ -126,6 +127,7 @@ def prepare_store(store: Store, con, loaded: LoadedModel):
 
     store.prepare_writer()
     ensure_schema(con, loaded.anatomy.d_model)
+    open_for_writing(con)
     ensure_vocab(con, loaded)
     if next(loaded.model.parameters()).device.type != "meta":  # a skeleton (Ray's driver) has no weights to copy
         write_slice(loaded, slice_folder(store.path, loaded.weights_hash))

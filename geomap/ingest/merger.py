@@ -17,6 +17,7 @@ import duckdb
 import numpy as np
 
 from geomap.capture.journey import Journey, PromptFailure
+from geomap.store.segments import compact_if_needed
 from geomap.store.shards import Shard, build_shard, merge_shard
 from geomap.store.writer import PromptSpec
 
@@ -82,6 +83,7 @@ class ShardMerger:
                 shard = batch if isinstance(batch, Shard) else build_shard(batch, self.vector_dtype, self.meta,
                                                                            self.vocab_text)
                 counts = merge_shard(self.con, shard, self.run_id, self.vocab_text)
+                compact_if_needed(self.con)
                 if self.on_merged is not None:
                     self.on_merged(Merged(() if isinstance(batch, Shard) else tuple(batch), counts, shard.shard_id))
             except BaseException as exc:  # handed to the caller at its next put or at exit

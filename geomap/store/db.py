@@ -15,6 +15,7 @@ from geomap.errors import GeomapError
 SCHEMA_VERSION = "1"
 WRITE_CHECKPOINT_THRESHOLD = "256MB"  # WAL size that triggers a checkpoint while ingesting (DuckDB's default: 16MB)
 _MARKER = "-- @@ vector tables @@"
+_VIEWS = "-- Views:"
 
 
 class StoreError(GeomapError):
@@ -102,8 +103,13 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
     if read_only and not path.exists():
         raise StoreError(f"No store at {path}; create one with `geomap run` or `geomap ingest`.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    config = dict(config or {})
+    locked = config.get("enable_external_access") is False
+    if locked:  # set after connecting, in the one order DuckDB accepts (see `_lock_down`)
+        config.pop("enable_external_access")
+        config.pop("lock_configuration", None)
     try:
-        return duckdb.connect(str(path), read_only=read_only, config=config or {})
+        con = duckdb.connect(str(path), read_only=read_only, config=config)
     except duckdb.IOException as exc:
         message = str(exc)
         if "lock" in message.lower():
@@ -120,6 +126,24 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
     except duckdb.ConnectionException as exc:
         raise StoreError(f"Cannot open store {path}: this process already has it open with other settings "
                          f"({exc}). Close that connection first.") from None
+    if locked:
+        _lock_down(con, path)
+    return con
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """No file access but the store's segment folder (read through its views), and settings locked.
+
+    DuckDB takes these in one order only: the allowed directory first, then external access off, then the lock.
+    User SQL can then neither name a file (the parse-time guard refuses file functions too) nor loosen a setting.
+    """
+    from geomap.store.segments import segment_dir
+
+    if con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
+        return  # another connection of this process already locked the shared instance down
+    con.execute("SET allowed_directories = ?", [[str(segment_dir(path)) + os.sep]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 INGEST_MEMORY = "1GB"  # DuckDB's memory cap while ingesting, unless $GEOMAP_INGEST_MEMORY says otherwise
@@ -145,10 +169,12 @@ def writer_settings(con: duckdb.DuckDBPyConnection) -> None:
                          f"{str(exc).splitlines()[0]}") from None
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) -> int | None:
+def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None, layout: str | None = None) -> int | None:
     """Create the static tables, and the vector and analysis tables once the store's width is known.
 
-    Every statement is idempotent, so opening an older store adds the tables and views it lacks.
+    Every statement is idempotent, so opening an older store adds the tables and views it lacks. A new store gets
+    ``layout`` (``rows`` or ``segments``, see `geomap.store.segments`), else ``$GEOMAP_STORE_LAYOUT``'s; a store
+    keeps the layout it was created with until `geomap.store.segments.migrate` moves it.
 
     Returns:
         The store's residual width, or None while no run has fixed it.
@@ -156,21 +182,34 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None) ->
     Raises:
         StoreError: ``d_model`` differs from the width the store already holds.
     """
+    from geomap.store import segments
+
     static, vectors = schema_parts()
     analysis = files("geomap.store").joinpath("analysis.sql").read_text()
-    digest = hashlib.sha256((static + vectors + analysis).encode()).hexdigest()
     meta = dict(_meta(con))
     stored = int(meta["d_model"]) if "d_model" in meta else None
+    layout = meta.get("layout") or ("rows" if stored is not None else layout or segments.new_store_layout())
+    digest = hashlib.sha256((static + vectors + analysis + segments.CATALOG_DDL + layout).encode()).hexdigest()
     if stored is not None and d_model is not None and stored != d_model:
         raise StoreError(f"This store holds vectors of width {stored}; a model of width {d_model} needs another --db.")
     if stored is not None and meta.get("schema_sha256") == digest:
         return stored  # this exact schema is in place: no DDL (concurrent cursors of a served store never race on it)
-    con.execute(static)
+    con.execute(segments.CATALOG_DDL)
+    con.execute(static if layout == "rows" else segments.rows_ddl(static))
+    if "layout" not in meta:
+        con.execute("INSERT INTO store_meta VALUES ('layout', ?)", [layout])
     _migrate(con)
     width = stored if stored is not None else d_model
     if width is None:
         return None
-    con.execute(vectors.replace("{d}", str(int(width))))
+    vectors = vectors.replace("{d}", str(int(width)))
+    if layout == "rows":
+        con.execute(vectors)
+    else:  # the vector tables as `<name>_rows`, the views of their names over those and the segments, then the rest
+        tables, views = vectors.split(_VIEWS)
+        con.execute(segments.rows_ddl(tables))
+        segments.refresh_views(con)
+        con.execute(_VIEWS + views)
     con.execute(analysis)
     if stored is None:
         con.execute("INSERT INTO store_meta VALUES ('d_model', ?), ('schema_version', ?)",

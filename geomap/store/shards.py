@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from geomap.capture.journey import Journey, PromptFailure
 from geomap.errors import GeomapError
 from geomap.faults import kill_point
+from geomap.store.segments import SEGMENT_TABLES, layout, next_state_id, store_segments
 from geomap.store.writer import TABLES, PromptSpec, check_finite, journey_tables
 
 SHARD_FORMAT = 1
@@ -220,7 +221,10 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
         counts: dict = {"prompts": new.num_rows, "skipped": int((~keep).sum())}
         counts["errors"] = {t: e for t, e, s in zip(new.column("text").to_pylist(), new.column("error").to_pylist(),
                                                      new.column("status").to_pylist()) if s == "error"}
-        next_state = con.execute("SELECT coalesce(max(id), 0) + 1 FROM states").fetchall()[0][0]
+        in_segments = layout(con) == "segments"
+        next_state = next_state_id(con) if in_segments else con.execute(
+            "SELECT coalesce(max(id), 0) + 1 FROM states").fetchall()[0][0]
+        bulk: dict[str, pa.Table] = {}
         for name in TABLES:
             table = shard.tables.get(name)
             if table is None or not table.num_rows:
@@ -232,8 +236,13 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
             if name == "lens_stats" and vocab_text is not None and table.column("top1_token").null_count:
                 table = table.set_column(table.schema.get_field_index("top1_token"), "top1_token",
                                          pa.array(vocab_text[table.column("top1_id").to_numpy()], pa.string()))
-            _insert(con, name, table, run_id)
+            if in_segments and name in SEGMENT_TABLES:
+                bulk[name] = table
+            else:
+                _insert(con, name, table, run_id)
             counts[name] = table.num_rows
+        if bulk:
+            store_segments(con, bulk)
         if within is not None:
             within(con, {key: int(i) for key, i in zip(keys, ids) if i >= 0})
         con.execute("INSERT INTO merged_shards VALUES (?, now(), ?, ?)", [shard.shard_id, run_id, counts["prompts"]])

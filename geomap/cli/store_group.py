@@ -1,0 +1,53 @@
+"""``geomap store``: upkeep of a store's vector segments (compact, migrate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from geomap.cli.store_cmds import _existing, db_option
+
+
+@click.group()
+def store() -> None:
+    """Upkeep of the store's files: vector segments."""
+
+
+@store.command("compact")
+@db_option
+def compact(db: Path | None) -> None:
+    """Merge small vector segments into large ones (idempotent; a killed compaction is finished by a rerun)."""
+    from geomap.store.db import ensure_schema
+    from geomap.store.handle import Store
+    from geomap.store.segments import compact as compact_segments
+    from geomap.store.segments import layout, open_for_writing
+
+    with Store.open(_existing(db), "w") as store, store.writer() as con:  # this process holds the store alone
+        ensure_schema(con)
+        if layout(con) != "segments":
+            click.echo("this store keeps its vectors in DuckDB rows; `geomap store migrate` moves them to segments")
+            return
+        open_for_writing(con)
+        replaced = compact_segments(con)
+        left = con.execute("SELECT count(*) FROM internal.segments").fetchall()[0][0]
+    click.echo(f"compacted {sum(replaced.values())} segments; {left} segments now")
+
+
+@store.command("migrate")
+@db_option
+def migrate(db: Path | None) -> None:
+    """Move the store's vectors from DuckDB rows into segment files, losing nothing (a rerun carries on)."""
+    from geomap.store.db import ensure_schema
+    from geomap.store.handle import Store
+    from geomap.store.segments import migrate as migrate_segments
+    from geomap.store.segments import open_for_writing
+
+    with Store.open(_existing(db), "w") as store, store.writer() as con:
+        ensure_schema(con)
+        open_for_writing(con)
+        moved = migrate_segments(con)
+    click.echo(f"moved {sum(moved.values())} vector rows into segments")
+
+
+COMMANDS = (store,)

@@ -1,0 +1,396 @@
+"""Vector segments: the bulk vector tables as Parquet files in the store's segment folder, read through views.
+
+In a store whose layout is ``segments`` (``store_meta.layout``), the rows of `SEGMENT_TABLES` are written by pyarrow
+as immutable Parquet files in ``<db stem>.segments/`` beside the DuckDB file, one file per table per merged batch.
+DuckDB keeps the catalog (``internal.segments``: file, table, sha256, rows, prompt-id range, format) and reads the
+files through a view under each table's usual name, which casts every column back to its schema type (pyarrow's
+FixedSizeList reads as ``FLOAT[]``; the view makes it ``FLOAT[d]`` again). Rows written before the switch stay in a
+``internal.<table>_rows`` DuckDB table that the same view unions in, until `migrate` moves them.
+
+Durability follows the store's rule (`geomap.store.files`): a segment is written under a temporary name, fsynced
+and renamed, inside the transaction of the batch it belongs to; its catalog row and the view that names it commit
+with the batch's metadata rows. A segment whose transaction never committed is an orphan, removed by
+`remove_orphans` the next time the store is opened for writing. Compaction writes the merged segment the same way
+and retires the old files in the same commit; retired files are deleted only when no reader of this process can
+still be reading them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from geomap.faults import kill_point
+
+SEGMENT_TABLES = ("states", "contributions", "attention", "final_logits")
+SORT_KEYS = {"states": ("prompt_id", "pos", "layer"), "contributions": ("prompt_id", "pos", "layer"),
+             "attention": ("prompt_id", "pos", "layer", "head"), "final_logits": ("prompt_id", "chunk")}
+SEGMENT_FORMAT = 1
+LAYOUTS = ("rows", "segments")
+LAYOUT_ENV = "GEOMAP_STORE_LAYOUT"  # the layout a new store gets (default `DEFAULT_LAYOUT`)
+DEFAULT_LAYOUT = "rows"
+ROW_GROUP_BYTES = 1 << 20  # about 1 MB a row group: a point read of one trajectory touches few of them
+COMPACT_THRESHOLD = 64  # small segments of one table that trigger automatic compaction after a merge
+RETIRE_GRACE_S = 600.0  # seconds a retired segment outlives its retirement when readers may share the instance
+COMPACT_TARGET_BYTES = 128 << 20  # a compacted segment holds at most about this many bytes
+
+CATALOG_DDL = """
+CREATE SCHEMA IF NOT EXISTS internal;      -- the store's own bookkeeping, apart from the documented tables
+CREATE TABLE IF NOT EXISTS internal.segments (       -- vector segments: Parquet files of the store's segment folder
+    file VARCHAR PRIMARY KEY,               -- name inside the segment folder
+    table_name VARCHAR,                     -- the view it belongs to: states, contributions, attention, final_logits
+    rows BIGINT,
+    bytes BIGINT,
+    sha256 VARCHAR,
+    min_prompt INTEGER,
+    max_prompt INTEGER,
+    max_id BIGINT,                          -- states: the largest state id it holds
+    format INTEGER,                         -- segment format version
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS internal.retired_segments (  -- replaced by compaction or migration; deleted later
+    file VARCHAR PRIMARY KEY,
+    retired_at TIMESTAMP
+);
+"""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A written segment file: its name in the folder, rows, bytes and sha256."""
+
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def segment_dir(db_path: str | Path) -> Path:
+    """Folder of a store's vector segments: ``<db stem>.segments`` beside the DuckDB file."""
+    path = Path(db_path).resolve()
+    return path.with_name(path.stem + ".segments")
+
+
+def store_path(con: duckdb.DuckDBPyConnection) -> Path:
+    """The DuckDB file a connection has open."""
+    return Path(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+                .fetchall()[0][0])
+
+
+def layout(con: duckdb.DuckDBPyConnection) -> str:
+    """The store's layout: ``segments`` when its vectors live in segment files, else ``rows``."""
+    try:
+        rows = con.execute("SELECT value FROM store_meta WHERE key = 'layout'").fetchall()
+    except duckdb.CatalogException:
+        return "rows"
+    return rows[0][0] if rows else "rows"
+
+
+def new_store_layout() -> str:
+    """The layout a store created now gets: ``$GEOMAP_STORE_LAYOUT``, else `DEFAULT_LAYOUT`."""
+    value = os.environ.get(LAYOUT_ENV, DEFAULT_LAYOUT)
+    if value not in LAYOUTS:
+        from geomap.store.db import StoreError
+
+        raise StoreError(f"{LAYOUT_ENV}={value!r} is not a store layout; use one of {', '.join(LAYOUTS)}.")
+    return value
+
+
+def rows_ddl(ddl: str) -> str:
+    """Schema DDL with each segment table's ``CREATE TABLE`` renamed to its ``<table>_rows`` table."""
+    for name in SEGMENT_TABLES:
+        ddl = ddl.replace(f"CREATE TABLE IF NOT EXISTS {name} (", f"CREATE TABLE IF NOT EXISTS internal.{name}_rows (")
+    return ddl
+
+
+def _sorted(table: pa.Table, name: str) -> pa.Table:
+    keys = [(k, "ascending") for k in SORT_KEYS[name] if k in table.column_names]
+    return table.take(pc.sort_indices(table, sort_keys=keys))
+
+
+def write_segment(table: pa.Table, name: str, folder: Path, sync_folder: bool = True) -> Segment:
+    """Write a table's rows as a new segment file of ``folder``: sorted, fsynced and renamed into place.
+
+    Rows are sorted by (prompt, position, layer) and cut into row groups of about `ROW_GROUP_BYTES`, so a point
+    read of one prompt's trajectory reads a few row groups. Vector columns are stored uncompressed (float32 barely
+    compresses, and the write rate is the point); nulls (``attn_bias`` away from captured positions) cost no bytes.
+    The file is built in memory, hashed there and written with one call. ``sync_folder`` false leaves the
+    rename's fsync of the folder to the caller (one for all the segments of a batch).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    table = _sorted(table, name)
+    row_bytes = max(table.nbytes // max(table.num_rows, 1), 1)
+    file = f"{name}-{uuid.uuid4().hex[:16]}.parquet"
+    tmp = folder / f".{file}.tmp"
+    stats = [k for k in (*SORT_KEYS[name], "id") if k in table.column_names]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=max(64, ROW_GROUP_BYTES // row_bytes), compression="none",
+                   use_dictionary=False, write_statistics=stats, store_schema=False)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    with open(tmp, "wb") as sink:
+        sink.write(data)
+        sink.flush()
+        os.fsync(sink.fileno())
+    kill_point("segment.temp_written")
+    os.replace(tmp, folder / file)
+    if sync_folder:
+        _fsync_dir(folder)
+    return Segment(file, table.num_rows, data.size, digest)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def catalog(con: duckdb.DuckDBPyConnection, name: str, segment: Segment, table: pa.Table) -> None:
+    """Insert a segment's catalog row (inside the caller's transaction)."""
+    prompts = table.column("prompt_id")
+    max_id = pc.max(table.column("id")).as_py() if name == "states" else None
+    con.execute("INSERT INTO internal.segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                [segment.file, name, segment.rows, segment.bytes, segment.sha256, pc.min(prompts).as_py(),
+                 pc.max(prompts).as_py(), max_id, SEGMENT_FORMAT])
+
+
+def store_segments(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]) -> dict[str, int]:
+    """Write the segment tables of one batch as segments and catalog them, in the caller's open transaction.
+
+    Returns:
+        Rows written per table.
+    """
+    folder = segment_dir(store_path(con))
+    todo = {name: table for name, table in tables.items() if table.num_rows}
+    with ThreadPoolExecutor(max_workers=max(len(todo), 1), thread_name_prefix="geomap-segment") as pool:
+        # pyarrow encodes without the GIL: the tables of a batch are encoded and written side by side
+        written = {name: pool.submit(write_segment, table, name, folder, False) for name, table in todo.items()}
+        segments = {name: future.result() for name, future in written.items()}
+    counts = {}
+    for name, segment in segments.items():
+        catalog(con, name, segment, todo[name])
+        counts[name] = todo[name].num_rows
+    if counts:
+        _fsync_dir(folder)  # the renames are durable before the catalog rows can commit
+    kill_point("segment.cataloged")
+    refresh_views(con, [n for n in tables if tables[n].num_rows])
+    return counts
+
+
+def next_state_id(con: duckdb.DuckDBPyConnection) -> int:
+    """The id the next stored state gets: one past the largest in the ``states_rows`` table and the catalog."""
+    return int(con.execute("SELECT greatest((SELECT coalesce(max(id), 0) FROM internal.states_rows), "
+                           "(SELECT coalesce(max(max_id), 0) FROM internal.segments WHERE table_name = 'states')) + 1")
+               .fetchall()[0][0])
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str, schema: str = "internal") -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? AND database_name = "
+        "current_database() AND schema_name = ? ORDER BY column_index", [table, schema]).fetchall()]
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def refresh_views(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES) -> None:
+    """(Re)create the views of the segment tables over their ``_rows`` table and every cataloged segment.
+
+    Every column is cast to its schema type. Runs inside the caller's transaction when one is open, so the view
+    commits with the catalog.
+    """
+    folder = segment_dir(store_path(con))
+    for name in names:
+        columns = _columns(con, f"{name}_rows")
+        if not columns:
+            continue
+        plain = ", ".join(f'"{c}"' for c, _ in columns)
+        sql = f"SELECT {plain} FROM internal.{name}_rows"  # noqa: S608 (fixed names)
+        files = [r[0] for r in con.execute("SELECT file FROM internal.segments WHERE table_name = ? "
+                                           "ORDER BY min_prompt, file", [name]).fetchall()]
+        if files:
+            listed = ", ".join(_quote(str(folder / f)) for f in files)
+            typed = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns)
+            sql += f" UNION ALL SELECT {typed} FROM read_parquet([{listed}])"
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+
+
+def remove_orphans(con: duckdb.DuckDBPyConnection, grace_s: float = 0.0) -> list[str]:
+    """Delete segment files no committed catalog row names (a killed write), and files retired ``grace_s`` ago.
+
+    A reader's snapshot may still name a retired file (a served store's reader, while compaction commits), so a
+    writer that shares its instance with readers keeps retired files for `RETIRE_GRACE_S`, far longer than any
+    user query may run; a process that holds the store alone (``geomap store compact``) passes 0.
+
+    Returns:
+        The names of the files removed.
+    """
+    folder = segment_dir(store_path(con))
+    if not folder.is_dir():
+        return []
+    live = {r[0] for r in con.execute("SELECT file FROM internal.segments").fetchall()}
+    retired = {r[0] for r in con.execute("SELECT file FROM internal.retired_segments").fetchall()}
+    due = {r[0] for r in con.execute("SELECT file FROM internal.retired_segments WHERE "
+                                     "epoch(now()::TIMESTAMP) - epoch(retired_at) >= ?", [grace_s]).fetchall()}
+    removed = []
+    for path in folder.iterdir():
+        orphan = path.name.startswith(".") or (path.name not in live and path.name not in retired)
+        if orphan or path.name in due:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if due:
+        con.execute("DELETE FROM internal.retired_segments WHERE file IN (SELECT unnest(?))", [sorted(due)])
+    return removed
+
+
+def open_for_writing(con: duckdb.DuckDBPyConnection) -> None:
+    """A writer's first step on a segments store: remove orphans, and retired files past their grace."""
+    if layout(con) == "segments":
+        remove_orphans(con, RETIRE_GRACE_S)
+
+
+def compact_if_needed(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Compact when some table has more than `COMPACT_THRESHOLD` small segments (between a writer's batches).
+
+    The replaced files are kept for `RETIRE_GRACE_S`: readers of a served store may still be reading them.
+    """
+    if layout(con) != "segments" or not needs_compaction(con):
+        return {}
+    return compact(con, grace_s=RETIRE_GRACE_S)
+
+
+def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES,
+            target_bytes: int = COMPACT_TARGET_BYTES, grace_s: float = 0.0) -> dict[str, int]:
+    """Merge each table's small segments into few large ones; idempotent and kill-safe.
+
+    Small segments (under ``target_bytes // 2``) are taken in prompt order and packed into new segments of up to
+    ``target_bytes``; memory holds one new segment at a time. Each new segment commits with its catalog row, the
+    old rows' removal and the rewritten view in one transaction; the old files are retired, and deleted once
+    ``grace_s`` has passed (at once by default: a process that holds the store alone), by this or a later writer.
+
+    Returns:
+        Segments replaced per table.
+    """
+    from geomap.store.db import rollback_quietly
+
+    folder = segment_dir(store_path(con))
+    replaced = {}
+    for name in names:
+        small = con.execute("SELECT file, bytes FROM internal.segments WHERE table_name = ? AND bytes < ? "
+                            "ORDER BY min_prompt, file", [name, max(target_bytes // 2, 1)]).fetchall()
+        groups, current, size = [], [], 0
+        for file, rows in small:
+            if current and size + rows > target_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append(file)
+            size += rows
+        if current:
+            groups.append(current)
+        for files in (g for g in groups if len(g) > 1):
+            table = pa.concat_tables([pq.read_table(folder / f) for f in files])
+            con.execute("BEGIN TRANSACTION")
+            try:
+                segment = write_segment(table, name, folder)
+                con.execute("DELETE FROM internal.segments WHERE file IN (SELECT unnest(?))", [files])
+                catalog(con, name, segment, table)
+                con.execute("INSERT INTO internal.retired_segments SELECT unnest(?), now()", [files])
+                refresh_views(con, [name])
+                kill_point("segment.compacted")
+                con.execute("COMMIT")
+            except BaseException:
+                rollback_quietly(con)
+                raise
+            replaced[name] = replaced.get(name, 0) + len(files)
+    remove_orphans(con, grace_s)
+    return replaced
+
+
+def needs_compaction(con: duckdb.DuckDBPyConnection, threshold: int = COMPACT_THRESHOLD) -> bool:
+    """Whether some table has more than ``threshold`` small segments."""
+    most = con.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM internal.segments WHERE bytes < ? "
+                       "GROUP BY table_name)", [COMPACT_TARGET_BYTES // 2]).fetchall()[0][0]
+    return (most or 0) > threshold
+
+
+def migrate(con: duckdb.DuckDBPyConnection, prompts_per_segment: int = 256) -> dict[str, int]:
+    """Move a store's vector rows into segments (switching a ``rows`` store to the ``segments`` layout first).
+
+    Runs in steps of ``prompts_per_segment`` prompts, each one transaction (segment written, catalog row, rows
+    deleted from the ``_rows`` table, view rewritten), so a kill loses nothing and a rerun carries on. Every value is
+    kept bit for bit: the segment holds the very rows DuckDB held.
+
+    Returns:
+        Rows moved per table.
+    """
+    from geomap.store.db import ensure_schema, rollback_quietly
+
+    if layout(con) != "segments":
+        switch_layout(con)
+        ensure_schema(con)
+    moved: dict[str, int] = {}
+    folder = segment_dir(store_path(con))
+    for name in SEGMENT_TABLES:
+        if not _columns(con, f"{name}_rows"):
+            continue
+        while True:
+            first = con.execute(f"SELECT min(prompt_id) FROM internal.{name}_rows").fetchall()[0][0]  # noqa: S608
+            if first is None:
+                break
+            last = con.execute(f"SELECT max(prompt_id) FROM (SELECT DISTINCT prompt_id FROM internal.{name}_rows "  # noqa: S608
+                               f"ORDER BY prompt_id LIMIT ?)", [prompts_per_segment]).fetchall()[0][0]
+            con.execute("BEGIN TRANSACTION")
+            try:
+                table = con.sql(f"SELECT * FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?",  # noqa: S608
+                                params=[first, last]).to_arrow_table()
+                segment = write_segment(table, name, folder)
+                catalog(con, name, segment, table)
+                con.execute(f"DELETE FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?", [first, last])  # noqa: S608
+                refresh_views(con, [name])
+                kill_point("segment.migrated")
+                con.execute("COMMIT")
+            except BaseException:
+                rollback_quietly(con)
+                raise
+            moved[name] = moved.get(name, 0) + table.num_rows
+    con.execute("CHECKPOINT")
+    return moved
+
+
+def switch_layout(con: duckdb.DuckDBPyConnection) -> None:
+    """Turn a ``rows`` store into a ``segments`` one, in one transaction.
+
+    Its vector tables move to ``internal.<name>_rows`` (views of the same names replace them when the schema is next
+    ensured); the rows stay in DuckDB until `migrate` moves them into segments.
+    """
+    from geomap.store.db import rollback_quietly
+
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(CATALOG_DDL)
+        con.execute("DROP VIEW IF EXISTS trajectory")
+        for name in SEGMENT_TABLES:
+            kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = ? AND "
+                               "table_schema = 'main' AND table_catalog = current_database()", [name]).fetchall()
+            if kind and kind[0][0] == "BASE TABLE":
+                con.execute(f"CREATE TABLE internal.{name}_rows AS SELECT * FROM main.{name}")  # noqa: S608
+                con.execute(f"DROP TABLE main.{name}")
+        con.execute("DELETE FROM store_meta WHERE key IN ('layout', 'schema_sha256')")
+        con.execute("INSERT INTO store_meta VALUES ('layout', 'segments')")
+        con.execute("COMMIT")
+    except BaseException:
+        rollback_quietly(con)
+        raise

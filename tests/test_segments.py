@@ -1,0 +1,201 @@
+"""Vector segments: the same tables bit for bit, files that match their catalog, orphans, compaction, migration and
+user SQL that reaches the segments only through the views."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from geomap.capture import CaptureConfig
+from geomap.ingest.engine import ingest
+from geomap.store.db import connect, ensure_schema
+from geomap.store.files import sha256_of
+from geomap.store.segments import LAYOUT_ENV, SEGMENT_TABLES, compact, layout, migrate, segment_dir
+from geomap.store.sql import SqlRefused, run_sql, sql_connection_config
+from geomap.store.writer import PromptSpec
+
+PROMPTS = [f"Prompt {i}: the storm is {'very ' * (i % 3)}close" for i in range(7)] + [""]
+ALL = CaptureConfig(attn_positions="all", lens_positions="all", top_k=5)
+ORDER = {"states": "id", "contributions": "prompt_id, pos, layer", "attention": "prompt_id, layer, head, pos",
+         "final_logits": "prompt_id, chunk"}
+
+
+def _ingest(model, db, monkeypatch, layout_name: str, prompts=PROMPTS, batch_size: int = 2) -> None:
+    monkeypatch.setenv(LAYOUT_ENV, layout_name)
+    ingest(model, [PromptSpec(t) for t in prompts], db, ALL, batch_size=batch_size, progress=False)
+
+
+def _bits(column: pa.ChunkedArray) -> tuple:
+    """A column as comparable bytes: its null mask and its (flattened) values' bits, so NaN equals NaN."""
+    column = column.combine_chunks()
+    nulls = column.is_null().to_pylist()
+    values = column
+    while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        values = pc.list_flatten(values)
+    if pa.types.is_floating(values.type) or pa.types.is_integer(values.type):
+        return nulls, np.asarray(values.fill_null(0).to_numpy(zero_copy_only=False)).tobytes()
+    return nulls, values.to_pylist()
+
+
+def same_rows(a: pa.Table, b: pa.Table) -> bool:
+    """Whether two tables hold the same column names and the same values bit for bit."""
+    return a.column_names == b.column_names and all(_bits(a[c]) == _bits(b[c]) for c in a.column_names)
+
+
+def tables(db) -> dict:
+    """Every row of the vector tables (floats as stored bytes, so NaN compares equal), and their column types."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        out = {}
+        for name in SEGMENT_TABLES:
+            out[name, "types"] = [r[:2] for r in con.execute(f"DESCRIBE {name}").fetchall()]
+            out[name] = con.sql(f"SELECT * FROM {name} ORDER BY {ORDER[name]}").to_arrow_table()
+        return out
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_models, tmp_path_factory):
+    """The same prompts ingested into a rows store and a segments store."""
+    root = tmp_path_factory.mktemp("segments")
+    mp = pytest.MonkeyPatch()
+    try:
+        _ingest(tiny_models["llama"], root / "rows.duckdb", mp, "rows")
+        _ingest(tiny_models["llama"], root / "seg.duckdb", mp, "segments")
+    finally:
+        mp.undo()
+    return {"rows": root / "rows.duckdb", "seg": root / "seg.duckdb", "root": root}
+
+
+def test_segments_hold_the_same_rows_bit_for_bit_under_the_same_types(stores):
+    rows, seg = tables(stores["rows"]), tables(stores["seg"])
+    for name in SEGMENT_TABLES:
+        assert seg[name, "types"] == rows[name, "types"]  # vec stays FLOAT[d], logits FLOAT[4096]
+        assert seg[name].num_rows == rows[name].num_rows > 0
+        assert same_rows(seg[name], rows[name]), name  # the float bits, NaN padding included
+    con = duckdb.connect(str(stores["seg"]), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM internal.states_rows").fetchall()[0][0] == 0  # all in segments
+        assert con.execute("SELECT typeof(vec) FROM states LIMIT 1").fetchall()[0][0].startswith("FLOAT[")
+    finally:
+        con.close()
+
+
+def test_every_segment_matches_its_catalog_row_and_is_sorted(stores):
+    folder = segment_dir(stores["seg"])
+    con = duckdb.connect(str(stores["seg"]), read_only=True)
+    try:
+        catalog = con.execute("SELECT file, table_name, rows, bytes, sha256, min_prompt, max_prompt "
+                              "FROM internal.segments").fetchall()
+    finally:
+        con.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(r[0] for r in catalog)
+    assert {r[1] for r in catalog} == set(SEGMENT_TABLES)
+    for file, _name, n, size, digest, lo, hi in catalog:
+        path = folder / file
+        assert (path.stat().st_size, sha256_of(path)) == (size, digest)
+        table = pq.read_table(path)
+        assert table.num_rows == n
+        keys = list(zip(*(table.column(k).to_pylist() for k in ("prompt_id", "pos", "layer") if k in
+                          table.column_names)))
+        assert keys == sorted(keys)
+        prompts = table.column("prompt_id").to_pylist()
+        assert (min(prompts), max(prompts)) == (lo, hi)
+
+
+def test_an_orphan_segment_is_removed_when_the_store_is_next_opened_for_writing(stores, tiny_models, monkeypatch,
+                                                                                tmp_path):
+    import shutil
+
+    db = tmp_path / "s.duckdb"
+    shutil.copy(stores["seg"], db)
+    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    folder = segment_dir(db)
+    orphan, temp = folder / "states-0123456789abcdef.parquet", folder / ".states-fedcba9876543210.parquet.tmp"
+    shutil.copy(next(folder.glob("states-*.parquet")), orphan)  # renamed into place, its transaction never committed
+    temp.write_bytes(b"half a segment")
+    before = tables(db)
+    _ingest(tiny_models["llama"], db, monkeypatch, "rows", prompts=PROMPTS[:2])  # all stored already: no new rows
+    assert not orphan.exists() and not temp.exists()
+    after = tables(db)
+    assert all(same_rows(after[n], before[n]) for n in SEGMENT_TABLES)
+
+
+def test_compaction_merges_segments_keeps_every_row_and_is_idempotent(stores, tmp_path):
+    import shutil
+
+    db = tmp_path / "c.duckdb"
+    shutil.copy(stores["seg"], db)
+    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    before = tables(db)
+    con = connect(db)
+    try:
+        n_before = con.execute("SELECT count(*) FROM internal.segments").fetchall()[0][0]
+        replaced = compact(con)
+        n_after = con.execute("SELECT count(*) FROM internal.segments").fetchall()[0][0]
+        assert sum(replaced.values()) > 0 and n_after == len(SEGMENT_TABLES) < n_before
+        assert compact(con) == {}  # nothing small is left to merge
+        assert not con.execute("SELECT count(*) FROM internal.retired_segments").fetchall()[0][0]
+    finally:
+        con.close()
+    assert len(list(segment_dir(db).iterdir())) == n_after  # the replaced files are gone
+    after = tables(db)
+    assert all(same_rows(after[n], before[n]) for n in SEGMENT_TABLES)
+
+
+def test_migration_moves_an_old_store_into_segments_bit_for_bit(stores, tmp_path):
+    import shutil
+
+    db = tmp_path / "m.duckdb"
+    shutil.copy(stores["rows"], db)  # written by today's row writer
+    before = tables(db)
+    con = connect(db)
+    try:
+        assert layout(con) == "rows"
+        moved = migrate(con, prompts_per_segment=3)
+        assert layout(con) == "segments" and moved["states"] == before["states"].num_rows
+        assert migrate(con) == {}  # a rerun finds nothing left to move
+        ensure_schema(con)
+        assert all(con.execute(f"SELECT count(*) FROM internal.{n}_rows").fetchall()[0][0] == 0 for n in SEGMENT_TABLES)
+    finally:
+        con.close()
+    after = tables(db)
+    for name in SEGMENT_TABLES:
+        assert after[name, "types"] == before[name, "types"]
+        assert same_rows(after[name], before[name]), name
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT * FROM read_parquet('{segment}')",
+    "SELECT * FROM parquet_scan('{segment}')",
+    "SELECT * FROM read_blob('{store}')",
+    "SELECT * FROM read_text('/etc/passwd')",
+    "SELECT * FROM glob('{folder}/*')",
+    "SELECT * FROM '{segment}'",
+])
+def test_user_sql_cannot_name_a_segment_the_store_or_any_other_file(stores, query):
+    folder = segment_dir(stores["seg"])
+    segment = next(folder.glob("states-*.parquet"))
+    with pytest.raises(SqlRefused):
+        run_sql(stores["seg"], query.format(segment=segment, store=stores["seg"], folder=folder))
+
+
+def test_user_sql_reads_the_views_and_the_locked_connection_reaches_only_the_segment_folder(stores):
+    result = run_sql(stores["seg"], "SELECT count(*), typeof(any_value(vec)) FROM states")
+    assert result.rows[0][0] > 0 and result.rows[0][1].startswith("FLOAT[")
+    con = connect(stores["seg"], read_only=True, config=sql_connection_config())
+    try:
+        assert con.execute("SELECT count(*) FROM final_logits").fetchall()[0][0] > 0
+        with pytest.raises(duckdb.Error, match="locked"):
+            con.execute("SET allowed_directories = ['/']")
+        with pytest.raises(duckdb.Error, match="(?i)permission|disabled"):
+            con.execute("SELECT * FROM read_text('/etc/passwd')").fetchall()
+        with pytest.raises(duckdb.Error, match="(?i)permission|disabled"):
+            con.execute(f"SELECT * FROM read_text('{segment_dir(stores['seg'])}/../x')").fetchall()
+    finally:
+        con.close()
