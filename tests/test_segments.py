@@ -14,7 +14,7 @@ from geomap.capture import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.store.db import connect, ensure_schema
 from geomap.store.files import sha256_of
-from geomap.store.segments import LAYOUT_ENV, SEGMENT_TABLES, compact, layout, migrate, segment_dir
+from geomap.store.segments import LAYOUT_ENV, SEGMENT_TABLES, compact, layout, migrate, remove_orphans, segment_dir
 from geomap.store.sql import SqlRefused, run_sql, sql_connection_config
 from geomap.store.writer import PromptSpec
 
@@ -199,3 +199,24 @@ def test_user_sql_reads_the_views_and_the_locked_connection_reaches_only_the_seg
             con.execute(f"SELECT * FROM read_text('{segment_dir(stores['seg'])}/../x')").fetchall()
     finally:
         con.close()
+
+
+def test_retired_segments_stay_for_their_grace_then_go(stores, tmp_path):
+    import shutil
+
+    db = tmp_path / "g.duckdb"
+    shutil.copy(stores["seg"], db)
+    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    con = connect(db)
+    try:
+        before = {n: con.execute(f"SELECT count(*) FROM {n}").fetchall()[0][0] for n in SEGMENT_TABLES}
+        compact(con, grace_s=600)  # as a writer sharing its instance with readers compacts
+        retired = [r[0] for r in con.execute("SELECT file FROM internal.retired_segments").fetchall()]
+        assert retired and all((segment_dir(db) / f).is_file() for f in retired)  # a reader may still read them
+        assert remove_orphans(con, 600) == []
+        assert {n: con.execute(f"SELECT count(*) FROM {n}").fetchall()[0][0] for n in SEGMENT_TABLES} == before
+        assert sorted(remove_orphans(con, 0)) == sorted(retired)
+        live = sorted(r[0] for r in con.execute("SELECT file FROM internal.segments").fetchall())
+    finally:
+        con.close()
+    assert sorted(p.name for p in segment_dir(db).iterdir()) == live
