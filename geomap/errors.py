@@ -2,7 +2,13 @@
 
 
 class GeomapError(Exception):
-    """Base class of every error geomap raises on purpose."""
+    """Base class of every error geomap raises on purpose.
+
+    Attributes:
+        http_status: The HTTP status ``geomap serve`` answers this error with (subclasses set their own).
+    """
+
+    http_status: int = 400
 
 
 class ModelNotFoundError(GeomapError):

@@ -40,9 +40,10 @@ def inline_store(tiny_models, tmp_path_factory) -> dict:
 
 def _ray_run(model_dir: Path, db: Path, **kwargs):
     from geomap.ingest.ray_engine import ingest_ray
+    from geomap.ingest.runs import RunOptions
 
-    return ingest_ray(str(model_dir), SPECS, db, CONFIG, batch_size=BATCH, progress=False,
-                      engine=EngineConfig(kind="ray", workers=2, threads=1), **kwargs)
+    return ingest_ray(str(model_dir), SPECS, db, RunOptions(CONFIG, batch_size=BATCH, progress=False, **kwargs),
+                      engine=EngineConfig(kind="ray", workers=2, threads=1))
 
 
 def _leftover_shards(loaded, folder: Path, n: int) -> tuple[Path, Path]:
@@ -103,3 +104,66 @@ def test_a_worker_killed_mid_run_leaves_the_same_store(local_ray, tiny_dirs, inl
 
     restarts = [a["NumRestarts"] for a in actors().values() if "CaptureWorker" in a["ActorClassName"]]
     assert max(restarts) >= 1  # Ray restarted the killed worker (and retried what it held)
+
+
+def _runs(db: Path) -> list[tuple]:
+    con = connect(db, read_only=True)
+    try:
+        return con.execute("SELECT id, status FROM runs ORDER BY id").fetchall() if con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'runs'").fetchall()[0][0] else []
+    finally:
+        con.close()
+
+
+def _both(tiny_dirs, tiny_models, tmp_path, config=CONFIG):
+    """Run the same prompts inline and on Ray into fresh stores; each engine's error (or None) and its store."""
+    from geomap.ingest.ray_engine import ingest_ray
+    from geomap.ingest.runs import RunOptions
+
+    out = {}
+    for engine in ("inline", "ray"):
+        db = tmp_path / f"{engine}.duckdb"
+        try:
+            if engine == "inline":
+                ingest(tiny_models["llama"], SPECS, db, config, batch_size=BATCH, progress=False)
+            else:
+                ingest_ray(str(tiny_dirs["llama"]), SPECS, db, RunOptions(config, batch_size=BATCH, progress=False),
+                           engine=EngineConfig(kind="ray", workers=2, threads=1))
+            out[engine] = (None, db)
+        except Exception as exc:  # noqa: BLE001 - the error is what the test compares
+            out[engine] = (exc, db)
+    return out
+
+
+def test_a_model_mismatch_ends_a_ray_run_as_it_ends_an_inline_run(local_ray, tiny_dirs, tiny_models, tmp_path):
+    from geomap.errors import GeomapError
+
+    got = _both(tiny_dirs, tiny_models, tmp_path, CaptureConfig(layers=(99,)))
+    (inline, inline_db), (on_ray, ray_db) = got["inline"], got["ray"]
+    assert isinstance(inline, GeomapError) and type(on_ray) is type(inline)
+    assert str(on_ray) == str(inline) and "layers [99]" in str(inline)
+    assert _runs(inline_db) == _runs(ray_db) == []  # refused before any run row exists
+
+
+def test_a_storage_error_ends_a_ray_run_as_it_ends_an_inline_run(local_ray, tiny_dirs, tiny_models, tmp_path,
+                                                                  monkeypatch):
+    import geomap.ingest.merger as merger
+    from geomap.store.db import StorageError
+
+    real_merge = merger.merge_shard
+
+    def full_disk(con, shard, *args, **kwargs):
+        if con.execute("SELECT count(*) FROM merged_shards").fetchall()[0][0]:  # after a run's first merge
+            raise OSError(28, "No space left on device")
+        return real_merge(con, shard, *args, **kwargs)
+
+    monkeypatch.setattr(merger, "merge_shard", full_disk)
+    got = _both(tiny_dirs, tiny_models, tmp_path)
+    monkeypatch.setattr(merger, "merge_shard", real_merge)
+    (inline, inline_db), (on_ray, ray_db) = got["inline"], got["ray"]
+    assert isinstance(inline, StorageError) and isinstance(on_ray, StorageError)
+    assert str(on_ray).replace(str(ray_db), "DB") == str(inline).replace(str(inline_db), "DB")
+    assert "No space left on device" in str(inline)
+    assert _runs(inline_db) == _runs(ray_db) == [(1, "failed")]
+    again = _ray_run(tiny_dirs["llama"], ray_db)  # the rerun takes the failed run up again, as inline
+    assert again.run_id == 1 and _runs(ray_db) == [(1, "done")]

@@ -62,10 +62,10 @@ def test_training_stores_translators_that_reproduce_their_statistics(stored):
     con.close()
     import torch
 
-    from geomap.analysis.tuned_lens import _final_logprobs
+    from geomap.analysis.tuned_lens import final_logprobs
 
     with torch.no_grad():
-        logq = _final_logprobs(model, torch.as_tensor(h + h @ w + b)[None])[0]
-        logp = _final_logprobs(model, torch.as_tensor(final)[None])[0]
+        logq = final_logprobs(model, torch.as_tensor(h + h @ w + b)[None])[0]
+        logp = final_logprobs(model, torch.as_tensor(final)[None])[0]
     assert float((logq.exp() * (logq - logp)).sum()) == pytest.approx(kl, rel=1e-3, abs=1e-4)
     assert mean_kl == pytest.approx(held_kl, rel=1e-4)

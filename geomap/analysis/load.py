@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 
-from geomap.analysis.attribution import StreamParts
-from geomap.analysis.decoding import Candidates
+if TYPE_CHECKING:  # both modules import torch, which the store-only readers here (`geomap stats`) never need
+    from geomap.analysis.attribution import StreamParts
+    from geomap.analysis.decoding import Candidates
 from geomap.store.codec import from_blob
-from geomap.store.db import StoreError
+from geomap.store.db import NotFoundError, StoreError
 from geomap.store.query import final_logit, final_logits
 
 
@@ -34,7 +36,7 @@ def prompt_info(con: duckdb.DuckDBPyConnection, prompt_id: int) -> PromptInfo:
                                  r.capture_config, p.status, p.error
                           FROM prompts p JOIN runs r ON r.id = p.run_id WHERE p.id = ?""", [prompt_id]).fetchall()
     if not rows:
-        raise StoreError(f"No stored prompt with id {prompt_id}; list them with "
+        raise NotFoundError(f"No stored prompt with id {prompt_id}; list them with "
                          "`geomap sql \"SELECT id, text FROM prompts\"`.")
     *values, status, error = rows[0]
     if status != "done":
@@ -55,13 +57,15 @@ def candidates(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> Ca
 
     All of them: at the last position (``final_logits``) and at a generation step (``step_logits``).
     """
+    from geomap.analysis.decoding import Candidates
+
     full = final_logits(con, info.id) if pos == info.n_tokens - 1 else stored_step_logits(con, info.id, pos)
     if full is not None:
         return Candidates.from_full(full)
     rows = con.execute("SELECT token_ids, logits, logsumexp FROM next_token WHERE prompt_id = ? AND pos = ?",
                        [info.id, pos]).fetchall()
     if not rows:
-        raise StoreError(f"No next-token distribution stored for prompt {info.id} at position {pos}.")
+        raise NotFoundError(f"No next-token distribution stored for prompt {info.id} at position {pos}.")
     ids, logits, lse = rows[0]
     return Candidates(np.asarray(ids, np.int64), np.asarray(logits, np.float32), float(lse), False)
 
@@ -104,13 +108,15 @@ def state(con: duckdb.DuckDBPyConnection, prompt_id: int, layer: int, pos: int) 
     rows = con.execute("SELECT vec, vec_bf16 FROM states WHERE prompt_id = ? AND layer = ? AND pos = ?",
                        [prompt_id, layer, pos]).fetchall()
     if not rows:
-        raise StoreError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}.")
+        raise NotFoundError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}.")
     vec, blob = rows[0]
     return np.asarray(vec, np.float32) if vec is not None else from_blob(blob)
 
 
 def stream_parts(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> StreamParts:
     """The residual stream's parts at one position, for direct logit attribution."""
+    from geomap.analysis.attribution import StreamParts
+
     rows = con.execute("SELECT attn, mlp FROM contributions WHERE prompt_id = ? AND pos = ? ORDER BY layer",
                        [info.id, pos]).fetchall()
     heads = con.execute("""SELECT a.layer, list(a.share ORDER BY a.head), any_value(c.attn_bias)

@@ -11,7 +11,7 @@ from geomap.analysis import load
 from geomap.analysis.geometry import normed_states, unembed_rows
 from geomap.analysis.persist import insert_rows, next_id, transaction
 from geomap.analysis.projection import fit_projection
-from geomap.store.db import StoreError, ensure_schema
+from geomap.store.db import NotFoundError, StoreError, ensure_schema
 from geomap.store.handle import Store, StoreLike
 
 
@@ -127,7 +127,7 @@ def place(store: StoreLike, projection_id: int, prompt_id: int, loaded=None,
         rows = con.execute("SELECT run_id, method, layers, joint, layer, center, components, token_scale "
                            "FROM projections WHERE id = ?", [projection_id]).fetchall()
         if not rows:
-            raise StoreError(f"No projection with id {projection_id}.")
+            raise NotFoundError(f"No projection with id {projection_id}.")
         run_id, method, layers, joint, layer, center, components, token_scale = rows[0]
         loaded = run_model(con, run_id, loaded)
         info = load.prompt_info(con, prompt_id)

@@ -8,7 +8,7 @@ import torch
 
 from geomap.analysis import load
 from geomap.analysis.persist import insert_rows, next_id, transaction
-from geomap.analysis.tuned_lens import _final_logprobs, full_kl, train_tuned_lens
+from geomap.analysis.tuned_lens import final_logprobs, full_kl, train_tuned_lens
 from geomap.store.db import ensure_schema
 from geomap.store.handle import Store, StoreLike
 
@@ -43,7 +43,7 @@ def tuned_lens(store: StoreLike, run_id: int, steps: int = 150, heldout_every: i
         heldout = np.asarray([order[p] % heldout_every == heldout_every - 1 for p in prompts])
         lens, reports = train_tuned_lens(loaded, resid, ~heldout, heldout, steps=steps, seed=seed)
         with torch.no_grad():
-            final_logp = _final_logprobs(loaded, torch.as_tensor(resid[-1]))
+            final_logp = final_logprobs(loaded, torch.as_tensor(resid[-1]))
             stats = []
             for i, layer in enumerate(lens.layers.tolist()):
                 h = torch.as_tensor(resid[layer])

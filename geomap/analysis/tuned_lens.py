@@ -50,7 +50,8 @@ class LayerReport:
     steps: int
 
 
-def _final_logprobs(loaded: LoadedModel, h: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def final_logprobs(loaded: LoadedModel, h: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Log-probabilities of the model's own final readout of residuals ``h``, computed ``chunk`` rows at a time."""
     a = loaded.anatomy
     out = []
     for start in range(0, len(h), chunk):
@@ -66,7 +67,7 @@ def full_kl(loaded: LoadedModel, h: torch.Tensor, final_logp: torch.Tensor) -> t
 
     The direction is that of ``lens_stats.kl_to_final``, so the two lenses compare in SQL.
     """
-    logq = _final_logprobs(loaded, h)
+    logq = final_logprobs(loaded, h)
     return (logq.exp() * (logq - final_logp)).sum(-1).clamp_min(0.0), logq.argmax(-1)
 
 
@@ -103,7 +104,7 @@ def train_tuned_lens(loaded: LoadedModel, resid: np.ndarray, train: np.ndarray, 
     h_all = torch.as_tensor(resid, dtype=torch.float32)
     n_layers, d = h_all.shape[0] - 1, h_all.shape[2]
     with torch.no_grad():
-        final_logp = _final_logprobs(loaded, h_all[-1])
+        final_logp = final_logprobs(loaded, h_all[-1])
     train_idx = np.flatnonzero(train)
     rng = np.random.default_rng(seed)
     val_mask = rng.random(len(train_idx)) < 0.1

@@ -38,7 +38,7 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
     """IVF (as the store builds it, nprobe calibrated) at each size: single-query p50/p99, recall@10 vs exact."""
     import faiss
 
-    from geomap.store.vectors import _choose_nprobe, _new_index, _nlist, set_parallelism
+    from geomap.store.vectors import choose_nprobe, ivf_lists, new_index, set_parallelism
 
     figs = []
     for n in sizes:
@@ -52,12 +52,12 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
         exact.add(x)
         truth, cal_truth = exact.search(q, 10)[1], exact.search(x[cal], 11)[1]
         del exact
-        index = _new_index("ivf", x.shape[1], _nlist(n))
+        index = new_index("ivf", x.shape[1], ivf_lists(n))
         start = time.perf_counter()
         index.train(x[rng.choice(n, min(n, 50 * index.nlist), replace=False)])  # the store trains on 50 per list
         index.add_with_ids(x, np.arange(n, dtype=np.int64))
         build = time.perf_counter() - start
-        _choose_nprobe(index, x[cal], cal, cal_truth)
+        choose_nprobe(index, x[cal], cal, cal_truth)
         lat, found = [], []
         set_parallelism(index, 1)  # one query at a time, as the store's StateIndex.search does
         for row in q:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from geomap.bench.core import Figure, judged, median
-from geomap.bench.store_bench import _fresh
+from geomap.bench.store_bench import fresh_path
 from geomap.capture.config import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.ingest.engine_config import EngineConfig
@@ -60,6 +60,7 @@ def ray_figures(model: str, texts: list[str], folder: Path, repeats: int) -> lis
     all), or the steady state is too short to time. Without Ray installed there are no Ray figures.
     """
     from geomap.ingest.ray_engine import RayMissingError, ingest_ray, require_ray
+    from geomap.ingest.runs import RunOptions
     from geomap.models import load_model
 
     try:
@@ -72,11 +73,11 @@ def ray_figures(model: str, texts: list[str], folder: Path, repeats: int) -> lis
              logging_level=logging.WARNING)
     startup = time.perf_counter() - started
     runs = {
-        "inline": lambda clock: ingest(load_model(model, device="cpu"), specs, _fresh(folder, "inline.duckdb"),
+        "inline": lambda clock: ingest(load_model(model, device="cpu"), specs, fresh_path(folder, "inline.duckdb"),
                                        config, batch_size=BATCH, progress=False, on_progress=clock),
-        "ray": lambda clock: ingest_ray(model, specs, _fresh(folder, "ray.duckdb"), config, batch_size=BATCH,
-                                        progress=False, device="cpu", on_progress=clock,
-                                        engine=EngineConfig(kind="ray", workers=WORKERS)),
+        "ray": lambda clock: ingest_ray(model, specs, fresh_path(folder, "ray.duckdb"),
+                                        RunOptions(config, batch_size=BATCH, progress=False, on_progress=clock),
+                                        engine=EngineConfig(kind="ray", workers=WORKERS), device="cpu"),
     }
     fills = {"inline": BATCH, "ray": WORKERS * BATCH}
     try:

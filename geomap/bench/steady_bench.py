@@ -21,9 +21,9 @@ from geomap.store.writer import PromptSpec
 
 def _ingest_seconds(loaded, texts: list[str], path: Path, profile: str, layout: str) -> tuple[float, int, int]:
     """Seconds of one ingestion into a fresh store of ``layout``; its tokens and bytes on disk."""
-    from geomap.bench.store_bench import _fresh
+    from geomap.bench.store_bench import fresh_path
 
-    path = _fresh(path.parent, path.name)
+    path = fresh_path(path.parent, path.name)
     con = connect(path)
     ensure_schema(con, loaded.anatomy.d_model, layout=layout)
     con.close()

@@ -24,7 +24,8 @@ from geomap.store.shards import write_batch
 from geomap.store.writer import PromptSpec, journey_tables, prompt_key, vocab_texts
 
 
-def _fresh(folder: Path, name: str) -> Path:
+def fresh_path(folder: Path, name: str) -> Path:
+    """``folder / name`` with any store (and its side files) left there by an earlier round removed."""
     path = folder / name
     shutil.rmtree(index_dir(path), ignore_errors=True)
     shutil.rmtree(segment_dir(path), ignore_errors=True)
@@ -60,7 +61,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
     journeys = [j for _, j in iter_capture(loaded, texts, config, 8)]
     items = _items(loaded, config, texts, journeys)
     tables: dict[str, list[pa.Table]] = {}
-    con = _store(loaded, _fresh(folder, "w.duckdb"))
+    con = _store(loaded, fresh_path(folder, "w.duckdb"))
     vocab = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)  # as ingest reads it once per run
     con.close()
     first = 1
@@ -75,7 +76,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
     inner: dict[str, list[float]] = {"geomap": [], "segments": [], "bare": []}  # the writes alone, setup apart
 
     def geomap_write(layout: str = "rows"):
-        path = _fresh(folder, "w.duckdb")
+        path = fresh_path(folder, "w.duckdb")
         con = _store(loaded, path, layout)  # schema and vocabulary: a fixed cost of the store, not timed
         writer_settings(con)  # as ingest sets its store up
         start = time.perf_counter()
@@ -85,7 +86,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
         con.close()
 
     def bare_insert():
-        con = _store(loaded, _fresh(folder, "w.duckdb"))  # the same schema, the same tables, no geomap logic
+        con = _store(loaded, fresh_path(folder, "w.duckdb"))  # the same schema, the same tables, no geomap logic
         start = time.perf_counter()
         for name, table in merged.items():
             con.register("_t", table)
@@ -138,7 +139,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
     tokens = {}
 
     def run_ingest():
-        path = _fresh(folder, "e.duckdb")
+        path = fresh_path(folder, "e.duckdb")
         summary = ingest(loaded, [PromptSpec(t) for t in texts], path, config, progress=False)
         tokens["n"] = summary.tokens
 
@@ -148,7 +149,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
         a = time.perf_counter()
         journeys = [j for _, j in iter_capture(loaded, texts, config, 8)]
         b = time.perf_counter()
-        path = _fresh(folder, "s.duckdb")
+        path = fresh_path(folder, "s.duckdb")
         con = _store(loaded, path)
         writer_settings(con)
         _write(con, _items(loaded, config, texts, journeys),
@@ -173,7 +174,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
     states = CaptureConfig(profile="states")
 
     def run_states():
-        path = _fresh(folder, "st.duckdb")
+        path = fresh_path(folder, "st.duckdb")
         ingest(loaded, [PromptSpec(t) for t in texts], path, states, progress=False)
 
     t = rounds({"ingest": run_ingest, "states": run_states, "stages": stages, "forward_hidden": forward_hidden},
@@ -225,7 +226,7 @@ def _sizes(loaded, texts: list[str], folder: Path, n_tokens: int) -> list[Figure
     for profile, dtype, layout in (("full", "float32", "rows"), ("full", "bfloat16", "rows"),
                                    ("states", "float32", "rows"), ("states", "bfloat16", "rows"),
                                    ("full", "float32", "segments"), ("states", "float32", "segments")):
-        path = _fresh(folder, f"size-{profile}-{dtype}-{layout}.duckdb")
+        path = fresh_path(folder, f"size-{profile}-{dtype}-{layout}.duckdb")
         con = _store(loaded, path, layout)  # the layout is fixed when the store is created
         con.execute("DELETE FROM runs")
         con.close()
@@ -281,11 +282,11 @@ def memory_figures(model: str, texts: list[str], counts: tuple[int, ...], folder
     peaks = {}
     for n in counts:
         chosen = [f"{texts[i % len(texts)]} (variant {i})" for i in range(n)]
-        path = _fresh(folder, f"m{n}.duckdb")
+        path = fresh_path(folder, f"m{n}.duckdb")
         got = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], input=json.dumps([chosen, str(path), model]),
                              capture_output=True, text=True, check=True)
         peaks[n] = json.loads(got.stdout.strip().splitlines()[-1])
-        _fresh(folder, f"m{n}.duckdb")
+        fresh_path(folder, f"m{n}.duckdb")
     figs = [judged(f"ingestion peak memory at {n} prompts", peaks[n]["peak"] / 2**20, "MiB",
                    note=f"resident set sampled every 20 ms; {peaks[n]['before'] / 2**20:.0f} MiB once the model is "
                         "loaded; DuckDB capped at GEOMAP_INGEST_MEMORY") for n in counts]

@@ -10,7 +10,7 @@ import click
 from geomap.errors import GeomapError
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Silence transformers' own progress bars and advice; geomap prints its own progress."""
     from transformers.utils import logging
 
@@ -61,7 +61,7 @@ def trace(text: str | None, prompt_file: str | None, model_name: str | None, dev
         raise PromptError(f"no prompts to trace: {prompt_file} holds no prompt (empty, or blank lines only)")
     if text is not None and not text.strip():
         raise PromptError(f"Prompt is empty or whitespace only: {text!r}")
-    _quiet_transformers()
+    quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device, dtype=dtype)
     failed = 0
     for result in capture(loaded, texts, CaptureConfig(overflow=overflow, top_k=max(top, 10))):

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from geomap.cli.prompt_ids import prompt_option
-from geomap.cli.store_cmds import _db, db_option
+from geomap.cli.store_cmds import db_option, store_path
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
@@ -48,7 +48,7 @@ def decode(prompt_id: int, pos: int | None, temperature, top_k, top_p, min_p, se
     """Decide the next token from stored logits (no model rerun); the decision is stored in `decisions`."""
     from geomap.analysis.api import decode as run
 
-    frame = run(_db(db), prompt_id, make_strategy(temperature, top_k, top_p, min_p, seed), pos)
+    frame = run(store_path(db), prompt_id, make_strategy(temperature, top_k, top_p, min_p, seed), pos)
     a = frame.attrs
     if as_json:
         click.echo(json.dumps({"prompt_id": a["prompt_id"], "pos": a["pos"], **a["strategy"], "exact": a["exact"],
@@ -81,14 +81,14 @@ def decode(prompt_id: int, pos: int | None, temperature, top_k, top_p, min_p, se
 def generate(text: str, max_new_tokens: int, temperature, top_k, top_p, min_p, seed, model_name, device,
              db: Path | None, as_json: bool) -> None:
     """Generate after TEXT, storing the generation (linked to TEXT's prompt row) and each step's decision."""
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
     from geomap.ingest.generation import generate as run
     from geomap.models import load_model
 
     strategy = make_strategy(temperature, top_k, top_p, min_p, seed)
-    _quiet_transformers()
+    quiet_transformers()
     loaded = load_model(model_name, device=device)
-    frame = run(_db(db), loaded, text, max_new_tokens, strategy)
+    frame = run(store_path(db), loaded, text, max_new_tokens, strategy)
     a = frame.attrs
     if as_json:
         click.echo(json.dumps({"prompt_id": a["prompt_id"], "parent_id": a["parent_id"], "text": a["text"],
@@ -115,10 +115,10 @@ def geometry(prompt_id: int, layer: int | None, pos: int | None, contrast: tuple
              db: Path | None, as_json: bool) -> None:
     """How a stored state lines up with the unembedding vectors: dots, cosines, the top-1 vs top-2 margin."""
     from geomap.analysis.api import geometry as run
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
-    _quiet_transformers()
-    frame = run(_db(db), prompt_id, layer, pos, contrast, k)
+    quiet_transformers()
+    frame = run(store_path(db), prompt_id, layer, pos, contrast, k)
     a = frame.attrs
 
     def block(role, score="dot"):
@@ -159,10 +159,10 @@ def geometry(prompt_id: int, layer: int | None, pos: int | None, contrast: tuple
 def attribute(prompt_id: int, token: str | None, pos: int | None, top: int, db: Path | None, as_json: bool) -> None:
     """Direct logit attribution: a token's logit as the sum of the embedding, each attention (and head), each MLP."""
     from geomap.analysis.api import attribute as run
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
-    _quiet_transformers()
-    frame = run(_db(db), prompt_id, token, pos)
+    quiet_transformers()
+    frame = run(store_path(db), prompt_id, token, pos)
     a = frame.attrs
 
     def parts(rows):
@@ -212,11 +212,11 @@ def project(run_id: int, method: str, layers: str | None, per_layer: bool, seed:
             as_json: bool) -> None:
     """Fit 2-D maps (PCA, UMAP, t-SNE) of a run's states after the final norm; stored in `projections`."""
     from geomap.analysis.maps import project as run
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
     chosen = None if layers is None else [int(v) for v in layers.split(",") if v.strip()]
-    _quiet_transformers()
-    frame = run(_db(db), run_id, method, chosen, joint=not per_layer, seed=seed)
+    quiet_transformers()
+    frame = run(store_path(db), run_id, method, chosen, joint=not per_layer, seed=seed)
     a = frame.attrs
     if as_json:
         click.echo(json.dumps({"run_id": run_id, "method": method, "joint": a["joint"], "layers": a["layers"],
@@ -242,10 +242,10 @@ def position(prompt_id: int, layer: int | None, head: int | None, key_pos: int |
              db: Path | None, as_json: bool) -> None:
     """How position enters: RoPE angles and q·k by distance (or learned position vectors); stored."""
     from geomap.analysis.positions_api import position as run
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
-    _quiet_transformers()
-    frame = run(_db(db), prompt_id, layer, head, key_pos, max_distance)
+    quiet_transformers()
+    frame = run(store_path(db), prompt_id, layer, head, key_pos, max_distance)
     a = frame.attrs
     if as_json:
         click.echo(json.dumps({**a, "rows": json.loads(frame.to_json(orient="records"))}))
@@ -273,9 +273,9 @@ def position(prompt_id: int, layer: int | None, head: int | None, key_pos: int |
 @json_option
 def stats(prompt_id: int, pos: int | None, db: Path | None, as_json: bool) -> None:
     """Trajectory statistics of one position: lens top-1 and margin, entropy, KL, norm growth, cosine to final."""
-    from geomap.analysis.api import trajectory_stats
+    from geomap.analysis.stats_api import trajectory_stats
 
-    frame = trajectory_stats(_db(db), prompt_id, pos)
+    frame = trajectory_stats(store_path(db), prompt_id, pos)
     a = frame.attrs
     if as_json:
         click.echo(json.dumps({**a, "layers": json.loads(frame.to_json(orient="records"))}, ensure_ascii=False))
@@ -302,10 +302,10 @@ def stats(prompt_id: int, pos: int | None, db: Path | None, as_json: bool) -> No
 def tuned_lens(run_id: int, steps: int, heldout_every: int, db: Path | None, as_json: bool) -> None:
     """Train a tuned lens (per-layer affine translators) on a run; compare it with the logit lens on held-out data."""
     from geomap.analysis.tuned_api import tuned_lens as run
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
-    _quiet_transformers()
-    frame = run(_db(db), run_id, steps, heldout_every)
+    quiet_transformers()
+    frame = run(store_path(db), run_id, steps, heldout_every)
     a = frame.attrs
     if as_json:
         click.echo(json.dumps({**a, "layers": frame.to_dict(orient="records")}))

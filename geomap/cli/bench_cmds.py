@@ -39,9 +39,9 @@ def bench(quick: bool, as_json: bool, model_name: str, markdown: Path | None, lo
     from geomap.bench import run_bench
     from geomap.bench.core import as_json as to_json
     from geomap.bench.core import as_markdown, as_text
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     info, figures, seconds = run_bench(model_name, quick, say=lambda line: click.echo(f"bench: {line}", err=True))
     command = "geomap bench" + (" --quick" if quick else "") + ("" if model_name == "gemma-3-270m"
                                                                  else f" --model {model_name}")
@@ -60,9 +60,9 @@ def _load(model: str, as_json: bool, markdown: Path | None, soak: float | None, 
     import tempfile
 
     from geomap.bench import load_bench
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         counts = tuple(int(c) for c in clients.split(","))
         if not counts or min(counts) < 1 or max(counts) > 64:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geomap.cli.store_cmds import _db, db_option
+from geomap.cli.store_cmds import db_option, store_path
 
 
 def _common(fn):
@@ -39,8 +39,8 @@ def _run(data: dict, db: Path | None, model_name: str | None, batch_size: int, a
 
     plan = validate_plan({k: v for k, v in data.items() if v is not None}, "geomap intervene")
     loaded = _load(model_name)
-    summary = run_plan(loaded, plan, _db(db), batch_size)
-    _print(_db(db), plan.sweep_name(), summary, as_json)
+    summary = run_plan(loaded, plan, store_path(db), batch_size)
+    _print(store_path(db), plan.sweep_name(), summary, as_json)
 
 
 def _print(db: Path, name: str, summary, as_json: bool) -> None:
@@ -72,10 +72,10 @@ def _given(value):
 
 
 def _load(model_name):
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
     from geomap.models import DEFAULT_MODEL, load_model
 
-    _quiet_transformers()
+    quiet_transformers()
     return load_model(model_name or DEFAULT_MODEL)
 
 
@@ -174,7 +174,7 @@ def report(db, out, names, single_file):
     """Write each sweep's page (heatmap or steering chart) and every intervened journey beside its clean one."""
     from geomap.report.intervention_view import intervention_reports
 
-    written = intervention_reports(_db(db), out, list(names) or None, single_file)
+    written = intervention_reports(store_path(db), out, list(names) or None, single_file)
     click.echo(f"{len(written)} pages written; open {out / 'index.html'}")
 
 

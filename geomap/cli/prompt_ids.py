@@ -38,11 +38,11 @@ def _rows(db_path: Path, sql: str, params: list) -> list[tuple]:
     if client is not None:
         got = client.request("POST", "/sql", {"sql": sql, "params": params, "max_rows": 10_000})
         return [tuple(r) for r in got["rows"]]
-    from geomap.store.db import StoreError
+    from geomap.store.db import NotFoundError
     from geomap.store.handle import Store
 
     if not Path(db_path).is_file():
-        raise StoreError(f"No store at {db_path}; create one with `geomap run` or `geomap ingest`, or give --db.")
+        raise NotFoundError(f"No store at {db_path}; create one with `geomap run` or `geomap ingest`, or give --db.")
     with Store.use(db_path, "r") as opened, opened.snapshot() as con:
         return con.execute(sql, params).fetchall()
 

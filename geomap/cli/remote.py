@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from geomap.ingest.runs import RunSummary
+    from geomap.ingest.summary import RunSummary
 
 from geomap.serve.client import Client, find_server
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from geomap.cli.prompt_ids import prompt_option
-from geomap.cli.store_cmds import _db, db_option
+from geomap.cli.store_cmds import db_option, store_path
 
 
 def _fetched(path: Path) -> None:
@@ -33,13 +33,13 @@ def report() -> None:
 def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out: Path | None, single_file: bool,
                    db: Path | None) -> None:
     """The journey of a prompt's last token, section by section, with the store's numbers."""
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
     from geomap.cli.remote import fetch_report, run_job, server_for
     from geomap.report.api import DEFAULT_FOLDER, journey_report, page_name
 
     if (prompt_id is None) == (text is None):
         raise click.UsageError("Give exactly one of --prompt ID or --text TEXT.")
-    if (client := server_for(_db(db))) is not None:
+    if (client := server_for(store_path(db))) is not None:
         if prompt_id is None:
             from geomap.capture import CaptureConfig
             from geomap.models import DEFAULT_MODEL
@@ -55,10 +55,10 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
     if prompt_id is None:
         from geomap.ingest.engine import store_text
 
-        _quiet_transformers()
-        prompt_id = store_text(_db(db), text)
-    _prepare(_db(db), [prompt_id])
-    done = journey_report(_db(db), prompt_id, out, single_file, pos=pos)
+        quiet_transformers()
+        prompt_id = store_text(store_path(db), text)
+    _prepare(store_path(db), [prompt_id])
+    done = journey_report(store_path(db), prompt_id, out, single_file, pos=pos)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
 
 
@@ -68,9 +68,9 @@ def _prepare(db: Path, prompt_ids: list[int]) -> None:
 
     def load(info):
         from geomap.analysis.api import model_for
-        from geomap.cli import _quiet_transformers
+        from geomap.cli import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         return model_for(info)
 
     prepare(db, prompt_ids, load_model=load)
@@ -96,11 +96,11 @@ def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None
     from geomap.cli.remote import fetch_report, server_for
     from geomap.report.api import DEFAULT_FOLDER, run_report
 
-    if (client := server_for(_db(db))) is not None:
+    if (client := server_for(store_path(db))) is not None:
         _fetched(fetch_report(client, f"run-{run_id}.html", out or DEFAULT_FOLDER / f"run-{run_id}.html"))
         return
-    _prepare_run(_db(db), run_id)
-    done = run_report(_db(db), run_id, out, single_file)
+    _prepare_run(store_path(db), run_id)
+    done = run_report(store_path(db), run_id, out, single_file)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB)")
 
 
@@ -117,12 +117,12 @@ def report_compare(prompt_ids: tuple[int, ...], out: Path | None, single_file: b
 
     if len(prompt_ids) != 2:
         raise click.UsageError("Give --prompt exactly twice.")
-    if (client := server_for(_db(db))) is not None:
+    if (client := server_for(store_path(db))) is not None:
         page = f"compare-{prompt_ids[0]}-{prompt_ids[1]}.html"
         _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))
         return
-    _prepare(_db(db), list(prompt_ids))
-    done = compare_report(_db(db), prompt_ids[0], prompt_ids[1], out, single_file)
+    _prepare(store_path(db), list(prompt_ids))
+    done = compare_report(store_path(db), prompt_ids[0], prompt_ids[1], out, single_file)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB)")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from geomap.cli.store_cmds import _db, db_option
+from geomap.cli.store_cmds import db_option, store_path
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 
@@ -36,7 +36,7 @@ def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts:
           models: tuple[str, ...], pipelines: Path, max_body: int, sql_time_limit: float, sql_max_rows: int,
           sql_memory: float, ray_jobs: bool) -> None:
     """Serve the store over HTTP: runs, prompts, SQL, neighbours, ingestion jobs and reports (docs at /docs)."""
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
     from geomap.serve.app import Settings
     from geomap.serve.runner import serve as run_server
     from geomap.store.sql_budget import check_limits
@@ -46,8 +46,8 @@ def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts:
         from geomap.ingest.ray_engine import require_ray
 
         require_ray()  # one clear line now, not a failed job later
-    _quiet_transformers()
-    settings = Settings(_db(db), token=token, allowed_hosts=allow_hosts, max_body=max_body,
+    quiet_transformers()
+    settings = Settings(store_path(db), token=token, allowed_hosts=allow_hosts, max_body=max_body,
                         sql_time_limit=sql_time_limit, sql_max_rows=sql_max_rows,
                         sql_memory_mb=sql_memory, models=models, pipelines=pipelines, ray_jobs=ray_jobs)
     run_server(settings, host, port)

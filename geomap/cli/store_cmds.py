@@ -15,13 +15,12 @@ from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 if TYPE_CHECKING:
     from geomap.store.handle import StoreLike
 
-PROFILES = ("full", "states")  # geomap.capture.config.PROFILES (not imported here: it would load torch)
 
 db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="DuckDB store (default: $GEOMAP_DB, else data/geomap.duckdb).")
 
 
-def _db(db: Path | None) -> Path:
+def store_path(db: Path | None) -> Path:
     from geomap.store.db import default_db_path
 
     return db or default_db_path()
@@ -29,11 +28,11 @@ def _db(db: Path | None) -> Path:
 
 def _existing(db: Path | None) -> Path:
     """The store path, refused (before anything creates it) when there is no store there."""
-    from geomap.store.db import StoreError
+    from geomap.store.db import NotFoundError
 
-    path = _db(db)
+    path = store_path(db)
     if not path.is_file():
-        raise StoreError(f"No store at {path}; create one with `geomap run` or `geomap ingest`, or give --db.")
+        raise NotFoundError(f"No store at {path}; create one with `geomap run` or `geomap ingest`, or give --db.")
     return path
 
 
@@ -62,7 +61,7 @@ def _report(summary, as_json: bool, store: Path | None = None, keys: list[str] |
             loaded: bool = True) -> None:
     """Print a run's summary and, given the prompts' keys, which store id each of the user's prompts has."""
     from geomap.cli.prompt_ids import mapping_line, stored_prompts
-    from geomap.ingest.runs import summary_json
+    from geomap.ingest.summary import summary_json
 
     stored = stored_prompts(store, keys) if keys is not None else None
     if as_json:
@@ -99,9 +98,10 @@ def _ray_ingest(engine, store: Path, prompts, model: str, device: str | None, co
                 batch_size: int, pipeline: str):
     """Run an ingestion on Ray with this process as the driver and the store's writer."""
     from geomap.ingest.ray_engine import ingest_ray, require_ray
+    from geomap.ingest.runs import RunOptions
 
     require_ray()
-    return ingest_ray(model, prompts, store, config, vector_dtype, batch_size, pipeline, engine, device)
+    return ingest_ray(model, prompts, store, RunOptions(config, vector_dtype, batch_size, pipeline), engine, device)
 
 
 def _server_engine(engine, device: str | None):
@@ -132,7 +132,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     """Run a pipeline TOML file: capture its prompts and store them (already stored prompts are skipped)."""
     import dataclasses
 
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
     from geomap.cli.remote import server_for
     from geomap.ingest.engine import ingest
     from geomap.ingest.pipeline import load_pipeline
@@ -148,7 +148,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     store = db or pipe.store
     client = server_for(store)
     if engine.kind == "ray" and client is None:
-        _quiet_transformers()
+        quiet_transformers()
         summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
                               pipe.batch_size, pipe.name)
         _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
@@ -163,7 +163,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         _run_on_server(client, store, pipe, prompts, engine, device, as_json, no_reports)
         return
     _check_writable(store)
-    _quiet_transformers()
+    quiet_transformers()
     from geomap.cli.rerun import nothing_new
 
     if nothing_new(store, pipe, prompts, device, as_json, no_reports):
@@ -267,7 +267,7 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
            as_json: bool, engine_kind: str | None, address: str | None, workers: int | None,
            **capture: str | int) -> None:
     """Ingest prompt files (txt, jsonl, csv, parquet) ad hoc; the capture options match a pipeline's [capture]."""
-    from geomap.cli import _quiet_transformers
+    from geomap.cli import quiet_transformers
     from geomap.ingest.engine import ingest as run_ingest
     from geomap.ingest.engine_config import EngineConfig
     from geomap.ingest.schema import capture_config, parse_layers, parse_positions
@@ -284,21 +284,21 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     require_prompts(prompts, ", ".join(map(str, files)))
     from geomap.cli.remote import run_job, server_for
 
-    if (client := server_for(_db(db))) is not None:
+    if (client := server_for(store_path(db))) is not None:
         _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest",
-                        engine=_server_engine(engine, device))[0], as_json, _db(db),
+                        engine=_server_engine(engine, device))[0], as_json, store_path(db),
                 _keys(model_name or DEFAULT_MODEL, config, prompts))
         return
     if engine.kind == "ray":
-        _quiet_transformers()
-        summary = _ray_ingest(engine, _db(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
+        quiet_transformers()
+        summary = _ray_ingest(engine, store_path(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
                               batch_size, "ingest")
-        _report(summary, as_json, _db(db), _keys(model_name or DEFAULT_MODEL, config, prompts))
+        _report(summary, as_json, store_path(db), _keys(model_name or DEFAULT_MODEL, config, prompts))
         return
-    _check_writable(_db(db))
-    _quiet_transformers()
+    _check_writable(store_path(db))
+    quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device)
-    _report(run_ingest(loaded, prompts, _db(db), config, vector_dtype, batch_size), as_json, _db(db),
+    _report(run_ingest(loaded, prompts, store_path(db), config, vector_dtype, batch_size), as_json, store_path(db),
             _keys(loaded, config, prompts))
 
 
@@ -320,11 +320,11 @@ def sql(query: str, db: Path | None, fmt: str, as_json: bool, time_limit: float,
 
     check_limits(time_limit, max_rows, memory_mb)
     fmt = "json" if as_json else fmt
-    if (client := server_for(_db(db))) is not None:
+    if (client := server_for(store_path(db))) is not None:
         got = client.request("POST", "/sql", {"sql": query, "time_limit": time_limit, "max_rows": max_rows})
         result = SqlResult(got["columns"], [tuple(r) for r in got["rows"]], got["truncated"], got["elapsed_s"])
     else:
-        result = run_sql(_db(db), query, time_limit=time_limit, max_rows=max_rows, memory_mb=memory_mb)
+        result = run_sql(store_path(db), query, time_limit=time_limit, max_rows=max_rows, memory_mb=memory_mb)
     click.echo(result.format(fmt))
     if result.truncated and fmt != "table":  # the table's own footer already says so
         click.echo(f"(truncated: showing the first {max_rows} rows; raise --max-rows to see more)", err=True)
@@ -347,7 +347,7 @@ def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: i
     from geomap.cli.remote import server_for
     from geomap.store.query import neighbors as find
 
-    if (client := server_for(_db(db))) is not None:
+    if (client := server_for(store_path(db))) is not None:
         query = f"prompt_id={prompt_id}&layer={layer}&k={k}&last={str(last_only).lower()}"
         got = client.request("GET", "/neighbors?" + query + ("" if pos is None else f"&pos={pos}"))
         frame = pd.DataFrame(got["neighbors"])

@@ -15,11 +15,11 @@ from geomap.analysis.persist import decision_row, insert_rows
 from geomap.capture.config import CaptureConfig
 from geomap.errors import PromptError
 from geomap.ingest.engine import ingest
-from geomap.ingest.runs import ensure_vocab, mark_failed, model_identity, resumable_run, start_run
+from geomap.ingest.merger import Merged
+from geomap.ingest.runs import Run, RunOptions, model_identity
 from geomap.store.db import ensure_schema, storage_error
 from geomap.store.handle import Store, StoreLike
 from geomap.store.shards import write_batch
-from geomap.store.vectors import sync_state_indexes
 from geomap.store.writer import PromptSpec, prompt_key
 
 
@@ -55,7 +55,8 @@ def _generate(store: Store, loaded, text: str, max_new_tokens: int, strategy: St
         parent_id = con.execute("SELECT id FROM prompts WHERE key = ?", [parent_key]).fetchall()[0][0]
         found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
         if not found:
-            _store_generations(store, con, loaded, config, vector_dtype, "generate",
+            _store_generations(store, con, loaded, RunOptions(config, vector_dtype, pipeline="generate",
+                                                              progress=False),
                                [(text, parent_id, decoding, key)], max_new_tokens, strategy)
             found = con.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchall()
         prompt_id = found[0][0]
@@ -125,14 +126,14 @@ def continue_prompts(store: StoreLike, loaded, texts, max_new_tokens: int, confi
                                             [[w[3] for w in wanted]]).fetchall()}
         todo = [w for w in wanted if w[3] not in stored]
         if todo:
-            stored |= _store_generations(opened, con, loaded, config, vector_dtype, "continue", todo,
-                                         max_new_tokens, Strategy(), batch_size, progress, skip_overflow=True)
+            options = RunOptions(config, vector_dtype, batch_size, "continue", progress)
+            stored |= _store_generations(opened, con, loaded, options, todo, max_new_tokens, Strategy(),
+                                         skip_overflow=True)
     return sum(w[3] in stored for w in wanted)
 
 
-def _store_generations(store: Store, con, loaded, config: CaptureConfig, vector_dtype: str, pipeline: str,
-                       todo: list[tuple[str, int, str, str]], max_new_tokens: int, strategy: Strategy,
-                       batch_size: int = 8, progress: bool = False, skip_overflow: bool = False) -> set[str]:
+def _store_generations(store: Store, con, loaded, options: RunOptions, todo: list[tuple[str, int, str, str]],
+                       max_new_tokens: int, strategy: Strategy, skip_overflow: bool = False) -> set[str]:
     """Generate after each ``(text, parent_id, decoding, key)``, store the generations and their decisions.
 
     One run for all of them, started with the first batch to store (no run that stored nothing); each batch of
@@ -145,19 +146,18 @@ def _store_generations(store: Store, con, loaded, config: CaptureConfig, vector_
     """
     from tqdm import tqdm
 
-    run_id, done = None, set()
-    bar = tqdm(total=len(todo), unit="prompt", desc="continuations", disable=not progress, dynamic_ncols=True)
+    run, done = None, set()
+    bar = tqdm(total=len(todo), unit="prompt", desc="continuations", disable=not options.progress, dynamic_ncols=True)
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            items, steps = _generate_batch(loaded, config, chunk, max_new_tokens, strategy, skip_overflow)
+        for start in range(0, len(todo), options.batch_size):
+            chunk = todo[start:start + options.batch_size]
+            items, steps = _generate_batch(loaded, options.config, chunk, max_new_tokens, strategy, skip_overflow)
             bar.update(len(chunk))
             if not items:
                 continue
-            if run_id is None:
-                ensure_vocab(con, loaded)  # a killed run of the same command is finished under its own id
-                run_id = start_run(con, loaded, config, vector_dtype, pipeline,
-                                   resumable_run(con, loaded, config, vector_dtype, pipeline))
+            if run is None:  # a killed run of the same command is finished under its own id
+                run = Run(store, con, loaded, options)
+                run.start()
 
             def decisions(con, ids: dict[str, int], steps=steps) -> None:
                 rows = [decision_row(d, ids[key], n0 - 1 + i, "generate", i)
@@ -166,15 +166,15 @@ def _store_generations(store: Store, con, loaded, config: CaptureConfig, vector_
                 _store_step_logits(con, [(ids[key], n0 - 1 + i, z) for key, (n0, _, logits) in steps.items()
                                          if key in ids for i, z in enumerate(logits)])
 
-            write_batch(con, run_id, vector_dtype, items, within=decisions)
+            counts = write_batch(con, run.run_id, options.vector_dtype, items, run.texts, within=decisions)
+            run.batch_merged(Merged(tuple(items), counts, ""))
             done |= set(steps)
-        if run_id is not None:
-            sync_state_indexes(con, store.path)
-            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
+        if run is not None:
+            run.complete()
     except Exception as exc:
-        if run_id is not None:
-            mark_failed(store, con, run_id)
-        if (error := storage_error(exc, store.path)) is not None:
+        if run is not None:
+            run.failed(exc)
+        elif (error := storage_error(exc, store.path)) is not None:
             raise error from None
         raise
     finally:

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +28,16 @@ from tqdm import tqdm
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
-from geomap.ingest.engine import prepare_store, unstored
 from geomap.ingest.engine_config import EngineConfig
 from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.ray_worker import CaptureWorker, prompt_table
-from geomap.ingest.runs import RunSummary, model_identity, start_run
+from geomap.ingest.runs import Run, RunOptions, RunSummary, unstored
 from geomap.store.handle import Store, StoreLike
 from geomap.store.shards import ShardError, read_shard, shard_paths
-from geomap.store.writer import PromptSpec, prompt_key
+from geomap.store.writer import PromptSpec
 
 INSTALL_HINT = "pip install 'geomap[ray]'"
+ACTIVE_S = 30.0  # a worker that delivered no shard for this long no longer counts as working
 
 
 class RayMissingError(GeomapError):
@@ -109,48 +109,30 @@ def _quiet_data(ray) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def _workers_alive(ray) -> int | None:
-    """Capture actors of this job that are alive now (None when Ray cannot say)."""
-    try:
-        from ray._private.state import actors
-
-        job = ray.get_runtime_context().get_job_id()
-        return sum(1 for a in actors().values() if a.get("State") == "ALIVE" and a.get("JobID") == job
-                   and "CaptureWorker" in str(a.get("ActorClassName", "")) + str(a.get("Name", "")))
-    except Exception:  # noqa: BLE001 (a progress figure, never a reason to fail a run)
-        return None
-
-
 def shard_folder(db_path: Path, engine: EngineConfig) -> Path:
     """Where workers put shards: ``engine.shards``, else ``<store>.shards`` beside the DuckDB file (absolute)."""
     db_path = Path(db_path)
     return Path(engine.shards or db_path.with_name(db_path.stem + ".shards")).expanduser().resolve()
 
 
-def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, config: CaptureConfig | None = None,
-               vector_dtype: str = "float32", batch_size: int = 8, pipeline: str = "ingest",
-               engine: EngineConfig | None = None, device: str | None = None, dtype: str | None = None,
-               progress: bool = True, index: bool = True,
-               on_progress: Callable[[dict], None] | None = None, run_id: int | None = None) -> RunSummary:
+def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, options: RunOptions | None = None,
+               engine: EngineConfig | None = None, device: str | None = None, dtype: str | None = None) -> RunSummary:
     """Capture and store prompts with Ray workers; the same store as `geomap.ingest.engine.ingest` makes.
+
+    The run goes through the same lifecycle as an inline run (`geomap.ingest.runs.Run`): the prompts are checked
+    against the model before a run row exists, an interrupted run of the same command is taken up, and an error
+    marks the run ``failed`` (a disk's refusal as a one-line `StorageError`).
 
     Args:
         model: Preset, local model directory or hub id (every worker loads it; this process reads only its
             config, tokenizer and weights hash).
         prompts: Prompts with their provenance.
         store: The store (a path opens one for the call, creating it if missing); this process is its only writer.
-        config: Capture options.
-        vector_dtype: ``"float32"`` or ``"bfloat16"``.
-        batch_size: Prompts per forward pass, per Ray task and per merge.
-        pipeline: Name recorded on the run.
+        options: How the run stores its prompts (``batch_size`` is also the prompts per Ray task and per shard;
+            ``on_progress`` also gets ``workers``).
         engine: Ray address, worker count, threads and retry budget.
         device: The workers' device (default CUDA when the cluster has GPUs, else CPU).
         dtype: The workers' weights dtype.
-        progress: Show a progress bar (prompts done, tokens/s, workers alive) on stderr.
-        index: Bring the FAISS indexes up to date at the end.
-        on_progress: Called after every merged shard (and once at the start) with ``run_id, total, stored,
-            skipped, failed, tokens, workers``.
-        run_id: A ``queued`` run row to fill in (a server's job), else a new run.
 
     Returns:
         A summary of the run.
@@ -161,46 +143,50 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, conf
     from geomap.models.skeleton import skeleton_model
 
     ray = require_ray()
-    config, engine = config or CaptureConfig(), engine or EngineConfig(kind="ray")
-    start = time.perf_counter()
+    options, engine = options or RunOptions(), engine or EngineConfig(kind="ray")
     started = _start_ray(ray, engine)
     try:
         plan = plan_workers(engine, ray.cluster_resources(), device)
         skeleton = skeleton_model(model, plan.device, dtype)
         with Store.use(store, "w") as opened, opened.writer() as con:
-            shards = shard_folder(opened.path, engine)
-            texts = prepare_store(opened, con, skeleton)
-            identity, config_json = model_identity(skeleton), config.to_json()
-            meta = {"model": identity, "capture": config_json}
-            run_id = start_run(con, skeleton, config, vector_dtype, pipeline, run_id)
-            keyed = [(spec, prompt_key(identity, config_json, spec.text)) for spec in prompts]
-            skipped = len(keyed) - len(unstored(con, keyed))  # stored before this run
-            tally = _Tally(con, run_id, on_progress, start)
-            with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
-                tally.leftovers(merger, shards, {**meta, "vector_dtype": vector_dtype})
-            todo = unstored(con, keyed)
-            tally.start(len(todo), skipped)
-            if todo:
-                _quiet_data(ray)
-                parts = _dataset(ray, todo, model, plan, engine, dtype, config, batch_size,
-                                 {"vector_dtype": vector_dtype, "meta": meta, "shards": str(shards)})
-                tally.bar = tqdm(total=len(todo), unit="prompt", disable=not progress, dynamic_ncols=True,
-                                 desc=f"run {run_id} (ray)")
-                try:
-                    with ShardMerger(con, run_id, vector_dtype, texts, meta, tally.merged) as merger:
-                        tally.consume(ray, parts, merger)
-                finally:
-                    tally.bar.close()
-                sweep_unfinished(shards)  # a killed worker's half-written shard (its batch was retried)
-            if index:
-                from geomap.store.vectors import sync_state_indexes
-
-                sync_state_indexes(con, opened.path)
-            con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
-            return tally.summary(time.perf_counter() - start)
+            run = Run(opened, con, skeleton, options)
+            run.plan(prompts)
+            run.start()
+            try:
+                _drive(ray, run, prompts, model, plan, engine, dtype, shard_folder(opened.path, engine))
+                return run.complete()
+            except Exception as exc:
+                run.failed(exc)
+                raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _drive(ray, run: Run, prompts: Sequence[PromptSpec], model: str, plan: WorkerPlan, engine: EngineConfig,
+           dtype: str | None, shards: Path) -> None:
+    """Merge a killed run's leftover shards, then stream the prompts still unstored through the workers."""
+    o = run.options
+    driver = _Driver(run)
+    run.tally.show_workers = True
+    with run.merger(driver.merged) as merger:
+        driver.leftovers(merger, shards, {**run.meta, "vector_dtype": o.vector_dtype})
+    todo = unstored(run.con, [(spec, run.key(spec)) for spec in prompts])
+    run.tally.total = len(todo)
+    run.tally.report()
+    if not todo:
+        return
+    _quiet_data(ray)
+    parts = _dataset(ray, todo, model, plan, engine, dtype, o.config, o.batch_size,
+                     {"vector_dtype": o.vector_dtype, "meta": run.meta, "shards": str(shards)})
+    run.tally.bar = tqdm(total=len(todo), unit="prompt", disable=not o.progress, dynamic_ncols=True,
+                         desc=f"run {run.run_id} (ray)")
+    try:
+        with run.merger(driver.merged) as merger:
+            driver.consume(parts, merger)
+    finally:
+        run.tally.bar.close()
+    sweep_unfinished(shards)  # a killed worker's half-written shard (its batch was retried)
 
 
 def _dataset(ray, todo, model: str, plan: WorkerPlan, engine: EngineConfig, dtype: str | None,
@@ -228,57 +214,23 @@ def sweep_unfinished(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class _Tally:
-    """The driver's side: hand shards to the merger as they arrive, count what was merged, show progress."""
+class _Driver:
+    """The driver's side of a Ray run: hand shards to the run's merger as they arrive, remove each once merged."""
 
-    def __init__(self, con, run_id: int, on_progress: Callable[[dict], None] | None, started: float):
-        self.con, self.run_id, self.on_progress = con, run_id, on_progress
-        self.total = self.skipped = self.done = self.failed = self.tokens = 0
-        self.failures: list[str] = []
-        self.workers: int | None = None
-        self.bar = None
-        self.started = started  # the run's start, for tokens/s
-        self._pending: dict[str, tuple[Path, dict]] = {}
+    def __init__(self, run: Run):
+        self.run = run
+        self._pending: dict[str, Path] = {}
 
-    def start(self, total: int, skipped: int) -> None:
-        self.total, self.skipped = total, skipped
-        self._report()
-
-    def _report(self) -> None:
-        if self.on_progress is not None:
-            self.on_progress({"run_id": self.run_id, "total": self.total, "stored": self.done,
-                              "skipped": self.skipped, "failed": self.failed, "tokens": self.tokens,
-                              "workers": self.workers})
-
-    def put(self, merger: ShardMerger, folder: Path) -> int:
-        """Queue the shard in ``folder`` for merging; returns its prompt count."""
+    def put(self, merger: ShardMerger, folder: Path) -> None:
+        """Queue the shard in ``folder`` for merging."""
         shard = read_shard(folder)
-        prompts = shard.tables["prompts"]
-        tokens = dict(zip(prompts.column("key").to_pylist(), prompts.column("n_tokens").to_pylist()))
-        self._pending[shard.shard_id] = (folder, tokens)
+        self._pending[shard.shard_id] = folder
         merger.put(shard)
-        return len(tokens)
 
     def merged(self, merged: Merged) -> None:
-        """After each merge (in the merging thread): count its new prompts, then remove the merged shard."""
-        folder, tokens = self._pending.pop(merged.shard_id)
-        errors = merged.counts["errors"]
-        self.failed += len(errors)
-        self.failures += [f"{text[:40]!r}: {reason}" for text, reason in errors.items()]
-        self.done += merged.counts["prompts"] - len(errors)
-        if merged.counts["prompts"]:
-            if merged.counts["skipped"]:  # only these keys' rows are this shard's (the rest were stored before)
-                stored = self.con.execute("SELECT key FROM prompts WHERE run_id = ? AND key IN (SELECT unnest(?))",
-                                          [self.run_id, list(tokens)]).fetchall()
-                tokens = {key: tokens[key] for (key,) in stored}
-            self.tokens += sum(n or 0 for n in tokens.values())
-        shutil.rmtree(folder, ignore_errors=True)
-        self._report()
-        if self.bar is not None:
-            self.bar.update(merged.counts["prompts"])
-            elapsed = max(time.perf_counter() - self.started, 1e-9)
-            self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:.0f}",
-                                 workers="?" if self.workers is None else self.workers)
+        """After each merge (in the merging thread): count it in the run, then remove the merged shard."""
+        self.run.batch_merged(merged)
+        shutil.rmtree(self._pending.pop(merged.shard_id), ignore_errors=True)
 
     def leftovers(self, merger: ShardMerger, folder: Path, meta: dict) -> None:
         """Merge the shards a killed run's workers left (those of this model, capture config and dtype)."""
@@ -290,14 +242,16 @@ class _Tally:
             except (OSError, ValueError, ShardError) as exc:
                 warnings.warn(f"left the unreadable shard {path} alone: {exc}", stacklevel=2)
 
-    def consume(self, ray, parts, merger: ShardMerger) -> None:
-        """Hand every shard of the dataset to the merger as it arrives."""
-        checked = 0.0
+    def consume(self, parts, merger: ShardMerger) -> None:
+        """Hand every shard of the dataset to the merger as it arrives; count the workers delivering shards.
+
+        A worker counts while it delivered a shard within the last `ACTIVE_S` seconds: a killed worker drops out, its
+        restarted replica counts again once it delivers (Ray's public state API needs the dashboard, which a
+        driver started here does not run).
+        """
+        seen: dict[str, float] = {}
         for row in parts.iter_rows():
             self.put(merger, Path(row["shard"]))
-            if time.perf_counter() - checked > 1.0:
-                self.workers, checked = _workers_alive(ray), time.perf_counter()
-
-    def summary(self, seconds: float) -> RunSummary:
-        return RunSummary(self.run_id, self.done, self.skipped, self.failed, self.tokens, seconds,
-                          tuple(self.failures))
+            now = time.perf_counter()
+            seen[row.get("worker") or "?"] = now
+            self.run.tally.workers = sum(1 for t in seen.values() if now - t <= ACTIVE_S)

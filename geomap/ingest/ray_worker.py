@@ -75,7 +75,9 @@ class CaptureWorker:
         self.meta, self.shards = meta, shards
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Capture one batch of prompt rows into a shard; returns one row: ``shard`` (its folder), ``prompts``."""
+        """Capture one batch of prompt rows into a shard; one row: ``shard``, ``prompts``, ``tokens``, ``worker``."""
+        import ray
+
         from geomap.capture.engine import iter_capture
 
         rows = batch.to_pylist()
@@ -84,4 +86,5 @@ class CaptureWorker:
         items = [(spec, row["key"], results[i]) for i, (spec, row) in enumerate(zip(specs, rows))]
         path = write_shard(build_shard(items, self.vector_dtype, self.meta), self.shards)
         tokens = sum(len(r.tokens) for _, _, r in items if isinstance(r, Journey))
-        return pa.table({"shard": [str(path)], "prompts": [len(items)], "tokens": [tokens]})
+        worker = ray.get_runtime_context().get_actor_id() or ""
+        return pa.table({"shard": [str(path)], "prompts": [len(items)], "tokens": [tokens], "worker": [worker]})

@@ -79,7 +79,8 @@ def _offline() -> bool:
     ) not in ("0", "")
 
 
-def _not_found(name: str, reason: str) -> ModelNotFoundError:
+def not_found(name: str, reason: str) -> ModelNotFoundError:
+    """The error for a model that cannot be found here, listing the presets and how to install them."""
     presets = ", ".join(f"{p.name} ({p.install})" for p in PRESETS.values())
     return ModelNotFoundError(
         f"Cannot load model {name!r}: {reason}. Use a preset ({presets}), a local Hugging Face model "
@@ -98,12 +99,12 @@ def resolve_model_path(name: str) -> Path | str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise _not_found(name, f"directory {path} has no config.json")
+            raise not_found(name, f"directory {path} has no config.json")
         if not any(path.glob("*.safetensors")):
-            raise _not_found(name, f"directory {path} has no .safetensors weights (geomap never unpickles .bin)")
+            raise not_found(name, f"directory {path} has no .safetensors weights (geomap never unpickles .bin)")
         return path
     if "/" not in name or path.exists():
-        raise _not_found(name, "it is neither a preset nor a model directory")
+        raise not_found(name, "it is neither a preset nor a model directory")
     return name  # a hub id
 
 
@@ -139,7 +140,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kwargs)
     except OSError as exc:
-        raise _not_found(name, f"transformers could not read it ({str(exc).splitlines()[0]})") from exc
+        raise not_found(name, f"transformers could not read it ({str(exc).splitlines()[0]})") from exc
     model.to(device).eval()
     loaded = LoadedModel(name, Path(source), model, tokenizer, device, torch_dtype)
     _ = loaded.anatomy  # fail early, with the supported list, on an unknown architecture

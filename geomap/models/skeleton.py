@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from geomap.models.loading import LoadedModel, _not_found, resolve_dtype, resolve_model_path, source_kwargs
+from geomap.models.loading import LoadedModel, not_found, resolve_dtype, resolve_model_path, source_kwargs
 
 
 def skeleton_model(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
@@ -34,7 +34,7 @@ def skeleton_model(name: str, device: str = "cpu", dtype: str | torch.dtype | No
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise _not_found(name, f"transformers could not read it ({str(exc).splitlines()[0]})") from exc
+        raise not_found(name, f"transformers could not read it ({str(exc).splitlines()[0]})") from exc
     torch_dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

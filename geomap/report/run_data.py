@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from geomap.store.db import StoreError
+from geomap.store.db import NotFoundError
 from geomap.store.handle import Store, StoreLike
 
 
@@ -24,7 +24,7 @@ def run_data(store: StoreLike, run_id: int, links=None) -> dict:
                            "WHERE id = ?",
                            [run_id]).fetchall()
         if not runs:
-            raise StoreError(f"No run with id {run_id}; list them with `geomap sql \"SELECT * FROM runs\"`.")
+            raise NotFoundError(f"No run with id {run_id}; list them with `geomap sql \"SELECT * FROM runs\"`.")
         model, pipeline, n_layers, n_heads, started, status, sha = runs[0]
         weights = weights_for(opened.path, sha)
         prompts = con.execute("""SELECT j.prompt_id, j.text, j.tags, j.n_tokens, j.top1_token, j.top1_prob, j.entropy,

@@ -28,9 +28,9 @@ from geomap.errors import GeomapError
 from geomap.serve.fits import FitRunner
 from geomap.serve.jobs import JobRunner
 from geomap.serve.security import BODY_TIMEOUT_S, LOOPBACK_NAMES, BodyTimeout, BodyTooLarge, Perimeter
-from geomap.store.db import INGEST_MEMORY, WRITE_CHECKPOINT_THRESHOLD, StoreError, ensure_schema
+from geomap.store.db import INGEST_MEMORY, WRITE_CHECKPOINT_THRESHOLD, NotFoundError, StoreError, ensure_schema
 from geomap.store.handle import Store
-from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, json_value, sql_connection_config
+from geomap.store.sql import json_value, sql_connection_config
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 log = logging.getLogger("geomap.serve")
@@ -120,14 +120,14 @@ class Server:
         """The model that computed a stored run."""
         found = self.rows("SELECT model FROM runs WHERE id = ?", run_id)
         if not found or found[0]["model"] is None:
-            raise StoreError(f"No finished run with id {run_id}.")
+            raise NotFoundError(f"No finished run with id {run_id}.")
         return self.model(found[0]["model"])
 
     def model_for_prompt(self, prompt_id: int):
         """The model that computed a stored prompt."""
         found = self.rows("SELECT run_id FROM prompts WHERE id = ?", prompt_id)
         if not found:
-            raise StoreError(f"No stored prompt with id {prompt_id}.")
+            raise NotFoundError(f"No stored prompt with id {prompt_id}.")
         return self.model_for_run(int(found[0]["run_id"]))
 
     def _reserve(self, pipeline: str) -> int:
@@ -168,18 +168,6 @@ class Server:
                 store.close()
         except Exception as exc:  # noqa: BLE001 - a job still running at shutdown: the process exit closes the file
             log.warning("closing the store at shutdown: %s", exc)
-
-
-def _status(exc: Exception) -> int:
-    if isinstance(exc, SqlTimeout):
-        return 408
-    if isinstance(exc, SqlRefused):
-        return 403
-    if isinstance(exc, SqlError):
-        return 400
-    if isinstance(exc, StoreError) and str(exc).startswith("No "):
-        return 404
-    return 400
 
 
 def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -238,7 +226,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(GeomapError)
     async def geomap_error(request: Request, exc: GeomapError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=_status(exc))
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -28,6 +28,8 @@ MAX_PENDING = 4
 class FitsBusy(GeomapError):
     """Too many runs are waiting for their maps."""
 
+    http_status = 503
+
 
 @dataclass
 class Fit:

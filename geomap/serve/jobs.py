@@ -108,11 +108,12 @@ class JobRunner:
         spec = job.spec
         if spec.engine.kind == "ray":  # this server is the Ray driver and the store's one writer: it merges
             from geomap.ingest.ray_engine import ingest_ray
+            from geomap.ingest.runs import RunOptions
             from geomap.models.skeleton import skeleton_model
 
-            summary = ingest_ray(spec.model, list(spec.prompts), self.store, spec.capture, spec.vector_dtype,
-                                 spec.batch_size, spec.pipeline, engine=spec.engine, progress=False,
-                                 on_progress=job.progress.update, run_id=job.run_id)
+            options = RunOptions(spec.capture, spec.vector_dtype, spec.batch_size, spec.pipeline, progress=False,
+                                 run_id=job.run_id, on_progress=job.progress.update)
+            summary = ingest_ray(spec.model, list(spec.prompts), self.store, options, engine=spec.engine)
             return skeleton_model(spec.model), summary
         from geomap.ingest.engine import ingest
 

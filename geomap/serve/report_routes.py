@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from geomap.errors import GeomapError
 from geomap.report.render import csp
 from geomap.serve.fits import FitsBusy
-from geomap.serve.routes import _server
+from geomap.serve.routes import server_of
 
 router = APIRouter()
 PAGE = re.compile(r"^(?:journey-(?P<j>\d+)(?:-p(?P<pos>\d+))?|run-(?P<run>\d+)|compare-(?P<a>\d+)-(?P<b>\d+)"
@@ -127,7 +127,7 @@ def _index(server) -> str:
 @router.get("/reports/{page}", response_class=HTMLResponse, tags=["reports"])
 async def get_report(request: Request, page: Annotated[str, Path(max_length=100)]) -> HTMLResponse:
     """A report rendered from the store (pages link to each other by these names)."""
-    server = _server(request)
+    server = server_of(request)
     try:
         parts = await run_in_threadpool(_page, server, page)
         waiting = await run_in_threadpool(_waiting, server, parts["runs"])
@@ -137,7 +137,7 @@ async def get_report(request: Request, page: Annotated[str, Path(max_length=100)
     except FitsBusy as exc:
         raise HTTPException(503, str(exc), headers={"retry-after": "30"}) from None
     except GeomapError as exc:
-        status = 404 if str(exc).startswith("No ") else 400
+        status = exc.http_status
         raise HTTPException(status, str(exc)) from None
     return HTMLResponse(html, headers={"content-security-policy": csp(True)})
 

@@ -19,7 +19,8 @@ Id = Annotated[int, Field(ge=0, le=2**31 - 1)]
 PIPELINE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 
 
-def _server(request: Request):
+def server_of(request: Request):
+    """The `Server` behind a request."""
     return request.app.state.server
 
 
@@ -36,7 +37,7 @@ class Health(BaseModel):
 @router.get("/healthz", response_model=Health, tags=["meta"])
 def healthz(request: Request) -> dict:
     """The server is up; with a valid token (or none needed) it also names its store."""
-    server = _server(request)
+    server = server_of(request)
     token = server.settings.token
     given = request.headers.get("authorization", "").partition(" ")[2].strip()
     shown = token is None or given == token
@@ -51,7 +52,7 @@ def healthz(request: Request) -> dict:
 def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
     """Stored runs, newest first."""
-    return _server(request).rows("SELECT r.id, started_at, finished_at, r.status, pipeline, model, model_type, "
+    return server_of(request).rows("SELECT r.id, started_at, finished_at, r.status, pipeline, model, model_type, "
                  "vector_dtype, n_layers, d_model, n_heads, coalesce(n.n, 0) AS n_prompts FROM runs r LEFT JOIN "
                  "(SELECT run_id, count(*) AS n FROM prompts GROUP BY run_id) n ON n.run_id = r.id "
                  "ORDER BY r.id DESC LIMIT ? OFFSET ?", limit, offset)
@@ -180,7 +181,7 @@ def _whole_numbers(value: Any, where: str) -> None:
 @router.post("/runs", status_code=202, tags=["runs"])
 def submit_run(request: Request, body: RunRequest) -> dict:
     """Queue an ingestion job; follow it with ``GET /runs/{run_id}``."""
-    server = _server(request)
+    server = server_of(request)
     job = server.jobs.submit(_job_spec(server, body))
     return {**job.view(), "url": f"/runs/{job.run_id}"}
 
@@ -188,7 +189,7 @@ def submit_run(request: Request, body: RunRequest) -> dict:
 @router.get("/runs/{run_id}", tags=["runs"])
 def get_run(request: Request, run_id: Id) -> dict:
     """A run's row, and the progress of the job filling it (when this server runs or ran it)."""
-    server = _server(request)
+    server = server_of(request)
     rows = server.rows("SELECT * EXCLUDE (capture_config), capture_config::VARCHAR AS capture_config, "
                          "(SELECT count(*) FROM prompts p WHERE p.run_id = r.id) AS n_prompts FROM runs r "
                          "WHERE id = ?", run_id)
@@ -206,7 +207,7 @@ def list_prompts(request: Request, run_id: Id | None = None, limit: Annotated[in
                  offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
     """Stored prompts (optionally of one run), by id."""
     where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
-    return _server(request).rows(f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
+    return server_of(request).rows(f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
                                    "ORDER BY id LIMIT ? OFFSET ?", *params, limit, offset)
 
 
@@ -230,7 +231,7 @@ def _pos(prompt: dict, pos: int | None) -> int:
 @router.get("/prompts/{prompt_id}", tags=["prompts"])
 def get_prompt(request: Request, prompt_id: Id) -> dict:
     """A prompt and its tokens (id, text, raw bytes as hex, special, generated)."""
-    server = _server(request)
+    server = server_of(request)
     out = _prompt(server, prompt_id)
     out["tokens"] = server.rows("SELECT pos, token_id, text, hex(raw) AS raw_hex, special, generated FROM tokens "
                                   "WHERE prompt_id = ? ORDER BY pos", prompt_id)
@@ -240,7 +241,7 @@ def get_prompt(request: Request, prompt_id: Id) -> dict:
 @router.get("/prompts/{prompt_id}/trajectory", tags=["prompts"])
 def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> dict:
     """One token's path through the layers: residual norm, cosine to the final state, lens top-1, entropy, KL."""
-    server = _server(request)
+    server = server_of(request)
     p = _pos(_prompt(server, prompt_id), pos)
     layers = server.rows("SELECT layer, norm, cos_final, top1_id, top1_token, top1_prob, entropy, kl_to_final, "
                            "final_rank, final_prob FROM trajectory WHERE prompt_id = ? AND pos = ? ORDER BY layer",
@@ -252,7 +253,7 @@ def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> di
 def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(ge=0, le=10_000)],
                   pos: Id | None = None) -> dict:
     """Every head's scaled scores and softmax weights at one layer, for one query position."""
-    server = _server(request)
+    server = server_of(request)
     p = _pos(_prompt(server, prompt_id), pos)
     heads = server.rows("SELECT head, entropy, scores, weights FROM attention WHERE prompt_id = ? AND layer = ? "
                           "AND pos = ? ORDER BY head", prompt_id, layer, p)
@@ -266,7 +267,7 @@ def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(g
 def get_lens(request: Request, prompt_id: Id, pos: Id | None = None,
              top: Annotated[int, Query(ge=1, le=50)] = 10) -> dict:
     """The logit lens at every layer: the top tokens and their probabilities."""
-    server = _server(request)
+    server = server_of(request)
     prompt = _prompt(server, prompt_id)
     p = _pos(prompt, pos)
     layers = server.rows("SELECT layer, token_ids[1:?] AS token_ids, probs[1:?] AS probs FROM lens "
@@ -290,7 +291,7 @@ def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0, 
     """Nearest stored states (FAISS), by ``state_id`` or by ``prompt_id`` + ``layer`` (+ ``pos``)."""
     from geomap.store.query import neighbors
 
-    server = _server(request)
+    server = server_of(request)
     if state_id is not None:
         found = server.rows("SELECT prompt_id, pos, layer FROM states WHERE id = ?", state_id)
         if not found:
@@ -337,10 +338,10 @@ async def post_sql(request: Request, body: SqlRequest) -> Response:
     application/vnd.apache.arrow.stream`` the rows come as an Arrow IPC stream, and the other fields as
     ``x-geomap-*`` headers.
     """
-    settings = _server(request).settings
+    settings = server_of(request).settings
     limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
     arrow = wants_arrow(request.headers.get("accept"))
-    return await run_in_threadpool(_sql_answer, _server(request), body, limit, cap, arrow)  # the loop moves bytes
+    return await run_in_threadpool(_sql_answer, server_of(request), body, limit, cap, arrow)  # the loop moves bytes
 
 
 def _sql_answer(server, body: SqlRequest, limit: float, cap: int, arrow: bool) -> Response:

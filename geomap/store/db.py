@@ -22,6 +22,12 @@ class StoreError(GeomapError):
     """The store cannot be opened or used as asked."""
 
 
+class NotFoundError(StoreError):
+    """What was asked for is not in the store (no such store, run, prompt, state, projection, ...)."""
+
+    http_status = 404
+
+
 class StoreLockedError(StoreError):
     """Another process holds the store's write lock."""
 
@@ -101,7 +107,7 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
     """
     path = Path(db_path)
     if read_only and not path.exists():
-        raise StoreError(f"No store at {path}; create one with `geomap run` or `geomap ingest`.")
+        raise NotFoundError(f"No store at {path}; create one with `geomap run` or `geomap ingest`.")
     path.parent.mkdir(parents=True, exist_ok=True)
     config = dict(config or {})
     locked = config.get("enable_external_access") is False

@@ -33,11 +33,16 @@ def write_temp(tmp: Path, content: faiss.Index | bytes) -> str:
     return h.hexdigest()
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` over ``final`` and make the rename durable."""
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Fsync a file or a folder (a folder's fsync makes the renames and creations inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` over ``final`` and make the rename durable."""
+    os.replace(tmp, final)
+    fsync_path(final.parent)

@@ -8,7 +8,7 @@ import duckdb
 import numpy as np
 
 from geomap.store.codec import from_blob
-from geomap.store.db import StoreError
+from geomap.store.db import NotFoundError, StoreError
 from geomap.store.handle import Store, StoreLike
 
 if TYPE_CHECKING:
@@ -20,12 +20,12 @@ def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tup
     if pos is None:
         rows = con.execute("SELECT n_tokens - 1 FROM prompts WHERE id = ? AND status = 'done'", [prompt_id]).fetchall()
         if not rows:
-            raise StoreError(f"No stored prompt with id {prompt_id}")
+            raise NotFoundError(f"No stored prompt with id {prompt_id}")
         pos = rows[0][0]
     row = con.execute("SELECT id, vec, vec_bf16 FROM states WHERE prompt_id = ? AND layer = ? AND pos = ?",
                       [prompt_id, layer, pos]).fetchall()
     if not row:
-        raise StoreError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}")
+        raise NotFoundError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}")
     state_id, vec, blob = row[0]
     return state_id, (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
 

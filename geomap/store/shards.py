@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 from geomap.capture.journey import Journey, PromptFailure
 from geomap.errors import GeomapError
 from geomap.faults import kill_point
+from geomap.store.db import rollback_quietly
+from geomap.store.files import fsync_path, sha256_of
 from geomap.store.segments import SEGMENT_TABLES, layout, next_state_id, store_segments
 from geomap.store.writer import TABLES, PromptSpec, check_finite, journey_tables
 
@@ -135,13 +137,13 @@ def write_shard(shard: Shard, folder: str | Path) -> Path:
     for name, table in shard.tables.items():
         path = tmp / f"{name}.parquet"
         pq.write_table(table, path, compression="zstd", compression_level=1)
-        files[name] = {"rows": table.num_rows, "sha256": _sha256(path)}
+        files[name] = {"rows": table.num_rows, "sha256": sha256_of(path)}
     manifest = {"format": SHARD_FORMAT, "shard_id": shard.shard_id, "keys": list(shard.keys), "meta": shard.meta,
                 "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     try:
         os.rename(tmp, final)
     except OSError:
@@ -149,7 +151,7 @@ def write_shard(shard: Shard, folder: str | Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync(folder)
+    fsync_path(folder)
     return final
 
 
@@ -169,7 +171,7 @@ def read_shard(path: str | Path) -> Shard:
     tables = {}
     for name, info in manifest["files"].items():
         file = path / f"{name}.parquet"
-        if not file.is_file() or _sha256(file) != info["sha256"]:
+        if not file.is_file() or sha256_of(file) != info["sha256"]:
             raise ShardError(f"{file} is missing or does not match the shard's manifest")
         tables[name] = pq.read_table(file)
     shard = Shard(tables, manifest["meta"])
@@ -195,15 +197,15 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
             belong to them (a generation's decisions) in the same commit.
 
     Returns:
-        Rows added per table, ``skipped`` (prompts already stored) and ``errors`` ({prompt text: reason} for prompts
-        stored as errors).
+        Rows added per table, ``skipped`` (prompts already stored), ``errors`` ({prompt text: reason} for prompts
+        stored as errors) and ``tokens`` (the tokens of the prompts it added as journeys).
     """
     prompts = shard.tables["prompts"]
     con.execute("BEGIN TRANSACTION")
     try:
         if con.execute("SELECT count(*) FROM merged_shards WHERE shard_id = ?", [shard.shard_id]).fetchall()[0][0]:
             con.execute("ROLLBACK")
-            return {"prompts": 0, "skipped": prompts.num_rows, "errors": {}}
+            return {"prompts": 0, "skipped": prompts.num_rows, "errors": {}, "tokens": 0}
         keys = prompts.column("key").to_pylist()
         stored = {r[0] for r in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
                                             [keys]).fetchall()}
@@ -221,6 +223,8 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
         counts: dict = {"prompts": new.num_rows, "skipped": int((~keep).sum())}
         counts["errors"] = {t: e for t, e, s in zip(new.column("text").to_pylist(), new.column("error").to_pylist(),
                                                      new.column("status").to_pylist()) if s == "error"}
+        statuses = new.column("status").to_pylist()
+        counts["tokens"] = sum(n or 0 for n, s in zip(new.column("n_tokens").to_pylist(), statuses) if s != "error")
         in_segments = layout(con) == "segments"
         next_state = next_state_id(con) if in_segments else con.execute(
             "SELECT coalesce(max(id), 0) + 1 FROM states").fetchall()[0][0]
@@ -249,7 +253,7 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
         kill_point("batch.inserted")
         con.execute("COMMIT")
     except BaseException:
-        _rollback(con)
+        rollback_quietly(con)
         raise
     kill_point("batch.committed")
     return counts
@@ -287,14 +291,6 @@ def _insert(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, run_id: 
         con.unregister("_geomap_shard")
 
 
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    """Roll back if a transaction is still open; never hide the error that brought us here."""
-    try:
-        con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass
-
-
 def shard_paths(folder: str | Path) -> list[Path]:
     """The complete shards in a folder (those with a manifest), oldest first; temporary folders are ignored."""
     folder = Path(folder)
@@ -309,19 +305,3 @@ def filter_unmerged(con: duckdb.DuckDBPyConnection, shard_ids: Sequence[str]) ->
     done = {r[0] for r in con.execute("SELECT shard_id FROM merged_shards WHERE shard_id IN (SELECT unnest(?))",
                                       [list(shard_ids)]).fetchall()}
     return [s for s in shard_ids if s not in done]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,9 +39,13 @@ class SqlError(GeomapError):
 class SqlRefused(SqlError):
     """The SQL tried something that store SQL may not do (write, reach files, change settings, ...)."""
 
+    http_status = 403
+
 
 class SqlTimeout(SqlRefused):
     """The SQL ran past its time limit and was interrupted."""
+
+    http_status = 408
 
 
 class SqlMemory(SqlRefused):

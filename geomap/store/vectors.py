@@ -154,11 +154,11 @@ def _chunks(con: duckdb.DuckDBPyConnection, layer: int, after: int = -(2**63)) -
         reader.close()
 
 
-def _nlist(n: int) -> int:
+def ivf_lists(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // 39, 4096))
 
 
-def _new_index(kind: str, d: int, nlist: int) -> faiss.Index:
+def new_index(kind: str, d: int, nlist: int) -> faiss.Index:
     if kind == "ivf":
         return faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                              faiss.METRIC_INNER_PRODUCT)
@@ -169,7 +169,7 @@ def _new_index(kind: str, d: int, nlist: int) -> faiss.Index:
     return faiss.IndexIDMap2(inner)
 
 
-def _choose_nprobe(index: faiss.IndexIVF, queries: np.ndarray, qids: np.ndarray, truth: np.ndarray) -> float:
+def choose_nprobe(index: faiss.IndexIVF, queries: np.ndarray, qids: np.ndarray, truth: np.ndarray) -> float:
     """Set the smallest nprobe of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ TARGET_RECALL (self excluded).
 
     Returns:
@@ -196,7 +196,7 @@ def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind
     if n == 0:
         return None
     chosen = kind if kind != "auto" else ("flat" if n < threshold else "ivf")
-    nlist = _nlist(n) if chosen == "ivf" else 0
+    nlist = ivf_lists(n) if chosen == "ivf" else 0
     n_train = min(n, 50 * nlist)
     rng = np.random.default_rng(layer)
     # Pass 1: per-dimension mean/std (chunked Chan merge in float64) and a raw training sample.
@@ -217,7 +217,7 @@ def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind
     std = np.sqrt(m2 / max(seen - 1, 1))
     std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
     mean = mean.astype(np.float32)
-    index = _new_index(chosen, len(mean), nlist)
+    index = new_index(chosen, len(mean), nlist)
     queries = qids = truth_s = truth_i = None
     if chosen == "ivf":
         train = _standardise(np.concatenate(sample), mean, std)
@@ -239,7 +239,7 @@ def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind
             truth_s, truth_i = np.take_along_axis(sims, keep, 1), np.take_along_axis(cand, keep, 1)
     if queries is not None:
         truth = np.take_along_axis(truth_i, np.argsort(-truth_s, axis=1), 1)
-        recall = _choose_nprobe(index, queries, qids, truth.tolist())
+        recall = choose_nprobe(index, queries, qids, truth.tolist())
         log.info("Layer %d: IVF n=%d nlist=%d nprobe=%d recall@10=%.3f", layer, n, nlist, index.nprobe, recall)
     return commit_index(con, db_path, layer, index, chosen, mean, std, max_id)
 
