@@ -1,5 +1,5 @@
-"""Store-only commands (`geomap sql`, `stats`, `index`) never import torch or transformers: they start fast and run
-where only the store is."""
+"""Store-only commands (`geomap sql`, `stats`, `index`, `export`) never import torch or transformers: they start
+fast and run where only the store is."""
 
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ def store(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("args", [["sql", "SELECT count(*) AS n FROM runs"], ["index", "verify"],
-                                  ["stats", "--prompt", "1"]], ids=["sql", "index", "stats"])
-def test_a_store_only_command_loads_no_torch(store, args):
+                                  ["stats", "--prompt", "1"], ["export", "runs", "--quiet", "--out", "runs.parquet"]],
+                         ids=["sql", "index", "stats", "export"])
+def test_a_store_only_command_loads_no_torch(store, args, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [str(tmp_path / a) if a.endswith(".parquet") else a for a in args]
     done = subprocess.run([sys.executable, "-c", PROBE, *args, "--db", str(store)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
     got = json.loads(done.stdout.strip().splitlines()[-1])

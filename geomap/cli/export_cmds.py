@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geomap.cli.store_cmds import _existing, db_option
+from geomap.cli.store_cmds import db_option, existing_store
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
 
@@ -36,7 +36,7 @@ def export(query_or_table: str, out: Path, fmt: str | None, db: Path | None, tim
     from geomap.store.export import format_for
 
     fmt = format_for(out, fmt)
-    path = _existing(db)
+    path = existing_store(db)
     refuse_if_served(path, "export")
     bars: list = []  # made at the first batch, so a refused export prints its one error line only
 

@@ -26,7 +26,7 @@ def store_path(db: Path | None) -> Path:
     return db or default_db_path()
 
 
-def _existing(db: Path | None) -> Path:
+def existing_store(db: Path | None) -> Path:
     """The store path, refused (before anything creates it) when there is no store there."""
     from geomap.store.db import NotFoundError
 
@@ -352,7 +352,7 @@ def neighbors(db: Path | None, prompt_id: int, layer: int, pos: int | None, k: i
         got = client.request("GET", "/neighbors?" + query + ("" if pos is None else f"&pos={pos}"))
         frame = pd.DataFrame(got["neighbors"])
     else:
-        frame = find(_existing(db), prompt_id, layer, pos, k, last_only=last_only)
+        frame = find(existing_store(db), prompt_id, layer, pos, k, last_only=last_only)
     if as_json:
         cols = ["prompt_id", "pos", "layer", "token", "prompt_text", "similarity"]
         click.echo(json.dumps(json.loads(frame[cols].to_json(orient="records")), ensure_ascii=False))
@@ -378,7 +378,7 @@ def index_rebuild(db: Path | None, kind: str) -> None:
     from geomap.store.handle import Store
     from geomap.store.vectors import build_state_indexes
 
-    with Store.open(_existing(db), "w") as store, store.writer() as con:
+    with Store.open(existing_store(db), "w") as store, store.writer() as con:
         rows = build_state_indexes(con, store.path, kind=kind)
     click.echo(f"rebuilt {len(rows)} indexes ({sum(r['ntotal'] for r in rows)} vectors)")
 
@@ -390,7 +390,7 @@ def index_verify(db: Path | None) -> None:
     from geomap.store.handle import Store
     from geomap.store.vectors import verify_indexes
 
-    with Store.open(_existing(db), "r") as store, store.snapshot() as con:
+    with Store.open(existing_store(db), "r") as store, store.snapshot() as con:
         problems = verify_indexes(con, store.path)
     for line in problems:
         click.echo(f"problem: {line}", err=True)

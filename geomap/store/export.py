@@ -41,7 +41,7 @@ from geomap.store.sql import (
     open_reader,
 )
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE, TRIGGER, Watchdog, check_limits
-from geomap.store.sql_guard import Refused, TooBig, check
+from geomap.store.sql_guard import NoStatement, Refused, TooBig, check
 
 FORMATS = ("parquet", "csv", "arrow", "npy")
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "arrow", ".feather": "arrow",
@@ -138,7 +138,7 @@ def _export(con: duckdb.DuckDBPyConnection, watch: Watchdog, sql: str, params: A
     try:
         check(con, sql, int(budget * TRIGGER), memory_mb)
     except Refused as exc:
-        if str(exc).startswith("No SQL"):
+        if isinstance(exc, NoStatement):
             raise SqlError(str(exc)) from None
         raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
     except duckdb.Error as exc:

@@ -26,7 +26,7 @@ from geomap.errors import GeomapError
 from geomap.store.db import connect
 from geomap.store.handle import Store, StoreLike
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE, TRIGGER, Watchdog, check_limits
-from geomap.store.sql_guard import Refused, TooBig, check
+from geomap.store.sql_guard import NoStatement, Refused, TooBig, check
 
 FORMATS = ("table", "csv", "json")
 _CELL_WIDTH = 80
@@ -409,7 +409,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
     try:
         _guard(con, sql, int(budget * TRIGGER), memory_mb)
     except Refused as exc:
-        if str(exc).startswith("No SQL"):
+        if isinstance(exc, NoStatement):
             raise SqlError(str(exc)) from None
         raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
     except duckdb.Error as exc:

@@ -55,6 +55,10 @@ class Refused(GeomapError):
     """Raised by `check`; `geomap.store.sql` turns it into its `SqlRefused`."""
 
 
+class NoStatement(Refused):
+    """The SQL holds no statement at all (an error of the user's text, not a refusal)."""
+
+
 class TooBig(Refused):
     """A constant asks for a list or string beyond the memory budget."""
 
@@ -90,7 +94,7 @@ def check(con: duckdb.DuckDBPyConnection, sql: str, budget_bytes: int, budget_mb
     """
     statements = con.extract_statements(sql)
     if not statements:
-        raise Refused("No SQL statement given.")
+        raise NoStatement("No SQL statement given.")
     if len(statements) > 1:
         raise Refused(f"{len(statements)} statements given; run one statement at a time.")
     statement = statements[0]
