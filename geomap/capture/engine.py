@@ -15,7 +15,7 @@ import torch
 from geomap.capture.config import CaptureConfig, resolve_layers, resolve_positions
 from geomap.capture.journey import AttentionInside, Journey, LensReadout, MlpFeatures, PromptFailure, Stream
 from geomap.capture.lens import Unembed, to_readout
-from geomap.capture.recorder import Recorder
+from geomap.capture.recorder import Recorder, Recording
 from geomap.capture.states import capture_states_batch
 from geomap.capture.tokens import Encoded, describe_tokens, encode
 from geomap.errors import PromptError
@@ -32,7 +32,7 @@ def _pad_index(rows: list[np.ndarray], device) -> torch.Tensor:
     return torch.tensor(np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows]), device=device)
 
 
-def _head_shares(loaded: LoadedModel, rec: Recorder, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_shares(loaded: LoadedModel, rec: Recording, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's part of the attention update at the query rows, and the W_O bias's part."""
     a = loaded.anatomy
     w_o, bias = a.w_o(layer)  # (d, H*Dh)
@@ -43,7 +43,7 @@ def _head_shares(loaded: LoadedModel, rec: Recorder, layer: int) -> tuple[torch.
         *share.shape[:2], a.d_model)
     post = a.post_attn_norm(layer)
     if post is not None:  # freeze the post-attention norm at the scale it applied to the whole output
-        scale = a.norm_scale(post, rec._rows(rec.o_out[layer], 1))[..., None]
+        scale = a.norm_scale(post, rec.o_rows[layer])[..., None]
         share = a.norm_frozen(post, share, scale)
         bias_share = a.norm_frozen(post, bias_share, scale[..., 0])
     return share, bias_share
@@ -100,6 +100,22 @@ def pad_batch(batch: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def _norm_scales(rec: Recording, n_layers: int, k_norms: int, shape) -> tuple[np.ndarray, np.ndarray]:
+    """The norms' scales as numpy: (L, k, B, T) per layer norm, and (B, T) of the final norm."""
+    scales = _np(torch.stack([rec.norm_scale[(i, k)] for i in range(n_layers) for k in range(k_norms)]))
+    return scales.reshape(n_layers, k_norms, *shape), _np(rec.final_scale)
+
+
+def _per_layer(rec: Recording, layers: list[int], shares: dict) -> dict[str, list[np.ndarray]]:
+    """Each per-layer capture as numpy, one array per captured layer, by name (heads' and bias shares included)."""
+    inside = {name: [_np(getattr(rec, name)[layer]) for layer in layers]
+              for name in ("q", "k", "v", "scores", "weights", "head_out", "mlp_value")}
+    inside["mlp_index"] = [rec.mlp_index[layer].cpu().numpy() for layer in layers]
+    inside["head_share"] = [_np(shares[layer][0]) for layer in layers]
+    inside["bias_share"] = [_np(shares[layer][1]) for layer in layers]
+    return inside
+
+
 def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: CaptureConfig) -> list[Journey]:
     """Capture a batch of already-encoded prompts in one forward pass."""
     a, model, device = loaded.anatomy, loaded.model, loaded.device
@@ -111,9 +127,10 @@ def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: Capture
     boundaries = resolve_layers(config.layers, n_layers)
     layers = [int(x) for x in boundaries if x < n_layers]
     last = sorted({n - 1 for n in lengths})
-    with Recorder(a, _pad_index(attn_pos, device), layers, config.mlp_top, config.attn_base) as rec:
+    with Recorder(a, _pad_index(attn_pos, device), layers, config.mlp_top, config.attn_base) as recorder:
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     logits_to_keep=torch.tensor(last, device=device), use_cache=False)
+    rec = recorder.recording
     resid = torch.stack(rec.resid)  # (L+1, B, T, d)
     unembed = Unembed(a)
     final, lens = _readouts(unembed, resid, boundaries, lens_pos, lengths, config.top_k)
@@ -121,29 +138,16 @@ def capture_batch(loaded: LoadedModel, batch: Sequence[Encoded], config: Capture
 
     # One transfer per tensor, then per-prompt numpy slices.
     r, at, ml = _np(resid), _np(torch.stack(rec.attn_add)), _np(torch.stack(rec.mlp_add))
-    k_norms = len(a.spec.layer_norms)
-    scales = _np(torch.stack([rec.norm_scale[(i, k)] for i in range(n_layers) for k in range(k_norms)]))
-    scales = scales.reshape(n_layers, k_norms, *mask.shape)
-    final_scale = _np(rec.final_scale)
-    inside = {name: [_np(getattr(rec, name)[layer]) for layer in layers]
-              for name in ("q", "k", "v", "scores", "weights", "head_out", "mlp_value")}
-    mlp_index = [rec.mlp_index[layer].cpu().numpy() for layer in layers]
-    share_np = [(_np(s), _np(bs)) for s, bs in (shares[layer] for layer in layers)]
+    scales, final_scale = _norm_scales(rec, n_layers, len(a.spec.layer_norms), mask.shape)
+    inside = _per_layer(rec, layers, shares)
     last_logits = _np(out.logits)
     flat_final = np.cumsum([0, *lengths])
     flat_lens = np.cumsum([0, *[len(p) for p in lens_pos]])
 
     def per_prompt(name: str, b: int, *index) -> np.ndarray:
         """Stack one prompt's slice of a per-layer capture; (0, ...) when no layer is captured."""
-        if name == "head_share":
-            arrays = [s[0] for s in share_np]
-        elif name == "bias_share":
-            arrays = [s[1] for s in share_np]
-        else:
-            arrays = mlp_index if name == "mlp_index" else inside[name]
-        if not arrays:
-            return np.zeros((0,), np.float32)
-        return np.stack([x[(b, *index)] for x in arrays])
+        arrays = inside[name]
+        return np.stack([x[(b, *index)] for x in arrays]) if arrays else np.zeros((0,), np.float32)
 
     journeys = []
     for b, e in enumerate(batch):

@@ -11,7 +11,10 @@ norms' scales and the MLP's hidden activations. Everything is only active inside
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -57,6 +60,48 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+@dataclass(frozen=True)
+class Recording:
+    """What one recorded forward pass read, frozen when the `Recorder` block ends (device tensors).
+
+    B is the batch, T the padded length, d the residual width, Q the query rows read per batch row (`Recorder`'s
+    ``query_index``), H query heads, G key/value heads, Dh the head width, I the MLP width, k the kept neurons.
+    Per-layer mappings hold the layers whose attention internals were asked for (``layers``).
+
+    Attributes:
+        resid: L+1 × (B, T, d) residual stream at each boundary (0: the embedding output).
+        attn_add: L × (B, T, d) what each layer's attention adds to the stream.
+        mlp_add: L × (B, T, d) what each layer's MLP adds.
+        o_rows: {layer: (B, Q, d)} the attention output before the post-attention norm, at the query rows
+            (post-norm architectures only).
+        norm_scale: {(layer, k): (B, T)} the scale each of a layer's norms applied.
+        final_scale: (B, T) the scale the final norm applied.
+        q: {layer: (B, H, Q, Dh)} post-RoPE queries at the query rows.
+        k, v: {layer: (B, G, T, Dh)} every key and value.
+        scores: {layer: (B, H, Q, T)} scaled scores before the mask.
+        weights: {layer: (B, H, Q, T)} softmax weights (float32).
+        head_out: {layer: (B, Q, H, Dh)} each head's output at the query rows.
+        scaling: {layer: the scores' scale}.
+        mlp_index, mlp_value: {layer: (B, Q, k)} the largest MLP hidden activations by magnitude, and their values.
+    """
+
+    resid: tuple[torch.Tensor, ...]
+    attn_add: tuple[torch.Tensor, ...]
+    mlp_add: tuple[torch.Tensor, ...]
+    o_rows: Mapping[int, torch.Tensor]
+    norm_scale: Mapping[tuple[int, int], torch.Tensor]
+    final_scale: torch.Tensor
+    q: Mapping[int, torch.Tensor]
+    k: Mapping[int, torch.Tensor]
+    v: Mapping[int, torch.Tensor]
+    scores: Mapping[int, torch.Tensor]
+    weights: Mapping[int, torch.Tensor]
+    head_out: Mapping[int, torch.Tensor]
+    scaling: Mapping[int, float]
+    mlp_index: Mapping[int, torch.Tensor]
+    mlp_value: Mapping[int, torch.Tensor]
+
+
 class Recorder:
     """Context manager that records one forward pass of a batch (right-padded).
 
@@ -68,10 +113,8 @@ class Recorder:
         mlp_top: MLP neurons to keep per layer and position.
         base: ``"sdpa"`` or ``"eager"``.
 
-    After the pass, ``resid`` (list of L+1 (B,T,d)), ``attn_add``/``mlp_add`` (L × (B,T,d)), ``o_out``
-    (post-norm architectures), ``norm_scale`` ({(layer, k): (B,T)}), ``final_scale`` (B,T) and the
-    per-layer dicts ``q``, ``k``, ``v``, ``scores``, ``weights``, ``head_out``, ``scaling``,
-    ``mlp_index``, ``mlp_value`` hold device tensors.
+    When the block ends, `recording` holds what the pass read as a frozen `Recording`; the attributes it is built
+    from are the recorder's own working state.
     """
 
     def __init__(self, anatomy: Anatomy, query_index: torch.Tensor, layers: list[int], mlp_top: int,
@@ -92,6 +135,7 @@ class Recorder:
         self._handles: list = []
         self._token = None
         self._saved_impl: str | None = None
+        self.recording: Recording | None = None
 
     # --- hook plumbing -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -121,6 +165,21 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self.anatomy.model.set_attn_implementation(self._saved_impl)
+        if exc[0] is None:
+            self.recording = self._freeze()
+
+    def _freeze(self) -> Recording:
+        """The pass's reads as a `Recording` (read-only mappings over this recorder's tensors)."""
+        def frozen(d: dict) -> Mapping:
+            return MappingProxyType(dict(d))
+
+        return Recording(
+            resid=tuple(self.resid), attn_add=tuple(self.attn_add), mlp_add=tuple(self.mlp_add),
+            o_rows=frozen({layer: self._rows(o, 1) for layer, o in self.o_out.items() if layer in self.layers}),
+            norm_scale=frozen(self.norm_scale), final_scale=self.final_scale, q=frozen(self.q), k=frozen(self.k),
+            v=frozen(self.v), scores=frozen(self.scores), weights=frozen(self.weights),
+            head_out=frozen(self.head_out), scaling=frozen(self.scaling), mlp_index=frozen(self.mlp_index),
+            mlp_value=frozen(self.mlp_value))
 
     def _pre(self, module, fn) -> None:
         def hook(_module, args, kwargs):

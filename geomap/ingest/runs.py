@@ -208,7 +208,7 @@ class Run:
         Any other error returns, for the caller to re-raise as it is.
         """
         if self.run_id is not None:
-            mark_failed(self.store, self.con, self.run_id)
+            mark_failed(self.store, self.run_id, self.con)
         if (error := storage_error(exc, self.store.path)) is not None:
             raise error from None
 
@@ -336,21 +336,23 @@ def start_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str
         "'running', ?, ?, ?, ?, ?, ? FROM runs RETURNING id", [run_id, *values]).fetchall()[0][0])
 
 
-def mark_failed(store: Store, con, run_id: int) -> None:
+def mark_failed(store: Store, run_id: int, con=None) -> None:
     """Mark a run ``failed`` after an error, best effort, never raising over the error that led here.
 
-    DuckDB may have invalidated ``con`` after the error, so a fresh cursor of the store tries again. On a full disk
-    both may fail: the next run then finds the run ``running`` and takes it up again.
+    ``con`` (the run's own cursor) is tried first; DuckDB may have invalidated it after the error, so a fresh cursor
+    of the store tries again. On a full disk both may fail: the next run then finds the run ``running`` and takes
+    it up again. A server marks a failed job's run through here too.
     """
     def mark(c) -> None:
         rollback_quietly(c)
         c.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = ?", [run_id])
 
-    try:
-        mark(con)
-        return
-    except (duckdb.Error, OSError):
-        pass
+    if con is not None:
+        try:
+            mark(con)
+            return
+        except (duckdb.Error, OSError):
+            pass
     try:
         with store.writer() as fresh:
             mark(fresh)

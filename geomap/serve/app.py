@@ -138,8 +138,9 @@ class Server:
             return reserve_run(con, pipeline)
 
     def _fail(self, run_id: int) -> None:
-        with self.store.writer() as con:
-            con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = ?", [run_id])
+        from geomap.ingest.runs import mark_failed
+
+        mark_failed(self.store, run_id)  # the run lifecycle's failure path, as an engine's own failure takes
 
     def start(self) -> None:
         """Open the store (one locked-down instance for the server's life) and start the job worker."""
