@@ -250,8 +250,12 @@ class _Driver:
         driver started here does not run).
         """
         seen: dict[str, float] = {}
-        for row in parts.iter_rows():
-            self.put(merger, Path(row["shard"]))
-            now = time.perf_counter()
-            seen[row.get("worker") or "?"] = now
-            self.run.tally.workers = sum(1 for t in seen.values() if now - t <= ACTIVE_S)
+        rows = iter(parts.iter_rows())
+        try:
+            for row in rows:
+                self.put(merger, Path(row["shard"]))
+                now = time.perf_counter()
+                seen[row.get("worker") or "?"] = now
+                self.run.tally.workers = sum(1 for t in seen.values() if now - t <= ACTIVE_S)
+        finally:  # on an error too: Ray Data stops the run's actors now, not when the iterator is collected
+            rows.close()
