@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from geomap.capture.config import PROFILES  # torch-free: `geomap.capture` loads its torch modules on first use
 from geomap.cli.prompt_ids import prompt_option
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 
@@ -21,6 +22,7 @@ db_option = click.option("--db", "db", type=click.Path(dir_okay=False, path_type
 
 
 def store_path(db: Path | None) -> Path:
+    """The store a command works on: ``--db``, else the default (``$GEOMAP_DB``, else data/geomap.duckdb)."""
     from geomap.store.db import default_db_path
 
     return db or default_db_path()
@@ -291,8 +293,8 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
         return
     if engine.kind == "ray":
         quiet_transformers()
-        summary = _ray_ingest(engine, store_path(db), prompts, model_name or DEFAULT_MODEL, device, config, vector_dtype,
-                              batch_size, "ingest")
+        summary = _ray_ingest(engine, store_path(db), prompts, model_name or DEFAULT_MODEL, device, config,
+                              vector_dtype, batch_size, "ingest")
         _report(summary, as_json, store_path(db), _keys(model_name or DEFAULT_MODEL, config, prompts))
         return
     _check_writable(store_path(db))

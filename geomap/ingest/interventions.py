@@ -18,15 +18,13 @@ import numpy as np
 
 from geomap.capture.config import CaptureConfig
 from geomap.capture.lens import Unembed
-from geomap.faults import kill_point
 from geomap.ingest.engine import ingest
-from geomap.ingest.runs import mark_failed, model_identity, resumable_run, start_run
+from geomap.ingest.runs import Run, RunOptions, model_identity
 from geomap.intervene.effects import delta_rows, effect_rows, lens_top1
 from geomap.intervene.engine import prepare, run_specs
 from geomap.intervene.hooks import InterventionError
 from geomap.intervene.spec import Spec, resolve
 from geomap.models.loading import LoadedModel
-from geomap.store.db import storage_error
 from geomap.store.handle import Store
 from geomap.store.interventions import ensure_intervention_tables, stored_keys, write_interventions
 from geomap.store.writer import PromptSpec, prompt_key
@@ -89,17 +87,14 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
         prompt_ids = _prompt_ids(con, identity, config, texts)
         have = stored_keys(con, keys)
         todo = list({k: (s, k) for s, k in zip(specs, keys) if k not in have}.values())
-        run_id = resumable_run(con, loaded, config, "float32", PIPELINE)
-        if todo or run_id is not None:
-            run_id = start_run(con, loaded, config, "float32", PIPELINE, run_id)
-            kill_point("run.started")
+        run = Run(opened, con, loaded, RunOptions(config, "float32", pipeline=PIPELINE, progress=False, index=False))
+        run_id = run.start(needed=bool(todo))  # the run lifecycle, as every producer: start, complete or failed
+        if run_id is not None:
             try:
                 _run(con, loaded, todo, run_id, prompt_ids, wanted, name, batch_size, width)
-                con.execute("UPDATE runs SET status = 'done', finished_at = now() WHERE id = ?", [run_id])
+                run.complete()
             except Exception as exc:
-                mark_failed(opened, con, run_id)
-                if (error := storage_error(exc, opened.path)) is not None:
-                    raise error from None
+                run.failed(exc)
                 raise
         ids = dict(con.execute("SELECT key, id FROM interventions WHERE key IN (SELECT unnest(?))",
                                [keys]).fetchall())
