@@ -24,26 +24,23 @@ def nothing_new(store: Path, pipe, prompts, device: str | None, as_json: bool, n
     from geomap.models.skeleton import skeleton_model
 
     skeleton = skeleton_model(pipe.model, device=device or "cpu")
-    from geomap.cli.store_cmds import _keys
+    from geomap.cli.store_cmds import prompt_keys_of
 
-    keys = _keys(skeleton, pipe.capture, prompts)
+    keys = prompt_keys_of(skeleton, pipe.capture, prompts)
     wanted = set(keys) | set(_continuation_keys(store, pipe, prompts, skeleton))
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
 
-    con = connect(store, read_only=True)
-    try:
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
         stored = {r[0] for r in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
                                             [sorted(wanted)]).fetchall()}
-    finally:
-        con.close()
     if stored != wanted:
         return False
-    from geomap.cli.store_cmds import _pipeline_reports, _report
+    from geomap.cli.store_cmds import report_summary, write_pipeline_reports
 
     summary = RunSummary(None, 0, len(set(keys)), 0, 0, time.perf_counter() - start, ())
-    _report(summary, as_json, store, keys, loaded=False)
+    report_summary(summary, as_json, store, keys, loaded=False)
     if pipe.reports and not no_reports:
-        _pipeline_reports(store, pipe, prompts, None)
+        write_pipeline_reports(store, pipe, prompts, None)
     return True
 
 
@@ -52,18 +49,15 @@ def _continuation_keys(store: Path, pipe, prompts, skeleton) -> list[str]:
     if not pipe.continuation_tokens:
         return []
     from geomap.analysis.decoding import Strategy
-    from geomap.ingest.generation import _decoding, _stored_parents
+    from geomap.ingest.generation import decoding_json, stored_parents
     from geomap.ingest.runs import model_identity
-    from geomap.store.db import connect
+    from geomap.store.handle import Store
     from geomap.store.writer import prompt_key
 
     texts = list(dict.fromkeys(spec.text for spec in prompts))
-    con = connect(store, read_only=True)
-    try:
-        parents = _stored_parents(con, skeleton, texts)
-    finally:
-        con.close()
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
+        parents = stored_parents(con, skeleton, texts)
     identity, config_json = model_identity(skeleton), pipe.capture.to_json()
-    keys = [prompt_key(identity, config_json, t, _decoding(Strategy(), pipe.continuation_tokens, parents[t][1]))
+    keys = [prompt_key(identity, config_json, t, decoding_json(Strategy(), pipe.continuation_tokens, parents[t][1]))
             for t in texts if t in parents]
     return keys  # a prompt with no stored parent (it failed) gets no continuation, as in `continue_prompts`

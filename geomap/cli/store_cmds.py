@@ -46,7 +46,7 @@ def _check_writable(store: Path) -> None:
         Store.open(store, "w").close()
 
 
-def _keys(model, config, prompts) -> list[str]:
+def prompt_keys_of(model, config, prompts) -> list[str]:
     """The content keys of ``prompts`` under ``config`` and ``model`` (a loaded model, or a name: its skeleton)."""
     from geomap.ingest.runs import model_identity
     from geomap.store.writer import prompt_key
@@ -59,7 +59,7 @@ def _keys(model, config, prompts) -> list[str]:
     return [prompt_key(identity, config_json, spec.text) for spec in prompts]
 
 
-def _report(summary, as_json: bool, store: Path | None = None, keys: list[str] | None = None,
+def report_summary(summary, as_json: bool, store: Path | None = None, keys: list[str] | None = None,
             loaded: bool = True) -> None:
     """Print a run's summary and, given the prompts' keys, which store id each of the user's prompts has."""
     from geomap.cli.prompt_ids import mapping_line, stored_prompts
@@ -153,13 +153,13 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         quiet_transformers()
         summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
                               pipe.batch_size, pipe.name)
-        _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
+        report_summary(summary, as_json, store, prompt_keys_of(pipe.model, pipe.capture, prompts))
         loaded = None
         if pipe.continuation_tokens:  # generation is one token at a time: the driver does it, as the inline run does
             loaded = load_model(pipe.model, device=device)
             _continue(store, pipe, prompts, loaded, as_json)
         if pipe.reports and not no_reports:
-            _pipeline_reports(store, pipe, prompts, loaded)
+            write_pipeline_reports(store, pipe, prompts, loaded)
         return
     if client is not None:
         _run_on_server(client, store, pipe, prompts, engine, device, as_json, no_reports)
@@ -174,7 +174,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         click.echo(f"loading {pipe.model} to capture what is not stored yet ...", err=True)
     loaded = load_model(pipe.model, device=device)
     summary = ingest(loaded, prompts, store, pipe.capture, pipe.vector_dtype, pipe.batch_size, pipeline=pipe.name)
-    _report(summary, as_json, store, _keys(loaded, pipe.capture, prompts))
+    report_summary(summary, as_json, store, prompt_keys_of(loaded, pipe.capture, prompts))
     if pipe.continuation_tokens:
         _continue(store, pipe, prompts, loaded, as_json)
     if pipe.interventions:
@@ -182,7 +182,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 
         run_pipeline_interventions(store, pipe, loaded, no_reports)
     if pipe.reports and not no_reports:
-        _pipeline_reports(store, pipe, prompts, loaded)
+        write_pipeline_reports(store, pipe, prompts, loaded)
 
 
 def _run_on_server(client, store: Path, pipe, prompts, engine, device: str | None, as_json: bool,
@@ -192,7 +192,7 @@ def _run_on_server(client, store: Path, pipe, prompts, engine, device: str | Non
 
     summary, view = run_job(client, prompts, pipe.model, pipe.capture, pipe.vector_dtype, pipe.batch_size,
                             pipe.name, engine=_server_engine(engine, device))
-    _report(summary, as_json, store, _keys(pipe.model, pipe.capture, prompts))
+    report_summary(summary, as_json, store, prompt_keys_of(pipe.model, pipe.capture, prompts))
     if pipe.continuation_tokens:
         click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
     if pipe.reports and not no_reports:
@@ -212,7 +212,7 @@ def _continue(store: StoreLike, pipe, prompts, loaded, as_json: bool) -> None:
                      pipe.vector_dtype, progress=not as_json, batch_size=pipe.batch_size)
 
 
-def _pipeline_reports(store: StoreLike, pipe, prompts, loaded) -> None:
+def write_pipeline_reports(store: StoreLike, pipe, prompts, loaded) -> None:
     """Write the reports a pipeline asks for (``loaded`` None: the report stage loads the model if it needs it)."""
     from geomap.ingest.runs import model_identity
     from geomap.models.skeleton import skeleton_model
@@ -287,21 +287,21 @@ def ingest(files: tuple[Path, ...], db: Path | None, model_name: str | None, dev
     from geomap.cli.remote import run_job, server_for
 
     if (client := server_for(store_path(db))) is not None:
-        _report(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest",
+        report_summary(run_job(client, prompts, model_name or DEFAULT_MODEL, config, vector_dtype, batch_size, "ingest",
                         engine=_server_engine(engine, device))[0], as_json, store_path(db),
-                _keys(model_name or DEFAULT_MODEL, config, prompts))
+                prompt_keys_of(model_name or DEFAULT_MODEL, config, prompts))
         return
     if engine.kind == "ray":
         quiet_transformers()
         summary = _ray_ingest(engine, store_path(db), prompts, model_name or DEFAULT_MODEL, device, config,
                               vector_dtype, batch_size, "ingest")
-        _report(summary, as_json, store_path(db), _keys(model_name or DEFAULT_MODEL, config, prompts))
+        report_summary(summary, as_json, store_path(db), prompt_keys_of(model_name or DEFAULT_MODEL, config, prompts))
         return
     _check_writable(store_path(db))
     quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device)
-    _report(run_ingest(loaded, prompts, store_path(db), config, vector_dtype, batch_size), as_json, store_path(db),
-            _keys(loaded, config, prompts))
+    summary = run_ingest(loaded, prompts, store_path(db), config, vector_dtype, batch_size)
+    report_summary(summary, as_json, store_path(db), prompt_keys_of(loaded, config, prompts))
 
 
 @click.command()

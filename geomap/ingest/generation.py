@@ -48,7 +48,7 @@ def _generate(store: Store, loaded, text: str, max_new_tokens: int, strategy: St
     if parent_key is None:
         ingest(loaded, [PromptSpec(text)], store, config, vector_dtype, progress=False)
         parent_key = prompt_key(identity, config_json, text)
-    decoding = _decoding(strategy, max_new_tokens, parent_key)
+    decoding = decoding_json(strategy, max_new_tokens, parent_key)
     key = prompt_key(identity, config_json, text, decoding)
     with store.writer() as con:
         ensure_schema(con, loaded.anatomy.d_model)
@@ -79,11 +79,11 @@ def _stored_prompt_key(store: Store, loaded, text: str) -> str | None:
     """The key of an already stored (non-generated) prompt with this text and model, if any."""
     with store.writer() as con:
         ensure_schema(con)
-        found = _stored_parents(con, loaded, [text])
+        found = stored_parents(con, loaded, [text])
     return found[text][1] if found else None
 
 
-def _stored_parents(con, loaded, texts: list[str]) -> dict[str, tuple[int, str]]:
+def stored_parents(con, loaded, texts: list[str]) -> dict[str, tuple[int, str]]:
     """``{text: (id, key)}`` of the first stored (non-generated, done) prompt with each text and this model."""
     rows = con.execute("""SELECT p.text, min(p.id), arg_min(p.key, p.id) FROM prompts p JOIN runs r ON r.id = p.run_id
                           WHERE p.text IN (SELECT unnest(?)) AND r.weights_sha256 = ? AND p.parent_id IS NULL
@@ -91,7 +91,7 @@ def _stored_parents(con, loaded, texts: list[str]) -> dict[str, tuple[int, str]]
     return {text: (int(pid), key) for text, pid, key in rows}
 
 
-def _decoding(strategy: Strategy, max_new_tokens: int, parent_key: str) -> str:
+def decoding_json(strategy: Strategy, max_new_tokens: int, parent_key: str) -> str:
     """A generation's canonical decoding JSON (part of its key)."""
     return json.dumps({**strategy.to_dict(), "max_new_tokens": max_new_tokens, "parent": parent_key},
                       sort_keys=True, separators=(",", ":"))
@@ -116,11 +116,11 @@ def continue_prompts(store: StoreLike, loaded, texts, max_new_tokens: int, confi
     with Store.use(store, "w") as opened, opened.writer() as con:
         ensure_schema(con, loaded.anatomy.d_model)
         unique = list(dict.fromkeys(texts))
-        parents = _stored_parents(con, loaded, unique)
+        parents = stored_parents(con, loaded, unique)
         wanted = []
         for text in (t for t in unique if t in parents):
             parent_id, parent_key = parents[text]
-            decoding = _decoding(Strategy(), max_new_tokens, parent_key)
+            decoding = decoding_json(Strategy(), max_new_tokens, parent_key)
             wanted.append((text, parent_id, decoding, prompt_key(identity, config_json, text, decoding)))
         stored = {r[0] for r in con.execute("SELECT key FROM prompts WHERE key IN (SELECT unnest(?))",
                                             [[w[3] for w in wanted]]).fetchall()}
