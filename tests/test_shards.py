@@ -100,7 +100,7 @@ def test_shard_round_trip_and_merge_twice_changes_nothing(llama, tmp_path):
     first = merge_shard(con, again, run_id)
     second = merge_shard(con, again, run_id)
     con.close()
-    assert first["prompts"] == 3 and second == {"prompts": 0, "skipped": 3, "errors": {}}
+    assert first["prompts"] == 3 and second == {"prompts": 0, "skipped": 3, "errors": {}, "tokens": 0}
     ingest(llama, [PromptSpec(t) for t in TEXTS[:3]], tmp_path / "b.duckdb", progress=False, index=False)
     assert by_key(tmp_path / "a.duckdb") == by_key(tmp_path / "b.duckdb")
 
