@@ -63,7 +63,7 @@ def steady_figures(loaded, texts: list[str], folder: Path, small: int = 40,
         layouts: Store layouts measured.
         profiles: Capture profiles measured.
     """
-    from geomap.bench.store_bench import _flop_bound
+    from geomap.bench.store_bench import flop_bound
 
     n = len(texts) - small
     fwd = (_forward_seconds(loaded, texts) - _forward_seconds(loaded, texts[:small])) / n
@@ -83,7 +83,7 @@ def steady_figures(loaded, texts: list[str], folder: Path, small: int = 40,
                 figs.append(judged(f"steady state: states-only ingestion vs forward with hidden states ({layout} "
                                    "layout)", ratio, "x", ">= 0.90" if layout == "segments" else None))
             else:
-                bound = _flop_bound(loaded, tokens, len(texts))
+                bound = flop_bound(loaded, tokens, len(texts))
                 figs.append(judged(f"steady state: default ingestion vs its FLOP bound ({layout} layout)",
                                    ratio / bound, "x", ">= 0.80" if layout == "segments" else None,
                                    note=f"ratio to the forward {ratio:.2f}x over a FLOP bound of {bound:.2f}x"))

@@ -184,7 +184,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
     n_tok = tokens["n"]
     fwd_tokens = sum(b["tokens"] for b in work)
     measured = (n_tok / median(t["ingest"])) / (fwd_tokens / median(t["forward_hidden"]))
-    bound = _flop_bound(loaded, n_tok, len(texts))
+    bound = flop_bound(loaded, n_tok, len(texts))
     figs = [
         judged("ingestion end to end", n_tok / median(t["ingest"]), "tokens/s",
                note=f"geomap ingest of {len(texts)} prompts: capture, lens at the last position, store, FAISS"),
@@ -208,7 +208,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
     return figs
 
 
-def _flop_bound(loaded, n_tokens: int, n_prompts: int) -> float:
+def flop_bound(loaded, n_tokens: int, n_prompts: int) -> float:
     """Forward-with-hidden-states FLOPs per token over ingestion's (default capture, lens at the last position)."""
     a = loaded.anatomy
     unembed = 2 * a.vocab_size * a.d_model  # one row of logits

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from geomap.cli.store_cmds import _existing, db_option
+from geomap.cli.store_cmds import db_option, existing_store
 
 
 @click.group()
@@ -23,7 +23,7 @@ def compact(db: Path | None) -> None:
     from geomap.store.segments import compact as compact_segments
     from geomap.store.segments import layout, open_for_writing
 
-    with Store.open(_existing(db), "w") as store, store.writer() as con:  # this process holds the store alone
+    with Store.open(existing_store(db), "w") as store, store.writer() as con:  # this process holds the store alone
         ensure_schema(con)
         if layout(con) != "segments":
             click.echo("this store keeps its vectors in DuckDB rows; `geomap store migrate` moves them to segments")
@@ -43,7 +43,7 @@ def migrate(db: Path | None) -> None:
     from geomap.store.segments import migrate as migrate_segments
     from geomap.store.segments import open_for_writing
 
-    with Store.open(_existing(db), "w") as store, store.writer() as con:
+    with Store.open(existing_store(db), "w") as store, store.writer() as con:
         ensure_schema(con)
         open_for_writing(con)
         moved = migrate_segments(con)
