@@ -26,7 +26,7 @@ Names (the process stops *at* the call, so "before X" means X did not happen):
     ``run.indexed``: every index is in step with DuckDB, the run row not yet marked ``done``.
 
 An intervention sweep (`geomap.ingest.interventions`) has its own boundaries, in `SWEEP_POINTS` (walked by
-``tests/test_intervene_store.py``), besides ``run.started``:
+``tests/intervene/test_intervene_store.py``), besides ``run.started``:
     ``intervene.batch_inserted``: a batch's ledger, delta and effects rows are inserted, not committed.
     ``intervene.batch_committed``: that transaction committed.
 """

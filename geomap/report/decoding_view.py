@@ -4,7 +4,7 @@ The unlisted logits (all but the top `LISTED`) are grouped into narrow bins (`BI
 and mean logit. At temperature T a bin's mass is count · exp(mean / T), which differs from the exact sum over its
 tokens by a relative error of at most about BIN² / (8 T²) (0.5% of the tail at T = 0.1, where the unlisted tokens
 carry almost no mass, 2e-6 at T = 5). Top-k and top-p treat a bin's tokens as equal, as transformers would up to
-that width. `tests/test_journey_controls.py` checks the page against transformers' processors for T in [0.1, 5].
+that width. `tests/report/test_journey_controls.py` checks the page against transformers' processors for T in [0.1, 5].
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = "prompt_id, text, tags, n_tokens, last_token, top1_id, top1_token, top1_prob, entropy, prediction_depth"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.test_serve import Api, start_server, stop_server
+from tests.serve.test_serve import Api, start_server, stop_server
 
 
 def test_a_job_runs_its_sweep_after_its_prompts_and_bad_sweeps_are_422(tiny_dirs, tmp_path):

@@ -11,8 +11,8 @@ from geomap.ingest.generation import continue_prompts
 from geomap.report.api import pipeline_reports
 from geomap.report.linkcheck import check_folder, check_served
 from geomap.store.writer import PromptSpec, prompt_key
-from tests.test_journey_controls import browser  # noqa: F401 - the Chromium fixture
-from tests.test_serve import start_server, stop_server
+from tests.report.test_journey_controls import browser  # noqa: F401 - the Chromium fixture
+from tests.serve.test_serve import start_server, stop_server
 
 PROMPTS = ["The storm is", "The market is", "Paris is the capital of"]
 

@@ -94,7 +94,7 @@ def test_every_section_and_itinerary_step_shows_stored_numbers(reports):
     assert page.sections == SECTIONS
     with_numbers = {step for _, _, value, step in page.numbers if step and value not in (None, "")}
     assert {str(i) for i in range(1, 18)} <= with_numbers, sorted(with_numbers)
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "journey.md").read_text(encoding="utf-8")
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "journey.md").read_text(encoding="utf-8")
     for step in range(1, 18):
         assert f"| {step} |" in docs, f"docs/journey.md does not map itinerary step {step}"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.forked import geomap
-from tests.test_serve import Api, start_server, stop_server
+from tests.serve.test_serve import Api, start_server, stop_server
 
 
 @pytest.fixture(scope="module")

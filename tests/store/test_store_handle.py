@@ -104,7 +104,7 @@ MUTATORS = {"append", "add", "pop", "update", "setdefault", "clear", "remove", "
 def test_no_module_keeps_a_registry_of_open_stores():
     """A module-level dict, list or set that the module mutates is a registry; none may remain except bounded
     caches, which say so (the word "bounded") in a comment on the line that creates them."""
-    root = Path(__file__).resolve().parents[1] / "geomap"
+    root = Path(__file__).resolve().parents[2] / "geomap"
     found = []
     for path in sorted(root.rglob("*.py")):
         source = path.read_text()

@@ -11,8 +11,8 @@ from geomap.capture import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.report.api import journey_report
 from geomap.store.writer import PromptSpec
+from tests.report.test_journey_controls import browser  # noqa: F401 - the Chromium fixture
 from tests.storedb import rows
-from tests.test_journey_controls import browser  # noqa: F401 - the Chromium fixture
 
 PROMPT = "The storm is coming and the river is rising over the old bridge"
 

@@ -125,7 +125,7 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path, tiny_dirs):
 def test_a_server_runs_the_ray_engine_for_the_cli(tmp_path, tiny_dirs):
     """With `geomap serve` owning the store, `--engine ray` goes to the server: it drives Ray and merges the shards."""
     pytest.importorskip("ray")
-    from tests.test_serve import Api, start_server, stop_server
+    from tests.serve.test_serve import Api, start_server, stop_server
 
     toml = _pipeline(tmp_path, tiny_dirs["llama"])
     reference, db = tmp_path / "inline.duckdb", tmp_path / "served.duckdb"

@@ -9,7 +9,7 @@ from geomap.ingest.interventions import sweep
 from geomap.intervene import Noise, Site, Spec
 from geomap.intervene.spec import vector_bytes
 from geomap.report.intervention_view import intervention_reports
-from tests.test_reports import browser  # noqa: F401 (the Chromium fixture the other report tests use)
+from tests.report.test_reports import browser  # noqa: F401 (the Chromium fixture the other report tests use)
 
 TEXT, OTHER, THIRD = "The storm is coming over the hills", "The storm is moving over the hills", \
     "The rain is coming over the hills"

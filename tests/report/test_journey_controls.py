@@ -18,10 +18,10 @@ from geomap.ingest.generation import generate
 from geomap.report.api import journey_report
 from geomap.report.data import ELEMENT_BUDGET
 from geomap.store.writer import PromptSpec
+from tests.report.test_reports import CHROMIUM, open_page, parse
 from tests.storedb import rows
-from tests.test_reports import CHROMIUM, open_page, parse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["The storm is getting", "The market is", "Paris is the capital of"]
 @pytest.fixture(scope="module")
 def browser():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import PROMPTS, Api, start_server, stop_server
+from tests.serve.test_serve import PROMPTS, Api, start_server, stop_server
 
 BUDGET_MB = 256
 HOSTILE = "Escape \x1b]0;pwned\x07 and \x1b[2J clear"
@@ -235,7 +235,7 @@ def test_docs_render_offline_in_chromium(limited):
 
 
 def test_the_cli_shows_control_characters_through_the_server(limited, tmp_path):
-    from tests.test_serve import _cli
+    from tests.serve.test_serve import _cli
 
     _, db, _ = limited
     got = _cli("sql", "SELECT text FROM prompts WHERE text LIKE 'Escape%'", "--db", str(db), cwd=tmp_path)
