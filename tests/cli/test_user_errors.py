@@ -18,11 +18,13 @@ from tests.forked import geomap
 
 
 def store_checksum(db: Path) -> str:
-    """sha256 over every file of the store (the DuckDB file, its WAL, its index folder)."""
+    """sha256 over every file of the store (the DuckDB file, its WAL, and every folder beside it: indexes, weights)."""
     h = hashlib.sha256()
-    for path in sorted(db.parent.glob(db.name + "*")) + sorted(db.with_name(db.stem + ".indexes").glob("*")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    beside = sorted(db.parent.glob(db.name + "*")) + sorted(db.parent.glob(db.stem + ".*"))
+    for top in dict.fromkeys(beside):
+        for path in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            h.update(str(path.relative_to(db.parent)).encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
