@@ -22,6 +22,11 @@ def prompts(n: int) -> list[str]:
     return [base[i] if i < len(base) else f"{base[i % len(base)]} ({i})" for i in range(n)]
 
 
+def short_prompts(n: int) -> list[str]:
+    """``n`` distinct short prompts (a subject and a number, 8 to 14 tokens): what steady-state ingestion is fed."""
+    return [f"{SUBJECTS[i % len(SUBJECTS)]} ({i})" for i in range(n)]
+
+
 def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | None = None,
               say: Callable[[str], None] = print) -> tuple[dict, list[Figure], float]:
     """Measure every figure; returns ``(machine, figures, seconds)``.
@@ -55,7 +60,7 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         say("end to end and storage size")
         figures += store_bench.end_to_end_figures(loaded, texts, folder, repeats)
         say("steady state: 40 and 240 prompts differenced, per profile and store layout")
-        figures += steady_bench.steady_figures(loaded, prompts(240), folder,
+        figures += steady_bench.steady_figures(loaded, short_prompts(240), folder,
                                                layouts=("segments",) if quick else ("rows", "segments"))
         db = folder / "e.duckdb"
         say("interventions: a causal-trace sweep beside its bare forwards; storage per intervention")

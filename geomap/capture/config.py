@@ -1,14 +1,22 @@
-"""What one capture records: positions, layers, top-k sizes and the overflow policy."""
+"""What one capture records: positions, layers, top-k sizes and the overflow policy.
+
+`CaptureConfig` is declared once, here. Its annotations carry the constraints that the validation layer
+(`geomap.ingest.schema`) checks a pipeline's ``[capture]`` table, a CLI option or an HTTP body against (whole
+numbers only, no ``"50"`` for 50; lists of positions; unknown keys refused); `__post_init__` checks the same
+values for code that builds a config directly.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
+from annotated_types import Ge
+from pydantic import ConfigDict, StrictInt
 
-Positions = Literal["last", "all"] | tuple[int, ...]
+Positions = Literal["last", "all"] | tuple[StrictInt, ...]
 PROFILES = ("full", "states")
 
 
@@ -22,7 +30,7 @@ class CaptureConfig:
             (negative counts from the end).
         lens_positions: Positions the logit lens reads, same forms.
         layers: Residual boundaries (0..L) read by the lens and decoder layers (0..L-1) whose attention
-            internals are kept; ``None`` means all.
+            internals are kept; ``None`` (or ``"all"``, stored as None) means all.
         top_k: Candidates kept per lens readout and per final distribution.
         mlp_top: MLP neurons kept per layer and position, by magnitude.
         overflow: ``"error"`` for prompts longer than the context window, or ``"truncate"`` to keep the
@@ -34,11 +42,13 @@ class CaptureConfig:
             full-vocabulary logits (decoding then works from the stored top-k).
     """
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # unknown keys refused; each field strict by its type
+
     attn_positions: Positions = "last"
     lens_positions: Positions = "last"
-    layers: tuple[int, ...] | None = None
-    top_k: int = 50
-    mlp_top: int = 32
+    layers: Literal["all"] | tuple[StrictInt, ...] | None = None
+    top_k: Annotated[StrictInt, Ge(1)] = 50
+    mlp_top: Annotated[StrictInt, Ge(1)] = 32
     overflow: Literal["error", "truncate"] = "error"
     attn_base: Literal["sdpa", "eager"] = "sdpa"
     profile: Literal["full", "states"] = "full"
@@ -50,7 +60,9 @@ class CaptureConfig:
                 object.__setattr__(self, name, tuple(int(v) for v in value))
             elif not isinstance(value, tuple) and value not in ("last", "all"):
                 raise ValueError(f"{name} must be 'last', 'all' or a list of positions, not {value!r}")
-        if isinstance(self.layers, list):
+        if self.layers == "all":
+            object.__setattr__(self, "layers", None)
+        elif isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
         if self.top_k < 1 or self.mlp_top < 1:
             raise ValueError("top_k and mlp_top must be at least 1")

@@ -1,12 +1,21 @@
-"""Which engine runs an ingestion: the pipeline's ``[engine]`` table, overridden by command-line flags."""
+"""Which engine runs an ingestion: the pipeline's ``[engine]`` table, overridden by command-line flags.
+
+`EngineConfig` is declared once, here: its annotations carry the constraints, and the pipeline file's validation
+layer (`geomap.ingest.schema.PipelineSchema`) checks an ``[engine]`` table against them, as it checks every other
+table; the command line's flags go through the same constraints (`EngineConfig.override`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Annotated, Literal
+
+from annotated_types import Ge
+from pydantic import ConfigDict, StrictInt, StrictStr, StringConstraints, TypeAdapter, ValidationError
 
 from geomap.errors import GeomapError
 
-ENGINES = ("inline", "ray")
+Text = Annotated[StrictStr, StringConstraints(pattern=r"\S")]  # a string with something in it
 
 
 @dataclass(frozen=True)
@@ -26,50 +35,28 @@ class EngineConfig:
             cluster); default ``<store>.shards`` beside the DuckDB file.
     """
 
-    kind: str = "inline"
-    address: str | None = None
-    workers: int | None = None
-    threads: int | None = None
-    max_restarts: int = 3
-    max_task_retries: int = 3
-    shards: str | None = None
+    __pydantic_config__ = ConfigDict(extra="forbid")  # unknown keys refused; each field strict by its type
+
+    kind: Literal["inline", "ray"] = "inline"
+    address: Text | None = None
+    workers: Annotated[StrictInt, Ge(1)] | None = None
+    threads: Annotated[StrictInt, Ge(1)] | None = None
+    max_restarts: Annotated[StrictInt, Ge(0)] = 3
+    max_task_retries: Annotated[StrictInt, Ge(0)] = 3
+    shards: Text | None = None
 
     def override(self, kind: str | None = None, address: str | None = None,
                  workers: int | None = None) -> EngineConfig:
         """This configuration with the command line's flags (those given) taking precedence."""
         changes = {k: v for k, v in (("kind", kind), ("address", address), ("workers", workers)) if v is not None}
-        engine = check_engine(replace(self, **changes), "the command line")
+        engine = replace(self, **changes)
+        try:
+            TypeAdapter(EngineConfig).validate_python(asdict(engine))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"])
+            raise GeomapError(f"the command line: engine {key} = {error.get('input')!r} is not allowed: "
+                              f"{error['msg']}") from None
         if engine.kind == "inline" and (address is not None or workers is not None):
             raise GeomapError("--address and --workers apply to the Ray engine: add --engine ray")
         return engine
-
-
-def check_engine(engine: EngineConfig, where: str) -> EngineConfig:
-    """Check an engine configuration's values; raises `GeomapError` naming ``where``."""
-    if engine.kind not in ENGINES:
-        raise GeomapError(f"{where}: engine kind must be one of {ENGINES}, not {engine.kind!r}")
-    for name in ("workers", "threads"):
-        value = getattr(engine, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise GeomapError(f"{where}: engine {name} must be a whole number of at least 1, not {value!r}")
-    for name in ("max_restarts", "max_task_retries"):
-        value = getattr(engine, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise GeomapError(f"{where}: engine {name} must be a whole number of at least 0, not {value!r}")
-    for name in ("address", "shards"):
-        value = getattr(engine, name)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise GeomapError(f"{where}: engine {name} must be a non-empty string, not {value!r}")
-    return engine
-
-
-def parse_engine(table: object, where: str) -> EngineConfig:
-    """The ``[engine]`` table of a pipeline file (absent: inline)."""
-    if table is None:
-        return EngineConfig()
-    if not isinstance(table, dict):
-        raise GeomapError(f"{where}: [engine] must be a table, like [engine] kind = \"ray\"")
-    known = set(EngineConfig.__dataclass_fields__)
-    if unknown := set(table) - known:
-        raise GeomapError(f"{where}: unknown keys in [engine]: {sorted(unknown)}; allowed: {sorted(known)}")
-    return check_engine(EngineConfig(**table), where)

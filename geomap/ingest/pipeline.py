@@ -9,7 +9,7 @@ from pathlib import Path
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
-from geomap.ingest.engine_config import EngineConfig, parse_engine
+from geomap.ingest.engine_config import EngineConfig
 from geomap.ingest.schema import VECTOR_DTYPES, validate_pipeline
 from geomap.ingest.sources import read_source
 from geomap.models.presets import DEFAULT_MODEL
@@ -82,14 +82,13 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise GeomapError(f"Cannot read pipeline {path}: {exc}{_toml_hint(text, str(exc))}") from None
-    engine = parse_engine(data.pop("engine", None), str(path))  # the [engine] table (the schema covers the rest)
     plans = _interventions(data.pop("interventions", []), str(path))
     spec = validate_pipeline(data, str(path))
     sources = tuple(((path.parent / s.path).resolve(), s.format, tuple(s.tags)) for s in spec.sources)
     return Pipeline(name=spec.name or path.stem, model=spec.model or DEFAULT_MODEL, store=Path(spec.store),
                     batch_size=spec.batch_size, capture=spec.capture.config(), vector_dtype=spec.capture.vector_dtype,
                     sources=sources, reports=Path(spec.reports) if spec.reports else None,
-                    continuation_tokens=spec.continuation_tokens, engine=engine,
+                    continuation_tokens=spec.continuation_tokens, engine=spec.engine,
                     interventions=plans)
 
 

@@ -9,17 +9,17 @@ pipeline key and its CLI option accept the same values. HTTP bodies can embed `C
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from geomap.capture.config import CaptureConfig
 from geomap.errors import GeomapError
+from geomap.ingest.engine_config import EngineConfig
 
 FORMATS = ("txt", "jsonl", "csv", "parquet")
 VECTOR_DTYPES = ("float32", "bfloat16")
-
-Positions = Literal["last", "all"] | list[int]
 
 ALLOWED = {
     "name": "a non-empty string",
@@ -42,36 +42,34 @@ ALLOWED = {
     "path": "a string: the prompt file's path, relative to the pipeline file",
     "format": '"txt", "jsonl", "csv" or "parquet" (default: from the file suffix)',
     "tags": 'a list of strings, e.g. tags = ["demo"]',
+    "engine": 'an [engine] table, like [engine] kind = "ray"',
+    "kind": '"inline" or "ray"',
+    "address": "a non-empty string: a running Ray cluster's address (ray start --head prints it)",
+    "workers": "a whole number of at least 1",
+    "threads": "a whole number of at least 1",
+    "max_restarts": "a whole number of at least 0",
+    "max_task_retries": "a whole number of at least 0",
+    "shards": "a non-empty string: a folder every machine of the cluster shares",
 }
+TABLES = ("capture", "sources", "engine")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class CaptureSchema(_Strict):
-    """Capture options (a pipeline's ``[capture]`` table, the CLI's capture options, an HTTP body's ``capture``)."""
+@dataclass(frozen=True)
+class CaptureSchema(CaptureConfig):
+    """Capture options: a `CaptureConfig` (declared once, in `geomap.capture.config`) and the vector dtype.
 
-    attn_positions: Positions = "last"
-    lens_positions: Positions = "last"
-    layers: Literal["all"] | list[int] | None = None
-    top_k: Annotated[int, Field(ge=1)] = 50
-    mlp_top: Annotated[int, Field(ge=1)] = 32
-    overflow: Literal["error", "truncate"] = "error"
-    attn_base: Literal["sdpa", "eager"] = "sdpa"
-    profile: Literal["full", "states"] = "full"
+    What a pipeline's ``[capture]`` table, the CLI's capture options and an HTTP body's ``capture`` say.
+    """
+
     vector_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def config(self) -> CaptureConfig:
         """The `CaptureConfig` these options describe (``vector_dtype`` is a storage option, not part of it)."""
-        def positions(value):
-            return tuple(value) if isinstance(value, list) else value
-
-        return CaptureConfig(attn_positions=positions(self.attn_positions),
-                             lens_positions=positions(self.lens_positions),
-                             layers=None if self.layers in (None, "all") else tuple(self.layers), top_k=self.top_k,
-                             mlp_top=self.mlp_top, overflow=self.overflow, attn_base=self.attn_base,
-                             profile=self.profile)
+        return CaptureConfig(**{f.name: getattr(self, f.name) for f in fields(CaptureConfig)})
 
 
 class SourceSchema(_Strict):
@@ -92,6 +90,7 @@ class PipelineSchema(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 8
     continuation_tokens: Annotated[int, Field(ge=0, le=256)] = 0
     capture: CaptureSchema = CaptureSchema()
+    engine: EngineConfig = EngineConfig()
     sources: Annotated[list[SourceSchema], Field(min_length=1)]
 
 
@@ -104,7 +103,7 @@ def _key(loc: tuple) -> tuple[str, tuple]:
                 path.append(part)
                 continue
             break  # an item of a list value: the key is the list
-        if path and path[-1] in ALLOWED and path[-1] not in ("capture", "sources"):
+        if path and path[-1] in ALLOWED and path[-1] not in TABLES:
             break  # a union member's tag after the key
         path.append(part)
     text = ""
@@ -122,15 +121,28 @@ def _lookup(data: Any, path: tuple) -> Any:
     return data
 
 
-def describe(exc: ValidationError, data: Any, where: str, model: type[BaseModel]) -> str:
+UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")  # a model's unknown key, a dataclass's
+
+
+def _keys_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The keys allowed in the table that holds ``path``'s last key (``model`` is the top level's schema)."""
+    if len(path) == 1:
+        return [f.name for f in fields(model)] if model is CaptureSchema else list(model.model_fields)
+    if path[0] in ("engine", "capture"):
+        return [f.name for f in fields(EngineConfig if path[0] == "engine" else CaptureSchema)]
+    return list(SourceSchema.model_fields)
+
+
+def describe(exc: ValidationError, data: Any, where: str, model: type) -> str:
     """One line for a schema error: where, the key, the value given and what is allowed."""
     errors = exc.errors()
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # `[[source]]`: say so first
+    error = next((e for e in errors if e["type"] in UNKNOWN), errors[0])  # `[[source]]`: say so first
     key, path = _key(tuple(error["loc"]))
     field = next((p for p in reversed(path) if isinstance(p, str)), "")
-    if error["type"] == "extra_forbidden":
-        level = model if len(path) == 1 else CaptureSchema if path[0] == "capture" else SourceSchema
-        return f"{where}: unknown key {key!r}; allowed here: {', '.join(level.model_fields)}"
+    if error["type"] in UNKNOWN:
+        return f"{where}: unknown key {key!r}; allowed here: {', '.join(_keys_at(model, path))}"
+    if error["type"] == "dataclass_type":
+        return f"{where}: {key} = {_lookup(data, path)!r} is not allowed; {key} must be {ALLOWED.get(field)}"
     if error["type"] == "missing":
         return f"{where}: missing key {key!r}: {ALLOWED.get(field, 'required')}"
     value = _lookup(data, path)
@@ -149,6 +161,9 @@ def validate_pipeline(data: dict, where: str) -> PipelineSchema:
         raise GeomapError(describe(exc, data, where, PipelineSchema)) from None
 
 
+_CAPTURE = TypeAdapter(CaptureSchema)  # validates capture options as a pipeline's [capture] table is validated
+
+
 def capture_config(options: dict, where: str = "capture options") -> tuple[CaptureConfig, str]:
     """Validate capture options (as `CaptureSchema`) into a `CaptureConfig` and the vector dtype.
 
@@ -156,7 +171,7 @@ def capture_config(options: dict, where: str = "capture options") -> tuple[Captu
         GeomapError: One line naming the option, the value and what is allowed.
     """
     try:
-        schema = CaptureSchema.model_validate(options)
+        schema = _CAPTURE.validate_python(options)
     except ValidationError as exc:
         raise GeomapError(describe(exc, options, where, CaptureSchema)) from None
     return schema.config(), schema.vector_dtype
