@@ -1,4 +1,4 @@
-"""What user SQL may do, decided from DuckDB's own parse before anything runs.
+"""What user SQL may do, judged from the facts `geomap.store.sql_facts` reads in DuckDB's own parse.
 
 User SQL reads the store's tables and views, and nothing else:
 
@@ -18,7 +18,6 @@ User SQL reads the store's tables and views, and nothing else:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
@@ -26,6 +25,10 @@ from typing import Any
 import duckdb
 
 from geomap.errors import GeomapError
+from geomap.store.sql_facts import Call, Facts, QuotedSource, Table, TableFunction, analyze, first_keyword
+
+__all__ = ["AMPLIFIERS", "PRAGMAS", "READ_TYPES", "SCALAR_REFUSED", "TABLE_FUNCTIONS", "NoStatement", "Refused",
+           "TooBig", "check", "first_keyword", "judge"]
 
 READ_TYPES = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "MULTI"}  # MULTI: PIVOT
 WHAT = {"SET": "changes a setting", "LOAD": "installs or loads an extension", "ATTACH": "attaches a database",
@@ -46,7 +49,7 @@ SCALAR_REFUSED = {"write_log": "writes to DuckDB's log", "setval": "changes a se
                   "json_execute_serialized_sql": "runs SQL that was not checked"}
 VECTOR = 2048  # rows DuckDB computes at once: a value built per row is built this many times together
 THREADS = 2  # and in as many batches at once as DuckDB has threads (geomap's stores use a few)
-_AMPLIFIERS = {"range", "generate_series", "repeat", "lpad", "rpad", "list_resize", "array_resize", "bar"}
+AMPLIFIERS = frozenset({"range", "generate_series", "repeat", "lpad", "rpad", "list_resize", "array_resize", "bar"})
 _PATHLIKE = re.compile(r"[/\\*?~]|://|\.(csv|tsv|txt|json|jsonl|ndjson|parquet|gz|zst|duckdb|db|wal|tmp|xlsx|"
                        r"arrow|blob|bin|log)$", re.IGNORECASE)
 
@@ -67,19 +70,6 @@ def _article(word: str) -> str:
     return "an" if word[:1].upper() in "AEIOU" else "a"
 
 
-def first_keyword(sql: str) -> str:
-    """The statement's first keyword or word, skipping comments (``/* DELETE */ INSERT ...`` gives ``INSERT``)."""
-    try:
-        tokens = duckdb.tokenize(sql)
-    except Exception:  # noqa: BLE001 - a best effort for the message only
-        tokens = []
-    for position, kind in tokens:
-        if kind.name != "comment":
-            match = re.match(r"[A-Za-z_]+", sql[position:])
-            return match.group(0).upper() if match else sql[position:position + 10]
-    return ""
-
-
 def check(con: duckdb.DuckDBPyConnection, sql: str, budget_bytes: int, budget_mb: float | None = None) -> None:
     """Refuse anything but one statement that reads the store's tables within the memory budget.
 
@@ -92,125 +82,77 @@ def check(con: duckdb.DuckDBPyConnection, sql: str, budget_bytes: int, budget_mb
     Raises:
         Refused: With a sentence naming what was refused and why (`TooBig` for a constant beyond the budget).
     """
-    statements = con.extract_statements(sql)
-    if not statements:
+    judge(analyze(con, sql), budget_bytes, budget_mb)
+
+
+def judge(facts: Facts, budget_bytes: int, budget_mb: float | None = None) -> None:
+    """Refuse the statement whose facts these are unless it only reads the store's tables within the budget.
+
+    Args:
+        facts: What the statement does (`geomap.store.sql_facts.analyze`).
+        budget_bytes: The most one value built at once may take.
+        budget_mb: The budget as the user knows it, for messages (default: ``budget_bytes`` in MB).
+
+    Raises:
+        Refused: With a sentence naming the first thing refused and why (`TooBig` for a constant beyond the budget).
+    """
+    if not facts.statements:
         raise NoStatement("No SQL statement given.")
-    if len(statements) > 1:
-        raise Refused(f"{len(statements)} statements given; run one statement at a time.")
-    statement = statements[0]
-    kind, word = statement.type.name, first_keyword(statement.query)
+    if facts.statements > 1:
+        raise Refused(f"{facts.statements} statements given; run one statement at a time.")
+    kind, word = facts.kind, facts.word
     if kind not in READ_TYPES:
         what = WHAT.get(kind, "writes to the store")
         raise Refused(f"{word or kind} ({_article(kind)} {kind} statement): it {what}.")
-    body = statement.query.strip().rstrip(";").strip()
     if kind == "PRAGMA":
-        name = re.match(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*pragma\s+([A-Za-z_]+)", body, re.I | re.S)
-        pragma = name.group(1).lower() if name else "?"
-        if pragma not in PRAGMAS:
-            raise Refused(f"PRAGMA {pragma}: only reading pragmas run here ({', '.join(sorted(PRAGMAS))}); this one "
-                          "changes a setting or acts on the database.")
+        if facts.pragma not in PRAGMAS:
+            raise Refused(f"PRAGMA {facts.pragma}: only reading pragmas run here ({', '.join(sorted(PRAGMAS))}); "
+                          "this one changes a setting or acts on the database.")
         return
-    if kind == "CALL":  # CHECKPOINT and FORCE CHECKPOINT parse as CALL too
-        if word != "CALL":
-            named = "FORCE CHECKPOINT" if word == "FORCE" else word
-            raise Refused(f"{named} (a statement that acts on the database): store SQL only reads.")
-        body = "FROM " + body[body.upper().index("CALL") + 4:]
-    elif kind == "EXPLAIN":
-        body = re.sub(r"^\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*explain\s+(?:analyze\s+)?", "", body, flags=re.I | re.S)
-    elif kind == "MULTI":  # PIVOT: DuckDB cannot serialise it, so its function calls are read from its tokens
-        _check_tokens(con, body)
-        return
-    _check_tree(con, body, budget_bytes, budget_mb)
+    if kind == "CALL" and word != "CALL":  # CHECKPOINT and FORCE CHECKPOINT parse as CALL too
+        named = "FORCE CHECKPOINT" if word == "FORCE" else word
+        raise Refused(f"{named} (a statement that acts on the database): store SQL only reads.")
+    if facts.from_tokens:  # PIVOT: DuckDB cannot serialise it, so its calls were read from its tokens
+        _judge_tokens(facts)
+    elif facts.parse_error is not None:
+        if "SELECT statements" in facts.parse_error:
+            raise Refused("only a query (SELECT, FROM, WITH, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN) runs here.")
+        # else a syntax error: executing it gives DuckDB's own message
+    else:
+        _judge_parse(facts, budget_bytes, budget_mb if budget_mb is not None else budget_bytes / 2**20)
 
 
-def _check_tokens(con: duckdb.DuckDBPyConnection, body: str) -> None:
-    """Refuse a statement by its tokens: a call of a table function off the list or of a refused or amplifying one.
+def _judge_parse(facts: Facts, budget_bytes: int, mb: float) -> None:
+    """Refuse the first table function off the list, file-like table, refused call or amplifier beyond the budget."""
+    for fact in facts.items:
+        if isinstance(fact, TableFunction) and fact.name not in TABLE_FUNCTIONS:
+            raise Refused(_file_message(fact))
+        if isinstance(fact, Table) and not fact.cte and _PATHLIKE.search(fact.name):
+            raise Refused(f"FROM '{fact.name}' reads a file, and files cannot be read: store SQL reaches the store's "
+                          "tables and views only (SHOW TABLES lists them).")
+        if isinstance(fact, Call) and fact.name in SCALAR_REFUSED:
+            raise Refused(f"{fact.name}(): it {SCALAR_REFUSED[fact.name]}; store SQL only reads.")
+        if isinstance(fact, Call) and fact.name in AMPLIFIERS:
+            _bound(fact, budget_bytes, mb)
 
-    A quoted name after FROM or JOIN (a file) is refused too.
-    """
-    tables = {r[0] for r in con.execute("SELECT DISTINCT lower(function_name) FROM duckdb_functions() "
-                                        "WHERE function_type = 'table'").fetchall()}
-    words = []
-    for position, kind in duckdb.tokenize(body):
-        if kind.name == "comment":
-            continue
-        match = re.match(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[A-Za-z_][A-Za-z_0-9]*|\S", body[position:])
-        words.append((kind.name, match.group(0) if match else ""))
-    for i, (kind, word) in enumerate(words):
-        following = words[i + 1][1] if i + 1 < len(words) else ""
-        name = word.strip('"').lower()
-        if following == "(" and ((name in tables and name not in TABLE_FUNCTIONS) or name in SCALAR_REFUSED
-                                 or name in _AMPLIFIERS):
-            raise Refused(f"{name}() inside a PIVOT: write the query as SELECT ... FROM (PIVOT ...) over the store's "
-                          "tables, with no file, SQL-text or list-building function.")
-        previous = words[i - 1][1].upper() if i else ""
-        if kind == "string_const" and previous in ("FROM", "JOIN", "PIVOT"):
-            raise Refused(f"FROM {word} reads a file, and files cannot be read: store SQL reaches the store's "
+
+def _judge_tokens(facts: Facts) -> None:
+    """Refuse a call of a table function off the list or of a refused or amplifying one, and a quoted source."""
+    for fact in facts.items:
+        if isinstance(fact, (TableFunction, Call)) and (
+                (isinstance(fact, TableFunction) and fact.name not in TABLE_FUNCTIONS)
+                or fact.name in SCALAR_REFUSED or fact.name in AMPLIFIERS):
+            raise Refused(f"{fact.name}() inside a PIVOT: write the query as SELECT ... FROM (PIVOT ...) over the "
+                          "store's tables, with no file, SQL-text or list-building function.")
+        if isinstance(fact, QuotedSource):
+            raise Refused(f"FROM {fact.text} reads a file, and files cannot be read: store SQL reaches the store's "
                           "tables and views only.")
 
 
-def _check_tree(con: duckdb.DuckDBPyConnection, body: str, budget_bytes: int, budget_mb: float | None) -> None:
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [body]).fetchall()[0][0])
-    if tree.get("error"):
-        if "SELECT statements" in str(tree.get("error_message")):
-            raise Refused("only a query (SELECT, FROM, WITH, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN) runs here.")
-        return  # a syntax error: executing it gives DuckDB's own message
-    _walk(tree, (budget_bytes, budget_mb if budget_mb is not None else budget_bytes / 2**20, body), set())
-
-
-def _walk(node: Any, budget: tuple[int, float, str], ctes: set[str]) -> None:
-    if isinstance(node, list):
-        for item in node:
-            _walk(item, budget, ctes)
-        return
-    if not isinstance(node, dict):
-        return
-    cte_map = node.get("cte_map")
-    if isinstance(cte_map, dict):
-        ctes = ctes | {str(entry.get("key", "")).lower() for entry in cte_map.get("map", []) if isinstance(entry, dict)}
-    if node.get("type") == "TABLE_FUNCTION":
-        function = node.get("function") or {}
-        name = str(function.get("function_name", "")).lower()
-        if name not in TABLE_FUNCTIONS:
-            raise Refused(_file_message(name, function, _source(node, budget[2])))
-        _walk(function.get("arguments"), budget, ctes)
-        return
-    _check_node(node, budget, ctes)
-    for value in node.values():
-        _walk(value, budget, ctes)
-
-
-def _check_node(node: dict, budget: tuple[int, float, str], ctes: set[str]) -> None:
-    """Refuse a table named like a file, a refused function, or an amplifying call beyond the budget."""
-    if node.get("type") == "BASE_TABLE":
-        name = str(node.get("table_name", ""))
-        if name.lower() not in ctes and _PATHLIKE.search(name):
-            raise Refused(f"FROM '{name}' reads a file, and files cannot be read: store SQL reaches the store's "
-                          "tables and views only (SHOW TABLES lists them).")
-    if node.get("class") == "FUNCTION":
-        name = str(node.get("function_name", "")).lower()
-        if name in SCALAR_REFUSED:
-            raise Refused(f"{name}(): it {SCALAR_REFUSED[name]}; store SQL only reads.")
-        if name in _AMPLIFIERS:
-            _bound(name, [_argument(a) for a in node.get("arguments") or []], budget)
-
-
-def _argument(arg: Any) -> Any:
-    return arg.get("expression", arg) if isinstance(arg, dict) and "expression" in arg else arg
-
-
-def _source(node: dict, sql: str) -> str | None:
-    """The text of a node in the SQL it was parsed from, when DuckDB kept its place."""
-    start, length = node.get("query_location"), node.get("query_location_length")
-    if isinstance(start, int) and isinstance(length, int) and 0 <= start < len(sql) and 0 < length <= 200:
-        return sql[start:start + length].strip()
-    return None
-
-
-def _file_message(name: str, function: dict, source: str | None = None) -> str:
-    literal = next((c for c in _constants(function)), None)
-    what = f"{name}({literal!r})" if isinstance(literal, str) else (source if source and "(" in source else
-                                                                   f"{name}()")
+def _file_message(fact: TableFunction) -> str:
+    name, source = fact.name, fact.source
+    what = f"{name}({fact.literal!r})" if isinstance(fact.literal, str) else (
+        source if source and "(" in source else f"{name}()")
     if name in ("query", "query_table"):
         return f"{what} runs SQL given as text, which is not checked; write the query itself."
     if name in ("checkpoint", "force_checkpoint"):
@@ -219,45 +161,7 @@ def _file_message(name: str, function: dict, source: str | None = None) -> str:
             "store's tables and views.")
 
 
-def _constants(node: Any):
-    if isinstance(node, dict):
-        if node.get("class") == "CONSTANT":
-            yield (node.get("literal") or {}).get("text")
-        for value in node.values():
-            yield from _constants(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _constants(item)
-
-
-def _value(node: Any) -> Any:
-    """A constant expression's value (numbers, strings, list literals, casts and unary minus), else None."""
-    if not isinstance(node, dict):
-        return None
-    cls = node.get("class")
-    if cls == "CONSTANT":
-        literal = node.get("literal") or {}
-        text = literal.get("text")
-        if literal.get("kind") == "STRING":
-            return text
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return None
-    if cls == "CAST":
-        return _value(node.get("child"))
-    if cls == "FUNCTION":
-        args = [_argument(a) for a in node.get("arguments") or []]
-        if node.get("function_name") == "-" and len(args) == 1:
-            inner = _value(args[0])
-            return -inner if isinstance(inner, float) else None
-        if node.get("function_name") == "list_value":
-            return [_value(a) for a in args]
-    return None
-
-
-def _number(node: Any) -> float | None:
-    value = _value(node)
+def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -270,9 +174,9 @@ def _number(node: Any) -> float | None:
     return None
 
 
-def _bound(name: str, args: list, limits: tuple[int, float, str]) -> None:
+def _bound(call: Call, budget: int, mb: float) -> None:
     """Refuse an amplifying call whose size is not a constant within the budget (8 bytes a list element)."""
-    budget, mb = limits[:2]
+    name, args = call.name, call.args
     sizes = [_number(a) for a in args]
     if name in ("range", "generate_series"):
         start, stop, step = ([0.0] + sizes + [1.0])[:3] if len(args) == 1 else (sizes + [1.0])[:3]
@@ -287,7 +191,7 @@ def _bound(name: str, args: list, limits: tuple[int, float, str]) -> None:
         if size is None:
             raise Refused(f"{name}(...) needs a constant size here: it builds its value at once, outside the memory "
                           f"budget ({mb:g} MB).")
-        base = _value(args[0]) if args else None
+        base = args[0] if args else None
         unit = {"repeat": len(base) * (8 if isinstance(base, list) else 1) if isinstance(base, (str, list)) else 1024,
                 "list_resize": 8, "array_resize": 8}.get(name, 4)
         need = max(size, 0.0) * max(unit, 1)
