@@ -30,8 +30,9 @@ from geomap.serve.jobs import JobRunner
 from geomap.serve.security import BODY_TIMEOUT_S, LOOPBACK_NAMES, BodyTimeout, BodyTooLarge, Perimeter
 from geomap.store.db import INGEST_MEMORY, WRITE_CHECKPOINT_THRESHOLD, NotFoundError, StoreError, ensure_schema
 from geomap.store.handle import Store
-from geomap.store.sql import json_value, sql_connection_config
+from geomap.store.sql import sql_connection_config
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB
+from geomap.store.sql_result import json_value
 
 log = logging.getLogger("geomap.serve")
 

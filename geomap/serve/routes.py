@@ -11,8 +11,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from geomap.serve.encode import ARROW_STREAM, arrow_response, dumps, wants_arrow
-from geomap.store.sql import json_value, run_sql
+from geomap.store.sql import run_sql
 from geomap.store.sql_budget import GATE
+from geomap.store.sql_result import json_value
 
 router = APIRouter()
 Id = Annotated[int, Field(ge=0, le=2**31 - 1)]

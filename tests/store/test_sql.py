@@ -16,7 +16,8 @@ import pytest
 
 from geomap.errors import GeomapError
 from geomap.store.db import StoreError, connect, ensure_schema
-from geomap.store.sql import SqlError, SqlRefused, SqlResult, SqlTimeout, run_sql, sql_connection_config
+from geomap.store.sql import SqlError, SqlRefused, SqlTimeout, run_sql, sql_connection_config
+from geomap.store.sql_result import SqlResult
 
 
 def _snapshot(path):
