@@ -101,14 +101,16 @@ def _add_commands() -> None:
         bench_cmds,
         export_cmds,
         intervene_cmds,
+        query_cmds,
         report_cmds,
         serve_cmds,
         store_cmds,
         store_group,
     )
 
-    for command in [*store_cmds.COMMANDS, *store_group.COMMANDS, *export_cmds.COMMANDS, *analysis_cmds.COMMANDS,
-                    *report_cmds.COMMANDS, *serve_cmds.COMMANDS, *bench_cmds.COMMANDS, *intervene_cmds.COMMANDS]:
+    for command in [*store_cmds.COMMANDS, *query_cmds.COMMANDS, *store_group.COMMANDS, *export_cmds.COMMANDS,
+                    *analysis_cmds.COMMANDS, *report_cmds.COMMANDS, *serve_cmds.COMMANDS, *bench_cmds.COMMANDS,
+                    *intervene_cmds.COMMANDS]:
         cli.add_command(command)
 
 
