@@ -11,9 +11,9 @@ import pandas as pd
 
 from geomap.analysis import load
 from geomap.analysis.decoding import Strategy, decide
-from geomap.analysis.persist import decision_row, insert_rows, transaction
+from geomap.analysis.persist import decision_row, insert_rows
 from geomap.analysis.stats_api import trajectory_stats
-from geomap.store.db import ensure_schema
+from geomap.store.db import ensure_schema, in_transaction
 from geomap.store.handle import Store, StoreLike
 
 
@@ -100,7 +100,7 @@ def geometry(store: StoreLike, prompt_id: int, layer: int | None = None, pos: in
             rows += [{"prompt_id": prompt_id, "pos": pos, "layer": layer, "role": role, "rank": r,
                       "token_id": int(t), "dot": float(dv), "cosine": float(c)}
                      for r, (t, dv, c) in enumerate(zip(block.token_ids, block.dot, block.cosine), start=1)]
-        with transaction(con):
+        with in_transaction(con):
             con.execute("DELETE FROM geometry WHERE prompt_id = ? AND pos = ? AND layer = ?", [prompt_id, pos, layer])
             con.execute("DELETE FROM margins WHERE prompt_id = ? AND pos = ? AND layer = ?", [prompt_id, pos, layer])
             insert_rows(con, "geometry", rows)
@@ -144,7 +144,7 @@ def attribute(store: StoreLike, prompt_id: int, token: str | None = None, pos: i
         rows = [{"prompt_id": prompt_id, "pos": pos, "token_id": token_id,
                  "level": "head" if c in ("head", "attn_bias") else "layer", "component": c, "layer": layer,
                  "head": head, "value": v} for c, layer, head, v in result.parts]
-        with transaction(con):
+        with in_transaction(con):
             con.execute("DELETE FROM attributions WHERE prompt_id = ? AND pos = ? AND token_id = ?",
                         [prompt_id, pos, token_id])
             insert_rows(con, "attributions", rows)

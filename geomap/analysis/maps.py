@@ -9,9 +9,9 @@ import pandas as pd
 
 from geomap.analysis import load
 from geomap.analysis.geometry import normed_states, unembed_rows
-from geomap.analysis.persist import insert_rows, next_id, transaction
+from geomap.analysis.persist import insert_rows, next_id
 from geomap.analysis.projection import fit_projection
-from geomap.store.db import NotFoundError, StoreError, ensure_schema
+from geomap.store.db import NotFoundError, StoreError, ensure_schema, in_transaction
 from geomap.store.handle import Store, StoreLike
 
 
@@ -66,7 +66,7 @@ def project(store: StoreLike, run_id: int, method: str = "pca", layers: list[int
         out = []
         for layer, idx in groups:
             fit = fit_projection(x[idx], method, w_u[token_ids], seed=seed)
-            with transaction(con):
+            with in_transaction(con):
                 pid = next_id(con, "projections")
                 insert_rows(con, "projections", [{
                     "id": pid, "run_id": run_id, "method": method, "space": "normed", "layers": chosen,

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 
 from geomap.analysis import load
-from geomap.analysis.persist import insert_rows, transaction
+from geomap.analysis.persist import insert_rows
 from geomap.analysis.position import distance_profile, learned_position_similarity, rope_angles
-from geomap.store.db import StoreError, ensure_schema
+from geomap.store.db import StoreError, ensure_schema, in_transaction
 from geomap.store.handle import Store, StoreLike
 
 
@@ -70,7 +70,7 @@ def position(store: StoreLike, prompt_id: int, layer: int | None = None, head: i
         angle_rows = [{"prompt_id": prompt_id, "rope": name, "pos": p, "pair": i, "angle": float(angle)}
                       for name, f in ropes.items()
                       for p, row in enumerate(rope_angles(f, np.arange(info.n_tokens))) for i, angle in enumerate(row)]
-        with transaction(con):
+        with in_transaction(con):
             con.execute("DELETE FROM rope_angles WHERE prompt_id = ?", [prompt_id])
             for ell in layers:
                 con.execute("DELETE FROM position_scores WHERE prompt_id = ? AND layer = ?", [prompt_id, ell])
@@ -88,7 +88,7 @@ def _learned(con, loaded, max_distance: int) -> pd.DataFrame:
     vectors = loaded.anatomy.position_embedding.weight.detach().float().cpu().numpy()
     norms, sims = learned_position_similarity(vectors, max_distance)
     sha = loaded.weights_hash
-    with transaction(con):
+    with in_transaction(con):
         con.execute("DELETE FROM position_vectors WHERE weights_sha256 = ?", [sha])
         con.execute("DELETE FROM position_similarity WHERE weights_sha256 = ?", [sha])
         insert_rows(con, "position_vectors", [{"weights_sha256": sha, "pos": p, "norm": float(n)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from geomap.digest import sha256_of_files
 from geomap.errors import ModelNotFoundError
 from geomap.models.presets import DEFAULT_MODEL, PRESETS, convert
 from geomap.models.registry import Anatomy
@@ -65,12 +65,7 @@ class LoadedModel:
         manifest = PRESETS[self.name].manifest() if self.name in PRESETS else {}
         if manifest.get("weights_sha256"):
             return manifest["weights_sha256"]
-        digest = hashlib.sha256()
-        for file in sorted(self.path.glob("*.safetensors")):
-            with file.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return sha256_of_files(sorted(self.path.glob("*.safetensors")))
 
 
 def _offline() -> bool:

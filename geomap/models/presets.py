@@ -7,7 +7,6 @@ Later loads read that directory in seconds. Nothing here reaches the network.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from geomap.digest import sha256_of
 from geomap.errors import GeomapError, ModelNotFoundError
 from geomap.paths import cache_home
 
@@ -109,14 +109,6 @@ def _say(step: int, total: int, text: str) -> None:
     print(f"[geomap] convert {step}/{total}: {text}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _probe(model, tokenizer):
     import torch
 
@@ -184,8 +176,8 @@ def convert(preset: Preset) -> Path:
             "preset": preset.name,
             "source": preset.source,
             "gguf_file": gguf.name,
-            "gguf_sha256": _sha256(gguf),
-            "weights_sha256": _sha256(out / "model.safetensors"),
+            "gguf_sha256": sha256_of(gguf),
+            "weights_sha256": sha256_of(out / "model.safetensors"),
             "probe": {"prompt": PROBE_PROMPT, "token_ids": ids, "top_id": int(logits.argmax()), "max_diff": diff},
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -9,14 +9,8 @@ from pathlib import Path
 import faiss
 
 
-def sha256_of(path: Path) -> str:
-    """The sha256 of a file's bytes, hex."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_temp(tmp: Path, content: faiss.Index | bytes) -> str:
-    """Write an index (or bytes) to ``tmp``, flushed and fsynced; return the sha256 of what was written."""
+def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview) -> str:
+    """Write an index (or bytes, or a buffer) to ``tmp``, flushed and fsynced; return the sha256 of what was written."""
     h = hashlib.sha256()
     with open(tmp, "wb") as f:
 
@@ -24,7 +18,7 @@ def write_temp(tmp: Path, content: faiss.Index | bytes) -> str:
             h.update(block)
             f.write(block)
 
-        if isinstance(content, bytes):
+        if isinstance(content, bytes | memoryview):
             sink(content)
         else:  # the temporary writer is released (and flushed) when write_index returns
             faiss.write_index(content, faiss.PyCallbackIOWriter(sink))

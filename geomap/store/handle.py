@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import duckdb
 
-from geomap.store.db import StoreError, connect, index_dir, rollback_quietly, writer_settings
+from geomap.store.db import StoreError, connect, in_transaction, index_dir, writer_settings
 
 Mode = Literal["r", "w"]
 
@@ -152,13 +152,8 @@ class Store:
         self._writable()
         cur = self.cursor()
         try:
-            cur.execute("BEGIN TRANSACTION")
-            try:
+            with in_transaction(cur):
                 yield cur
-            except BaseException:
-                rollback_quietly(cur)
-                raise
-            cur.execute("COMMIT")
         finally:
             cur.close()
 

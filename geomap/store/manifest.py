@@ -19,9 +19,10 @@ import duckdb
 import faiss
 import numpy as np
 
+from geomap.digest import sha256_of
 from geomap.faults import kill_point
 from geomap.store.db import StoreError, index_dir, rollback_quietly, storage_error
-from geomap.store.files import publish, sha256_of, write_temp
+from geomap.store.files import publish, write_temp
 
 log = logging.getLogger(__name__)
 

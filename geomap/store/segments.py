@@ -17,7 +17,6 @@ still be reading them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geomap.faults import kill_point
+from geomap.store.files import fsync_path, write_temp
 
 SEGMENT_TABLES = ("states", "contributions", "attention", "final_logits")
 SORT_KEYS = {"states": ("prompt_id", "pos", "layer"), "contributions": ("prompt_id", "pos", "layer"),
@@ -137,24 +137,12 @@ def write_segment(table: pa.Table, name: str, folder: Path, sync_folder: bool = 
     pq.write_table(table, buffer, row_group_size=max(64, ROW_GROUP_BYTES // row_bytes), compression="none",
                    use_dictionary=False, write_statistics=stats, store_schema=False)
     data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
-    with open(tmp, "wb") as sink:
-        sink.write(data)
-        sink.flush()
-        os.fsync(sink.fileno())
+    digest = write_temp(tmp, memoryview(data))
     kill_point("segment.temp_written")
     os.replace(tmp, folder / file)
     if sync_folder:
-        _fsync_dir(folder)
+        fsync_path(folder)
     return Segment(file, table.num_rows, data.size, digest)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def catalog(con: duckdb.DuckDBPyConnection, name: str, segment: Segment, table: pa.Table) -> None:
@@ -183,7 +171,7 @@ def store_segments(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]) 
         catalog(con, name, segment, todo[name])
         counts[name] = todo[name].num_rows
     if counts:
-        _fsync_dir(folder)  # the renames are durable before the catalog rows can commit
+        fsync_path(folder)  # the renames are durable before the catalog rows can commit
     kill_point("segment.cataloged")
     refresh_views(con, [n for n in tables if tables[n].num_rows])
     return counts

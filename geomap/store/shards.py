@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geomap.capture.journey import Journey, PromptFailure
+from geomap.digest import sha256_of
 from geomap.errors import GeomapError
 from geomap.faults import kill_point
 from geomap.store.db import rollback_quietly
-from geomap.store.files import fsync_path, sha256_of
+from geomap.store.files import fsync_path
 from geomap.store.segments import SEGMENT_TABLES, layout, next_state_id, store_segments
 from geomap.store.writer import TABLES, PromptSpec, check_finite, journey_tables
 

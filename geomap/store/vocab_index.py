@@ -8,8 +8,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from geomap.digest import sha256_of
 from geomap.lru import Lru
-from geomap.store.files import publish, sha256_of, write_temp
+from geomap.store.files import publish, write_temp
 
 log = logging.getLogger(__name__)
 _OPEN: Lru[tuple[tuple, faiss.Index]] = Lru(4)  # bounded: the indexes this process read, key → (file signature, index)
