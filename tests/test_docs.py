@@ -38,3 +38,13 @@ def test_every_table_view_and_column_is_documented(tmp_path):
     assert not missing, f"undocumented in docs/schema.md: {missing}"
     extra = set(sections) - {name for name, _ in relations}
     assert not extra, f"docs/schema.md documents relations the schema does not have: {extra}"
+
+
+def test_every_file_the_architecture_names_is_where_it_says():
+    """A file named in docs/architecture.md (`x.py`, `store/schema.sql`, `templates/...`) exists under that name."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    names = set(re.findall(r"`([\w/.\-]+\.(?:py|sql|j2|toml|md|css|js))`", text))
+    files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
+             if p.is_file() and not {".venv", ".git", "data", "reports"} & set(p.relative_to(ROOT).parts)]
+    missing = sorted(n for n in names if not any(f == n or f.endswith("/" + n) for f in files))
+    assert len(names) > 50 and not missing, missing

@@ -322,3 +322,32 @@ def test_report_commands(tiny_dirs, tmp_path, monkeypatch):
     assert both.exit_code != 0 and "--prompt ID or --text" in both.output
     index = (tmp_path / "reports" / "index.html").read_text(encoding="utf-8")
     assert all(name in index for name in ("journey-2.html", "compare-1-2.html", "run-1.html"))
+
+
+def _store_bytes(db: Path) -> str:
+    """sha256 over the store's file, its WAL and every file in the folders beside it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top in sorted(dict.fromkeys([*db.parent.glob(db.name + "*"), *db.parent.glob(db.stem + ".*")])):
+        for path in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            h.update(str(path.relative_to(db.parent)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_rendering_a_journey_page_writes_nothing_to_the_store(reports, tmp_path):
+    """Once its preconditions hold, a page renders from a read-only store and leaves every byte of it as it was."""
+    import duckdb
+
+    from geomap.store.handle import Store
+
+    _, db, _, _ = reports
+    before = _store_bytes(db)
+    with Store.open(db, "r") as store:
+        for pid in (1, 4):  # 1 has a generation, whose step pages are written too
+            report = journey_report(store, pid, out=tmp_path / f"journey-{pid}.html")
+            assert report.path.exists() and "<html" in report.html
+        with pytest.raises(duckdb.Error, match="read-only"):  # the handle really is read-only
+            store.cursor().execute("CREATE TABLE probe (a INTEGER)")
+    assert _store_bytes(db) == before
