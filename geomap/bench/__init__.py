@@ -37,7 +37,15 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         workdir: Where temporary stores go (default a temporary folder, removed afterwards).
         say: Progress lines.
     """
-    from geomap.bench import capture_bench, intervene_bench, query_bench, ray_bench, steady_bench, store_bench
+    from geomap.bench import (
+        capture_bench,
+        cli_bench,
+        intervene_bench,
+        query_bench,
+        ray_bench,
+        steady_bench,
+        store_bench,
+    )
     from geomap.models import load_model
 
     start = time.perf_counter()
@@ -62,6 +70,8 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         say("steady state: 40 and 240 prompts differenced, per profile and store layout")
         figures += steady_bench.steady_figures(loaded, short_prompts(240), folder,
                                                layouts=("segments",) if quick else ("rows", "segments"))
+        say("cold starts: geomap sql, a rerun with nothing new, beside python -c pass")
+        figures += cli_bench.cold_figures(model, texts[:4], folder, repeats)
         db = folder / "e.duckdb"
         say("interventions: a causal-trace sweep beside its bare forwards; storage per intervention")
         figures += intervene_bench.intervene_figures(loaded, folder, repeats)
