@@ -134,10 +134,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
 
     from geomap.cli import quiet_transformers
     from geomap.cli.remote import server_for
-    from geomap.ingest.engine import ingest
     from geomap.ingest.pipeline import load_pipeline
     from geomap.ingest.validate import require_prompts
-    from geomap.models import load_model
 
     pipe = load_pipeline(pipeline_file)
     if profile is not None:
@@ -154,6 +152,8 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         report_summary(summary, as_json, store, prompt_keys_of(pipe.model, pipe.capture, prompts))
         loaded = None
         if pipe.continuation_tokens:  # generation is one token at a time: the driver does it, as the inline run does
+            from geomap.models import load_model
+
             loaded = load_model(pipe.model, device=device)
             _continue(store, pipe, prompts, loaded, as_json)
         if pipe.reports and not no_reports:
@@ -163,11 +163,14 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         _run_on_server(client, store, pipe, prompts, engine, device, as_json, no_reports)
         return
     _check_writable(store)
-    quiet_transformers()
     from geomap.cli.rerun import nothing_new
 
     if nothing_new(store, pipe, prompts, device, as_json, no_reports):
-        return
+        return  # answered from the model's identity: neither torch nor transformers was imported
+    quiet_transformers()
+    from geomap.ingest.engine import ingest
+    from geomap.models import load_model
+
     if sys.stderr.isatty():  # what the wait is for (a terminal only: error output stays one line)
         click.echo(f"loading {pipe.model} to capture what is not stored yet ...", err=True)
     loaded = load_model(pipe.model, device=device)

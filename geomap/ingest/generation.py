@@ -5,8 +5,6 @@ The loop itself is analysis (`geomap.analysis.generate`); storing its journey an
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from geomap.analysis.decoding import Strategy
@@ -15,6 +13,7 @@ from geomap.analysis.persist import decision_row, insert_rows
 from geomap.capture.config import CaptureConfig
 from geomap.errors import PromptError
 from geomap.ingest.engine import ingest
+from geomap.ingest.generation_keys import decoding_json, stored_parents
 from geomap.ingest.merger import Merged
 from geomap.ingest.runs import Run, RunOptions, model_identity
 from geomap.store.db import ensure_schema, storage_error
@@ -81,20 +80,6 @@ def _stored_prompt_key(store: Store, loaded, text: str) -> str | None:
         ensure_schema(con)
         found = stored_parents(con, loaded, [text])
     return found[text][1] if found else None
-
-
-def stored_parents(con, loaded, texts: list[str]) -> dict[str, tuple[int, str]]:
-    """``{text: (id, key)}`` of the first stored (non-generated, done) prompt with each text and this model."""
-    rows = con.execute("""SELECT p.text, min(p.id), arg_min(p.key, p.id) FROM prompts p JOIN runs r ON r.id = p.run_id
-                          WHERE p.text IN (SELECT unnest(?)) AND r.weights_sha256 = ? AND p.parent_id IS NULL
-                            AND p.status = 'done' GROUP BY p.text""", [texts, loaded.weights_hash]).fetchall()
-    return {text: (int(pid), key) for text, pid, key in rows}
-
-
-def decoding_json(strategy: Strategy, max_new_tokens: int, parent_key: str) -> str:
-    """A generation's canonical decoding JSON (part of its key)."""
-    return json.dumps({**strategy.to_dict(), "max_new_tokens": max_new_tokens, "parent": parent_key},
-                      sort_keys=True, separators=(",", ":"))
 
 
 def continue_prompts(store: StoreLike, loaded, texts, max_new_tokens: int, config=None,

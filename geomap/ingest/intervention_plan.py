@@ -8,14 +8,16 @@ ablations taken from stored prompts, the store.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from geomap.intervene.hooks import InterventionError, Site
+from geomap.intervene.sites import InterventionError, Site
 from geomap.intervene.spec import Noise, Spec, vector_bytes
-from geomap.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from geomap.models.loading import LoadedModel
 
 Selection = Literal["all"] | list[int] | Annotated[str, Field(pattern=r"^-?\d*:-?\d*$")]
 

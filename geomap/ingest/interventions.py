@@ -22,7 +22,7 @@ from geomap.ingest.engine import ingest
 from geomap.ingest.runs import Run, RunOptions, model_identity
 from geomap.intervene.effects import delta_rows, effect_rows, lens_top1
 from geomap.intervene.engine import prepare, run_specs
-from geomap.intervene.hooks import InterventionError
+from geomap.intervene.sites import InterventionError
 from geomap.intervene.spec import Spec, resolve
 from geomap.models.loading import LoadedModel
 from geomap.store.handle import Store

@@ -8,11 +8,14 @@ a bad option stores nothing and leaves no run ``running``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from geomap.capture.config import CaptureConfig, resolve_layers, resolve_positions
 from geomap.capture.tokens import encode
 from geomap.errors import GeomapError, PromptError
-from geomap.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from geomap.models.loading import LoadedModel
 
 
 def require_prompts(prompts: Sequence, where: str) -> None:

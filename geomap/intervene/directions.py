@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from geomap.intervene.engine import baselines
-from geomap.intervene.hooks import InterventionError, Site
+from geomap.intervene.sites import InterventionError, Site
 from geomap.models.loading import LoadedModel
 
 

@@ -16,7 +16,8 @@ import torch
 
 from geomap.capture.engine import pad_batch
 from geomap.capture.tokens import Encoded, encode
-from geomap.intervene.hooks import Edit, Edits, InterventionError, Site
+from geomap.intervene.hooks import Edit, Edits
+from geomap.intervene.sites import InterventionError, Site
 from geomap.intervene.spec import Spec, aligned, resolve
 from geomap.models.loading import LoadedModel
 

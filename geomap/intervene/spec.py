@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geomap.intervene.hooks import InterventionError, Site
+from geomap.intervene.sites import InterventionError, Site
 
 OPERATIONS = ("patch", "ablate", "steer", "trace")
 ABLATIONS = ("zero", "mean", "resample")

@@ -1,22 +1,27 @@
-"""Model stage: presets, offline loading, and the architecture registry."""
+"""Model stage: presets, offline loading, the architecture registry, and a model's identity from its files.
 
-from geomap.models.loading import LoadedModel, default_device, load_model, resolve_model_path
-from geomap.models.presets import DEFAULT_MODEL, PRESETS, Preset, cache_home, convert
-from geomap.models.registry import REGISTRY, Anatomy, ArchSpec, spec_for, supported_architectures
+The names below are loaded on first use (PEP 562), so importing ``geomap.models.presets`` or ``.identity`` (as a
+rerun with nothing new does) does not import torch.
+"""
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "PRESETS",
-    "REGISTRY",
-    "Anatomy",
-    "ArchSpec",
-    "LoadedModel",
-    "Preset",
-    "cache_home",
-    "convert",
-    "default_device",
-    "load_model",
-    "resolve_model_path",
-    "spec_for",
-    "supported_architectures",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "LoadedModel": "loading", "default_device": "loading", "load_model": "loading", "resolve_model_path": "loading",
+    "DEFAULT_MODEL": "presets", "PRESETS": "presets", "Preset": "presets", "cache_home": "presets",
+    "convert": "presets", "REGISTRY": "registry", "Anatomy": "registry", "ArchSpec": "registry",
+    "spec_for": "registry", "supported_architectures": "registry",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    """The exported name, imported from its module on first use."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geomap.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"geomap.models.{module}"), name)

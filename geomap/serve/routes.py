@@ -156,7 +156,7 @@ def _job_spec(server, body: RunRequest):
 def _plans(entries: list[dict]) -> tuple:
     """Validate a request's intervention sweeps (422 with the one-line message of the pipeline schema)."""
     from geomap.ingest.intervention_plan import validate_plan
-    from geomap.intervene.hooks import InterventionError
+    from geomap.intervene.sites import InterventionError
 
     try:
         return tuple(validate_plan(entry, f"interventions[{i}]") for i, entry in enumerate(entries))
