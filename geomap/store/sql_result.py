@@ -175,5 +175,7 @@ def _cell(v: Any) -> str:
     """A value for the plain-text table: one line, at most ``_CELL_WIDTH`` characters."""
     if isinstance(v, float) and math.isfinite(v) and float(np.float32(v)) == v:
         v = float(str(np.float32(v)))  # a FLOAT column's value, shown by its shortest float32 digits
+    if isinstance(v, str) and v and v.isspace():  # a whitespace token would print as a blank cell: quote it
+        return repr(v)
     text = "NULL" if v is None else _text(v).replace("\n", "\\n")
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"

@@ -248,3 +248,11 @@ def test_pandas_and_arrow(store):
     assert empty.to_pandas().empty and empty.to_arrow().num_rows == 0
     mixed = SqlResult(["m"], [(1,), ("a",), (None,)], False, 0.0).to_arrow()  # Arrow cannot type it: strings
     assert mixed.schema.field("m").type == pa.string() and mixed.column("m").to_pylist() == ["1", "a", None]
+
+
+def test_a_whitespace_token_is_visible_in_a_table():
+    from geomap.store.sql_result import SqlResult
+
+    table = SqlResult(["token", "n"], [(" ", 1), ("\n\n", 2), (" coming", 3)]).format("table").splitlines()
+    assert table[2].startswith("' '") and table[3].startswith("'\\n\\n'") and table[4].startswith(" coming")
+    assert SqlResult(["token"], [(" ",)]).format("csv") == "token\n \n"  # data formats keep the value as it is
