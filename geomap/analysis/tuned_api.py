@@ -7,9 +7,9 @@ import pandas as pd
 import torch
 
 from geomap.analysis import load
-from geomap.analysis.persist import insert_rows, next_id, transaction
+from geomap.analysis.persist import insert_rows, next_id
 from geomap.analysis.tuned_lens import final_logprobs, full_kl, train_tuned_lens
-from geomap.store.db import ensure_schema
+from geomap.store.db import ensure_schema, in_transaction
 from geomap.store.handle import Store, StoreLike
 
 
@@ -50,7 +50,7 @@ def tuned_lens(store: StoreLike, run_id: int, steps: int = 150, heldout_every: i
                 kl, top1 = full_kl(loaded, h + h @ torch.as_tensor(lens.weights[i]) + torch.as_tensor(lens.biases[i]),
                                    final_logp)
                 stats.append((layer, kl.numpy(), top1.numpy()))
-        with transaction(con):
+        with in_transaction(con):
             lens_id = next_id(con, "tuned_lens")
             n_train = len(set(prompts[~heldout].tolist()))
             insert_rows(con, "tuned_lens", [{

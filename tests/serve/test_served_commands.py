@@ -19,7 +19,7 @@ def served(tiny_dirs, tmp_path_factory):
     assert done.status == 0, done.stderr
     proc, port = start_server(db, tiny_dirs["llama"])
     Api(port).ok("GET", "/healthz")
-    yield db, folder, proc, port
+    yield db, folder, proc, port, tiny_dirs["llama"]
     stop_server(proc)
 
 
@@ -38,21 +38,28 @@ NAMED = [
     ["index", "verify"],
     ["index", "rebuild"],
     ["export", "prompts", "--out", "{folder}/p.parquet"],
+    ["geometry", "--prompt", "1"],
+    ["project", "--run", "1"],
+    ["tuned-lens", "--run", "1", "--steps", "1"],
+    ["store", "compact"],
+    ["generate", "The storm is", "--max-new-tokens", "1", "--model", "{model}"],
+    ["intervene", "steer", "The storm is", "--model", "{model}", "--layer", "1", "--alpha", "0",
+     "--tokens", "a", "b"],
 ]
 
 
 @pytest.mark.parametrize("args", THROUGH, ids=[" ".join(a[:2]) for a in THROUGH])
 def test_commands_go_through_the_server(served, args):
-    db, folder, _, port = served
-    done = geomap(*[a.format(folder=folder) for a in args], "--db", str(db))
+    db, folder, _, port, model = served
+    done = geomap(*[a.format(folder=folder, model=model) for a in args], "--db", str(db))
     assert done.status == 0, done.stderr
     assert f"127.0.0.1:{port}" in done.stderr  # it said it went through the server
 
 
 @pytest.mark.parametrize("args", NAMED, ids=[" ".join(a[:2]) for a in NAMED])
 def test_other_commands_name_the_server(served, args):
-    db, folder, proc, port = served
-    done = geomap(*[a.format(folder=folder) for a in args], "--db", str(db))
+    db, folder, proc, port, model = served
+    done = geomap(*[a.format(folder=folder, model=model) for a in args], "--db", str(db))
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("geomap serve owns")]
     assert done.status == 2, done.stderr
     assert len(lines) == 1 and "Traceback" not in done.stderr, lines
