@@ -33,7 +33,7 @@ from geomap.ingest.merger import Merged, ShardMerger
 from geomap.ingest.ray_worker import CaptureWorker, prompt_table
 from geomap.ingest.runs import Run, RunOptions, RunSummary, unstored
 from geomap.store.handle import Store, StoreLike
-from geomap.store.shards import ShardError, read_shard, shard_paths
+from geomap.store.shards import ShardError, filter_unmerged, read_shard, shard_paths
 from geomap.store.writer import PromptSpec
 
 INSTALL_HINT = "pip install 'geomap[ray]'"
@@ -235,7 +235,12 @@ class _Driver:
     def leftovers(self, merger: ShardMerger, folder: Path, meta: dict) -> None:
         """Merge the shards a killed run's workers left (those of this model, capture config and dtype)."""
         sweep_unfinished(folder)
-        for path in shard_paths(folder):
+        paths = shard_paths(folder)
+        unmerged = set(filter_unmerged(self.run.con, [p.name for p in paths]))
+        for path in paths:
+            if path.name not in unmerged:  # merged, then the driver was killed before it removed the folder
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             try:
                 if json.loads((path / "manifest.json").read_text()).get("meta") == meta:
                     self.put(merger, path)
