@@ -6,8 +6,7 @@ store-only commands do) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geomap.lazy import exports
 
 _WHERE = {
     "CaptureConfig": "config", "capture": "engine", "capture_batch": "engine", "iter_capture": "engine",
@@ -17,10 +16,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    """The exported name, imported from its module on first use."""
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'geomap.capture' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"geomap.capture.{module}"), name)
+__getattr__ = exports(__name__, _WHERE)

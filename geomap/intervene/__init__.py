@@ -6,8 +6,7 @@ The names below are loaded on first use (PEP 562), so validating a pipeline's ``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geomap.lazy import exports
 
 _WHERE = {
     "Baseline": "engine", "Outcome": "engine", "baselines": "engine", "prepare": "engine", "run_specs": "engine",
@@ -16,10 +15,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    """The exported name, imported from its module on first use."""
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'geomap.intervene' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"geomap.intervene.{module}"), name)
+__getattr__ = exports(__name__, _WHERE)

@@ -6,8 +6,7 @@ rerun with nothing new does) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from geomap.lazy import exports
 
 _WHERE = {
     "LoadedModel": "loading", "default_device": "loading", "load_model": "loading", "resolve_model_path": "loading",
@@ -18,10 +17,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    """The exported name, imported from its module on first use."""
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'geomap.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"geomap.models.{module}"), name)
+__getattr__ = exports(__name__, _WHERE)

@@ -31,17 +31,15 @@ import numpy as np
 from geomap.errors import GeomapError
 from geomap.store.handle import StoreLike
 from geomap.store.sql import (
-    SqlError,
     SqlMemory,
-    SqlRefused,
     SqlTimeout,
     batches_of,
     error_for,
+    guard,
     no_memory,
     open_reader,
 )
 from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE, TRIGGER, Watchdog, check_limits
-from geomap.store.sql_guard import NoStatement, Refused, TooBig, check
 
 FORMATS = ("parquet", "csv", "arrow", "npy")
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "arrow", ".feather": "arrow",
@@ -135,14 +133,7 @@ def export(store: StoreLike, query_or_table: str, out: str | Path, fmt: str | No
 
 def _export(con: duckdb.DuckDBPyConnection, watch: Watchdog, sql: str, params: Any, out: Path, fmt: str,
             memory_mb: float, budget: int, on_rows) -> ExportSummary:
-    try:
-        check(con, sql, int(budget * TRIGGER), memory_mb)
-    except Refused as exc:
-        if isinstance(exc, NoStatement):
-            raise SqlError(str(exc)) from None
-        raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
-    except duckdb.Error as exc:
-        raise error_for(exc) from None
+    guard(con, sql, budget, memory_mb)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:

@@ -272,7 +272,7 @@ def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLE
     Returns:
         Segments replaced per table.
     """
-    from geomap.store.db import rollback_quietly
+    from geomap.store.db import in_transaction
 
     folder = segment_dir(store_path(con))
     replaced = {}
@@ -290,18 +290,13 @@ def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLE
             groups.append(current)
         for files in (g for g in groups if len(g) > 1):
             table = pa.concat_tables([pq.read_table(folder / f) for f in files])
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with in_transaction(con):
                 segment = write_segment(table, name, folder)
                 con.execute("DELETE FROM internal.segments WHERE file IN (SELECT unnest(?))", [files])
                 catalog(con, name, segment, table)
                 con.execute("INSERT INTO internal.retired_segments SELECT unnest(?), now()", [files])
                 refresh_views(con, [name])
                 kill_point("segment.compacted")
-                con.execute("COMMIT")
-            except BaseException:
-                rollback_quietly(con)
-                raise
             replaced[name] = replaced.get(name, 0) + len(files)
     remove_orphans(con, grace_s)
     return replaced
@@ -324,7 +319,7 @@ def migrate(con: duckdb.DuckDBPyConnection, prompts_per_segment: int = 256) -> d
     Returns:
         Rows moved per table.
     """
-    from geomap.store.db import ensure_schema, rollback_quietly
+    from geomap.store.db import ensure_schema, in_transaction
 
     if layout(con) != "segments":
         switch_layout(con)
@@ -340,8 +335,7 @@ def migrate(con: duckdb.DuckDBPyConnection, prompts_per_segment: int = 256) -> d
                 break
             last = con.execute(f"SELECT max(prompt_id) FROM (SELECT DISTINCT prompt_id FROM internal.{name}_rows "  # noqa: S608
                                f"ORDER BY prompt_id LIMIT ?)", [prompts_per_segment]).fetchall()[0][0]
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with in_transaction(con):
                 table = con.sql(f"SELECT * FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?",  # noqa: S608
                                 params=[first, last]).to_arrow_table()
                 segment = write_segment(table, name, folder)
@@ -349,10 +343,6 @@ def migrate(con: duckdb.DuckDBPyConnection, prompts_per_segment: int = 256) -> d
                 con.execute(f"DELETE FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?", [first, last])  # noqa: S608
                 refresh_views(con, [name])
                 kill_point("segment.migrated")
-                con.execute("COMMIT")
-            except BaseException:
-                rollback_quietly(con)
-                raise
             moved[name] = moved.get(name, 0) + table.num_rows
     con.execute("CHECKPOINT")
     return moved

@@ -112,6 +112,18 @@ def _guard(con: duckdb.DuckDBPyConnection, sql: str, budget: int, memory_mb: flo
             _GUARDED.popitem(last=False)
 
 
+def guard(con: duckdb.DuckDBPyConnection, sql: str, budget: int, memory_mb: float) -> None:
+    """The parse-time guard on user SQL (`_guard`), its refusals turned into the one-line errors users see."""
+    try:
+        _guard(con, sql, int(budget * TRIGGER), memory_mb)
+    except Refused as exc:
+        if isinstance(exc, NoStatement):
+            raise SqlError(str(exc)) from None
+        raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
+    except duckdb.Error as exc:
+        raise error_for(exc) from None
+
+
 def error_for(exc: duckdb.Error) -> SqlError:
     """Map a DuckDB error to a `SqlRefused` naming what was refused, else a `SqlError` with DuckDB's message."""
     msg = str(exc).strip()
@@ -239,14 +251,7 @@ def _attempt(store: StoreLike, sql: str, params, time_limit: float, max_rows: in
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, max_rows: int, memory_mb: float,
          budget: int, start: float, probe: Callable, instance: str, alone: bool) -> SqlResult:
-    try:
-        _guard(con, sql, int(budget * TRIGGER), memory_mb)
-    except Refused as exc:
-        if isinstance(exc, NoStatement):
-            raise SqlError(str(exc)) from None
-        raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
-    except duckdb.Error as exc:
-        raise error_for(exc) from None
+    guard(con, sql, budget, memory_mb)
     watch = Watchdog(con, time_limit, budget, start, probe, instance)
     try:
         with watch:
