@@ -354,7 +354,7 @@ def _sql_answer(server, body: SqlRequest, limit: float, cap: int, arrow: bool) -
         return arrow_response(result.to_arrow(), {"x-geomap-truncated": str(result.truncated).lower(),
                                                   "x-geomap-elapsed-s": f"{result.elapsed_s:.6f}",
                                                   "x-geomap-time-limit": f"{limit:g}", "x-geomap-max-rows": str(cap)})
-    out = {"columns": result.columns, "rows": [[json_value(v) for v in r] for r in result.rows],
+    out = {"columns": result.columns, "rows": result.json_rows(),
            "truncated": result.truncated, "elapsed_s": round(result.elapsed_s, 6), "time_limit": limit,
            "max_rows": cap}
     return Response(dumps(out), media_type="application/json")

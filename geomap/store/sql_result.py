@@ -99,6 +99,17 @@ class SqlResult:
                 arrays.append(pa.array([None if v is None else _text(v) for v in values], pa.string()))
         return pa.Table.from_arrays(arrays, names=list(self.columns))
 
+    def json_rows(self) -> list[list[Any]]:
+        """The rows as JSON-ready lists: `json_value` of every value, taken column by column.
+
+        Columns whose Arrow type already gives JSON values (integers, text, booleans, and floats or lists of floats
+        with no NaN or infinity) skip the per-value walk, which is most of a trajectory's encoding time.
+        """
+        if self.table is None or not self.columns:
+            return [[json_value(v) for v in r] for r in self.rows]
+        columns = [_json_column(c) for c in self.table.columns]
+        return [list(r) for r in zip(*columns)]
+
     def to_records(self) -> list[dict[str, Any]]:
         """The rows as JSON-ready dicts (bytes as UTF-8 text or ``0x`` hex, NaN as None, dates as ISO text)."""
         return [{c: json_value(v) for c, v in zip(self.columns, row)} for row in self.rows]
@@ -134,6 +145,25 @@ class SqlResult:
         more = ", truncated: more rows matched" if self.truncated else ""
         lines.append(f"({len(self.rows)} row{'' if len(self.rows) == 1 else 's'}{more})")
         return "\n".join(lines)
+
+
+def _json_column(column: Any) -> list[Any]:
+    """One Arrow column as JSON-ready values (`json_value`), in bulk where its type allows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from geomap.store.columns import py_values
+
+    kind, leaf = column.type, column
+    while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        leaf = pc.list_flatten(leaf)
+        kind = kind.value_type
+    plain = (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+             or pa.types.is_boolean(kind) or pa.types.is_null(kind))
+    if pa.types.is_floating(kind) and not pa.types.is_float16(kind):
+        plain = len(leaf) == 0 or not pc.any(pc.invert(pc.is_finite(leaf))).as_py()
+    values = py_values(column)
+    return values if plain and not pa.types.is_map(column.type) else [json_value(v) for v in values]
 
 
 def json_value(v: Any) -> Any:

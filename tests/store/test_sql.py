@@ -222,6 +222,22 @@ def test_records_from_store(store):
     json.dumps(records, allow_nan=False)
 
 
+def test_json_rows_equal_the_per_value_walk(store):
+    """The column-wise JSON fast path gives what `json_value` gives value by value, for every kind of column."""
+    from geomap.store.sql_result import json_value
+
+    sql = ("SELECT token_id, raw, text, 1.5::DECIMAL(4, 2) AS d, [1, 2]::FLOAT[2] AS v, {'a': 1} AS s, "
+           "INTERVAL 1 DAY AS i, token_id > 3 AS b, NULL AS n, 'nan'::DOUBLE AS nan, [1.0, 'inf'::FLOAT] AS inf, "
+           "[[0.5, NULL], NULL] AS nested, 2.5::FLOAT AS f, MAP {'k': 'nan'::DOUBLE} AS m, "
+           "18446744073709551615::UBIGINT AS big, TIMESTAMP '2024-01-02 03:04:05' AS t FROM vocab ORDER BY token_id")
+    result = run_sql(store, sql)
+    walked = [[json_value(v) for v in row] for row in result.rows]
+    fast = run_sql(store, sql).json_rows()
+    assert json.dumps(fast, allow_nan=False) == json.dumps(walked, allow_nan=False)
+    assert fast[0][9] is None and fast[0][10] == [1.0, None] and fast[0][13] == {"k": None}
+    assert _sample().json_rows() == [[json_value(v) for v in row] for row in _sample().rows]
+
+
 def test_formats():
     res = _sample()
     assert json.loads(res.format("json"))[1]["text"] == "a,b"
