@@ -241,11 +241,14 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None, la
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring a store written by an older geomap up to the schema (columns added since; idempotent)."""
+    from geomap.store import facts
+
     _migrate_final_logits(con)
     con.execute("ALTER TABLE lens_stats ADD COLUMN IF NOT EXISTS top1_token VARCHAR")
     con.execute("""UPDATE lens_stats SET top1_token = v.text FROM prompts p, runs r, vocab v
                    WHERE lens_stats.top1_token IS NULL AND p.id = lens_stats.prompt_id AND r.id = p.run_id
                      AND v.weights_sha256 = r.weights_sha256 AND v.token_id = lens_stats.top1_id""")
+    facts.fill(con)  # journeys stored before `journey_facts` existed
 
 
 def _migrate_final_logits(con: duckdb.DuckDBPyConnection) -> None:

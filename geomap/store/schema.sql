@@ -116,6 +116,17 @@ CREATE TABLE IF NOT EXISTS next_token (
     PRIMARY KEY (prompt_id, pos)
 );
 
+-- One row per stored journey: what its last position answers, written in the same commit as the journey, so the
+-- `journey` view reads one row a prompt instead of joining every token, top-k list and lens statistic in the store.
+CREATE TABLE IF NOT EXISTS journey_facts (
+    prompt_id INTEGER PRIMARY KEY,
+    last_token VARCHAR,                     -- the text of the prompt's last token
+    top1_id INTEGER,                        -- the model's top-1 next token there
+    top1_prob FLOAT,
+    entropy FLOAT,                          -- of the final next-token distribution, nats
+    prediction_depth SMALLINT               -- first residual boundary from which the lens top-1 stays the answer
+);
+
 CREATE TABLE IF NOT EXISTS final_logits (  -- the last position's full-vocabulary logits, 4096 token ids a row
     prompt_id INTEGER,
     chunk SMALLINT,                         -- token ids chunk*4096 .. chunk*4096 + 4095
@@ -211,19 +222,12 @@ LEFT JOIN lens_stats l USING (prompt_id, pos, layer)
 LEFT JOIN prompt_kind k USING (prompt_id);
 
 CREATE OR REPLACE VIEW journey AS
-WITH last AS (SELECT id AS prompt_id, n_tokens - 1 AS pos FROM prompts WHERE status = 'done'),
-depth AS (
-    SELECT l.prompt_id, coalesce(max(l.layer) FILTER (WHERE l.final_rank > 1) + 1, 0) AS prediction_depth
-    FROM lens_stats l JOIN last USING (prompt_id, pos) GROUP BY l.prompt_id
-)
 SELECT p.id AS prompt_id, p.run_id, p.text, p.tags, p.n_tokens,
-       t.text AS last_token, n.token_ids[1] AS top1_id, v.text AS top1_token, n.probs[1] AS top1_prob,
-       n.entropy, d.prediction_depth, k.kind, p.parent_id, p.source_id
+       f.last_token, f.top1_id, v.text AS top1_token, f.top1_prob, f.entropy, f.prediction_depth,
+       k.kind, p.parent_id, p.source_id
 FROM prompts p
-JOIN last ON last.prompt_id = p.id
-JOIN tokens t ON t.prompt_id = p.id AND t.pos = last.pos
-JOIN next_token n ON n.prompt_id = p.id AND n.pos = last.pos
+JOIN journey_facts f ON f.prompt_id = p.id
 JOIN runs r ON r.id = p.run_id
-LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = n.token_ids[1]
-LEFT JOIN depth d ON d.prompt_id = p.id
-LEFT JOIN prompt_kind k ON k.prompt_id = p.id;
+LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = f.top1_id
+LEFT JOIN prompt_kind k ON k.prompt_id = p.id
+WHERE p.status = 'done';

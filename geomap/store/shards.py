@@ -31,6 +31,7 @@ from geomap.capture.journey import Journey, PromptFailure
 from geomap.digest import sha256_of
 from geomap.errors import GeomapError
 from geomap.faults import kill_point
+from geomap.store import facts
 from geomap.store.db import rollback_quietly
 from geomap.store.files import fsync_path
 from geomap.store.segments import SEGMENT_TABLES, layout, next_state_id, store_segments
@@ -248,6 +249,7 @@ def merge_shard(con: duckdb.DuckDBPyConnection, shard: Shard, run_id: int,
             counts[name] = table.num_rows
         if bulk:
             store_segments(con, bulk)
+        facts.fill_for(con, ids[keep])
         if within is not None:
             within(con, {key: int(i) for key, i in zip(keys, ids) if i >= 0})
         con.execute("INSERT INTO merged_shards VALUES (?, now(), ?, ?)", [shard.shard_id, run_id, counts["prompts"]])

@@ -59,3 +59,44 @@ def test_an_older_stores_views_are_recreated(store, tmp_path):
     ensure_schema(con)
     con.close()
     assert "kind" in [r[0] for r in rows(old, "DESCRIBE trajectory")]
+
+
+_READ_TIME_JOURNEY = """
+WITH last AS (SELECT id AS prompt_id, n_tokens - 1 AS pos FROM prompts WHERE status = 'done'),
+depth AS (
+    SELECT l.prompt_id, coalesce(max(l.layer) FILTER (WHERE l.final_rank > 1) + 1, 0) AS prediction_depth
+    FROM lens_stats l JOIN last USING (prompt_id, pos) GROUP BY l.prompt_id
+)
+SELECT p.id AS prompt_id, p.run_id, p.text, p.tags, p.n_tokens,
+       t.text AS last_token, n.token_ids[1] AS top1_id, v.text AS top1_token, n.probs[1] AS top1_prob,
+       n.entropy, d.prediction_depth, k.kind, p.parent_id, p.source_id
+FROM prompts p
+JOIN last ON last.prompt_id = p.id
+JOIN tokens t ON t.prompt_id = p.id AND t.pos = last.pos
+JOIN next_token n ON n.prompt_id = p.id AND n.pos = last.pos
+JOIN runs r ON r.id = p.run_id
+LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = n.token_ids[1]
+LEFT JOIN depth d ON d.prompt_id = p.id
+LEFT JOIN prompt_kind k ON k.prompt_id = p.id
+ORDER BY p.id
+"""
+
+
+def test_journey_facts_equal_the_journey_computed_at_read_time(store):
+    """`journey` reads `journey_facts`, written with each batch: it equals the view computed from the rows."""
+    assert rows(store, "SELECT * FROM journey ORDER BY prompt_id") == rows(store, _READ_TIME_JOURNEY)
+    assert rows(store, "SELECT count(*) FROM journey") == [(7,)]
+
+
+def test_an_older_store_gets_its_journey_facts_when_opened_for_writing(store, tmp_path):
+    old = tmp_path / "old.duckdb"
+    old.write_bytes(store.read_bytes())
+    con = connect(old)
+    con.execute("DELETE FROM journey_facts WHERE prompt_id % 2 = 1")  # as if stored before the table existed
+    con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+    con.close()
+    assert len(rows(old, "SELECT * FROM journey")) < 7
+    con = connect(old)
+    ensure_schema(con)
+    con.close()
+    assert rows(old, "SELECT * FROM journey ORDER BY prompt_id") == rows(store, _READ_TIME_JOURNEY)
