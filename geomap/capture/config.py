@@ -33,8 +33,11 @@ class CaptureConfig:
             internals are kept; ``None`` (or ``"all"``, stored as None) means all.
         top_k: Candidates kept per lens readout and per final distribution.
         mlp_top: MLP neurons kept per layer and position, by magnitude.
-        overflow: ``"error"`` for prompts longer than the context window, or ``"truncate"`` to keep the
-            last tokens (and the BOS token, if any).
+        overflow: ``"error"`` for prompts longer than the context window (or than ``max_tokens``), or
+            ``"truncate"`` to keep the last tokens (and the BOS token, if any).
+        max_tokens: A token budget per prompt, BOS included (``None``: the context window). A longer prompt
+            follows ``overflow``: refused, or cut to its last ``max_tokens`` tokens. Left out of the canonical
+            JSON when unset, so keys stored before the budget existed stay the same.
         attn_base: Attention kernel the capture delegates to: ``"sdpa"`` (fast) or ``"eager"``.
         profile: What a capture keeps. ``"full"``: everything above. ``"states"``: the residual stream at every
             boundary and position and the final readout (the model's top-k, entropy and logsumexp at every
@@ -50,6 +53,7 @@ class CaptureConfig:
     top_k: Annotated[StrictInt, Ge(1)] = 50
     mlp_top: Annotated[StrictInt, Ge(1)] = 32
     overflow: Literal["error", "truncate"] = "error"
+    max_tokens: Annotated[StrictInt, Ge(2)] | None = None
     attn_base: Literal["sdpa", "eager"] = "sdpa"
     profile: Literal["full", "states"] = "full"
 
@@ -68,6 +72,8 @@ class CaptureConfig:
             raise ValueError("top_k and mlp_top must be at least 1")
         if self.overflow not in ("error", "truncate"):
             raise ValueError(f"overflow must be 'error' or 'truncate', not {self.overflow!r}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 (BOS and one token), not {self.max_tokens!r}")
         if self.attn_base not in ("sdpa", "eager"):
             raise ValueError(f"attn_base must be 'sdpa' or 'eager', not {self.attn_base!r}")
         if self.profile not in PROFILES:
@@ -76,11 +82,14 @@ class CaptureConfig:
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces): equal configs give equal strings.
 
-        The default profile is left out, so the keys of prompts stored before profiles existed stay the same.
+        The default profile and an unset token budget are left out, so the keys of prompts stored before either
+        existed stay the same.
         """
         fields = asdict(self)
         if fields["profile"] == "full":
             del fields["profile"]
+        if fields["max_tokens"] is None:
+            del fields["max_tokens"]
         return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 

@@ -216,7 +216,8 @@ def iter_capture(loaded: LoadedModel, texts: Iterable[str], config: CaptureConfi
 
     for index, text in enumerate(texts):
         try:
-            window.append((index, encode(loaded.tokenizer, text, loaded.anatomy.context_window, config.overflow)))
+            window.append((index, encode(loaded.tokenizer, text, loaded.anatomy.context_window, config.overflow,
+                                         config.max_tokens)))
         except PromptError as exc:
             yield index, PromptFailure(index, text if isinstance(text, str) else repr(text), str(exc))
             continue

@@ -30,26 +30,42 @@ class Encoded:
     truncated: bool = False
 
 
-def encode(tokenizer, text: str, context_window: int, overflow: str = "error") -> Encoded:
+def encode(tokenizer, text: str, context_window: int, overflow: str = "error",
+           max_tokens: int | None = None) -> Encoded:
     """Tokenize one prompt, refusing empty ones and applying the overflow policy.
 
+    The limit is the context window, or the token budget ``max_tokens`` when it is smaller. Over it,
+    ``overflow="truncate"`` keeps the last tokens (BOS stays at position 0); ``"error"`` refuses.
+
     Raises:
-        PromptError: The prompt is empty or whitespace, or too long under ``overflow="error"``.
+        PromptError: The prompt is empty or whitespace, or over the limit under ``overflow="error"``.
     """
     if not isinstance(text, str) or not text.strip():
         raise PromptError(f"Prompt is empty or whitespace only: {text!r}")
     ids = np.asarray(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
-    if len(ids) <= context_window:
+    limit = context_window if max_tokens is None else min(max_tokens, context_window)
+    if len(ids) <= limit:
         return Encoded(text, ids)
     if overflow == "error":
-        raise PromptError(
-            f"Prompt has {len(ids)} tokens, more than the model's context window of {context_window} "
-            f"(prompt starts {text[:40]!r}); shorten it or use overflow='truncate' (--overflow truncate)"
-        )
+        raise PromptError(overflow_message(text, len(ids), context_window, max_tokens))
     bos = tokenizer.bos_token_id
     keep_bos = bos is not None and ids[0] == bos
-    tail = ids[-(context_window - int(keep_bos)):]
+    tail = ids[-(limit - int(keep_bos)):]
     return Encoded(text, np.concatenate([ids[:1], tail]) if keep_bos else tail, truncated=True)
+
+
+def overflow_message(text: str, length: int, context_window: int, max_tokens: int | None, number: int | None = None
+                     ) -> str:
+    """One line refusing a prompt over the limit: the prompt, its length, the limit, and what each way out costs."""
+    name = f"Prompt {text[:40]!r}" if number is None else f"Prompt {number} ({text[:40]!r})"
+    if max_tokens is not None and max_tokens < context_window:
+        return (f"{name} has {length} tokens, over the budget of --max-tokens {max_tokens}; "
+                f"shorten it, raise --max-tokens, or add --overflow truncate to keep its last {max_tokens} tokens")
+    cost = ", a capture that takes minutes of CPU per prompt with no progress shown inside it" \
+        if context_window >= 4096 else ""
+    return (f"{name} has {length} tokens, more than the model's context window of {context_window}; shorten it, or "
+            f"give a budget with --max-tokens N --overflow truncate (max_tokens in a pipeline's [capture]), which "
+            f"keeps the last N tokens; --overflow truncate alone keeps the last {context_window}{cost}")
 
 
 @lru_cache(maxsize=8)

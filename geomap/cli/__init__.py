@@ -36,13 +36,17 @@ def cli() -> None:
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weights dtype (default: float32 on CPU).")
 @click.option("--overflow", default="error", type=click.Choice(["error", "truncate"]),
-              help="What to do with a prompt longer than the context window.")
+              help="What to do with a prompt longer than the context window (or --max-tokens): refuse it, or "
+                   "keep its last tokens (BOS stays first).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Token budget per prompt, BOS included (default: the model's context window).")
 @click.option("--top-k", "top", default=10, show_default=True, type=click.IntRange(min=1),
               help="Next-token candidates to show.")
 @click.option("--top", "top_alias", default=None, type=click.IntRange(min=1), hidden=True)  # its former name
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 def trace(text: str | None, prompt_file: str | None, model_name: str | None, device: str | None,
-          dtype: str | None, overflow: str, top: int, top_alias: int | None, as_json: bool) -> None:
+          dtype: str | None, overflow: str, max_tokens: int | None, top: int, top_alias: int | None,
+          as_json: bool) -> None:
     """Print the journey of the last token of TEXT: tokens, logit lens per layer, heads, next tokens.
 
     With --file, every prompt of the file is traced; a prompt that fails is reported and the others proceed.
@@ -64,7 +68,8 @@ def trace(text: str | None, prompt_file: str | None, model_name: str | None, dev
     quiet_transformers()
     loaded = load_model(model_name or DEFAULT_MODEL, device=device, dtype=dtype)
     failed = 0
-    for result in capture(loaded, texts, CaptureConfig(overflow=overflow, top_k=max(top, 10))):
+    for result in capture(loaded, texts, CaptureConfig(overflow=overflow, max_tokens=max_tokens,
+                                                               top_k=max(top, 10))):
         if isinstance(result, PromptFailure):
             failed += 1
             click.echo(f"error: prompt {result.index + 1}: {result.reason}", err=True)

@@ -243,7 +243,10 @@ def _capture_options(function):
         click.option("--mlp-top", default=32, show_default=True, type=click.IntRange(min=1),
                      help="MLP neurons kept per layer and position."),
         click.option("--overflow", default="error", show_default=True, type=click.Choice(["error", "truncate"]),
-                     help="A prompt longer than the context window: store it as an error, or keep its last tokens."),
+                     help="A prompt longer than the context window: store it as an error, or keep its last tokens. "
+                          "With --max-tokens: refuse the batch, or keep each prompt's last N tokens."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=None, metavar="N",
+                     help="Token budget per prompt, BOS included (default: the context window)."),
         click.option("--attn-base", default="sdpa", show_default=True, type=click.Choice(["sdpa", "eager"]),
                      help="Attention kernel the capture delegates to."),
         click.option("--vector-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),

@@ -35,6 +35,7 @@ ALLOWED = {
     "top_k": "an integer of at least 1",
     "mlp_top": "an integer of at least 1",
     "overflow": '"error" or "truncate"',
+    "max_tokens": "a whole number of at least 2: a token budget per prompt, BOS included (over it, overflow applies)",
     "attn_base": '"sdpa" or "eager"',
     "profile": '"full" (everything) or "states" (only the residual stream and the final readout)',
     "vector_dtype": '"float32" or "bfloat16" (float16 overflows on Gemma-3\'s residuals)',

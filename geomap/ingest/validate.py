@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from geomap.capture.config import CaptureConfig, resolve_layers, resolve_positions
-from geomap.capture.tokens import encode
+from geomap.capture.tokens import encode, overflow_message
 from geomap.errors import GeomapError, PromptError
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def check_against_model(loaded: LoadedModel, config: CaptureConfig, texts: Seque
     except ValueError:
         raise GeomapError(f"layers {list(config.layers)} are not all in this model's range 0..{n_layers} "
                           f"({loaded.name} has {n_layers} layers; negative layers count from the end)") from None
+    over_budget(loaded, config, texts)
     explicit = [(name, value) for name, value in (("attn_positions", config.attn_positions),
                                                   ("lens_positions", config.lens_positions))
                 if isinstance(value, tuple) and value]
@@ -47,7 +48,8 @@ def check_against_model(loaded: LoadedModel, config: CaptureConfig, texts: Seque
         return
     for number, text in enumerate(texts, start=1):
         try:
-            length = len(encode(loaded.tokenizer, text, loaded.anatomy.context_window, config.overflow).ids)
+            length = len(encode(loaded.tokenizer, text, loaded.anatomy.context_window, config.overflow,
+                                config.max_tokens).ids)
         except PromptError:
             continue  # stored as a failed prompt with its own reason
         for name, value in explicit:
@@ -57,3 +59,24 @@ def check_against_model(loaded: LoadedModel, config: CaptureConfig, texts: Seque
                 raise GeomapError(f"{name} {list(value)} fall outside prompt {number} ({text[:40]!r}, {length} "
                                   f"tokens: positions 0..{length - 1} or -{length}..-1); use positions every "
                                   "prompt has, or 'last' / 'all'") from None
+
+
+def over_budget(loaded: LoadedModel, config: CaptureConfig, texts: Sequence[str]) -> None:
+    """Refuse the whole batch, before anything is stored, when a prompt exceeds the token budget it was given.
+
+    A budget (``max_tokens``) is the user's own limit, so a prompt over it under ``overflow="error"`` is a mistake
+    in the request, not a prompt to record as failed. Without a budget, or with ``overflow="truncate"``, nothing
+    is refused here.
+
+    Raises:
+        GeomapError: One line naming the first prompt over the budget, its length and the budget.
+    """
+    budget = config.max_tokens
+    if budget is None or config.overflow != "error" or budget >= loaded.anatomy.context_window:
+        return
+    for number, text in enumerate(texts, start=1):
+        if not isinstance(text, str) or not text.strip():
+            continue
+        length = len(loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if length > budget:
+            raise GeomapError(overflow_message(text, length, loaded.anatomy.context_window, budget, number))

@@ -41,6 +41,7 @@ def world(tiny_dirs, tmp_path_factory):
         "text-int.jsonl": b'{"text": 123}\n', "tags-int.jsonl": b'{"text": "x", "tags": 5}\n',
         "no-text.jsonl": b'{"prompt": "x"}\n', "bad-json.jsonl": b'{"text": "x"\n',
         "corrupt.parquet": b"PAR1 not really", "prompts.xyz": b"The storm is\n",
+        "long.txt": b"The storm is\n" + b"storm " * 40 + b"\n",
     }
     for name, content in files.items():
         (root / name).write_bytes(content)
@@ -52,6 +53,7 @@ def world(tiny_dirs, tmp_path_factory):
         "lens-50": "[capture]\nlens_positions = [50]", "positions-word": '[capture]\nattn_positions = "first"',
         "continuation-negative": "continuation_tokens = -1", "missing-source": None, "no-sources": None,
         "bad-toml": None, "source-missing-file": None, "unquoted": None, "source-singular": None,
+        "max-tokens-string": '[capture]\nmax_tokens = "8"', "max-tokens-over": None,
     }
     for name, extra in pipelines.items():
         head = f'model = "{model}"\n' + ("" if name == "store-int" else f'store = "{db}"\n')
@@ -68,6 +70,8 @@ def world(tiny_dirs, tmp_path_factory):
             text = head + "name = journey\n" + source
         elif name == "source-singular":
             text = head + '[[source]]\npath = "good.txt"\n'
+        elif name == "max-tokens-over":
+            text = head + '[[sources]]\npath = "long.txt"\n[capture]\nmax_tokens = 8\n'
         elif name == "source-missing-file":
             text = head + '[[sources]]\npath = "nowhere.txt"\n'
         elif extra.startswith("["):
@@ -137,6 +141,15 @@ CASES = [
     ("trace-empty-file", ["trace", "--file", "{root}/empty.txt"], "no prompts to trace"),
     ("report-no-prompt", ["report", "journey", "--prompt", "999", "--db", "{db}", "--out", "{root}/r/x.html"], "999"),
     ("attribute-no-prompt", ["attribute", "--prompt", "999", "--db", "{db}"], "999"),
+    # a token budget: a prompt over it is refused before anything is stored (naming it, its length, the budget)
+    ("max-tokens-over-budget", ["ingest", "{root}/long.txt", "--db", "{db}", "--model", "{model}", "--max-tokens", "8"],
+     "Prompt 2 ('storm storm storm storm storm storm stor') has 83 tokens, over the budget of --max-tokens 8"),
+    ("max-tokens-1", [*ING, "--max-tokens", "1"], "--max-tokens"),
+    ("max-tokens-word", [*ING, "--max-tokens", "many"], "--max-tokens"),
+    ("trace-over-budget", ["trace", "storm " * 40, "--model", "{model}", "--max-tokens", "8"],
+     "tokens, over the budget of --max-tokens 8"),
+    ("toml-max-tokens-string", ["run", "{root}/max-tokens-string.toml"], "capture.max_tokens = '8'"),
+    ("toml-max-tokens-over", ["run", "{root}/max-tokens-over.toml"], "over the budget of --max-tokens 8"),
 ]
 
 
@@ -200,6 +213,22 @@ def test_bom_is_dropped_and_long_prompts_can_be_truncated_from_the_cli(world, tm
         con.close()
     assert [r[0][:12] for r in rows] == ["The storm is", "Paris is", "storm storm "]
     assert all(r[1] == "done" for r in rows) and rows[2][2] is True
+
+
+def test_a_token_budget_with_truncate_keeps_the_last_tokens_and_bos(world, tmp_path):
+    db = tmp_path / "s.duckdb"
+    done = geomap("ingest", str(world["root"] / "long.txt"), "--db", str(db), "--model", str(world["model"]),
+                  "--max-tokens", "8", "--overflow", "truncate")
+    assert done.status == 0, done.stderr
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.execute("SELECT n_tokens, truncated FROM prompts ORDER BY id").fetchall()
+        first = con.execute("SELECT token_id FROM tokens WHERE prompt_id = 2 ORDER BY pos LIMIT 1").fetchall()
+        bos = con.execute("SELECT token_id FROM tokens WHERE prompt_id = 1 ORDER BY pos LIMIT 1").fetchall()
+    finally:
+        con.close()
+    assert rows[1] == (8, True) and rows[0][1] is False  # cut to the budget; the short prompt untouched
+    assert first == bos  # BOS stays at position 0
 
 
 def test_rerun_of_a_finished_ingestion_records_no_empty_run(world):
