@@ -87,3 +87,17 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         say(f"memory at {', '.join(map(str, memory_counts))} prompts (fresh processes)")
         figures += store_bench.memory_figures(model, texts, memory_counts, folder)
     return machine(), figures, time.perf_counter() - start
+
+
+def run_segment_bench(model: str = "gemma-3-270m", n_states: int = 1_000_000, workdir: Path | None = None,
+                      say: Callable[[str], None] = lambda _: None) -> tuple[dict, list[Figure], float]:
+    """The query bars of a large segments store (`geomap.bench.segment_bench`): (machine, figures, seconds)."""
+    from geomap.bench import segment_bench
+    from geomap.models import load_model
+
+    start = time.perf_counter()
+    loaded = load_model(model, device="cpu")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        say(f"a segments store of {n_states:,} states: 2 real prompts, the rest synthetic through the segment writer")
+        figures = segment_bench.segment_figures(loaded, Path(tmp), n_states)
+    return machine(), figures, time.perf_counter() - start

@@ -13,6 +13,9 @@ import click
 @click.option("--quick", is_flag=True,
               help="Fewer prompts, rounds and sizes: about 20 minutes on 2 cores (the full run takes hours: its "
                    "memory figure stores 5,000 prompts).")
+@click.option("--segments", "segments_states", type=click.IntRange(min=1000), default=None, metavar="STATES",
+              help="Only the query bars of a large segments store instead: STATES states (1000000 for the bar) over "
+                   "500+ segment files, written through the segment writer; trajectory SQL, kNN, journey report.")
 @click.option("--json", "as_json", is_flag=True, help="Print {machine, figures: [{name, value, unit, target, met}]}.")
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -30,21 +33,26 @@ import click
 @click.option("--clients", default="1,4,16", show_default=True, help="With --load: client counts.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=20.0, show_default=True,
               help="With --load: seconds of each idle phase (a job phase lasts until its job ends, 60 s at least).")
-def bench(quick: bool, as_json: bool, model_name: str, markdown: Path | None, load_: bool, soak: float | None,
-          db: Path | None, n_prompts: int, clients: str, seconds: float) -> None:
+def bench(quick: bool, segments_states: int | None, as_json: bool, model_name: str, markdown: Path | None,
+          load_: bool, soak: float | None, db: Path | None, n_prompts: int, clients: str, seconds: float) -> None:
     """Measure geomap beside the bare model, the peers and the machine (medians of interleaved rounds)."""
     if load_ or soak is not None:
         _load(model_name, as_json, markdown, soak, db, n_prompts, clients, seconds)
         return
-    from geomap.bench import run_bench
+    from geomap.bench import run_bench, run_segment_bench
     from geomap.bench.core import as_json as to_json
     from geomap.bench.core import as_markdown, as_text
     from geomap.cli import quiet_transformers
 
     quiet_transformers()
-    info, figures, seconds = run_bench(model_name, quick, say=lambda line: click.echo(f"bench: {line}", err=True))
-    command = "geomap bench" + (" --quick" if quick else "") + ("" if model_name == "gemma-3-270m"
-                                                                 else f" --model {model_name}")
+    say = lambda line: click.echo(f"bench: {line}", err=True)  # noqa: E731
+    if segments_states:
+        info, figures, seconds = run_segment_bench(model_name, segments_states, say=say)
+    else:
+        info, figures, seconds = run_bench(model_name, quick, say=say)
+    command = "geomap bench" + (" --quick" if quick else "") + (f" --segments {segments_states}" if segments_states
+                                                                 else "") + (
+        "" if model_name == "gemma-3-270m" else f" --model {model_name}")
     if markdown:
         markdown.write_text(as_markdown(info, figures, command, seconds), encoding="utf-8")
     click.echo(json.dumps(to_json(info, figures, {"seconds": round(seconds, 1), "command": command}))

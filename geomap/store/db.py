@@ -146,6 +146,8 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
     except duckdb.ConnectionException as exc:
         raise StoreError(f"Cannot open store {path}: this process already has it open with other settings "
                          f"({exc}). Close that connection first.") from None
+    if not con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
+        con.execute("SET parquet_metadata_cache = true")  # segment files never change under their names
     if locked:
         _lock_down(con, path)
     return con

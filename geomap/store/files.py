@@ -9,8 +9,12 @@ from pathlib import Path
 import faiss
 
 
-def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview) -> str:
-    """Write an index (or bytes, or a buffer) to ``tmp``, flushed and fsynced; return the sha256 of what was written."""
+def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview | list) -> str:
+    """Write an index (or bytes, or a buffer, or a list of buffers in order) to ``tmp``, flushed and fsynced.
+
+    Returns:
+        The sha256 of what was written.
+    """
     h = hashlib.sha256()
     with open(tmp, "wb") as f:
 
@@ -20,6 +24,9 @@ def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview) -> str:
 
         if isinstance(content, bytes | memoryview):
             sink(content)
+        elif isinstance(content, list):
+            for part in content:
+                sink(part)
         else:  # the temporary writer is released (and flushed) when write_index returns
             faiss.write_index(content, faiss.PyCallbackIOWriter(sink))
         f.flush()

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geomap.faults import kill_point
 from geomap.store.files import fsync_path, write_temp
+from geomap.store.parquet_fast import write_parquet
 
 SEGMENT_TABLES = ("states", "contributions", "attention", "final_logits")
 SORT_KEYS = {"states": ("prompt_id", "pos", "layer"), "contributions": ("prompt_id", "pos", "layer"),
@@ -39,10 +41,11 @@ SEGMENT_FORMAT = 1
 LAYOUTS = ("rows", "segments")
 LAYOUT_ENV = "GEOMAP_STORE_LAYOUT"  # the layout a new store gets (default `DEFAULT_LAYOUT`)
 DEFAULT_LAYOUT = "rows"
-ROW_GROUP_BYTES = 1 << 20  # about 1 MB a row group: a point read of one trajectory touches few of them
+ROW_GROUP_BYTES = 4 << 20  # about 4 MB a row group (see `write_segment`)
 COMPACT_THRESHOLD = 64  # small segments of one table that trigger automatic compaction after a merge
 RETIRE_GRACE_S = 600.0  # seconds a retired segment outlives its retirement when readers may share the instance
 COMPACT_TARGET_BYTES = 128 << 20  # a compacted segment holds at most about this many bytes
+PACKED = frozenset(SEGMENT_TABLES)  # tables whose float vectors are stored as zstd'd byte streams
 
 CATALOG_DDL = """
 CREATE SCHEMA IF NOT EXISTS internal;      -- the store's own bookkeeping, apart from the documented tables
@@ -114,8 +117,32 @@ def rows_ddl(ddl: str) -> str:
 
 
 def _sorted(table: pa.Table, name: str) -> pa.Table:
-    keys = [(k, "ascending") for k in SORT_KEYS[name] if k in table.column_names]
-    return table.take(pc.sort_indices(table, sort_keys=keys))
+    """The rows in key order; vectors are scattered straight from their chunks with numpy (one copy, not two)."""
+    keys = [k for k in SORT_KEYS[name] if k in table.column_names]
+    order = np.lexsort([table.column(k).to_numpy() for k in reversed(keys)])
+    if (order == np.arange(len(order))).all():
+        return table
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))  # the sorted position of every row
+    columns = []
+    for column in table.columns:
+        kind = column.type
+        if not pa.types.is_fixed_size_list(kind) or any(c.values.null_count for c in column.chunks):
+            columns.append(column.combine_chunks().take(pa.array(order)))
+            continue
+        width = kind.list_size
+        out = np.empty((len(order), width), np.dtype(kind.value_type.to_pandas_dtype()))
+        valid = np.ones(len(order), bool)
+        start = 0
+        for chunk in column.chunks:
+            rows = where[start:start + len(chunk)]
+            out[rows] = chunk.values.slice(chunk.offset * width, len(chunk) * width).to_numpy().reshape(-1, width)
+            if chunk.null_count:
+                valid[rows] = np.asarray(chunk.is_valid())
+            start += len(chunk)
+        mask = None if valid.all() else pa.array(~valid)
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), width, mask=mask))
+    return pa.table(columns, schema=table.schema)
 
 
 def write_segment(table: pa.Table, name: str, folder: Path, sync_folder: bool = True) -> Segment:
@@ -133,16 +160,20 @@ def write_segment(table: pa.Table, name: str, folder: Path, sync_folder: bool = 
     file = f"{name}-{uuid.uuid4().hex[:16]}.parquet"
     tmp = folder / f".{file}.tmp"
     stats = [k for k in (*SORT_KEYS[name], "id") if k in table.column_names]
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, row_group_size=max(64, ROW_GROUP_BYTES // row_bytes), compression="none",
-                   use_dictionary=False, write_statistics=stats, store_schema=False)
-    data = buffer.getvalue()
-    digest = write_temp(tmp, memoryview(data))
+    group_rows = max(64, ROW_GROUP_BYTES // row_bytes)
+    parts = write_parquet(table, group_rows, stats, pack=name in PACKED)  # `geomap.store.parquet_fast`
+    if parts is None:  # a column that writer does not handle (bfloat16 vectors as binary): pyarrow's writer
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, row_group_size=group_rows, compression="none", use_dictionary=False,
+                       write_statistics=stats, store_schema=False)
+        parts = [buffer.getvalue()]
+    digest = write_temp(tmp, parts)
+    size = sum(memoryview(p).nbytes for p in parts)
     kill_point("segment.temp_written")
     os.replace(tmp, folder / file)
     if sync_folder:
         fsync_path(folder)
-    return Segment(file, table.num_rows, data.size, digest)
+    return Segment(file, table.num_rows, size, digest)
 
 
 def catalog(con: duckdb.DuckDBPyConnection, name: str, segment: Segment, table: pa.Table) -> None:
