@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from geomap.cli import cli
-from geomap.store.db import connect, ensure_schema
+from geomap.store.db import connect, ensure_schema, in_transaction
 from geomap.store.export import ExportError, export
+from geomap.store.segments import layout, store_segments
 from geomap.store.sql import SqlMemory, SqlRefused, run_sql
 
 D = 640  # the real model's width
@@ -47,6 +48,11 @@ def _fill(path, n: int, per_prompt: int = 19, seed: int = 0) -> np.ndarray:
                           "layer": (ids % per_prompt).astype(np.int16), "norm": np.linalg.norm(vecs, axis=1),
                           "cos_final": np.ones(m, np.float32),
                           "vec": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), D)})
+        if layout(con) == "segments":  # through the segment writer, in a transaction as a batch is
+            batch = batch.append_column("vec_bf16", pa.nulls(m, pa.binary()))
+            with in_transaction(con):
+                store_segments(con, {"states": batch})
+            continue
         con.register("batch", batch)
         con.execute("INSERT INTO states (id, prompt_id, pos, layer, norm, cos_final, vec) "
                     "SELECT id, prompt_id, pos, layer, norm, cos_final, vec FROM batch")

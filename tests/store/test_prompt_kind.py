@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from geomap.analysis.decoding import Strategy
@@ -9,6 +11,7 @@ from geomap.capture import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.ingest.generation import continue_prompts, generate
 from geomap.store.db import connect, ensure_schema
+from geomap.store.segments import segment_dir
 from geomap.store.writer import PromptSpec
 from tests.storedb import rows
 
@@ -49,6 +52,8 @@ def test_trajectory_carries_the_same_kind(store):
 def test_an_older_stores_views_are_recreated(store, tmp_path):
     old = tmp_path / "old.duckdb"
     old.write_bytes(store.read_bytes())
+    if segment_dir(store).is_dir():  # a segments store: its vectors live beside the file
+        shutil.copytree(segment_dir(store), segment_dir(old))
     con = connect(old)
     con.execute("DROP VIEW trajectory")
     con.execute("CREATE VIEW trajectory AS SELECT prompt_id, pos, layer FROM states")  # as an older geomap left it
