@@ -72,7 +72,8 @@ def steady_figures(loaded, texts: list[str], folder: Path, small: int = 40,
     per_layer = loaded.anatomy.n_layers + 1
     for layout in layouts:
         for profile in profiles:
-            t_small, _, _ = _ingest_seconds(loaded, texts[:small], folder / "steady-s.duckdb", profile, layout)
+            t_small, tokens_small, size_small = _ingest_seconds(loaded, texts[:small], folder / "steady-s.duckdb",
+                                                                profile, layout)
             t_large, tokens, size = _ingest_seconds(loaded, texts, folder / "steady-l.duckdb", profile, layout)
             per = (t_large - t_small) / n
             ratio = fwd / per
@@ -92,4 +93,10 @@ def steady_figures(loaded, texts: list[str], folder: Path, small: int = 40,
                                ("<= 10000" if profile == "full" else f"<= {1.15 * vector:.0f}")
                                if layout == "segments" else None,
                                note=f"every file of the store; the float32 state vector alone is {vector} B"))
+            figs.append(judged(f"bytes on disk per token-layer, differenced ({what})",
+                               (size - size_small) / ((tokens - tokens_small) * per_layer), "B",
+                               ("<= 10000" if profile == "full" else f"<= {1.15 * vector:.0f}")
+                               if layout == "segments" else None,
+                               note=f"the {len(texts)}-prompt store less the {small}-prompt one: the store's fixed "
+                                    "costs (its vocabulary) cancel out, as in the seconds above"))
     return figs
