@@ -53,3 +53,18 @@ def test_bench_quick_json_on_a_tiny_model(tiny_dirs, tmp_path):
     assert figures["capture vs forward with output_hidden_states"]["value"] > 0
     table = (tmp_path / "b.md").read_text(encoding="utf-8")
     assert "geomap bench --quick --model" in table and "| lens vs same-shape plain matmul |" in table
+
+
+def test_bench_segments_json_on_a_tiny_model(tiny_dirs, tmp_path):
+    got = subprocess.run([sys.executable, "-m", "geomap", "bench", "--segments", "3000", "--json", "--model",
+                          str(tiny_dirs["llama"])], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    out = json.loads(got.stdout)
+    figures = {f["name"]: f for f in out["figures"]}
+    for name in ("segments store: SQL fetch of one trajectory, p50", "segments store: kNN p50 on one layer's index",
+                 "segments store: kNN recall@10", "segments store: journey report"):
+        assert figures[name]["value"] > 0 and figures[name]["met"] is not None, name
+    assert figures["segments store: kNN recall@10"]["value"] <= 1
+    assert out["command"] == f"geomap bench --segments 3000 --model {tiny_dirs['llama']}"
+    segments = int(figures["segments store: journey report"]["note"].split(" states in ")[1].split()[0])
+    assert segments >= 2  # one states segment per synthetic batch of 8 prompts, beside the real prompts' one
