@@ -49,11 +49,16 @@ def test_trajectory_carries_the_same_kind(store):
     assert rows(store, "SELECT count(DISTINCT kind) FROM trajectory") == [(3,)]
 
 
+def _copy(store, old) -> None:
+    """A copy of the store's file, with its segment folder when it has one (a segments store's vectors)."""
+    old.write_bytes(store.read_bytes())
+    if segment_dir(store).is_dir():
+        shutil.copytree(segment_dir(store), segment_dir(old))
+
+
 def test_an_older_stores_views_are_recreated(store, tmp_path):
     old = tmp_path / "old.duckdb"
-    old.write_bytes(store.read_bytes())
-    if segment_dir(store).is_dir():  # a segments store: its vectors live beside the file
-        shutil.copytree(segment_dir(store), segment_dir(old))
+    _copy(store, old)
     con = connect(old)
     con.execute("DROP VIEW trajectory")
     con.execute("CREATE VIEW trajectory AS SELECT prompt_id, pos, layer FROM states")  # as an older geomap left it
@@ -95,7 +100,7 @@ def test_journey_facts_equal_the_journey_computed_at_read_time(store):
 
 def test_an_older_store_gets_its_journey_facts_when_opened_for_writing(store, tmp_path):
     old = tmp_path / "old.duckdb"
-    old.write_bytes(store.read_bytes())
+    _copy(store, old)
     con = connect(old)
     con.execute("DELETE FROM journey_facts WHERE prompt_id % 2 = 1")  # as if stored before the table existed
     con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
