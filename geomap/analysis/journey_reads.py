@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
 
 from geomap.analysis import load
 from geomap.store.db import StoreError
@@ -66,6 +67,13 @@ def keys_values(con, prompt_id: int, positions: list[int]) -> dict:
     return {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows(
         con, "SELECT layer, head, pos, k, v FROM attention WHERE prompt_id = ? AND pos IN (SELECT unnest(?))",
         prompt_id, positions)}
+
+
+def key_value(con, prompt_id: int, layer: int, head: int, pos: int) -> tuple | None:
+    """One head's stored k and v at a key position, or None where that position's internals were not captured."""
+    found = rows(con, "SELECT k, v FROM attention WHERE prompt_id = ? AND layer = ? AND head = ? AND pos = ?",
+                 prompt_id, layer, head, pos)
+    return (found[0][0], found[0][1]) if found and found[0][0] is not None else None
 
 
 def weight_rows(con, prompt_id: int, positions: list[int]) -> dict:
@@ -158,8 +166,16 @@ def head_qk(con, prompt_id: int, layer: int, head: int, q_pos: int) -> dict | No
 
 
 def states(con, prompt_id: int, n_layers: int, pos: int) -> dict[int, object]:
-    """The residual at every boundary 0..n_layers at one position."""
-    return {ell: load.state(con, prompt_id, ell, pos) for ell in range(n_layers + 1)}
+    """The residual at every boundary 0..n_layers at one position (one query; read twice per page, once here)."""
+    from geomap.store.codec import from_blob
+
+    found = {int(layer): (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
+             for layer, vec, blob in rows(con, "SELECT layer, vec, vec_bf16 FROM states WHERE prompt_id = ? AND "
+                                               "pos = ? AND layer <= ?", prompt_id, pos, n_layers)}
+    missing = [ell for ell in range(n_layers + 1) if ell not in found]
+    if missing:
+        raise StoreError(f"No stored state for prompt {prompt_id} at layer {missing[0]}, position {pos}.")
+    return {ell: found[ell] for ell in range(n_layers + 1)}
 
 
 def clean(value):
@@ -198,3 +214,26 @@ def trajectory(con, info: load.PromptInfo, pos: int) -> dict:
     final = rows(con, "SELECT token_ids[1] FROM next_token WHERE prompt_id = ? AND pos = ?", info.id, pos)[0][0]
     return {"curves": curves, "prediction_depth": depth[0][0] if depth else None,
             "final": {"id": final, "token": load.token_texts(con, info.weights_sha256, [final]).get(final)}}
+
+
+def page_lookups(con, prompt_ids) -> dict[str, tuple[list, list]]:
+    """Per model (weights hash), what these prompts' pages look up over the whole vocabulary.
+
+    The pages are each prompt's last position and its generation steps' positions. Returns ``{weights hash:
+    (top neurons as (layer, neuron), followed token ids)}`` (see `geomap.analysis.vocab_lookups`).
+    """
+    found = rows(con, """
+        WITH pages AS (
+            SELECT p.id AS prompt_id, p.n_tokens - 1 AS pos, r.weights_sha256 AS sha FROM prompts p
+            JOIN runs r ON r.id = p.run_id WHERE p.id IN (SELECT unnest(?))
+            UNION SELECT d.prompt_id, d.pos, r.weights_sha256 FROM decisions d JOIN prompts p ON p.id = d.prompt_id
+            JOIN runs r ON r.id = p.run_id WHERE d.source = 'generate' AND d.prompt_id IN (SELECT unnest(?)))
+        SELECT g.sha, 'n', m.layer, unnest(m.neurons[1:3]) FROM pages g
+        JOIN mlp_features m ON m.prompt_id = g.prompt_id AND m.pos = g.pos
+        UNION ALL SELECT g.sha, 't', 0, t.token_id FROM pages g
+        JOIN tokens t ON t.prompt_id = g.prompt_id AND t.pos = g.pos""", list(prompt_ids), list(prompt_ids))
+    out: dict[str, tuple[list, list]] = {}
+    for sha, kind, layer, value in found:
+        picks, ids = out.setdefault(sha, ([], []))
+        (picks.append((int(layer), int(value))) if kind == "n" else ids.append(int(value)))
+    return out

@@ -105,14 +105,14 @@ class Weights:
             pass
         return norms
 
-    def neuron_logits(self, picks: list[tuple[int, int]]) -> np.ndarray:
-        """(n, V) each (layer, neuron)'s output direction read through the final norm's weight and W_U.
+    def neuron_directions(self, picks: list[tuple[int, int]]) -> np.ndarray:
+        """(n, d) float32: each (layer, neuron)'s output direction as the unembedding reads it.
 
-        The direction passes through the post-MLP norm's weight where the model has one; the norms' 1/rms factors
-        are positive scalars that do not change the order of tokens.
+        Its column of W_down, through the post-MLP norm's weight where the model has one and the final norm's
+        weight; the norms' 1/rms factors are positive scalars that do not change the order of tokens.
         """
         if not picks:
-            return np.zeros((0, self.meta["vocab_size"]), np.float32)
+            return np.zeros((0, self.meta["d_model"]), np.float32)
         down, plus_one = self.array("down"), self.meta["norm_kind"] == "rms_plus_one"
         out_norm = self.array("mlp_out_norm")
         cols = []
@@ -125,8 +125,13 @@ class Weights:
         x = np.stack(cols)
         if self.meta["norm_kind"] == "layer":
             x = x - x.mean(1, keepdims=True)
-        x = x * self._norm_weight()
-        return x @ np.asarray(self.unembed).T
+        return (x * self._norm_weight()).astype(np.float32)
+
+    def neuron_logits(self, picks: list[tuple[int, int]]) -> np.ndarray:
+        """(n, V) each (layer, neuron)'s output direction read through W_U (`neuron_directions` · W_Uᵀ)."""
+        if not picks:
+            return np.zeros((0, self.meta["vocab_size"]), np.float32)
+        return self.neuron_directions(picks) @ np.asarray(self.unembed).T
 
     def rope(self, layer: int) -> tuple[str, np.ndarray, float, float] | None:
         """``(name, inv_freq, attention_scaling, score scaling)`` of a layer's rotation, or None without RoPE."""

@@ -51,7 +51,9 @@ def prepare(store: StoreLike, prompt_ids, loaded=None, load_model=None) -> None:
         load_model: Called with a `PromptInfo` to load its model when no slice is stored and ``loaded`` does not
             match; without it, a missing slice is a `StoreError` naming the fix.
     """
-    from geomap.analysis import load
+    from geomap.analysis import load, vocab_lookups
+    from geomap.analysis.journey_reads import page_lookups
+    from geomap.analysis.weights import weights_for
 
     with Store.use(store, "w", create=False) as opened:
         with opened.snapshot() as con:
@@ -59,6 +61,11 @@ def prepare(store: StoreLike, prompt_ids, loaded=None, load_model=None) -> None:
             mapped = {r for (r,) in con.execute("SELECT DISTINCT run_id FROM projections WHERE joint AND "
                                                 "method = 'pca'").fetchall()}
         _prepare(opened, infos, mapped, loaded, load_model)
+        with opened.snapshot() as con:
+            lookups = page_lookups(con, sorted(infos))
+        for sha, (picks, ids) in lookups.items():
+            weights = weights_for(opened.path, sha)
+            vocab_lookups.precompute(weights, picks, ids if weights.array("pos_embed") is None else [])
 
 
 def _prepare(store: Store, infos: dict, mapped: set, loaded, load_model) -> None:

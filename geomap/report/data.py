@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geomap.analysis import journey_reads as reads
-from geomap.analysis import load
+from geomap.analysis import load, vocab_lookups
 from geomap.analysis.page_reads import page_keys
 from geomap.analysis.weights import Weights, weights_for
-from geomap.report import decoding_view, geometry_view, head_view, layer_view, position_view
+from geomap.report import decoding_view, geometry_view, head_view, layer_view, position_view, strips
 from geomap.report.links import Links, served
 from geomap.store.db import StoreError
 from geomap.store.handle import Store, StoreLike
@@ -63,6 +63,8 @@ class JourneyPage:
     attribution: dict
     neighbours: list
     generations: list
+    strips: dict = field(default_factory=dict)
+    neuron_weak_z: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __getitem__(self, key: str):
@@ -81,6 +83,20 @@ class _Context:
     last: int
     weights: Weights
     texts: dict = field(default_factory=dict)
+    _candidates: object = None
+    _states: dict | None = None
+
+    def states(self) -> dict:
+        """The residual at every boundary at the followed position (read once per page)."""
+        if self._states is None:
+            self._states = reads.states(self.con, self.info.id, self.info.n_layers, self.last)
+        return self._states
+
+    def candidates(self):
+        """The followed position's next-token candidates (read and sorted once per page)."""
+        if self._candidates is None:
+            self._candidates = load.candidates(self.con, self.info, self.last)
+        return self._candidates
 
     def text_of(self, ids) -> dict[int, str]:
         """Token texts, read once per id."""
@@ -117,7 +133,7 @@ def _page(ctx: _Context, head, knn: int) -> JourneyPage:
     toks = reads.tokens(con, info.id, last)
     attn = reads.attention_at(con, info.id, last)
     per_layer = reads.layer_rows(con, info.id, last, ctx.run.model_type)
-    resid = reads.states(con, info.id, info.n_layers, last)
+    resid = ctx.states()
     head_layer, head_index = head or _chosen_head(attn, last)
     stats = reads.trajectory(con, info, last)
     heat = set(head_view.window(last, HEAT_WINDOW))
@@ -137,7 +153,9 @@ def _page(ctx: _Context, head, knn: int) -> JourneyPage:
         stats={"prediction_depth": stats["prediction_depth"], "final": stats["final"], "curves": stats["curves"]},
         maps={"pca": _map(ctx)}, decoding=_decoding(ctx), geometry=_geometry(ctx, resid[info.n_layers]),
         attribution=_attribution(ctx), neighbours=_neighbours(ctx, knn),
-        generations=reads.generations(con, info.id))
+        generations=reads.generations(con, info.id),
+        strips=_strips(ctx, toks[-1], attn, per_layer, head_layer, head_index),
+        neuron_weak_z=layer_view.weak_z(int(ctx.run.vocab_size)))
 
 
 def _link(page: JourneyPage, ctx: _Context, links: Links) -> JourneyPage:
@@ -192,7 +210,10 @@ def _architecture(ctx: _Context) -> dict:
 def _embedding(ctx: _Context, follow: dict, start: np.ndarray, stats: dict) -> dict:
     w = ctx.weights
     row = np.asarray(w.embed[int(follow["id"])], np.float32)
-    near = embedding_neighbours(w, start)
+    if w.array("pos_embed") is None:  # the starting state is the token's row, scaled: kept per token
+        near = vocab_lookups.embedding_neighbours(w, int(follow["id"]))
+    else:  # a learned position vector was added: this position's own state
+        near = embedding_neighbours(w, start)
     texts = ctx.text_of([t for t, _ in near])
     return {"token": follow, "row_norm": float(np.linalg.norm(row)), "scale": float(w.meta["embed_scale"]),
             "state_norm": float(stats["curves"][0]["norm"]),
@@ -215,6 +236,21 @@ def _position(ctx: _Context, layer: int, head: int) -> dict:
     qk = reads.head_qk(ctx.con, ctx.info.id, layer, head, ctx.last)
     return {"kind": "rope", "ropes": position_view.rope_payload(w, ctx.info.n_layers),
             "profile": position_view.profile(w, qk)}
+
+
+def _strips(ctx: _Context, follow: dict, attn, per_layer: dict, layer: int, head: int) -> dict:
+    """The vectors drawn as colour strips: the embedding row, the opened head's q/k/v, the opened block's stream."""
+    resid = ctx.states()
+    row = next(r for r in attn if int(r[0]) == layer and int(r[1]) == head)
+    weights = np.asarray(row[3][: ctx.last + 1], np.float64)
+    key = int(np.argmax(weights))
+    kv = reads.key_value(ctx.con, ctx.info.id, layer, head, key)
+    attn_vec = next((c[3] for c in per_layer["contrib"] if int(c[0]) == layer), None)
+    mid = None if attn_vec is None else np.asarray(resid[layer], np.float32) + np.asarray(attn_vec, np.float32)
+    return strips.page_strips(
+        np.asarray(ctx.weights.embed[int(follow["id"])], np.float32), resid[0], row[5], *(kv or (None, None)),
+        resid[layer], attn_vec, None if mid is None else np.asarray(resid[layer + 1], np.float32) - mid,
+        resid[layer + 1], {"layer": layer, "head": head, "key_pos": key})
 
 
 def _heads(ctx: _Context, attn, per_layer: dict, toks: list) -> dict:
@@ -241,16 +277,19 @@ def _lens(ctx: _Context, lens, stats: dict) -> list[dict]:
 
 
 def _decoding(ctx: _Context) -> dict:
-    cand = load.candidates(ctx.con, ctx.info, ctx.last)
+    cand = ctx.candidates()
     decisions = reads.decisions(ctx.con, ctx.info.id, ctx.last)
     texts = ctx.text_of([*cand.ids[:decoding_view.LISTED], *(d["chosen_id"] for d in decisions)])
     payload = decoding_view.decoding_payload(cand.ids, cand.logits, texts, float(cand.logsumexp),
                                              int(ctx.run.vocab_size), bool(cand.complete))
+    if payload["tail"]:  # name each bin's member, so that any draw is named
+        members = ctx.text_of(payload["tail"]["r"])
+        payload["tail"]["t"] = [members[int(t)] for t in payload["tail"]["r"]]
     return payload | {"decisions": [d | {"chosen": texts.get(int(d["chosen_id"]))} for d in decisions]}
 
 
 def _geometry(ctx: _Context, final_state: np.ndarray) -> dict:
-    cand = load.candidates(ctx.con, ctx.info, ctx.last)
+    cand = ctx.candidates()
     normed = ctx.weights.normed(final_state)
     return geometry_view.geometry_payload(ctx.weights, normed, cand.ids, cand.ids[::-1], ctx.text_of)
 
@@ -276,16 +315,17 @@ def neighbour_layers(n_layers: int) -> list[int]:
 
 
 def _neighbours(ctx: _Context, k: int) -> list[dict]:
-    from geomap.store.query import neighbors
+    from geomap.store.query import neighbor_rows
 
     out = []
     for layer in neighbour_layers(ctx.info.n_layers):
         try:
-            frame = neighbors(ctx.store, ctx.info.id, layer, ctx.last, k + 1)
+            found = neighbor_rows(ctx.store, ctx.info.id, layer, ctx.last, k + 1)
         except StoreError:
             continue
-        rows = frame[(frame["prompt_id"] != ctx.info.id) | (frame["pos"] != frame["pos"].iloc[0])].head(k)
-        listed = [reads.clean(r) for r in rows.drop(columns=["state_id"]).to_dict(orient="records")]
+        first = found[0]["pos"] if found else None
+        listed = [reads.clean({c: v for c, v in r.items() if c != "state_id"}) for r in found
+                  if r["prompt_id"] != ctx.info.id or r["pos"] != first][:k]
         for r in listed:  # a long prompt's text once per row would dominate the page
             text = r.get("prompt_text") or ""
             r["prompt_text"] = text if len(text) <= NEIGHBOUR_TEXT else text[: NEIGHBOUR_TEXT - 1] + "…"
@@ -354,9 +394,9 @@ def _map(ctx: _Context) -> dict:
                          "(`geomap report journey` does it first).")
     pid, explained, center, components, token_scale = found
     basis = np.asarray(center, np.float32), np.asarray(components, np.float32)
-    states = reads.states(ctx.con, ctx.info.id, ctx.info.n_layers, ctx.last)
+    states = ctx.states()
     coords = place_pca(ctx.weights.normed(np.stack([states[ell] for ell in sorted(states)])), *basis)
-    own = [int(t) for t in load.candidates(ctx.con, ctx.info, ctx.last).ids[:MAP_CANDIDATES]]
+    own = [int(t) for t in ctx.candidates().ids[:MAP_CANDIDATES]]
     rows = ctx.weights.unembed_rows(own)
     dirs = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30) * float(token_scale or 1.0)
     token_xy = place_pca(dirs, *basis) if own else np.zeros((0, 2))

@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from geomap.lru import Lru
-
 # Display names of the matrices the seed's algebra uses, by the parameter's module name.
 MATRIX_NAMES = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_O", "c_attn": "W_Q|W_K|W_V",
                 "gate_proj": "W_gate", "up_proj": "W_up (W₁)", "down_proj": "W_down (W₂)", "c_fc": "W₁",
                 "fc1": "W₁", "fc2": "W₂", "q_norm": "q norm", "k_norm": "k norm"}
-NEURON_TOKENS = 4  # tokens listed per direction (up / down) for each neuron
-# (weights hash) -> {(layer, neuron): (up ids, down ids)}: a neuron's tokens depend on the weights only, so pages
-# written in one process (a pipeline's reports, the server) compute each neuron once.
-_NEURON_CACHE: Lru[dict[tuple[int, int], tuple]] = Lru(4)  # bounded: 4 models, each at most its neurons
 
 
 def _params(params: list, prefix: str, conv1d: bool) -> list[dict]:
@@ -34,16 +28,17 @@ def _params(params: list, prefix: str, conv1d: bool) -> list[dict]:
         elif prefix != "mlp" and owner.endswith("c_proj"):
             label = "W_O"
         shape = list(shape)
+        rows, cols = 1, shape[0] if shape else 1
         if kind == "bias":
             role = "bias"
         elif len(shape) == 2:
             into, out_ = (shape[0], shape[1]) if conv1d else (shape[1], shape[0])
-            role = f"{into} → {out_}"
+            role, rows, cols = f"{into} → {out_}", into, out_
         else:
             role = "per-dimension weight"
         out.append({"name": f"{prefix}.{name}" if prefix else name, "label": label if kind != "bias" else
                     f"{label} bias", "short": label.split(" ")[0], "shape": " × ".join(str(s) for s in shape),
-                    "role": role})
+                    "role": role, "rows": int(rows), "cols": int(cols), "bias": kind == "bias"})
     return out
 
 
@@ -120,24 +115,17 @@ def neuron_rows(weights, mlp, texts_for) -> dict[int, list[dict]]:
         mlp: ``(layer, neurons, activations)`` rows.
         texts_for: A callable from token ids to ``{id: text}``.
     """
-    picks = [(int(layer), int(n)) for layer, neurons, _ in mlp for n in neurons]
-    cache = _NEURON_CACHE.get_or_put(weights.weights_hash, dict)
-    missing = sorted({p for p in picks if p not in cache})
-    if missing:
-        logits = weights.neuron_logits(missing).astype(np.float64)
-        k = min(NEURON_TOKENS, logits.shape[1])
-        mean, sd = logits.mean(1, keepdims=True), np.maximum(logits.std(1, keepdims=True), 1e-30)
-        z = (logits - mean) / sd
-        ups, downs = _top(logits, k), _top(-logits, k)
-        for i, pick in enumerate(missing):
-            cache[pick] = (ups[i], downs[i], z[i, ups[i]], z[i, downs[i]])
+    from geomap.analysis.vocab_lookups import neuron_tokens
+
+    cache = neuron_tokens(weights, [(int(layer), int(n)) for layer, neurons, _ in mlp for n in neurons])
+    picks = list(cache)
     texts = texts_for({int(t) for p in picks for t in (*cache[p][0], *cache[p][1])})
     weak = weak_z(int(weights.meta["vocab_size"]))
     out: dict[int, list[dict]] = {}
     for layer, neurons, acts in mlp:
         entry = out.setdefault(int(layer), [])
         for n, value in zip(neurons, acts):
-            u, d, zu, zd = cache[(int(layer), int(n))]
+            u, d, zu, zd = (np.asarray(v) for v in cache[(int(layer), int(n))])
             # the effect here is value × column: a negative activation swaps what is pushed up and down
             (raise_, zr), (lower, zl) = ((u, zu), (d, zd)) if value >= 0 else ((d, -zd), (u, -zu))
             strength = float(abs(zr[0]))
@@ -150,13 +138,42 @@ def neuron_rows(weights, mlp, texts_for) -> dict[int, list[dict]]:
     return out
 
 
-def _top(x: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) column indices of each row's k largest values, largest first (a partition, then a sort of k)."""
-    part = np.argpartition(-x, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(x, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
-
-
 def weak_z(vocab_size: int) -> float:
     """The z a random direction's top token reaches by chance (√(2 ln V)), plus one: below it, little signal."""
     return float(np.sqrt(2 * np.log(max(vocab_size, 2))) + 1.0)
+
+
+LABEL_CHAR = 6.6  # pixels per character of an 11 px matrix label (a generous estimate: labels get that much room)
+
+
+def matrix_layout(boxes: list[dict], width: int = 900, side: int = 170) -> dict:
+    """The block's weights drawn to one scale: each matrix a rectangle ``in × out`` (rows = the input's size).
+
+    A matrix maps a row vector x (1 × in) to x·W (1 × out), so W_Q is d_model tall and heads·head_dim wide. One
+    scale (pixels per unit) serves every matrix, so their areas compare as their parameter counts; the largest
+    side is ``side`` pixels. Per-dimension weights (norms) are drawn as one-unit-tall strips; biases are left out.
+    Each matrix gets a slot as wide as its rectangle or its labels, whichever is wider, and slots wrap at ``width``.
+
+    Returns:
+        ``{width, height, scale, items}``; an item is ``{label, shape, rows, cols, box, x, y, w, h, slot: [x, y, w,
+        h], tx, ty}`` (``tx, ty`` the labels' anchor, under the rectangle).
+    """
+    mats = [(b, m) for b in boxes for m in b["matrices"] if not m["bias"]]
+    if not mats:
+        return {"width": width, "height": 0, "scale": 0.0, "items": []}
+    scale = side / max(max(m["rows"], m["cols"]) for _, m in mats)
+    items, x, y, row_h, gap = [], 0.0, 0.0, 0.0, 14.0
+    for b, m in mats:
+        w, h = m["cols"] * scale, max(m["rows"] * scale, 2.0) if m["rows"] == 1 else m["rows"] * scale
+        shape = f"{m['rows']} × {m['cols']}" if m["rows"] > 1 else f"{m['cols']} (per dimension)"
+        slot_w = max(w, LABEL_CHAR * max(len(m["short"]), len(shape))) + 4
+        slot_h = h + 34
+        if x > 0 and x + slot_w > width:
+            x, y, row_h = 0.0, y + row_h + gap, 0.0
+        items.append({"label": m["short"], "shape": shape, "rows": m["rows"], "cols": m["cols"], "box": b["key"],
+                      "x": round(x + 2, 2), "y": round(y, 2), "w": round(w, 3), "h": round(h, 3),
+                      "slot": [round(x, 2), round(y, 2), round(slot_w, 2), round(slot_h, 2)],
+                      "tx": round(x + 2, 2), "ty": round(y + h + 14, 2)})
+        x += slot_w + gap
+        row_h = max(row_h, slot_h)
+    return {"width": width, "height": round(y + row_h, 1), "scale": scale, "items": items}

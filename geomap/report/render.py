@@ -106,6 +106,17 @@ def diverge(value, top: float) -> str:
     return f"background:hsl({hue},60%,{light}%)"
 
 
+STRIP_NEGATIVE, STRIP_POSITIVE = (33, 102, 172), (178, 24, 43)  # the strips' ends: blue below zero, red above
+
+
+def strip_colour(x: float) -> str:
+    """The strips' diverging colour for x in [-1, 1] (white at 0); `geomap.js` paints the cells with the same rule."""
+    t = min(1.0, abs(float(x)))
+    end = STRIP_NEGATIVE if x < 0 else STRIP_POSITIVE
+    r, g, b = (round(255 + (c - 255) * t) for c in end)
+    return f"rgb({r},{g},{b})"
+
+
 def polyline(values, width: int = 260, height: int = 70, pad: int = 4) -> str:
     """SVG ``points`` for a line through ``values`` (None skipped)."""
     pts = [(i, float(v)) for i, v in enumerate(values) if v is not None and not math.isnan(float(v))]
@@ -137,7 +148,10 @@ def environment() -> jinja2.Environment:
                              bytecode_cache=_bytecode_cache())
     env.filters.update(dv=data_value, fmt=fmt, showtok=showtok, heat=heat, diverge=diverge, polyline=polyline,
                        json=safe_json)
-    env.globals.update(chart=chart, scale_points=svgmap.scale_points, map_view=svgmap.map_view,
+    from geomap.report.layer_view import matrix_layout
+
+    env.globals.update(chart=chart, strip_colour=strip_colour, matrix_layout=matrix_layout,
+                       scale_points=svgmap.scale_points, map_view=svgmap.map_view,
                        needs_zoom=svgmap.needs_zoom, palette=svgmap.palette, showtok=showtok, max=max, min=min,
                        abs=abs, len=len, enumerate=enumerate)
     return env

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-CHAR_W, LABEL_H = 6.0, 11.0  # approximate glyph width and line height of the 10 px label font
+CHAR_W, LABEL_H = 6.4, 12.0  # glyph width (with room to spare) and line height of the 10 px monospace labels
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,43 @@ def _label(anchor: dict, x: float, y: float, box: tuple) -> dict:
             "members": [anchor["text"]], "box": box, "cls": anchor.get("cls", "")}
 
 
+def _free_spot(anchor: dict, w: float, width: int, height: int, boxes: list) -> tuple[float, float] | None:
+    """The baseline start nearest the anchor where a ``w``-wide label fits inside the box and overlaps nothing."""
+    best = None
+    for y in range(int(LABEL_H), int(height) - 1, 6):
+        for x in range(0, max(int(width - w), 0) + 1, 6):
+            box = (x, y - LABEL_H + 2, x + w, y + 2)
+            if box[2] > width or _overlaps(box, boxes):
+                continue
+            dist = (x - anchor["sx"]) ** 2 + (y - anchor["sy"]) ** 2
+            if best is None or dist < best[0]:
+                best = (dist, float(x), float(y))
+    return None if best is None else (best[1], best[2])
+
+
+def clip_segments(points: list[tuple[float, float]], width: float, height: float) -> list[list[tuple[float, float]]]:
+    """A polyline cut to the box ``[0, width] × [0, height]``: the runs of it that lie inside (Liang–Barsky)."""
+    runs: list[list[tuple[float, float]]] = []
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        dx, dy, lo, hi = x1 - x0, y1 - y0, 0.0, 1.0
+        for p, q in ((-dx, x0), (dx, width - x0), (-dy, y0), (dy, height - y0)):
+            if p == 0:
+                if q < 0:
+                    lo, hi = 1.0, 0.0
+            else:
+                t = q / p
+                lo, hi = (max(lo, t), hi) if p < 0 else (lo, min(hi, t))
+        if lo > hi:
+            continue
+        a = (round(x0 + lo * dx, 1), round(y0 + lo * dy, 1))
+        b = (round(x0 + hi * dx, 1), round(y0 + hi * dy, 1))
+        if runs and runs[-1][-1] == a:
+            runs[-1].append(b)
+        else:
+            runs.append([a, b])
+    return runs
+
+
 def place_labels(anchors: list[dict], width: int, height: int, taken: list | None = None) -> list[dict]:
     """Place labels greedily so that none overlaps another.
 
@@ -94,12 +131,13 @@ def place_labels(anchors: list[dict], width: int, height: int, taken: list | Non
             if shown:
                 near = min(shown, key=lambda s: (s["ax"] - a["sx"]) ** 2 + (s["ay"] - a["sy"]) ** 2)
                 near["members"].append(a["text"])
-            else:  # the first label is never lost: it goes to its first spot, pulled inside the box
-                x = min(max(spots[0][0], 0.0), max(width - w, 0.0))
-                y = min(max(spots[0][1], LABEL_H - 2), height - 2.0)
-                box = (x, y - LABEL_H + 2, x + w, y + 2)
-                boxes.append(box)
-                shown.append(_label(a, x, y, box))
+            else:  # the first label is never lost: the free spot nearest its anchor
+                spot = _free_spot(a, w, width, height, boxes)
+                if spot is not None:
+                    x, y = spot
+                    box = (x, y - LABEL_H + 2, x + w, y + 2)
+                    boxes.append(box)
+                    shown.append(_label(a, x, y, box))
     for s in shown:
         extra = len(s["members"]) - 1
         s["label"] = s["text"] if not extra else f"{s['text']} & {extra} more"
@@ -123,7 +161,8 @@ def map_view(m: dict, width: int = 420, height: int = 320, zoom: bool = False, s
     """
     everything = m["background"] + m["path"] + m["tokens"]
     if not everything:
-        return {"background": [], "path": [], "labels": [], "layer_labels": [], "hidden": 0, "zoom": zoom}
+        return {"background": [], "path": [], "labels": [], "layer_labels": [], "hidden": 0, "zoom": zoom,
+                "segments": [], "outside": 0}
     if zoom and m["path"]:
         tail = m["path"][-max(2, len(m["path"]) // 3):]
         frame = Frame.around(tail, width, height, grow=0.6)
@@ -136,16 +175,21 @@ def map_view(m: dict, width: int = 420, height: int = 320, zoom: bool = False, s
     else:
         frame = Frame.around(everything, width, height)
     bg = [frame.place(p) for p in m["background"] if frame.inside(p)]
-    path = [frame.place(p) for p in m["path"]]  # the path is drawn whole, clipped by the SVG box
+    path = [frame.place(p) for p in m["path"]]
+    for i, p in enumerate(path):
+        p["inside"] = 0 <= p["sx"] <= width and 0 <= p["sy"] <= height
+        p["last"] = i == len(path) - 1
     toks = [frame.place({**t, "text": show(t["token"]), "cls": "own" if t.get("own") else ""})
             for t in m["tokens"] if frame.inside(t)]
-    dots = [(p["sx"] - 4, p["sy"] - 4, p["sx"] + 4, p["sy"] + 4) for p in path]
-    visible = [p for p in path if 0 <= p["sx"] <= width and 0 <= p["sy"] <= height]
+    dots = [(p["sx"] - 4, p["sy"] - 4, p["sx"] + 4, p["sy"] + 4) for p in path if p["inside"]]
+    visible = [p for p in path if p["inside"]]
     labels = place_labels(toks, width, height, taken=dots)  # token labels first: they matter most
     layer_anchors = [{**p, "text": str(p["layer"])} for p in visible[::-1]]
     layer_labels = place_labels(layer_anchors, width, height, taken=dots + [s["box"] for s in labels])
     return {"background": bg, "path": path, "labels": labels, "layer_labels": layer_labels,
-            "hidden": len(m["tokens"]) - len(toks), "zoom": zoom, "ticks": ticks(frame)}
+            "segments": clip_segments([(p["sx"], p["sy"]) for p in path], width, height),
+            "outside": len(path) - len(visible), "hidden": len(m["tokens"]) - len(toks), "zoom": zoom,
+            "ticks": ticks(frame)}
 
 
 def ticks(frame: Frame, count: int = 4) -> dict:

@@ -49,6 +49,11 @@ def neighbors(store: StoreLike, prompt_id: int, layer: int, pos: int | None = No
         Columns ``prompt_id, pos, layer, token, prompt_text, lens_top1, similarity, state_id``, nearest first
         (the query state itself comes first, with similarity 1).
     """
+    return _nearest(store, prompt_id, layer, pos, k, last_only, lambda result: result.df())
+
+
+def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: int, last_only: bool, fetch):
+    """The FAISS search of `neighbors`, joined back to DuckDB; ``fetch`` reads the joined result."""
     from geomap.store.vectors import open_state_index
 
     with Store.use(store, "r") as opened, opened.snapshot() as con:
@@ -66,20 +71,28 @@ def neighbors(store: StoreLike, prompt_id: int, layer: int, pos: int | None = No
         state_index = open_state_index(con, opened.path, layer)
         k = min(k, state_index.index.ntotal if allowed is None else len(allowed))  # no more than there are
         ids, sims = state_index.search(vec[None], k, allowed)
-        import pandas as pd  # only here: the store's other readers stay light to import
-
-        hits = pd.DataFrame({"state_id": ids[0], "similarity": sims[0], "rank": np.arange(len(ids[0]))})
-        hits = hits[hits.state_id >= 0]
-        con.register("_hits", hits)
-        out = con.execute("""
+        keep = ids[0] >= 0
+        result = con.execute("""
+            WITH h AS (SELECT unnest(?::BIGINT[]) AS state_id, unnest(?::FLOAT[]) AS similarity,
+                          unnest(?::INTEGER[]) AS rank)
             SELECT s.prompt_id, s.pos, s.layer, t.text AS token, p.text AS prompt_text, tr.top1_token AS lens_top1,
-                   h.similarity, h.state_id
-            FROM _hits h JOIN states s ON s.id = h.state_id
+                   h.similarity::FLOAT AS similarity, h.state_id
+            FROM h JOIN states s ON s.id = h.state_id
             JOIN prompts p ON p.id = s.prompt_id
             JOIN tokens t ON t.prompt_id = s.prompt_id AND t.pos = s.pos
             LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
-            ORDER BY h.rank""").df()
-        return out
+            ORDER BY h.rank""", [ids[0][keep].tolist(), sims[0][keep].tolist(), list(range(int(keep.sum())))])
+        return fetch(result)
+
+
+def neighbor_rows(store: StoreLike, prompt_id: int, layer: int, pos: int | None = None, k: int = 10,
+                  last_only: bool = False) -> list[dict]:
+    """`neighbors` as plain dicts, nearest first (no pandas: what a report page reads)."""
+    def rows(result) -> list[dict]:
+        names = [c[0] for c in result.description]
+        return [dict(zip(names, r)) for r in result.fetchall()]
+
+    return _nearest(store, prompt_id, layer, pos, k, last_only, rows)
 
 
 def final_logits(con: duckdb.DuckDBPyConnection, prompt_id: int) -> np.ndarray | None:

@@ -96,14 +96,75 @@
     for (i = 0; i < result.parts.length; i++) {
       var part = result.parts[i], mass = part.count * part.item.e / result.total;
       if (u < acc + mass || i === result.parts.length - 1) {
-        if (part.item.rank !== undefined) { return {u: u, rank: part.item.rank}; }
-        return {u: u, rank: rank + Math.min(part.count - 1, Math.floor((u - acc) / (mass / part.count))), unlisted: true};
+        if (part.item.rank !== undefined) { return {u: u, rank: part.item.rank, p: part.item.e / result.total}; }
+        return {u: u, rank: rank + Math.min(part.count - 1, Math.floor((u - acc) / (mass / part.count))), unlisted: true,
+                bin: part.item.bin, estimate: !!part.item.estimate, p: part.item.e / result.total};
       }
       acc += mass; rank += part.count;
     }
     return {u: u, rank: 0};
   }
-  window.geomapDraw = function (T, k, p, seed) { return draw(decode(T, k, p), seed); };
+  window.geomapDraw = function (T, k, p, seed) { return named(draw(decode(T, k, p), seed)); };
+
+  // The drawn token's id and text: a listed rank's own; in a bin of the tail, the member the page names for it
+  // (decoding_view.tail_summary: the page treats a bin's tokens as equally likely).
+  function named(d) {
+    var dec = data.decoding, top = dec.top;
+    if (d.rank < top.length && !d.unlisted) { d.id = top[d.rank].id; d.token = top[d.rank].token; return d; }
+    var tail = dec.tail;
+    if (tail && tail.r && d.bin !== undefined && !d.estimate) {
+      d.id = tail.r[d.bin]; d.token = tail.t ? tail.t[d.bin] : null; d.binCount = tail.n[d.bin];
+    }
+    return d;
+  }
+  window.geomapNamed = named;
+
+  // The kept distribution as a chart: the top tokens, the drawn one (named, wherever it ranks) and the rest's mass.
+  function distChart(res, drawn) {
+    var svg = document.querySelector("[data-dist-chart]"); if (!svg) { return; }
+    while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+    var top = data.decoding.top, n = Math.min(15, top.length), bars = [], i, shown = 0;
+    for (i = 0; i < n; i++) {
+      bars.push({label: showtok(top[i].token), p: res.probs[i], kind: res.probs[i] > 0 ? "kept" : "cut", rank: i + 1,
+                 drawn: drawn !== null && drawn.rank === i});
+      shown += res.probs[i];
+    }
+    if (drawn !== null && drawn.rank >= n) {
+      bars.push({label: drawn.token === undefined || drawn.token === null ? "rank " + (drawn.rank + 1) : showtok(drawn.token),
+                 p: drawn.p, kind: "kept", rank: drawn.rank + 1, drawn: true});
+      shown += drawn.p;
+    }
+    bars.push({label: "every other token", p: Math.max(0, 1 - shown), kind: "tail", rank: null});
+    var W = 760, H = 250, x0 = 56, y0 = 10, pw = W - x0 - 10, ph = 150;
+    var peak = Math.max.apply(null, bars.map(function (b) { return b.p; }).concat([1e-12]));
+    var step = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1].filter(function (s) { return s * 4 >= peak; })[0] || 1;
+    var ymax = Math.min(1, Math.ceil(peak / step - 1e-9) * step) || step;
+    function el(name, attrs, text, parent) {
+      var e = document.createElementNS(SVG, name);
+      Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+      if (text !== undefined) { e.textContent = text; }
+      (parent || svg).appendChild(e); return e;
+    }
+    el("rect", {x: x0, y: y0, width: pw, height: ph, "class": "frame"});
+    for (var v = 0; v <= ymax + 1e-9; v += step) {
+      var y = y0 + ph - v / ymax * ph;
+      el("line", {x1: x0 - 4, x2: x0 + pw, y1: y, y2: y, "class": "grid"});
+      el("text", {x: x0 - 6, y: y + 3, "text-anchor": "end", "class": "ticklabel"}, fmt(v, step < 0.01 ? 3 : 2));
+    }
+    el("text", {x: 12, y: y0 + ph / 2, "text-anchor": "middle", "class": "axislabel", transform: "rotate(-90 12 " + (y0 + ph / 2) + ")"}, "probability");
+    var slot = pw / bars.length, bw = Math.min(30, slot * 0.7);
+    bars.forEach(function (b, j) {
+      var cx = x0 + slot * (j + 0.5), h = Math.min(1, b.p / ymax) * ph;
+      var g = el("g", {"class": "dbar " + b.kind + (b.drawn ? " drawn" : ""), "data-bar-rank": b.rank === null ? "tail" : b.rank});
+      if (b.drawn) { g.setAttribute("data-drawn", ""); }
+      var r = el("rect", {x: cx - bw / 2, y: y0 + ph - h, width: bw, height: Math.max(h, b.p > 0 ? 1 : 0), "data-p": b.p}, undefined, g);
+      el("title", {}, (b.rank === null ? "" : "rank " + b.rank + ": ") + b.label + ", p = " + fmt(b.p, 4), r);
+      var label = b.label.length > 14 ? b.label.slice(0, 13) + "\u2026" : b.label;
+      el("text", {x: cx, y: y0 + ph + 12, "text-anchor": "end", "class": "ticklabel" + (b.drawn ? " drawnlabel" : ""),
+                  transform: "rotate(-40 " + cx + " " + (y0 + ph + 12) + ")", "data-token-label": ""}, label, g);
+      if (b.drawn) { el("text", {x: cx, y: y0 + ph - h - 4, "text-anchor": "middle", "class": "ticklabel drawnlabel"}, "drawn", g); }
+    });
+  }
 
   function controls() {
     var form = document.querySelector("[data-controls]");
@@ -162,9 +223,9 @@
         if (!drawnRow.hidden) {
           var known = drawn.rank < top.length;
           drawnRow.querySelector("[data-cell=rank]").textContent = drawn.rank + 1;
-          drawnRow.querySelector("[data-cell=token]").textContent = known ? showtok(top[drawn.rank].token) : "(not listed here)";
+          drawnRow.querySelector("[data-cell=token]").textContent = drawn.token !== undefined && drawn.token !== null ? showtok(drawn.token) : "(not named: only the top logits were stored here)";
           drawnRow.querySelector("[data-cell=logit]").textContent = known ? fmt(top[drawn.rank].logit, 3) : "";
-          drawnRow.querySelector("[data-cell=p]").textContent = known ? fmt(res.probs[drawn.rank], 4) : "";
+          drawnRow.querySelector("[data-cell=p]").textContent = fmt(drawn.p, 4);
         }
       }
       note.textContent = res.kept + " token(s) stay in the running (" + fmt(100 * res.massKept, 2) +
@@ -174,21 +235,23 @@
         ", greedy decoding takes \u201c" + showtok(top[0].token) + "\u201d, now with p = " + fmt(res.probs[0], 4) +
         " (" + fmt(res.model[0], 4) + " before the cut)";
       if (drawn !== null) {
-        var name = drawn.rank < top.length ? "\u201c" + showtok(top[drawn.rank].token) + "\u201d" :
-          "a token outside the " + top.length + " whose text this page embeds";
+        var name = drawn.token !== undefined && drawn.token !== null ? "\u201c" + showtok(drawn.token) + "\u201d (id " + drawn.id + ")" :
+          "an unlisted token (only the top logits were stored here, so it has no name)";
         s += "; the draw with seed " + drawn.seed + " (u = " + fixed(drawn.u, 4) + ") picked " + name + ", rank " + (drawn.rank + 1) +
-          (drawn.rank < top.length ? ", p = " + fmt(res.probs[drawn.rank], 4) : "");
+          ", p = " + fmt(drawn.p, 4) + (drawn.binCount ? " (one of " + drawn.binCount + " tokens whose logits lie within " +
+          data.decoding.tail.bin + " of each other; the page treats them as equally likely)" : "");
       } else {
         s += "; sampling would draw from the " + res.kept + " kept token(s)";
       }
       sentence.textContent = s + ".";
+      distChart(res, drawn);
     }
     form.addEventListener("input", function () { drawn = null; redraw(); });
     document.querySelector("[data-sample]").addEventListener("click", function () {
       check("top_k"); check("top_p");
       var seed = parseInt(form.seed.value, 10) || 0, T = parseFloat(form.temperature.value) || 1;
       var d = draw(decode(T, valid.top_k, valid.top_p), seed);
-      drawn = {seed: seed, u: d.u, rank: d.rank};
+      drawn = named(d); drawn.seed = seed;
       form.seed.value = seed + 1;
       redraw();
     });
@@ -219,9 +282,21 @@
       neurons.querySelectorAll("tr:not(:first-child)").forEach(function (tr) { tr.remove(); });
       (row.neurons || []).forEach(function (m) {
         var tr = document.createElement("tr");
-        [["#" + m.neuron], [fmt(m.value, 3)], m.up, m.down].forEach(function (cell, j) {
-          var td = document.createElement("td");
-          if (j < 2) { td.textContent = cell[0]; } else { cell.forEach(function (t) { td.appendChild(tokNode(t)); td.appendChild(document.createTextNode(" ")); }); }
+        if (m.weak) { tr.className = "weak"; }
+        tr.setAttribute("data-strength", m.strength);
+        [["#" + m.neuron], [fmt(m.value, 3)], [fmt(m.strength, 2)], m.up, m.down].forEach(function (cell, j) {
+          var td = document.createElement("td"), zs = j === 3 ? m.z_up : m.z_down;
+          if (j < 3) { td.textContent = cell[0]; } else {
+            cell.forEach(function (t, i) {
+              td.appendChild(tokNode(t)); td.appendChild(document.createTextNode(" "));
+              var z = document.createElement("small"); z.textContent = fmt(zs[i], 1); td.appendChild(z);
+              td.appendChild(document.createTextNode(" "));
+            });
+          }
+          if (j === 2 && m.weak) {
+            var flag = document.createElement("small"); flag.className = "weakflag"; flag.textContent = "little signal";
+            td.appendChild(document.createTextNode(" ")); td.appendChild(flag);
+          }
           tr.appendChild(td);
         });
         neurons.appendChild(tr);
@@ -311,14 +386,48 @@
     bindAll();
   }
 
+  // A map's path points answer the pointer by distance, not by which marker is drawn on top: every point within
+  // reach is named, so a layer hidden under another's marker can still be read.
   function mapHover() {
     var info = document.querySelector("[data-map-info]");
     if (!info || !data.lens) { return; }
-    document.querySelectorAll("[data-map] circle.step").forEach(function (c) {
-      c.addEventListener("mouseenter", function () {
-        var ell = Number(c.getAttribute("data-layer"));
-        var row = data.lens.filter(function (r) { return r.layer === ell; })[0];
-        info.textContent = "layer " + ell + (row ? ": the lens reads \u201c" + showtok(row.token) + "\u201d with p = " + fmt(row.prob, 3) : "");
+    function reading(ell) {
+      var row = data.lens.filter(function (r) { return r.layer === ell; })[0];
+      return "layer " + ell + (row ? ": the lens reads \u201c" + showtok(row.token) + "\u201d with p = " + fmt(row.prob, 3) : "");
+    }
+    document.querySelectorAll("[data-map]").forEach(function (svg) {
+      var steps = Array.prototype.slice.call(svg.querySelectorAll("circle.step"));
+      svg.addEventListener("mousemove", function (ev) {
+        var near = [];
+        steps.forEach(function (c) {
+          var b = c.getBoundingClientRect(), dx = ev.clientX - (b.left + b.width / 2), dy = ev.clientY - (b.top + b.height / 2);
+          var dist = Math.sqrt(dx * dx + dy * dy);
+          if (dist <= Math.max(6, b.width / 2 + 1)) { near.push({d: dist, layer: Number(c.getAttribute("data-layer"))}); }
+        });
+        if (!near.length) { return; }
+        near.sort(function (a, b) { return a.d - b.d || a.layer - b.layer; });
+        info.textContent = near.map(function (n) { return reading(n.layer); }).join(" \u00b7 ");
+      });
+    });
+  }
+
+  // ---------------------------------------------------------------- colour strips ----------------------------
+  var STRIP_NEG = [33, 102, 172], STRIP_POS = [178, 24, 43];  // render.strip_colour's ends: the same rule
+  function stripColour(x) {
+    var t = Math.min(1, Math.abs(x)), end = x < 0 ? STRIP_NEG : STRIP_POS;
+    return "rgb(" + end.map(function (c) { return Math.round(255 + (c - 255) * t); }).join(",") + ")";
+  }
+  function paintStrips() {
+    document.querySelectorAll("canvas[data-strip]").forEach(function (canvas) {
+      var s = (data.strips || {})[canvas.getAttribute("data-strip")];
+      var ctx = canvas.getContext && canvas.getContext("2d");
+      if (!s || !ctx) { return; }
+      var top = s.top || 1, cell = s.cell;
+      s.values.forEach(function (v, i) { ctx.fillStyle = stripColour(v / top); ctx.fillRect(i * cell, 0, cell, canvas.height); });
+      var out = document.querySelector("[data-strip-hover=" + s.name + "]");
+      canvas.addEventListener("mousemove", function (ev) {
+        var b = canvas.getBoundingClientRect(), i = Math.floor((ev.clientX - b.left) / b.width * s.d);
+        if (i >= 0 && i < s.d && out) { out.textContent = "dimension " + i + ": " + fmt(s.values[i], 4); }
       });
     });
   }
@@ -394,6 +503,7 @@
   }
 
   controls();
+  paintStrips();
   layerControls();
   mapHover();
   switches();
