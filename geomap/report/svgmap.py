@@ -133,11 +133,13 @@ def place_labels(anchors: list[dict], width: int, height: int, taken: list | Non
                 near["members"].append(a["text"])
             else:  # the first label is never lost: the free spot nearest its anchor
                 spot = _free_spot(a, w, width, height, boxes)
-                if spot is not None:
-                    x, y = spot
-                    box = (x, y - LABEL_H + 2, x + w, y + 2)
-                    boxes.append(box)
-                    shown.append(_label(a, x, y, box))
+                if spot is None:  # no room anywhere: its first spot, pulled inside the box
+                    spot = (min(max(spots[0][0], 0.0), max(width - w, 0.0)),
+                            min(max(spots[0][1], LABEL_H - 2), height - 2.0))
+                x, y = spot
+                box = (x, y - LABEL_H + 2, x + w, y + 2)
+                boxes.append(box)
+                shown.append(_label(a, x, y, box))
     for s in shown:
         extra = len(s["members"]) - 1
         s["label"] = s["text"] if not extra else f"{s['text']} & {extra} more"
