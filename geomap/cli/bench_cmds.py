@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -30,12 +31,22 @@ import click
               help="With --load: the store to serve (default: one built of --prompts prompts in a temporary folder).")
 @click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=300, show_default=True,
               help="With --load and no --db: prompts in the store it builds.")
+@click.option("--reports", "reports_", is_flag=True,
+              help="Report speed instead, on a stored demo (--db, default data/geomap.duckdb, built by `make run`): a "
+                   "cold `geomap report journey`, the report part of `make run` (--pipeline), a served journey page "
+                   "cold, beside `python -c pass`.")
+@click.option("--pipeline", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=Path("pipelines/journey.toml"), show_default=True, help="With --reports: the demo's pipeline.")
 @click.option("--clients", default="1,4,16", show_default=True, help="With --load: client counts.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=20.0, show_default=True,
               help="With --load: seconds of each idle phase (a job phase lasts until its job ends, 60 s at least).")
 def bench(quick: bool, segments_states: int | None, as_json: bool, model_name: str, markdown: Path | None,
-          load_: bool, soak: float | None, db: Path | None, n_prompts: int, clients: str, seconds: float) -> None:
+          load_: bool, soak: float | None, db: Path | None, n_prompts: int, reports_: bool, pipeline: Path,
+          clients: str, seconds: float) -> None:
     """Measure geomap beside the bare model, the peers and the machine (medians of interleaved rounds)."""
+    if reports_:
+        _reports(db or Path("data/geomap.duckdb"), pipeline, as_json, markdown, quick)
+        return
     if load_ or soak is not None:
         _load(model_name, as_json, markdown, soak, db, n_prompts, clients, seconds)
         return
@@ -61,6 +72,21 @@ def bench(quick: bool, segments_states: int | None, as_json: bool, model_name: s
     if missed:
         click.echo(f"{len(missed)} target(s) missed: {', '.join(missed)}", err=True)
     sys.exit(0)
+
+
+def _reports(db: Path, pipeline: Path, as_json: bool, markdown: Path | None, quick: bool) -> None:
+    from geomap.bench.core import as_json as to_json
+    from geomap.bench.core import as_markdown, as_text, machine
+    from geomap.bench.report_bench import report_figures
+
+    if not db.exists():
+        raise click.BadParameter(f"no store at {db}: `make run` builds the demo first.", param_hint="--db")
+    start = time.perf_counter()
+    figures = report_figures(db, pipeline, repeats=1 if quick else 3)
+    command = f"geomap bench --reports --db {db} --pipeline {pipeline}" + (" --quick" if quick else "")
+    if markdown:
+        markdown.write_text(as_markdown(machine(), figures, command, time.perf_counter() - start), encoding="utf-8")
+    click.echo(json.dumps(to_json(machine(), figures, {"command": command})) if as_json else as_text(figures))
 
 
 def _load(model: str, as_json: bool, markdown: Path | None, soak: float | None, db: Path | None, n_prompts: int,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geomap.report.links import Links, in_folder, journey_name, run_name, served
-from geomap.report.pages import journey_page, write_page
+from geomap.report.pages import journey_page, write_index, write_page
 from geomap.store.handle import Store, StoreLike
 
 DEFAULT_FOLDER = Path("reports")
@@ -93,7 +93,8 @@ def _prepare(store: Store, infos: dict, mapped: set, loaded, load_model) -> None
 def journey_report(store: StoreLike, prompt_id: int,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
                    write: bool = True, pos: int | None = None, linked: bool = True,
-                   links: Links | None = None, ready: bool = False, served: bool = False) -> Report:
+                   links: Links | None = None, ready: bool = False, served: bool = False,
+                   index: bool = True) -> Report:
     """The journey report of a stored prompt's token (default its last), from the store only.
 
     To report on a new text, store it first (`geomap.ingest.engine.store_text`).
@@ -110,6 +111,7 @@ def journey_report(store: StoreLike, prompt_id: int,
         links: What the page may link to (default: written, the pages beside it and its steps' pages; else all).
         ready: The preconditions (`prepare`) are known to hold: render without checking them.
         served: Rendered for a server (its policy lets the page call that server).
+        index: Refresh the folder's ``index.html`` (a build of many pages does it once, at its end).
     """
     from geomap.report.data import journey_data
 
@@ -127,7 +129,7 @@ def journey_report(store: StoreLike, prompt_id: int,
         path = None
         if write:
             name = journey_name(prompt_id, None if data.prompt["is_last"] else data.prompt["pos"])
-            path = write_page(page, target or DEFAULT_FOLDER / name, single_file)
+            path = write_page(page, target or DEFAULT_FOLDER / name, single_file, index=False)
             steps = [s for s in data.generations if s["href"]] if linked else []
             if steps:
                 prepare(opened, {s["prompt_id"] for s in steps}, loaded)
@@ -135,12 +137,15 @@ def journey_report(store: StoreLike, prompt_id: int,
                 step_out = path.parent / journey_name(step["prompt_id"], step["pos"])
                 if not step_out.exists():
                     journey_report(opened, step["prompt_id"], out=step_out, single_file=single_file,
-                                   pos=step["pos"], linked=False, links=links, ready=True)
+                                   pos=step["pos"], linked=False, links=links, ready=True, index=False)
+            if index:
+                write_index(path.parent)
     return Report(page, path)
 
 
 def run_report(store: StoreLike, run_id: int, out: str | Path | None = None, single_file: bool = False,
-               loaded=None, write: bool = True, links: Links | None = None, served: bool = False) -> Report:
+               loaded=None, write: bool = True, links: Links | None = None, served: bool = False,
+               index: bool = True) -> Report:
     """One page for a whole run (default file ``reports/run-<id>.html``), from the store only.
 
     ``loaded``: a loaded model, used only to write the store's weight slice when it has none.
@@ -155,7 +160,7 @@ def run_report(store: StoreLike, run_id: int, out: str | Path | None = None, sin
         if links is None:
             links = store_links(opened, target.parent if write else None)
         page = render("run.html.j2", run_data(opened, run_id, links=links), single_file, served=served)
-    path = write_page(page, target, single_file) if write else None
+    path = write_page(page, target, single_file, index=index) if write else None
     return Report(page, path)
 
 
@@ -221,9 +226,12 @@ def pipeline_reports(store: StoreLike, keys: list[str], folder: str | Path, load
         todo = [pid for pid in sorted(ours) if not (folder / journey_name(pid)).exists()]
         written = 0
         for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
-            journey_report(opened, pid, out=folder / journey_name(pid), links=links, ready=True)
+            journey_report(opened, pid, out=folder / journey_name(pid), links=links, ready=True, index=False)
             written += 1
         for run_id in runs:
-            run_report(opened, run_id, out=folder / run_name(run_id), links=links)
+            run_report(opened, run_id, out=folder / run_name(run_id), links=links, index=False)
             written += 1
+    if written or folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_index(folder)
     return written

@@ -9,15 +9,19 @@ from pathlib import Path
 from geomap.report.render import render, write_assets
 
 
-def write_page(html_text: str, out: Path, single_file: bool) -> Path:
-    """Write one page (and, unless ``single_file``, the shared assets beside it); refresh the folder's index."""
+def write_page(html_text: str, out: Path, single_file: bool, index: bool = True) -> Path:
+    """Write one page (and, unless ``single_file``, the shared assets beside it); refresh the folder's index.
+
+    ``index=False``: leave the index to the caller (a build writing many pages refreshes it once, at its end).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     if not single_file:
         write_assets(out.parent / "assets")
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(html_text, encoding="utf-8")
     tmp.replace(out)
-    write_index(out.parent)
+    if index:
+        write_index(out.parent)
     return out
 
 
@@ -39,7 +43,8 @@ def write_index(folder: Path) -> Path:
     for page in sorted(folder.glob("*.html"), key=order):
         if page.name == "index.html":
             continue
-        head = page.read_text(encoding="utf-8", errors="replace")[:20000].split("</head>")[0]
+        with page.open(encoding="utf-8", errors="replace") as f:  # the head only: pages are large
+            head = f.read(20000).split("</head>")[0]
         match = re.search(r"<title>(.*?)</title>", head, re.S)
         meta = {k: html.unescape(v) for k, v in re.findall(r'<meta name="geomap-([a-z]+)" content="([^"]*)">', head)}
         kind = page.stem.split("-")[0]

@@ -63,17 +63,17 @@ def _label(anchor: dict, x: float, y: float, box: tuple) -> dict:
 
 
 def _free_spot(anchor: dict, w: float, width: int, height: int, boxes: list) -> tuple[float, float] | None:
-    """The baseline start nearest the anchor where a ``w``-wide label fits inside the box and overlaps nothing."""
-    best = None
-    for y in range(int(LABEL_H), int(height) - 1, 6):
-        for x in range(0, max(int(width - w), 0) + 1, 6):
-            box = (x, y - LABEL_H + 2, x + w, y + 2)
-            if box[2] > width or _overlaps(box, boxes):
-                continue
-            dist = (x - anchor["sx"]) ** 2 + (y - anchor["sy"]) ** 2
-            if best is None or dist < best[0]:
-                best = (dist, float(x), float(y))
-    return None if best is None else (best[1], best[2])
+    """The baseline start nearest the anchor where a ``w``-wide label fits inside the box and overlaps nothing.
+
+    Candidate spots on a 4-pixel grid are tried nearest first, so the search stops at the first free one.
+    """
+    spots = [(x, y) for y in range(int(LABEL_H), int(height) - 1, 4) for x in range(0, max(int(width - w), 0) + 1, 4)]
+    spots.sort(key=lambda p: (p[0] - anchor["sx"]) ** 2 + (p[1] - anchor["sy"]) ** 2)
+    for x, y in spots:
+        box = (x, y - LABEL_H + 2, x + w, y + 2)
+        if box[2] <= width and not _overlaps(box, boxes):
+            return float(x), float(y)
+    return None
 
 
 def clip_segments(points: list[tuple[float, float]], width: float, height: float) -> list[list[tuple[float, float]]]:

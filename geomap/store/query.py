@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 
+from geomap.lru import Lru
 from geomap.store.codec import from_blob
 from geomap.store.db import NotFoundError, StoreError
 from geomap.store.handle import Store, StoreLike
+
+_INDEXES: Lru = Lru(32)  # opened state indexes by file identity (bounded: 32 layers' indexes)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,8 +58,6 @@ def neighbors(store: StoreLike, prompt_id: int, layer: int, pos: int | None = No
 
 def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: int, last_only: bool, fetch):
     """The FAISS search of `neighbors`, joined back to DuckDB; ``fetch`` reads the joined result."""
-    from geomap.store.vectors import open_state_index
-
     with Store.use(store, "r") as opened, opened.snapshot() as con:
         top = con.execute("SELECT max(layer) FROM states WHERE prompt_id = ?", [prompt_id]).fetchall()[0][0]
         if top is not None and not 0 <= layer <= top:
@@ -68,7 +70,7 @@ def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: i
                                      WHERE s.layer = ? AND s.pos = p.n_tokens - 1""", [layer]).fetchnumpy()["id"]
         if k < 1:
             raise StoreError(f"k must be at least 1, not {k}.")
-        state_index = open_state_index(con, opened.path, layer)
+        state_index = _state_index(con, opened.path, layer)
         k = min(k, state_index.index.ntotal if allowed is None else len(allowed))  # no more than there are
         ids, sims = state_index.search(vec[None], k, allowed)
         keep = ids[0] >= 0
@@ -83,6 +85,27 @@ def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: i
             LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
             ORDER BY h.rank""", [ids[0][keep].tolist(), sims[0][keep].tolist(), list(range(int(keep.sum())))])
         return fetch(result)
+
+
+def _state_index(con, db_path, layer: int):
+    """`open_state_index`, kept per process while its file and manifest row are unchanged.
+
+    A report build asks the same five layers for every page; opening one re-reads and re-hashes its file. The
+    manifest's agreement with the stored states is checked on every call, as opening does.
+    """
+    from geomap.store.db import index_dir
+    from geomap.store.manifest import manifest_rows, stats_problem
+    from geomap.store.vectors import open_state_index
+
+    row = manifest_rows(con).get(layer)
+    if row is None or stats_problem(con, row):
+        return open_state_index(con, db_path, layer)  # its error names the fix
+    try:
+        st = (index_dir(Path(db_path)) / row["path"]).stat()
+    except OSError:
+        return open_state_index(con, db_path, layer)
+    key = (str(db_path), layer, row["sha256"], row["ntotal"], st.st_mtime_ns, st.st_size)
+    return _INDEXES.get_or_put(key, lambda: open_state_index(con, db_path, layer))
 
 
 def neighbor_rows(store: StoreLike, prompt_id: int, layer: int, pos: int | None = None, k: int = 10,
