@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from geomap.capture.config import CaptureConfig
-from geomap.capture.lens import Unembed
 from geomap.ingest.engine import ingest
+from geomap.ingest.engine_config import EngineConfig
 from geomap.ingest.runs import Run, RunOptions, model_identity
-from geomap.intervene.effects import delta_rows, effect_rows, lens_top1
 from geomap.intervene.engine import prepare, run_specs
+from geomap.intervene.measure import Measure, Measured
 from geomap.intervene.sites import InterventionError
 from geomap.intervene.spec import Spec, resolve
 from geomap.models.loading import LoadedModel
@@ -55,7 +54,8 @@ def target_ids(loaded: LoadedModel, targets: Sequence[str]) -> list[int]:
 
 
 def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targets: Sequence[str] = (),
-          name: str = "sweep", batch_size: int = 16, config: CaptureConfig | None = None) -> SweepSummary:
+          name: str = "sweep", batch_size: int = 16, config: CaptureConfig | None = None,
+          engine: EngineConfig | None = None) -> SweepSummary:
     """Run and store a sweep of interventions.
 
     Args:
@@ -66,6 +66,8 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
         name: The sweep's name, kept on each ledger row (a report groups by it).
         batch_size: Interventions per forward pass.
         config: Capture options of the clean journeys (the default capture otherwise).
+        engine: ``kind = "ray"`` spreads the batches over Ray workers (`geomap.ingest.intervene_ray`); this process
+            stays the only writer. Default inline.
 
     Returns:
         The summary; ``ids`` are the ledger ids of every spec given (stored now or before), in order.
@@ -83,15 +85,17 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
 
             sync_state_indexes(con, opened.path)
         ensure_intervention_tables(con)
-        width = loaded.anatomy.d_model
-        prompt_ids = _prompt_ids(con, identity, config, texts)
+        prompts = _prompts(con, identity, config, texts)
         have = stored_keys(con, keys)
         todo = list({k: (s, k) for s, k in zip(specs, keys) if k not in have}.values())
         run = Run(opened, con, loaded, RunOptions(config, "float32", pipeline=PIPELINE, progress=False, index=False))
         run_id = run.start(needed=bool(todo))  # the run lifecycle, as every producer: start, complete or failed
         if run_id is not None:
             try:
-                _run(con, loaded, todo, run_id, prompt_ids, wanted, name, batch_size, width)
+                if todo:
+                    measured = _measured(loaded, [s for s, _ in todo], wanted, batch_size, engine)
+                    _store(con, measured, [k for _, k in todo], _Ledger(run_id, prompts, name),
+                           loaded.anatomy.d_model)
                 run.complete()
             except Exception as exc:
                 run.failed(exc)
@@ -102,49 +106,70 @@ def sweep(loaded: LoadedModel, specs: Sequence[Spec], db_path: str | Path, targe
                             time.perf_counter() - start, tuple(int(ids[k]) for k in keys))
 
 
-def _prompt_ids(con, identity: str, config: CaptureConfig, texts: list[str]) -> dict[str, int]:
+def _prompts(con, identity: str, config: CaptureConfig, texts: list[str]) -> dict[str, tuple[int, int]]:
+    """Each text's stored prompt: ``(id, n_tokens)``."""
     config_json = config.to_json()
     out = {}
     for text in texts:
-        rows = con.execute("SELECT id, status, error FROM prompts WHERE key = ?",
+        rows = con.execute("SELECT id, status, error, n_tokens FROM prompts WHERE key = ?",
                            [prompt_key(identity, config_json, text)]).fetchall()
         if not rows or rows[0][1] != "done":
             raise InterventionError(f"prompt {text!r} could not be captured: {rows[0][2] if rows else 'missing'}")
-        out[text] = int(rows[0][0])
+        out[text] = (int(rows[0][0]), int(rows[0][3]))
     return out
 
 
-def _run(con, loaded: LoadedModel, todo: list[tuple[Spec, str]], run_id: int, prompt_ids: dict[str, int],
-         wanted: list[int], name: str, batch_size: int, width: int) -> None:
-    if not todo:
-        return
-    specs = [s for s, _ in todo]
+def measure_inline(loaded: LoadedModel, specs: Sequence[Spec], wanted: Sequence[int],
+                   batch_size: int) -> Iterator[list[Measured]]:
+    """The specs run ``batch_size`` per forward pass in this process, each batch measured."""
     base = prepare(loaded, specs, batch_size)
-    unembed = Unembed(loaded.anatomy)
-    clean_top1 = {text: lens_top1(unembed, b.resid[:, -1]) for text, b in base.items()}
-    done = 0
+    measure = Measure(loaded, base, wanted)
     for outcomes in run_specs(loaded, specs, base, batch_size):
-        ledger, deltas, effects = [], [], []
-        for outcome in outcomes:
-            spec, key = outcome.spec, todo[done][1]
-            done += 1
-            clean = base[spec.prompt]
-            ids, probs = clean_top1[spec.prompt]
-            ids, probs = ids.copy(), probs.copy()
-            if outcome.first_layer <= loaded.anatomy.n_layers:
-                new_ids, new_probs = lens_top1(unembed, outcome.resid[outcome.first_layer:, -1])
-                ids[outcome.first_layer:], probs[outcome.first_layer:] = new_ids, new_probs
-            deltas.append(delta_rows(outcome, (ids, probs)))
-            targets = wanted or [int(np.argmax(clean.logits))]
-            rows = effect_rows(outcome, clean, targets, clean_top1[spec.prompt][0], ids)
-            for row in rows:
-                row["token"] = loaded.tokenizer.decode([row["token_id"]])
-            effects.append(rows)
-            ledger.append({"key": key, "run_id": run_id, "prompt_id": prompt_ids[spec.prompt],
-                           "source_prompt_id": prompt_ids.get(spec.source) if spec.source else None,
-                           "operation": spec.operation, "site": spec.site.kind, "layer": spec.site.layer,
-                           "head": spec.site.head, "positions": resolve(spec.positions, len(clean.ids)),
-                           "coefficient": spec.coefficient, "seed": spec.seed, "sweep": name,
-                           "first_layer": outcome.first_layer, "first_pos": outcome.first_pos,
-                           "spec": json.dumps(spec.to_dict())})
-        write_interventions(con, ledger, deltas, effects, width)
+        yield measure.batch(outcomes)
+
+
+def _measured(loaded, specs, wanted, batch_size, engine: EngineConfig | None) -> Iterator[list[Measured]]:
+    if engine is None or engine.kind == "inline":
+        return measure_inline(loaded, specs, wanted, batch_size)
+    from geomap.ingest.intervene_ray import measure_ray
+
+    return measure_ray(loaded, specs, wanted, batch_size, engine)
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """What a ledger row takes from the sweep: its run, the stored prompts (id, tokens) and the sweep's name."""
+
+    run_id: int
+    prompts: dict[str, tuple[int, int]]
+    name: str
+
+    def row(self, m: Measured, key: str) -> dict:
+        spec = m.spec
+        prompt_id, n_tokens = self.prompts[spec.prompt]
+        return {"key": key, "run_id": self.run_id, "prompt_id": prompt_id,
+                "source_prompt_id": self.prompts[spec.source][0] if spec.source else None,
+                "operation": spec.operation, "site": spec.site.kind, "layer": spec.site.layer,
+                "head": spec.site.head, "positions": resolve(spec.positions, n_tokens),
+                "coefficient": spec.coefficient, "seed": spec.seed, "sweep": self.name,
+                "first_layer": m.first_layer, "first_pos": m.first_pos, "spec": json.dumps(spec.to_dict())}
+
+
+def _store(con, batches: Iterable[list[Measured]], keys: list[str], ledger: _Ledger, width: int) -> None:
+    """Write each batch in its own transaction on a writer thread, while the next batch is computed.
+
+    One batch at most waits for the thread, so batches commit in order and a kill loses at most the batches not
+    committed yet (the rerun computes them again).
+    """
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="geomap-intervene-writer") as writer:
+        pending = None
+        for batch in batches:
+            rows = [ledger.row(m, keys[done + i]) for i, m in enumerate(batch)]
+            done += len(batch)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_interventions, con, rows, [m.delta for m in batch],
+                                    [m.effects for m in batch], width)
+        if pending is not None:
+            pending.result()

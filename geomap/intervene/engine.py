@@ -41,7 +41,9 @@ class Outcome:
     """One spec's intervened run.
 
     Attributes are the spec, the residual stream (L+1, T, d), the last position's logits (V,), and where changes can
-    start: the first residual boundary and the first position an edit touches.
+    start: the first residual boundary and the first position an edit touches. ``last_from`` is the first boundary
+    where the last position can differ from the spec's reference run (`reference`): below it the last position's
+    residual is the reference's, in a causal model, so its lens statistics are the reference's too.
     """
 
     spec: Spec
@@ -49,6 +51,7 @@ class Outcome:
     logits: np.ndarray
     first_layer: int
     first_pos: int
+    last_from: int = 0
 
 
 def _encode(loaded: LoadedModel, text: str) -> Encoded:
@@ -146,6 +149,34 @@ def edits_for(loaded: LoadedModel, spec: Spec, base: dict[str, Baseline]) -> tup
     return target.ids, edits, first_layer, first_pos
 
 
+def last_from(edits: Sequence[Edit], n: int) -> int:
+    """The first boundary where the last of ``n`` positions can differ from the reference run (see `Outcome`).
+
+    An edit at the last position shows there from its site's first boundary; an edit at an earlier position reaches
+    the last one only through the next layer's attention, one boundary later. A trace's noise is part of its
+    reference (the corrupted run), so it does not count.
+    """
+    bounds = [e.site.first_boundary() + (0 if n - 1 in e.positions else 1) for e in edits if e.site.kind != "embed"]
+    return min(bounds, default=0)
+
+
+def reference(loaded: LoadedModel, spec: Spec, base: dict[str, Baseline]) -> Baseline:
+    """The run a spec's outcome equals below `last_from`.
+
+    The clean run of ``spec.prompt``; for a trace with noise, that prompt with the noise alone (the corrupted run,
+    one forward pass, its residual stream and logits only).
+    """
+    target = base[spec.prompt]
+    if spec.operation != "trace" or spec.noise is None:
+        return target
+    n = len(target.ids)
+    noisy = resolve(spec.noise.positions, n, "noise position")
+    edit = Edit(Site("embed"), noisy, noise_value(loaded, len(noisy), spec.noise.scale, spec.noise.seed), mode="add")
+    edits, logits = forward(loaded, [target.ids], [[edit]])
+    resid = torch.stack(edits.resid).float().cpu().numpy()[:, 0]
+    return Baseline(target.ids, resid, logits[0], {})
+
+
 def _vector(spec: Spec, width: int) -> np.ndarray:
     vector = spec.vector_array()
     if vector.shape != (width,):
@@ -161,8 +192,8 @@ def run_specs(loaded: LoadedModel, specs: Sequence[Spec], base: dict[str, Baseli
         rows = [edits_for(loaded, spec, base) for spec in chunk]
         edits, logits = forward(loaded, [r[0] for r in rows], [r[1] for r in rows])
         resid = torch.stack(edits.resid).float().cpu().numpy()
-        yield [Outcome(spec, resid[:, b, :len(ids)], logits[b], first, pos)
-               for b, (spec, (ids, _, first, pos)) in enumerate(zip(chunk, rows))]
+        yield [Outcome(spec, resid[:, b, :len(ids)], logits[b], first, pos, last_from(row_edits, len(ids)))
+               for b, (spec, (ids, row_edits, first, pos)) in enumerate(zip(chunk, rows))]
 
 
 def prepare(loaded: LoadedModel, specs: Sequence[Spec], batch_size: int = 8) -> dict[str, Baseline]:

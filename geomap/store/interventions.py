@@ -112,6 +112,7 @@ def _insert_effects(con, ids: list[int], effects: list[list[dict]]) -> None:
     if not rows:
         return
     columns = ["intervention_id", "token_id", "token", "logit", "prob", "rank", "clean_logit", "clean_prob",
-               "clean_rank", "logit_change", "prob_change", "kl", "top1_id", "top1_changed", "first_flip_layer"]
+               "clean_rank", "logit_change", "prob_change", "kl", "top1_id", "top1_changed", "first_flip_layer",
+               "lens_ranks", "clean_lens_ranks"]
     con.executemany(f"INSERT INTO effects ({', '.join(columns)}) VALUES ({', '.join(['?'] * len(columns))})",
                     [[row[c] for c in columns] for row in rows])

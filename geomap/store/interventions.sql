@@ -50,8 +50,13 @@ CREATE TABLE IF NOT EXISTS effects (            -- per intervention and target t
     top1_id INTEGER,                            -- the intervened run's top-1 token
     top1_changed BOOLEAN,                       -- the intervened top-1 differs from the clean top-1
     first_flip_layer SMALLINT,                  -- first boundary where the lens top-1 differs from clean's; NULL: none
+    lens_ranks INTEGER[],                       -- the token's lens rank at the last position, per boundary 0..L
+    clean_lens_ranks INTEGER[],                 -- the same in the clean run
     PRIMARY KEY (intervention_id, token_id)
 );
+-- stores made before the per-boundary ranks: the columns are added (NULL for the interventions already stored)
+ALTER TABLE effects ADD COLUMN IF NOT EXISTS lens_ranks INTEGER[];
+ALTER TABLE effects ADD COLUMN IF NOT EXISTS clean_lens_ranks INTEGER[];
 
 -- An intervened journey as a whole: the clean states where the delta holds nothing, the delta elsewhere.
 CREATE OR REPLACE VIEW counterfactual_states AS

@@ -184,3 +184,35 @@ def test_bad_intervention_entries_are_one_line_errors(tiny_dirs, tmp_path, extra
     assert done.status == 2 and message in done.stderr and "[[interventions]] #1" in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1
     assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_the_lens_of_unchanged_rows_is_the_reference_runs(tiny_models):
+    """Below `last_from` the last position is the reference run's: the lens taken from it equals a full lens pass."""
+    from geomap.intervene import run_specs
+    from geomap.intervene.effects import lens_rows
+    from geomap.intervene.measure import Measure
+
+    loaded = tiny_models["llama"]
+    n_bounds = loaded.anatomy.n_layers + 1
+    specs = [*[Spec("trace", TEXT, Site(kind, layer), (pos,), noise=Noise((1, 2), 3.0, 5))
+               for kind, top in (("resid", n_bounds), ("mlp", n_bounds - 1)) for layer in range(top)
+               for pos in (-1, 3)],
+             *[Spec("patch", TEXT, Site("resid", layer), (pos,), source=OTHER) for layer in range(n_bounds)
+               for pos in (-1, 2)],
+             Spec("ablate", TEXT, Site("head", 1, 0), (2,), ablation="zero")]
+    base = prepare(loaded, specs)
+    target = loaded.tokenizer(" the", add_special_tokens=False)["input_ids"]
+    measure = Measure(loaded, base, target)
+    outcomes = [o for batch in run_specs(loaded, specs, base, 7) for o in batch]
+    assert {o.last_from for o in outcomes} > {0, 1}  # some rows are taken from the reference
+    skipped = 0
+    for outcome, got in zip(outcomes, measure.batch(outcomes)):
+        full = lens_rows(measure.unembed, outcome.resid[:, -1], np.tile(target, (n_bounds, 1)))
+        last = got.delta["pos"] == len(base[TEXT].ids) - 1
+        np.testing.assert_array_equal(got.delta["top1_id"][last], full.top1_id)
+        np.testing.assert_allclose(got.delta["top1_prob"][last], full.top1_prob, rtol=1e-4)
+        (effect,) = got.effects
+        assert effect["lens_ranks"] == full.ranks[:, 0].tolist()
+        assert effect["lens_ranks"][-1] == effect["rank"]  # the lens at the last boundary is the model's output
+        skipped += outcome.last_from
+    assert skipped > len(outcomes)
