@@ -27,8 +27,11 @@ def short_prompts(n: int) -> list[str]:
     return [f"{SUBJECTS[i % len(SUBJECTS)]} ({i})" for i in range(n)]
 
 
+PARTS = ("interventions",)
+
+
 def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | None = None,
-              say: Callable[[str], None] = print) -> tuple[dict, list[Figure], float]:
+              say: Callable[[str], None] = print, only: str | None = None) -> tuple[dict, list[Figure], float]:
     """Measure every figure; returns ``(machine, figures, seconds)``.
 
     Args:
@@ -36,6 +39,8 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
         quick: Fewer prompts, rounds and sizes (about 20 minutes on 2 cores; the full run takes hours).
         workdir: Where temporary stores go (default a temporary folder, removed afterwards).
         say: Progress lines.
+        only: One part of `PARTS` alone (``interventions``: the causal-trace sweep against its bare forwards, and
+            the storage per intervention).
     """
     from geomap.bench import (
         capture_bench,
@@ -59,6 +64,10 @@ def run_bench(model: str = "gemma-3-270m", quick: bool = False, workdir: Path | 
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = Path(tmp)
+        if only == "interventions":
+            say("interventions: a causal-trace sweep beside its bare forwards; storage per intervention")
+            figures += intervene_bench.intervene_figures(loaded, folder, repeats)
+            return machine(), figures, time.perf_counter() - start
         say("capture: geomap, forward, forward with hidden states, peers")
         figures += capture_bench.capture_figures(loaded, texts, repeats)
         say("lens: against a same-shape matmul")

@@ -33,6 +33,8 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
     n_specs = len(_specs(loaded, 0))
     ids = torch.tensor(loaded.tokenizer(CLEAN)["input_ids"])
     seeds = iter(range(1, 10_000))
+    n_bounds = loaded.anatomy.n_layers + 1
+    lens_rows: list[int] = []
 
     @torch.no_grad()
     def forwards():
@@ -43,8 +45,8 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
 
     def hooks_only():
         specs = _specs(loaded, next(seeds))
-        for _ in run_specs(loaded, specs, prepare(loaded, specs), BATCH):
-            pass
+        lens_rows[:] = [n_bounds - min(o.last_from, n_bounds)
+                        for batch in run_specs(loaded, specs, prepare(loaded, specs), BATCH) for o in batch]
 
     def stored():
         sweep(loaded, _specs(loaded, next(seeds)), db, name="bench", batch_size=BATCH)
@@ -59,7 +61,12 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
                f"{median(times['forward']):.2f} s"),
         judged("intervene: edits and reads through hooks vs bare forwards",
                median_ratio(times["forward"], times["hooks"]), "x", None,
-               "the same sweep without storage: hooks, residual reads, baselines"),
+               "the same sweep without storage or lens: hooks, residual reads, baselines"),
+        judged("intervene: lens rows per intervention", sum(lens_rows) / max(len(lens_rows), 1), "rows", None,
+               f"boundaries whose last position goes through the {loaded.anatomy.vocab_size:,}-token unembedding "
+               f"(of {n_bounds}; below an intervention's first change the reference run's lens is reused); each "
+               f"row costs about the multiply-adds of {loaded.anatomy.vocab_size * loaded.anatomy.d_model / 1e6:.0f}M"
+               f" of one forward token's"),
     ]
     return figures + _storage(db, loaded)
 

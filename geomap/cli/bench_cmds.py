@@ -18,6 +18,9 @@ import click
               help="Only the query bars of a large segments store instead: STATES states (1000000 for the bar) over "
                    "500+ segment files, written through the segment writer; trajectory SQL, kNN, journey report.")
 @click.option("--json", "as_json", is_flag=True, help="Print {machine, figures: [{name, value, unit, target, met}]}.")
+@click.option("--only", type=click.Choice(["interventions"]), default=None,
+              help="One part alone: interventions (a causal-trace sweep against its bare forwards, and its storage "
+                   "per intervention against a full journey).")
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as a Markdown table (e.g. for docs/benchmarks.md).")
@@ -40,9 +43,9 @@ import click
 @click.option("--clients", default="1,4,16", show_default=True, help="With --load: client counts.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=20.0, show_default=True,
               help="With --load: seconds of each idle phase (a job phase lasts until its job ends, 60 s at least).")
-def bench(quick: bool, segments_states: int | None, as_json: bool, model_name: str, markdown: Path | None,
-          load_: bool, soak: float | None, db: Path | None, n_prompts: int, reports_: bool, pipeline: Path,
-          clients: str, seconds: float) -> None:
+def bench(quick: bool, segments_states: int | None, as_json: bool, only: str | None, model_name: str,
+          markdown: Path | None, load_: bool, soak: float | None, db: Path | None, n_prompts: int, reports_: bool,
+          pipeline: Path, clients: str, seconds: float) -> None:
     """Measure geomap beside the bare model, the peers and the machine (medians of interleaved rounds)."""
     if reports_:
         _reports(db or Path("data/geomap.duckdb"), pipeline, as_json, markdown, quick)
@@ -60,9 +63,9 @@ def bench(quick: bool, segments_states: int | None, as_json: bool, model_name: s
     if segments_states:
         info, figures, seconds = run_segment_bench(model_name, segments_states, say=say)
     else:
-        info, figures, seconds = run_bench(model_name, quick, say=say)
+        info, figures, seconds = run_bench(model_name, quick, say=say, only=only)
     command = "geomap bench" + (" --quick" if quick else "") + (f" --segments {segments_states}" if segments_states
-                                                                 else "") + (
+                                                                 else "") + (f" --only {only}" if only else "") + (
         "" if model_name == "gemma-3-270m" else f" --model {model_name}")
     if markdown:
         markdown.write_text(as_markdown(info, figures, command, seconds), encoding="utf-8")

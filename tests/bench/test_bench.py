@@ -68,3 +68,22 @@ def test_bench_segments_json_on_a_tiny_model(tiny_dirs, tmp_path):
     assert out["command"] == f"geomap bench --segments 3000 --model {tiny_dirs['llama']}"
     segments = int(figures["segments store: journey report"]["note"].split(" states in ")[1].split()[0])
     assert segments >= 2  # one states segment per synthetic batch of 8 prompts, beside the real prompts' one
+
+
+def test_bench_only_interventions(tiny_dirs, tmp_path):
+    """`geomap bench --quick --only interventions`: the sweep against its bare forwards, and its storage, alone."""
+    got = subprocess.run([sys.executable, "-m", "geomap", "bench", "--quick", "--only", "interventions", "--json",
+                          "--model", str(tiny_dirs["llama"])], capture_output=True, text=True, timeout=900,
+                         cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    out = json.loads(got.stdout)
+    figures = {f["name"]: f for f in out["figures"]}
+    assert set(figures) == {"intervene: causal-trace sweep vs its bare forwards",
+                            "intervene: edits and reads through hooks vs bare forwards",
+                            "intervene: lens rows per intervention", "intervene: storage per intervention",
+                            "intervene: storage per intervention vs a full journey"}
+    assert figures["intervene: causal-trace sweep vs its bare forwards"]["target"] == ">= 0.80"
+    n_bounds = json.loads((tiny_dirs["llama"] / "config.json").read_text())["num_hidden_layers"] + 1
+    assert 0 < figures["intervene: lens rows per intervention"]["value"] < n_bounds  # reference rows are reused
+    assert 0 < figures["intervene: storage per intervention vs a full journey"]["value"] < 1
+    assert out["command"].startswith("geomap bench --quick --only interventions")
