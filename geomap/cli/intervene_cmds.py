@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from geomap.cli.store_cmds import db_option, store_path
+from geomap.cli.store_cmds import db_option, engine_options, store_path
 
 
 def _common(fn):
+    fn = engine_options(fn)
     for option in reversed([
         click.argument("prompt"),
         db_option,
@@ -33,13 +34,24 @@ def _common(fn):
     return fn
 
 
-def _run(data: dict, db: Path | None, model_name: str | None, batch_size: int, as_json: bool) -> None:
-    """Validate a sweep's options (as a pipeline's [[interventions]] entry), run it, print its effects."""
+def _run(data: dict, db: Path | None, model_name: str | None, batch_size: int, as_json: bool,
+         engine: tuple = (None, None, None)) -> None:
+    """Validate a sweep's options (as a pipeline's [[interventions]] entry), run it, print its effects.
+
+    ``engine`` is the ``--engine``, ``--address`` and ``--workers`` flags: ``--engine ray`` spreads the sweep's
+    batches over Ray workers.
+    """
+    from geomap.ingest.engine_config import EngineConfig
     from geomap.ingest.intervention_plan import run_plan, validate_plan
 
     plan = validate_plan({k: v for k, v in data.items() if v is not None}, "geomap intervene")
+    config = EngineConfig().override(*engine)
+    if config.kind == "ray":
+        from geomap.ingest.ray_engine import require_ray
+
+        require_ray()
     loaded = _load(model_name)
-    summary = run_plan(loaded, plan, store_path(db), batch_size)
+    summary = run_plan(loaded, plan, store_path(db), batch_size, engine=config)
     _print(store_path(db), plan.sweep_name(), summary, as_json)
 
 
@@ -109,10 +121,11 @@ def _options(prompt, layers, positions, site, heads, targets, name) -> dict:
 @intervene.command()
 @_common
 @click.option("--source", required=True, help="The prompt whose activations are copied in.")
-def patch(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, source):
+def patch(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, engine_kind,
+          address, workers, source):
     """Copy a site from SOURCE's run into PROMPT's run, at every chosen layer × position (aligned from the end)."""
     _run({"operation": "patch", **_options(prompt, layers, positions, site, heads, targets, name), "source": source},
-         db, model_name, batch_size, as_json)
+         db, model_name, batch_size, as_json, (engine_kind, address, workers))
 
 
 @intervene.command()
@@ -120,11 +133,12 @@ def patch(prompt, db, model_name, layers, positions, site, heads, targets, name,
 @click.option("--how", type=click.Choice(["zero", "mean", "resample"]), default="zero", show_default=True)
 @click.option("--source", default=None, help="resample: the prompt whose activations replace PROMPT's.")
 @click.option("--mean-tag", default=None, help="mean: the tag of the stored prompts the mean is taken over.")
-def ablate(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, how, source,
-           mean_tag):
+def ablate(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, engine_kind,
+           address, workers, how, source, mean_tag):
     """Zero a site, set it to its mean over a stored prompt set, or resample it from another prompt."""
     _run({"operation": "ablate", **_options(prompt, layers, positions, site, heads, targets, name), "ablation": how,
-          "source": source, "mean_tag": mean_tag}, db, model_name, batch_size, as_json)
+          "source": source, "mean_tag": mean_tag}, db, model_name, batch_size, as_json,
+         (engine_kind, address, workers))
 
 
 @intervene.command()
@@ -134,8 +148,8 @@ def ablate(prompt, db, model_name, layers, positions, site, heads, targets, name
 @click.option("--tags", nargs=2, default=None,
               help="Direction: mean stored state of prompts tagged A minus tagged B (at --layer, last position).")
 @click.option("--state", "state_id", type=int, default=None, help="Direction: one stored state (states.id).")
-def steer(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, alphas, tokens,
-          tags, state_id):
+def steer(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, engine_kind,
+          address, workers, alphas, tokens, tags, state_id):
     """Add α·direction at a layer and positions, over a sweep of α."""
     from geomap.intervene import InterventionError
 
@@ -146,7 +160,7 @@ def steer(prompt, db, model_name, layers, positions, site, heads, targets, name,
     _run({"operation": "steer", **_options(prompt, layers, positions, site, heads, targets, name),
           "alphas": coefficients, "direction_tokens": list(tokens) if tokens else None,
           "direction_tags": list(tags) if tags else None, "direction_state": state_id},
-         db, model_name, batch_size, as_json)
+         db, model_name, batch_size, as_json, (engine_kind, address, workers))
 
 
 @intervene.command()
@@ -157,12 +171,12 @@ def steer(prompt, db, model_name, layers, positions, site, heads, targets, name,
 @click.option("--seed", default=0, show_default=True)
 @click.option("--window", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Restore a window of layers around each layer (attn and mlp sites).")
-def trace(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, corrupt,
-          subject, noise_scale, seed, window):
+def trace(prompt, db, model_name, layers, positions, site, heads, targets, name, batch_size, as_json, engine_kind,
+          address, workers, corrupt, subject, noise_scale, seed, window):
     """Causal trace: restore every (layer, position) of PROMPT's clean run into a corrupted run."""
     _run({"operation": "trace", **_options(prompt, layers, positions, site, heads, targets, name),
           "corrupt": corrupt, "subject": subject, "noise": noise_scale, "seed": seed, "window": window},
-         db, model_name, batch_size, as_json)
+         db, model_name, batch_size, as_json, (engine_kind, address, workers))
 
 
 @intervene.command("report")
@@ -178,12 +192,16 @@ def report(db, out, names, single_file):
     click.echo(f"{len(written)} pages written; open {out / 'index.html'}")
 
 
-def run_pipeline_interventions(store: Path, pipe, loaded, no_reports: bool = False) -> None:
-    """Run a pipeline's ``[[interventions]]`` sweeps (after its prompts) and their report pages."""
+def run_pipeline_interventions(store: Path, pipe, loaded, no_reports: bool = False, engine=None) -> None:
+    """Run a pipeline's ``[[interventions]]`` sweeps (after its prompts) and their report pages.
+
+    ``engine``: the run's engine (its ``[engine]`` table with the command line's flags); Ray spreads each sweep's
+    batches over its workers.
+    """
     from geomap.ingest.intervention_plan import run_plan
 
     for plan in pipe.interventions:
-        summary = run_plan(loaded, plan, store, pipe.batch_size, config=pipe.capture)
+        summary = run_plan(loaded, plan, store, pipe.batch_size, config=pipe.capture, engine=engine)
         click.echo(f"interventions {plan.sweep_name()!r}: {summary.stored} stored, {summary.skipped} already stored",
                    err=True)
     if pipe.reports and not no_reports:

@@ -146,18 +146,7 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
     store = db or pipe.store
     client = server_for(store)
     if engine.kind == "ray" and client is None:
-        quiet_transformers()
-        summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
-                              pipe.batch_size, pipe.name)
-        report_summary(summary, as_json, store, prompt_keys_of(pipe.model, pipe.capture, prompts))
-        loaded = None
-        if pipe.continuation_tokens:  # generation is one token at a time: the driver does it, as the inline run does
-            from geomap.models import load_model
-
-            loaded = load_model(pipe.model, device=device)
-            _continue(store, pipe, prompts, loaded, as_json)
-        if pipe.reports and not no_reports:
-            write_pipeline_reports(store, pipe, prompts, loaded)
+        _run_ray(engine, store, pipe, prompts, device, as_json, no_reports)
         return
     if client is not None:
         _run_on_server(client, store, pipe, prompts, engine, device, as_json, no_reports)
@@ -182,6 +171,29 @@ def run(pipeline_file: Path, db: Path | None, device: str | None, as_json: bool,
         from geomap.cli.intervene_cmds import run_pipeline_interventions
 
         run_pipeline_interventions(store, pipe, loaded, no_reports)
+    if pipe.reports and not no_reports:
+        write_pipeline_reports(store, pipe, prompts, loaded)
+
+
+def _run_ray(engine, store: Path, pipe, prompts, device: str | None, as_json: bool, no_reports: bool) -> None:
+    """`run` on Ray: the workers capture, this process stores; then continuations, interventions and reports."""
+    from geomap.cli import quiet_transformers
+
+    quiet_transformers()
+    summary = _ray_ingest(engine, store, prompts, pipe.model, device, pipe.capture, pipe.vector_dtype,
+                          pipe.batch_size, pipe.name)
+    report_summary(summary, as_json, store, prompt_keys_of(pipe.model, pipe.capture, prompts))
+    loaded = None
+    if pipe.continuation_tokens or pipe.interventions:  # the driver generates and builds the sweeps' specs
+        from geomap.models import load_model
+
+        loaded = load_model(pipe.model, device=device)
+    if pipe.continuation_tokens:  # generation is one token at a time: the driver does it, as the inline run does
+        _continue(store, pipe, prompts, loaded, as_json)
+    if pipe.interventions:  # each sweep's batches go to Ray workers; the driver stores them
+        from geomap.cli.intervene_cmds import run_pipeline_interventions
+
+        run_pipeline_interventions(store, pipe, loaded, no_reports, engine)
     if pipe.reports and not no_reports:
         write_pipeline_reports(store, pipe, prompts, loaded)
 

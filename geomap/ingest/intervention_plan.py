@@ -203,9 +203,10 @@ def _tagged_texts(db_path, tag: str) -> list[str]:
 
 
 def run_plan(loaded: LoadedModel, plan: InterventionSchema, db_path: str | Path, batch_size: int = 16,
-             config=None):
-    """Build a plan's specs and run its sweep (clean journeys captured with ``config``); returns the summary."""
+             config=None, engine=None):
+    """Build a plan's specs and run its sweep (clean journeys captured with ``config``; batches on ``engine``)."""
     from geomap.ingest.interventions import sweep
 
     specs = build_specs(loaded, plan, db_path)
-    return sweep(loaded, specs, db_path, plan.targets, name=plan.sweep_name(), batch_size=batch_size, config=config)
+    return sweep(loaded, specs, db_path, plan.targets, name=plan.sweep_name(), batch_size=batch_size, config=config,
+                 engine=engine)

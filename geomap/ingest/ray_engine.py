@@ -84,7 +84,7 @@ def plan_workers(engine: EngineConfig, resources: dict, device: str | None = Non
     return WorkerPlan(workers, device, min(float(threads), cpus / workers), 0.0, threads)
 
 
-def _start_ray(ray, engine: EngineConfig) -> bool:
+def start_ray(ray, engine: EngineConfig) -> bool:
     """Join ``engine.address``, or start Ray locally with this machine's cores; returns whether we started it."""
     if ray.is_initialized():
         return False
@@ -100,7 +100,7 @@ def _start_ray(ray, engine: EngineConfig) -> bool:
     return True
 
 
-def _quiet_data(ray) -> None:
+def quiet_data(ray) -> None:
     """Ray Data without its own progress bars, in input order (so prompt ids follow the input, as inline)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -144,7 +144,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, opti
 
     ray = require_ray()
     options, engine = options or RunOptions(), engine or EngineConfig(kind="ray")
-    started = _start_ray(ray, engine)
+    started = start_ray(ray, engine)
     try:
         plan = plan_workers(engine, ray.cluster_resources(), device)
         skeleton = skeleton_model(model, plan.device, dtype)
@@ -176,7 +176,7 @@ def _drive(ray, run: Run, prompts: Sequence[PromptSpec], model: str, plan: Worke
     run.tally.report()
     if not todo:
         return
-    _quiet_data(ray)
+    quiet_data(ray)
     parts = _dataset(ray, todo, model, plan, engine, dtype, o.config, o.batch_size,
                      {"vector_dtype": o.vector_dtype, "meta": run.meta, "shards": str(shards)})
     run.tally.bar = tqdm(total=len(todo), unit="prompt", disable=not o.progress, dynamic_ncols=True,

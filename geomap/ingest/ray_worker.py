@@ -27,7 +27,7 @@ def prompt_table(todo: Sequence[tuple[PromptSpec, str]]) -> pa.Table:
                      "tags": pa.array([list(s.tags) for s, _ in todo], pa.list_(pa.string()))})
 
 
-def _exit_with_parent(period: float = 1.0) -> None:
+def exit_with_parent(period: float = 1.0) -> None:
     """End this worker as soon as its parent (the node's raylet) is gone.
 
     When a driver that started Ray locally is killed, its raylet dies with it but Ray's workers only notice after a
@@ -65,7 +65,7 @@ class CaptureWorker:
 
         from geomap.models import load_model
 
-        _exit_with_parent()
+        exit_with_parent()
         if threads:
             torch.set_num_threads(threads)
         logging.set_verbosity_error()

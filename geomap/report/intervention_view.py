@@ -112,17 +112,33 @@ def diff_data(db_path: str | Path, intervention_id: int) -> dict:
     row = eff.iloc[0]
     names = _vocab(db_path, [*diff.clean_top1_id.dropna(), *diff.top1_id.dropna()])
     first_flip = _none(row.first_flip_layer)
+    ranks = _ranks(eff)
     layers = [{"layer": int(r.layer), "clean_norm": float(r.clean_norm), "norm": float(r.norm),
                "cosine": float(r.cosine), "changed": bool(r.changed),
                "clean_top1": names.get(int(r.clean_top1_id)) if _none(r.clean_top1_id) is not None else None,
                "top1": names.get(int(r.top1_id)) if _none(r.top1_id) is not None else None,
-               "top1_prob": _none(r.top1_prob), "diverged": first_flip is not None and int(r.layer) == int(first_flip)}
+               "top1_prob": _none(r.top1_prob), "diverged": first_flip is not None and int(r.layer) == int(first_flip),
+               "ranks": [{"token_id": t["token_id"], "clean": t["clean"][int(r.layer)], "rank": t["rank"][int(r.layer)]}
+                         if t["rank"] else {"token_id": t["token_id"], "clean": None, "rank": None} for t in ranks]}
               for r in diff.itertuples()]
     return {"id": intervention_id, "sweep": str(row.sweep), "operation": str(row.operation), "site": str(row.site),
             "layer": int(row.layer), "head": _none(row.head), "positions": [int(p) for p in row.positions],
             "coefficient": float(row.coefficient or 0.0), "prompt": _prompt_text(db_path, int(row.prompt_id)),
             "tokens": _tokens(db_path, int(row.prompt_id)), "first_flip": first_flip, "layers": layers,
-            "effects": [{k: _none(v) for k, v in r.items()} for r in eff.to_dict(orient="records")]}
+            "rank_targets": [{"token_id": t["token_id"], "text": t["text"]} for t in ranks],
+            "effects": [{k: _none(v) for k, v in r.items() if k not in ("lens_ranks", "clean_lens_ranks")}
+                        for r in eff.to_dict(orient="records")]}
+
+
+def _ranks(eff: pd.DataFrame) -> list[dict]:
+    """Each target's lens rank at the last position per boundary, clean and intervened (empty: an older store)."""
+    out = []
+    for r in eff.itertuples():
+        stored = r.lens_ranks is not None and not (isinstance(r.lens_ranks, float) and math.isnan(r.lens_ranks))
+        out.append({"token_id": int(r.token_id), "text": str(r.token),
+                    "rank": [int(x) for x in r.lens_ranks] if stored else [],
+                    "clean": [int(x) for x in r.clean_lens_ranks] if stored else []})
+    return out
 
 
 def intervention_reports(db_path: str | Path, folder: str | Path, names: list[str] | None = None,

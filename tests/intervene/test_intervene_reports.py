@@ -66,6 +66,7 @@ def test_in_chromium_heatmap_links_diff_and_chart(pages, browser):  # noqa: F811
     assert page.url.split("/")[-1].startswith("intervention-")
     rows = page.locator("table[data-diff] tr[data-layer]")
     assert rows.count() == n_layers + 1
+    _ranks_shown_are_stored(page, folder.parent / "store.duckdb", n_layers)
     page.goto(pairs_page.as_uri())
     first = page.locator("td.hcell a").first
     assert "±" in first.get_attribute("title")  # the aggregate shows its confidence interval
@@ -81,3 +82,28 @@ def test_in_chromium_heatmap_links_diff_and_chart(pages, browser):  # noqa: F811
     assert diverged.count() <= 1
     assert not errors, errors
     assert all(u.startswith("file://") for u in requests), requests
+
+
+def _ranks_shown_are_stored(page, db, n_layers: int) -> None:
+    """The diff's per-layer target ranks, clean and intervened, are the effects table's, layer by layer."""
+    import duckdb
+
+    iid = int(page.url.split("intervention-")[1].split(".")[0])
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        stored = con.execute("SELECT token_id, lens_ranks, clean_lens_ranks, first_flip_layer FROM effects "
+                             "WHERE intervention_id = ?", [iid]).fetchall()
+    finally:
+        con.close()
+    assert stored
+    def shown(attr: str, token_id: int) -> list[int]:
+        cells = page.locator(f"table[data-diff] td[{attr}='{token_id}'] span.num")
+        return [int(float(v)) for v in cells.evaluate_all("els => els.map(e => e.dataset.value)")]
+
+    for token_id, ranks, clean, flip in stored:
+        assert len(ranks) == len(clean) == n_layers + 1
+        assert shown("data-rank", token_id) == list(ranks) and shown("data-clean-rank", token_id) == list(clean)
+        marked = page.locator("table[data-diff] tr.diverged")
+        assert marked.count() == (0 if flip is None else 1)
+        if flip is not None:
+            assert marked.get_attribute("data-layer") == str(flip)
