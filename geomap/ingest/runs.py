@@ -108,7 +108,8 @@ class Tally:
         if self.bar is not None:
             self.bar.update(merged.counts["prompts"] + merged.counts["skipped"])
             elapsed = max(time.perf_counter() - self.started, 1e-9)
-            shown = {"tok_s": f"{self.tokens / elapsed:.0f}"}
+            rate = self.tokens / elapsed
+            shown = {"tok_s": f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"}  # 0.31, not a misleading 0
             if self.show_workers:
                 shown["workers"] = "?" if self.workers is None else str(self.workers)
             self.bar.set_postfix(**shown)
