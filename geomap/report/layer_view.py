@@ -143,7 +143,8 @@ def weak_z(vocab_size: int) -> float:
     return float(np.sqrt(2 * np.log(max(vocab_size, 2))) + 1.0)
 
 
-LABEL_CHAR = 6.6  # pixels per character of an 11 px matrix label (a generous estimate: labels get that much room)
+# Pixels per character, generous: an 11 px bold name and a 10 px shape line get this much room in their slot.
+NAME_CHAR, SHAPE_CHAR = 8.0, 6.6
 
 
 def matrix_layout(boxes: list[dict], width: int = 900, side: int = 170) -> dict:
@@ -166,7 +167,7 @@ def matrix_layout(boxes: list[dict], width: int = 900, side: int = 170) -> dict:
     for b, m in mats:
         w, h = m["cols"] * scale, max(m["rows"] * scale, 2.0) if m["rows"] == 1 else m["rows"] * scale
         shape = f"{m['rows']} × {m['cols']}" if m["rows"] > 1 else f"{m['cols']} (per dimension)"
-        slot_w = max(w, LABEL_CHAR * max(len(m["short"]), len(shape))) + 4
+        slot_w = max(w, NAME_CHAR * len(m["short"]), SHAPE_CHAR * len(shape)) + 4
         slot_h = h + 34
         if x > 0 and x + slot_w > width:
             x, y, row_h = 0.0, y + row_h + gap, 0.0
