@@ -78,11 +78,12 @@ def setup(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     first, second = _prompts(root / "first.txt", 0, 9), _prompts(root / "second.txt", 100, 5)
     model = tiny_dirs["llama"]
+    rows = {LAYOUT_ENV: "rows"}  # the references are rows stores, whatever layout new stores get in this run
     base = root / "base.duckdb"  # the first file, uninterrupted
-    assert geomap(*_ingest_args([first], base, model)).status == 0
+    assert geomap(*_ingest_args([first], base, model), env=rows).status == 0
     both = root / "both.duckdb"  # then the second file, uninterrupted
     _copy_store(base, both)
-    assert geomap(*_ingest_args([second], both, model)).status == 0
+    assert geomap(*_ingest_args([second], both, model), env=rows).status == 0
     return {"root": root, "model": model, "first": first, "second": second, "base": base, "both": both}
 
 
