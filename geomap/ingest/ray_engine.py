@@ -214,6 +214,21 @@ def sweep_unfinished(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_shard(path: Path) -> None:
+    """Remove a merged shard's folder, renamed out of the way first.
+
+    The rename is atomic, so a kill during the removal leaves a temporary folder that `sweep_unfinished` takes, never
+    a shard folder holding part of its files.
+    """
+    gone = path.with_name(f".{path.name}.tmp-removed")
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        path.rename(gone)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 class _Driver:
     """The driver's side of a Ray run: hand shards to the run's merger as they arrive, remove each once merged."""
 
@@ -230,17 +245,17 @@ class _Driver:
     def merged(self, merged: Merged) -> None:
         """After each merge (in the merging thread): count it in the run, then remove the merged shard."""
         self.run.batch_merged(merged)
-        shutil.rmtree(self._pending.pop(merged.shard_id), ignore_errors=True)
+        remove_shard(self._pending.pop(merged.shard_id))
 
     def leftovers(self, merger: ShardMerger, folder: Path, meta: dict) -> None:
         """Merge the shards a killed run's workers left (those of this model, capture config and dtype)."""
         sweep_unfinished(folder)
-        paths = shard_paths(folder)
-        unmerged = set(filter_unmerged(self.run.con, [p.name for p in paths]))
-        for path in paths:
-            if path.name not in unmerged:  # merged, then the driver was killed before it removed the folder
-                shutil.rmtree(path, ignore_errors=True)
-                continue
+        named = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.is_dir() else []
+        unmerged = set(filter_unmerged(self.run.con, [p.name for p in named]))
+        for path in named:  # merged, then the driver was killed before (or while, in older versions) it removed it
+            if path.name not in unmerged:
+                remove_shard(path)
+        for path in shard_paths(folder):
             try:
                 if json.loads((path / "manifest.json").read_text()).get("meta") == meta:
                     self.put(merger, path)
