@@ -197,6 +197,22 @@ def _finite(value):
     return value
 
 
+def _warm_reports() -> None:
+    """Import the report stage and load its templates while the server waits for its first request.
+
+    A reader's first journey page then pays for its own data only, not for the imports and template loading every
+    page shares.
+    """
+    try:
+        from geomap.report import data  # noqa: F401
+        from geomap.report.render import environment
+
+        for name in ("journey.html.j2", "run.html.j2", "index.html.j2"):
+            environment().get_template(name)
+    except Exception:  # noqa: BLE001 (a warm-up only: the first page loads them itself)
+        log.debug("report warm-up failed", exc_info=True)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The application, wrapped in its perimeter (Host/Origin checks, token, body size limit)."""
     from geomap.serve.docs import router as docs_router
@@ -208,6 +224,7 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         server.start()
+        threading.Thread(target=_warm_reports, name="geomap-warm-reports", daemon=True).start()
         try:
             yield
         finally:

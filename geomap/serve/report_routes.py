@@ -74,12 +74,13 @@ def _render(server, g: dict) -> str:
 def _slices(server, prompt_ids: list[int]) -> None:
     """Write the weight slice of an older store's model once (new stores get it at ingestion): pages only read."""
     from geomap.analysis.weights import has_weights, slice_folder
-    from geomap.models.weights_slice import write_slice
 
     for pid in prompt_ids:
         sha = server.rows("SELECT r.weights_sha256 AS sha FROM prompts p JOIN runs r ON r.id = p.run_id "
                           "WHERE p.id = ?", pid)[0]["sha"]
         if not has_weights(server.store.path, sha):
+            from geomap.models.weights_slice import write_slice  # imports torch: only for an older store
+
             write_slice(server.model_for_prompt(pid), slice_folder(server.store.path, sha))
 
 
