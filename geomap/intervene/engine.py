@@ -19,6 +19,7 @@ from geomap.capture.tokens import Encoded, encode
 from geomap.intervene.hooks import Edit, Edits
 from geomap.intervene.sites import InterventionError, Site
 from geomap.intervene.spec import Spec, aligned, resolve
+from geomap.lru import Lru
 from geomap.models.loading import LoadedModel
 
 
@@ -96,10 +97,14 @@ def baselines(loaded: LoadedModel, texts: Sequence[str], sites: tuple[Site, ...]
     return out
 
 
+_EMBED_STD: Lru[float] = Lru(8)  # the embedding's std by weights hash: a pass over V × d floats, once per model
+
+
 def noise_value(loaded: LoadedModel, n_positions: int, scale: float, seed: int) -> torch.Tensor:
     """Seeded Gaussian noise (P, d), ``scale`` × the std of the model's (scaled) embedding rows."""
     a = loaded.anatomy
-    std = float(a.embed.weight.detach().float().std()) * a.embed_scale
+    std = _EMBED_STD.get_or_put(loaded.weights_hash, lambda: float(a.embed.weight.detach().float().std())) \
+        * a.embed_scale
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn((n_positions, a.d_model), generator=generator) * (scale * std)
 
