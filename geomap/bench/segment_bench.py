@@ -51,13 +51,13 @@ def _synthetic_batch(base: dict[int, np.ndarray], first_prompt: int, first_id: i
 def build_large_store(loaded, path: Path, n_states: int) -> dict:
     """Two real prompts, then synthetic ones until ``n_states`` states, one segment per batch; its shape."""
     from geomap.bench import prompts
-    from geomap.bench.store_bench import _store, fresh_path
+    from geomap.bench.store_bench import bench_store, fresh_path
     from geomap.capture.config import CaptureConfig
     from geomap.ingest.engine import ingest
     from geomap.store.writer import PromptSpec
 
     path = fresh_path(path.parent, path.name)
-    con = _store(loaded, path, "segments")
+    con = bench_store(loaded, path, "segments")
     con.execute("DELETE FROM runs")
     con.close()
     ingest(loaded, [PromptSpec(t) for t in prompts(2)], path, CaptureConfig(), progress=False)

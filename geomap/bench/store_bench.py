@@ -34,7 +34,8 @@ def fresh_path(folder: Path, name: str) -> Path:
     return path
 
 
-def _store(loaded, path: Path, layout: str = "rows") -> duckdb.DuckDBPyConnection:
+def bench_store(loaded, path: Path, layout: str = "rows") -> duckdb.DuckDBPyConnection:
+    """A new store of ``layout`` at ``path``: the model's schema and vocabulary, one running run, checkpointed."""
     con = connect(path)
     ensure_schema(con, loaded.anatomy.d_model, layout=layout)
     ensure_vocab(con, loaded)
@@ -61,7 +62,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
     journeys = [j for _, j in iter_capture(loaded, texts, config, 8)]
     items = _items(loaded, config, texts, journeys)
     tables: dict[str, list[pa.Table]] = {}
-    con = _store(loaded, fresh_path(folder, "w.duckdb"))
+    con = bench_store(loaded, fresh_path(folder, "w.duckdb"))
     vocab = vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size)  # as ingest reads it once per run
     con.close()
     first = 1
@@ -77,7 +78,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
 
     def geomap_write(layout: str = "rows"):
         path = fresh_path(folder, "w.duckdb")
-        con = _store(loaded, path, layout)  # schema and vocabulary: a fixed cost of the store, not timed
+        con = bench_store(loaded, path, layout)  # schema and vocabulary: a fixed cost of the store, not timed
         writer_settings(con)  # as ingest sets its store up
         start = time.perf_counter()
         _write(con, items, vocab)
@@ -86,7 +87,7 @@ def store_figures(loaded, texts: list[str], folder: Path, repeats: int) -> list[
         con.close()
 
     def bare_insert():
-        con = _store(loaded, fresh_path(folder, "w.duckdb"))  # the same schema, the same tables, no geomap logic
+        con = bench_store(loaded, fresh_path(folder, "w.duckdb"))  # the same schema, the same tables, no geomap logic
         start = time.perf_counter()
         for name, table in merged.items():
             con.register("_t", table)
@@ -150,7 +151,7 @@ def end_to_end_figures(loaded, texts: list[str], folder: Path, repeats: int) -> 
         journeys = [j for _, j in iter_capture(loaded, texts, config, 8)]
         b = time.perf_counter()
         path = fresh_path(folder, "s.duckdb")
-        con = _store(loaded, path)
+        con = bench_store(loaded, path)
         writer_settings(con)
         _write(con, _items(loaded, config, texts, journeys),
                vocab_texts(con, loaded.weights_hash, loaded.anatomy.vocab_size))
@@ -227,7 +228,7 @@ def _sizes(loaded, texts: list[str], folder: Path, n_tokens: int) -> list[Figure
                                    ("states", "float32", "rows"), ("states", "bfloat16", "rows"),
                                    ("full", "float32", "segments"), ("states", "float32", "segments")):
         path = fresh_path(folder, f"size-{profile}-{dtype}-{layout}.duckdb")
-        con = _store(loaded, path, layout)  # the layout is fixed when the store is created
+        con = bench_store(loaded, path, layout)  # the layout is fixed when the store is created
         con.execute("DELETE FROM runs")
         con.close()
         ingest(loaded, [PromptSpec(t) for t in texts], path, CaptureConfig(profile=profile), vector_dtype=dtype,
