@@ -256,6 +256,9 @@ def run_load(db: Path, model: str, clients: tuple[int, ...] = (1, 4, 16), second
             end = time.time() + 600
             while not job_done(admin, run_id) and time.time() < end:
                 time.sleep(0.5)
+            job = admin.ok("GET", f"/runs/{run_id}")["job"]
+            if job["status"] != "done":  # a phase "while a job ingests" means nothing if the job did not
+                phase.errors.append(f"job {run_id} ended {job['status']}: {str(job.get('error'))[:300]}")
         admin.close()
     finally:
         stop_server(proc)
