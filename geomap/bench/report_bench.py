@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from geomap.bench.core import Figure, judged, median, rounds
+from geomap.bench.load_bench import stop_server
 
 
 def _command(*args: str, cwd: Path) -> None:
@@ -58,11 +59,7 @@ def _served_page(db: Path, page: str, work: Path) -> float:
                     return time.perf_counter() - t0
             time.sleep(0.1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 

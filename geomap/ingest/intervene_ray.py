@@ -38,18 +38,9 @@ class SweepWorker:
 
     def __init__(self, model: str, device: str, dtype: str | None, threads: int | None, wanted: list[int],
                  batch_size: int):
-        import torch
-        from transformers.utils import logging
+        from geomap.ingest.ray_worker import worker_model
 
-        from geomap.ingest.ray_worker import exit_with_parent
-        from geomap.models import load_model
-
-        exit_with_parent()
-        if threads:
-            torch.set_num_threads(threads)
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        self.loaded = load_model(model, device=device, dtype=dtype)
+        self.loaded = worker_model(model, device, dtype, threads)
         self.wanted, self.batch_size = wanted, batch_size
         self.base: dict = {}
         self.sites: set = set()

@@ -43,6 +43,21 @@ def exit_with_parent(period: float = 1.0) -> None:
     threading.Thread(target=watch, name="geomap-parent-watch", daemon=True).start()
 
 
+def worker_model(model: str, device: str, dtype: str | None, threads: int | None):
+    """A Ray actor's model: the actor ends with its parent, uses ``threads`` torch threads and prints no hub chatter."""
+    import torch
+    from transformers.utils import logging
+
+    from geomap.models import load_model
+
+    exit_with_parent()
+    if threads:
+        torch.set_num_threads(threads)
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return load_model(model, device=device, dtype=dtype)
+
+
 class CaptureWorker:
     """A Ray Data actor holding one model replica.
 
@@ -60,17 +75,7 @@ class CaptureWorker:
 
     def __init__(self, model: str, device: str, dtype: str | None, threads: int | None, config: CaptureConfig,
                  batch_size: int, vector_dtype: str, meta: dict, shards: str):
-        import torch
-        from transformers.utils import logging
-
-        from geomap.models import load_model
-
-        exit_with_parent()
-        if threads:
-            torch.set_num_threads(threads)
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        self.loaded = load_model(model, device=device, dtype=dtype)
+        self.loaded = worker_model(model, device, dtype, threads)
         self.config, self.batch_size, self.vector_dtype = config, batch_size, vector_dtype
         self.meta, self.shards = meta, shards
 
