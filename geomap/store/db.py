@@ -254,6 +254,7 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("""UPDATE lens_stats SET top1_token = v.text FROM prompts p, runs r, vocab v
                    WHERE lens_stats.top1_token IS NULL AND p.id = lens_stats.prompt_id AND r.id = p.run_id
                      AND v.weights_sha256 = r.weights_sha256 AND v.token_id = lens_stats.top1_id""")
+    facts.migrate(con)  # facts stored before their answer's text and kind were facts
     facts.fill(con)  # journeys stored before `journey_facts` existed
 
 

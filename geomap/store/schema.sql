@@ -124,7 +124,9 @@ CREATE TABLE IF NOT EXISTS journey_facts (
     top1_id INTEGER,                        -- the model's top-1 next token there
     top1_prob FLOAT,
     entropy FLOAT,                          -- of the final next-token distribution, nats
-    prediction_depth SMALLINT               -- first residual boundary from which the lens top-1 stays the answer
+    prediction_depth SMALLINT,              -- first residual boundary from which the lens top-1 stays the answer
+    top1_token VARCHAR,                     -- the text of top1_id (the run's vocabulary)
+    kind VARCHAR                            -- prompt, continuation or generation, as `prompt_kind` says
 );
 
 CREATE TABLE IF NOT EXISTS final_logits (  -- the last position's full-vocabulary logits, 4096 token ids a row
@@ -223,11 +225,8 @@ LEFT JOIN prompt_kind k USING (prompt_id);
 
 CREATE OR REPLACE VIEW journey AS
 SELECT p.id AS prompt_id, p.run_id, p.text, p.tags, p.n_tokens,
-       f.last_token, f.top1_id, v.text AS top1_token, f.top1_prob, f.entropy, f.prediction_depth,
-       k.kind, p.parent_id, p.source_id
+       f.last_token, f.top1_id, f.top1_token, f.top1_prob, f.entropy, f.prediction_depth,
+       f.kind, p.parent_id, p.source_id
 FROM prompts p
 JOIN journey_facts f ON f.prompt_id = p.id
-JOIN runs r ON r.id = p.run_id
-LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = f.top1_id
-LEFT JOIN prompt_kind k ON k.prompt_id = p.id
 WHERE p.status = 'done';

@@ -110,3 +110,19 @@ def test_an_older_store_gets_its_journey_facts_when_opened_for_writing(store, tm
     ensure_schema(con)
     con.close()
     assert rows(old, "SELECT * FROM journey ORDER BY prompt_id") == rows(store, _READ_TIME_JOURNEY)
+
+
+def test_facts_stored_before_top1_token_and_kind_were_facts_get_them(store, tmp_path):
+    old = tmp_path / "old.duckdb"
+    _copy(store, old)
+    con = connect(old)
+    con.execute("DROP VIEW journey")  # the view of that geomap joined the vocabulary and prompt_kind at read time
+    con.execute("ALTER TABLE journey_facts DROP COLUMN top1_token")
+    con.execute("ALTER TABLE journey_facts DROP COLUMN kind")
+    con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+    con.close()
+    con = connect(old)
+    ensure_schema(con)
+    con.close()
+    assert rows(old, "SELECT count(*) FROM journey_facts WHERE kind IS NULL OR top1_token IS NULL") == [(0,)]
+    assert rows(old, "SELECT * FROM journey ORDER BY prompt_id") == rows(store, _READ_TIME_JOURNEY)
