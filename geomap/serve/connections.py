@@ -1,66 +1,66 @@
-"""Bounded connections: slow or idle clients cannot hold the server (uvicorn's h11 protocol, with two limits).
+"""Bounded connections: slow or idle clients cannot hold the server (uvicorn's HTTP protocols, with three limits).
 
 uvicorn closes a keep-alive connection that stays idle after a response, but a connection that never finishes its
 request headers lives on (every byte it trickles restarts nothing), and each one counts against uvicorn's
-``limit_concurrency``, past which every request, ``/healthz`` included, gets 503. This protocol adds:
+``limit_concurrency``, past which every request, ``/healthz`` included, gets 503. These protocols add:
 
 - a **header timeout**: a connection must complete a request's headers within `HEADER_TIMEOUT_S` of opening or of its
   previous response, else it is closed;
 - an **idle budget**: at most `MAX_IDLE` connections may wait without a request in progress (opening, sending headers,
   or idle between requests); a new one past the budget closes the one that has waited longest, so a crowd of slow
-  clients cannot lock others out, and a client that sends its request at once is always served.
+  clients cannot lock others out, and a client that sends its request at once is always served;
+- a **header size limit** of `MAX_HEADER_BYTES` (h11's own limit on headers still incomplete; the httptools parser
+  has none, so there the request line and headers are counted as they are parsed, and a request past the limit gets
+  400 and a closed connection, as from h11).
 
-Slow request bodies are bounded by the perimeter (`geomap.serve.security`), and request headers by h11's own size
-limit (16 KiB).
+The server speaks HTTP through httptools (llhttp, in C) when it is installed, which costs a fraction of the pure
+Python h11 parser per request (`protocol_class`); the limits are the same in both. Slow request bodies are bounded by
+the perimeter (`geomap.serve.security`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
 MAX_IDLE = 32
+MAX_HEADER_BYTES = 16 * 1024
 LIMIT_CONCURRENCY = 256  # uvicorn's bound on open connections and running requests together
 
 
-class BoundedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header timeout and a budget of idle connections."""
+class _Bounded:
+    """The header timer and the idle budget, shared by both protocols (a mixin before uvicorn's class)."""
 
     header_timeout: float = HEADER_TIMEOUT_S
     max_idle: int = MAX_IDLE
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Count the connection as idle until its first request, arm its header timer, and keep to the budget."""
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         self._arm()
         idle = sorted((c for c in self.connections if getattr(c, "_idle_since", None) is not None and c is not self),
                       key=lambda c: c._idle_since)
         for old in idle[: max(0, len(idle) + 1 - self.max_idle)]:
             old._close_idle()
 
-    def handle_events(self) -> None:
-        """Mark the connection busy once h11 has a whole request's headers."""
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:
-            self._disarm()
-
     def on_response_complete(self) -> None:
         """Idle again after a response: re-arm the header timer for the next request."""
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the timer of a closed connection."""
         self._disarm()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:
         self._disarm()
         self._idle_since = self.loop.time()
+        self._waiting_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout, self._close_idle)
 
     def _disarm(self) -> None:
@@ -74,3 +74,75 @@ class BoundedH11Protocol(H11Protocol):
         self._disarm()
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class BoundedH11Protocol(_Bounded, H11Protocol):
+    """uvicorn's h11 protocol with a header timeout and a budget of idle connections (h11 bounds header size)."""
+
+    def handle_events(self) -> None:
+        """Mark the connection busy once h11 has a whole request's headers."""
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:
+            self._disarm()
+
+
+def _httptools_protocol() -> type | None:
+    """`_Bounded` over uvicorn's httptools protocol, or None when httptools is not installed."""
+    if importlib.util.find_spec("httptools") is None:
+        return None
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadersTooLarge(httptools.HttpParserError):
+        """A request's headers passed `MAX_HEADER_BYTES`."""
+
+    class BoundedHttpToolsProtocol(_Bounded, HttpToolsProtocol):
+        """uvicorn's httptools protocol with a header timeout, a budget of idle connections and a header size limit."""
+
+        def on_message_begin(self) -> None:
+            """A new request: its headers are counted from zero."""
+            self._header_bytes = 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            """Mark the connection busy once a whole request's headers are in."""
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_url(self, url: bytes) -> None:
+            """Count the request line against the header size limit."""
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            """Count each header against the header size limit."""
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def data_received(self, data: bytes) -> None:
+            """Parse; a connection still short of a whole request's headers past the limit is refused (trickled)."""
+            super().data_received(data)
+            if self._idle_since is None or self.transport.is_closing():
+                return
+            self._waiting_bytes = getattr(self, "_waiting_bytes", 0) + len(data)
+            if self._waiting_bytes > MAX_HEADER_BYTES:
+                self._disarm()
+                self.send_400_response("Request headers too large.")
+
+        def _count(self, size: int) -> None:
+            self._header_bytes = getattr(self, "_header_bytes", 0) + size
+            if self._header_bytes > MAX_HEADER_BYTES:  # the parser stops; uvicorn answers 400 and closes
+                raise HeadersTooLarge(f"request headers past {MAX_HEADER_BYTES} bytes")
+
+    return BoundedHttpToolsProtocol
+
+
+def protocol_class() -> type:
+    """The server's HTTP protocol: bounded httptools when installed, else bounded h11."""
+    return _httptools_protocol() or BoundedH11Protocol
+
+
+def event_loop() -> str:
+    """The event loop uvicorn runs: uvloop when installed (a faster event loop in C), else asyncio's."""
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"

@@ -98,11 +98,11 @@ class FitRunner:
         self._thread.join(timeout)
 
     def _work(self) -> None:
-        from geomap.analysis.maps import project
-
         while (fit := self._queue.get()) is not None:
             fit.status = "running"
             try:
+                from geomap.analysis.maps import project  # on the first fit: importing torch holds the GIL for
+                                                          # seconds, which a server's first queries would wait on
                 loaded = _weights(self.store, fit.run_id) or self._model_for_run(fit.run_id)
                 for method in fit.methods:
                     project(self.store, fit.run_id, method, loaded=loaded)

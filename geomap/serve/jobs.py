@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from geomap.capture.config import CaptureConfig
 from geomap.ingest.engine_config import EngineConfig
+from geomap.serve import heap
 from geomap.store.handle import Store
 from geomap.store.writer import PromptSpec
 
@@ -153,3 +154,4 @@ class JobRunner:
                     pass
             finally:
                 job.finished = time.time()
+                heap.trim()  # a job's batches were freed: give their pages back rather than hold them for reuse

@@ -49,13 +49,16 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
             print(f"geomap serve: bearer token for this session: {settings.token}", flush=True)
         settings.allowed_hosts = (*settings.allowed_hosts, host)
     from geomap.serve.app import create_app
+    from geomap.serve.heap import limit_arenas
+
+    limit_arenas()  # before the server's threads exist (see geomap.serve.heap)
 
     app = create_app(settings)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    from geomap.serve.connections import LIMIT_CONCURRENCY, BoundedH11Protocol
+    from geomap.serve.connections import LIMIT_CONCURRENCY, event_loop, protocol_class
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=BoundedH11Protocol,
-                            limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol_class(),
+                            loop=event_loop(), limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5)
     class _Announcing(uvicorn.Server):
         """Writes the discovery file once listening; removes it on shutdown (before uvicorn re-raises a signal)."""
 

@@ -166,6 +166,26 @@ def test_slow_clients_cannot_starve_health(limited):
             s.close()
 
 
+def test_oversized_headers_are_refused_and_the_server_carries_on(limited):
+    api, _, _ = limited
+    for chunks in ([b"X-Big: " + b"a" * 40_000 + b"\r\n"],  # one piece
+                   [b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(40)],  # in many headers
+                   [b"X-Slow: "] + [b"c" * 1000] * 40):  # one header trickled, never complete
+        with socket.create_connection(("127.0.0.1", api.port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            reply = b""
+            try:
+                for chunk in chunks:
+                    s.sendall(chunk)
+                s.sendall(b"\r\n")
+                while chunk := s.recv(4096):
+                    reply += chunk
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        assert reply.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request", b""), reply[:200]  # b"": reset
+    assert api.call("GET", "/healthz")[0] == 200
+
+
 def test_report_requests_are_validated_before_any_work(limited):
     api, _, _ = limited
     count = {"sql": "SELECT count(*) FROM projections"}

@@ -1,0 +1,40 @@
+"""The server's heap over a long life: fewer malloc arenas, and freed memory handed back after each job.
+
+A served process runs many threads (uvicorn's loop, a pool of query threads, DuckDB's workers, the job and fit
+workers). glibc gives threads their own arenas (up to 8 a core) and keeps what they free for reuse, so a server that
+ingests job after job between queries holds more and more freed memory that no one uses. `limit_arenas` caps the
+arenas before those threads start, and `trim` returns free pages at the end of each job (`malloc_trim`, a few
+milliseconds). Both do nothing where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
+ARENAS = 2
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def limit_arenas(arenas: int = ARENAS) -> bool:
+    """Cap glibc's malloc arenas (call before the server's threads start); whether it took effect."""
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(M_ARENA_MAX, int(arenas)))
+
+
+def trim() -> bool:
+    """Return the heap's free pages to the system; whether any were returned."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
