@@ -20,6 +20,8 @@ Names (the process stops *at* the call, so "before X" means X did not happen):
     ``segment.cataloged``: a batch's segments are renamed into place and cataloged, its transaction not committed.
     ``segment.compacted``: a compacted segment is in place and cataloged, its transaction not committed.
     ``segment.migrated``: a migrated segment is in place and its rows deleted, its transaction not committed.
+    ``scalars.backfilled``: a segments store written before ``internal.state_scalars`` has the table created and
+    filled from its segments, the transaction not committed.
     ``index.temp_written``: an index file's temp copy is written and fsynced, its manifest row not committed.
     ``index.manifest_committed``: the manifest row is committed, the temp file not yet renamed into place.
     ``index.published``: the index file is renamed into place (one layer done).
@@ -40,7 +42,7 @@ from collections import Counter
 ENV = "GEOMAP_KILL_AT"
 
 POINTS = ("vocab.inserted", "run.started", "batch.inserted", "batch.committed", "segment.temp_written",
-          "segment.cataloged", "segment.compacted", "segment.migrated", "index.temp_written",
+          "segment.cataloged", "segment.compacted", "segment.migrated", "scalars.backfilled", "index.temp_written",
           "index.manifest_committed", "index.published", "run.indexed")
 
 SWEEP_POINTS = ("intervene.batch_inserted", "intervene.batch_committed")

@@ -156,10 +156,10 @@ depth AS (
 )
 SELECT s.prompt_id, s.pos, d.prediction_depth,
        max(s.norm) FILTER (WHERE s.layer = 0) AS norm_first,
-       max(s.norm) FILTER (WHERE s.layer = (SELECT max(layer) FROM states)) AS norm_last,
+       max(s.norm) FILTER (WHERE s.layer = (SELECT max(layer) FROM internal.state_scalars)) AS norm_last,
        list(s.norm ORDER BY s.layer) AS norms,
        list(s.cos_final ORDER BY s.layer) AS cos_final
-FROM states s LEFT JOIN depth d USING (prompt_id, pos)
+FROM internal.state_scalars s LEFT JOIN depth d USING (prompt_id, pos)
 GROUP BY s.prompt_id, s.pos, d.prediction_depth;
 
 CREATE OR REPLACE VIEW layer_curves AS      -- per prompt, position and layer: the curves of a trajectory
@@ -167,7 +167,7 @@ SELECT s.prompt_id, s.pos, s.layer, s.norm, s.cos_final,
        s.norm / nullif(lag(s.norm) OVER (PARTITION BY s.prompt_id, s.pos ORDER BY s.layer), 0) AS norm_growth,
        l.entropy, l.kl_to_final, l.top1_id, l.final_rank,
        z.logits[1] - z.logits[2] AS lens_margin
-FROM states s
+FROM internal.state_scalars s    -- the key and scalars of every state (see `trajectory` in schema.sql)
 LEFT JOIN lens_stats l USING (prompt_id, pos, layer)
 LEFT JOIN lens z USING (prompt_id, pos, layer);
 

@@ -208,14 +208,15 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None, la
     Raises:
         StoreError: ``d_model`` differs from the width the store already holds.
     """
-    from geomap.store import segments
+    from geomap.store import scalars, segments
 
     static, vectors = schema_parts()
     analysis = files("geomap.store").joinpath("analysis.sql").read_text()
     meta = dict(_meta(con))
     stored = int(meta["d_model"]) if "d_model" in meta else None
     layout = meta.get("layout") or ("rows" if stored is not None else layout or segments.new_store_layout())
-    digest = hashlib.sha256((static + vectors + analysis + segments.CATALOG_DDL + layout).encode()).hexdigest()
+    digest = hashlib.sha256((static + vectors + analysis + segments.CATALOG_DDL + scalars.TABLE_DDL + scalars.VIEW_DDL
+                             + layout).encode()).hexdigest()
     if stored is not None and d_model is not None and stored != d_model:
         raise StoreError(f"This store holds vectors of width {stored}; a model of width {d_model} needs another --db.")
     if stored is not None and meta.get("schema_sha256") == digest:
@@ -229,13 +230,14 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None, la
     if width is None:
         return None
     vectors = vectors.replace("{d}", str(int(width)))
+    tables, views = vectors.split(_VIEWS)
     if layout == "rows":
-        con.execute(vectors)
-    else:  # the vector tables as `<name>_rows`, the views of their names over those and the segments, then the rest
-        tables, views = vectors.split(_VIEWS)
+        con.execute(tables)
+    else:  # the vector tables as `<name>_rows`, the views of their names over those and the segments
         con.execute(segments.rows_ddl(tables))
         segments.refresh_views(con)
-        con.execute(_VIEWS + views)
+    scalars.ensure(con, layout)  # what the trajectory views read: a view over states, or a table beside segments
+    con.execute(_VIEWS + views)
     con.execute(analysis)
     if stored is None:
         con.execute("INSERT INTO store_meta VALUES ('d_model', ?), ('schema_version', ?)",

@@ -215,11 +215,13 @@ SELECT p.id AS prompt_id, p.parent_id, p.source_id,
 FROM prompts p
 LEFT JOIN runs r ON r.id = p.run_id;
 
+-- `internal.state_scalars` is the key and scalars of every state (geomap/store/scalars.py): a view over `states` in
+-- the rows layout, a table in the segments layout, so a trajectory never opens a vector segment.
 CREATE OR REPLACE VIEW trajectory AS
 SELECT s.prompt_id, s.pos, s.layer, s.norm, s.cos_final,
        l.top1_id, l.top1_token, l.top1_prob, l.entropy, l.kl_to_final, l.final_rank, l.final_prob,
        k.kind, k.parent_id
-FROM states s
+FROM internal.state_scalars s
 LEFT JOIN lens_stats l USING (prompt_id, pos, layer)
 LEFT JOIN prompt_kind k USING (prompt_id);
 

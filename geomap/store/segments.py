@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geomap.faults import kill_point
+from geomap.store import scalars
 from geomap.store.files import fsync_path, write_temp
 from geomap.store.parquet_fast import write_parquet
 
@@ -201,6 +202,8 @@ def store_segments(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]) 
     for name, segment in segments.items():
         catalog(con, name, segment, todo[name])
         counts[name] = todo[name].num_rows
+    if "states" in todo:
+        scalars.insert(con, todo["states"])  # what the trajectory views read, in the same commit
     if counts:
         fsync_path(folder)  # the renames are durable before the catalog rows can commit
     kill_point("segment.cataloged")
@@ -225,26 +228,34 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def refresh_sql(con: duckdb.DuckDBPyConnection, name: str, files: Sequence[str]) -> str:
+    """The SELECT of a segment table over its ``_rows`` table and ``files`` of the segment folder.
+
+    Every column is cast to its schema type: the view's body, or one prompt's read (`geomap.store.scalars.of_prompt`).
+    """
+    columns = _columns(con, f"{name}_rows")
+    plain = ", ".join(f'"{c}"' for c, _ in columns)
+    sql = f"SELECT {plain} FROM internal.{name}_rows"  # noqa: S608 (fixed names)
+    if files:
+        folder = segment_dir(store_path(con))
+        listed = ", ".join(_quote(str(folder / f)) for f in files)
+        typed = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns)
+        sql += f" UNION ALL SELECT {typed} FROM read_parquet([{listed}])"
+    return sql
+
+
 def refresh_views(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES) -> None:
     """(Re)create the views of the segment tables over their ``_rows`` table and every cataloged segment.
 
     Every column is cast to its schema type. Runs inside the caller's transaction when one is open, so the view
     commits with the catalog.
     """
-    folder = segment_dir(store_path(con))
     for name in names:
-        columns = _columns(con, f"{name}_rows")
-        if not columns:
+        if not _columns(con, f"{name}_rows"):
             continue
-        plain = ", ".join(f'"{c}"' for c, _ in columns)
-        sql = f"SELECT {plain} FROM internal.{name}_rows"  # noqa: S608 (fixed names)
         files = [r[0] for r in con.execute("SELECT file FROM internal.segments WHERE table_name = ? "
                                            "ORDER BY min_prompt, file", [name]).fetchall()]
-        if files:
-            listed = ", ".join(_quote(str(folder / f)) for f in files)
-            typed = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns)
-            sql += f" UNION ALL SELECT {typed} FROM read_parquet([{listed}])"
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {refresh_sql(con, name, files)}")
 
 
 def remove_orphans(con: duckdb.DuckDBPyConnection, grace_s: float = 0.0) -> list[str]:
@@ -391,6 +402,7 @@ def switch_layout(con: duckdb.DuckDBPyConnection) -> None:
     try:
         con.execute(CATALOG_DDL)
         con.execute("DROP VIEW IF EXISTS trajectory")
+        con.execute(f"DROP VIEW IF EXISTS {scalars.RELATION}")  # a table of that name replaces it (`scalars.ensure`)
         for name in SEGMENT_TABLES:
             kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = ? AND "
                                "table_schema = 'main' AND table_catalog = current_database()", [name]).fetchall()

@@ -17,6 +17,7 @@ import pytest
 from geomap.faults import POINTS
 from geomap.store.segments import LAYOUT_ENV, segment_dir
 from tests.forked import geomap
+from tests.store.test_segments import as_before_scalars
 
 TABLES = ["prompts", "tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens", "lens_stats",
           "next_token", "final_logits", "vocab", "norm_names"]
@@ -59,6 +60,8 @@ def snapshot(db: Path) -> dict:
             "prompts": q("SELECT id, key, run_id, status FROM prompts ORDER BY id"),
             "states": q("SELECT p.key, s.id, s.pos, s.layer, round(s.norm, 4) FROM states s "
                         "JOIN prompts p ON p.id = s.prompt_id ORDER BY s.id"),
+            "trajectory": q("SELECT p.key, t.pos, t.layer, round(t.norm, 4), round(t.cos_final, 4), t.top1_id "
+                            "FROM trajectory t JOIN prompts p ON p.id = t.prompt_id ORDER BY ALL"),
             "runs": q("SELECT id, status, pipeline FROM runs ORDER BY id"),
             "norm_names": q("SELECT * FROM norm_names ORDER BY ALL"),
             "manifest": q("SELECT layer, kind, dim, ntotal, max_id FROM faiss_manifest ORDER BY layer"),
@@ -98,10 +101,12 @@ CASES = [("vocab.inserted", "fresh"), ("run.started", "fresh"), ("batch.inserted
 
 
 # Kill points of the segment layout: an ingestion into a segments store ("fresh", "append"), `geomap store compact`
-# of a segments store written in batches of two, and `geomap store migrate` of a rows store.
+# of a segments store written in batches of two, `geomap store migrate` of a rows store, and an append to a segments
+# store written before its states' scalars had a table ("backfill": the table is filled from the segments first).
 SEGMENT_CASES = [("segment.temp_written@2", "fresh"), ("segment.cataloged@3", "fresh"), ("batch.inserted@2", "fresh"),
                  ("segment.cataloged@2", "append"), ("segment.compacted@2", "compact"),
-                 ("segment.migrated@2", "migrate")]
+                 ("segment.migrated@2", "migrate"), ("scalars.backfilled", "migrate"),
+                 ("scalars.backfilled", "backfill")]
 
 
 def test_every_kill_point_is_exercised():
@@ -131,8 +136,10 @@ def test_kill_at_a_segment_boundary_then_rerun(setup, segment_setup, tmp_path, p
     db, env = tmp_path / "store.duckdb", {LAYOUT_ENV: "segments"}
     if stage == "fresh":
         args, reference = _ingest_args([setup["first"]], db, setup["model"]), segment_setup["base"]
-    elif stage == "append":
+    elif stage in ("append", "backfill"):
         _copy_store(segment_setup["base"], db)
+        if stage == "backfill":
+            as_before_scalars(db)
         args, reference = _ingest_args([setup["second"]], db, setup["model"]), segment_setup["both"]
     else:
         _copy_store(segment_setup["both"] if stage == "compact" else setup["both"], db)

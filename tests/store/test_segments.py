@@ -220,3 +220,90 @@ def test_retired_segments_stay_for_their_grace_then_go(stores, tmp_path):
     finally:
         con.close()
     assert sorted(p.name for p in segment_dir(db).iterdir()) == live
+
+
+SCALAR_VIEWS = {"trajectory": "prompt_id, pos, layer", "layer_curves": "prompt_id, pos, layer",
+                "position_stats": "prompt_id, pos"}
+
+
+def scalar_views(db) -> dict:
+    """Every row of the views that read the states' scalars, floats as stored bytes."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {name: con.sql(f"SELECT * FROM {name} ORDER BY {order}").to_arrow_table()
+                for name, order in SCALAR_VIEWS.items()}
+    finally:
+        con.close()
+
+
+def as_before_scalars(db) -> None:
+    """Turn a segments store into one written before ``internal.state_scalars``: its views read ``states``."""
+    con = duckdb.connect(str(db))
+    try:
+        for name in SCALAR_VIEWS:
+            sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = ? AND schema_name = 'main'",
+                              [name]).fetchall()[0][0]
+            old = sql.replace("internal.state_scalars", "states")
+            con.execute(old.replace("CREATE VIEW", "CREATE OR REPLACE VIEW"))
+        con.execute("DROP TABLE internal.state_scalars")
+        con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
+    finally:
+        con.close()
+
+
+def test_the_trajectory_views_give_the_same_rows_in_both_layouts(stores):
+    rows, seg = scalar_views(stores["rows"]), scalar_views(stores["seg"])
+    for name in SCALAR_VIEWS:
+        assert seg[name].num_rows == rows[name].num_rows > 0
+        assert same_rows(seg[name], rows[name]), name
+    con = duckdb.connect(str(stores["seg"]), read_only=True)
+    try:  # in a segments store they read a DuckDB table, no segment file; in a rows store a view over `states`
+        assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_schema = 'internal' AND "
+                           "table_name = 'state_scalars'").fetchall() == [("BASE TABLE",)]
+        plan = con.execute("EXPLAIN SELECT * FROM trajectory WHERE prompt_id = 2").fetchall()[0][1]
+        assert "READ_PARQUET" not in plan.upper() and "state_scalars" in plan
+    finally:
+        con.close()
+
+
+def test_a_segments_store_written_before_the_scalars_table_is_backfilled(stores, tmp_path):
+    import shutil
+
+    db = tmp_path / "b.duckdb"
+    shutil.copy(stores["seg"], db)
+    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    before = scalar_views(stores["seg"])
+    as_before_scalars(db)
+    assert all(same_rows(scalar_views(db)[n], before[n]) for n in SCALAR_VIEWS)  # the old views read `states`
+    con = connect(db)
+    try:
+        ensure_schema(con)  # what any writer does first
+        n = con.execute("SELECT count(*) FROM internal.state_scalars").fetchall()[0][0]
+        assert n == con.execute("SELECT count(*) FROM states").fetchall()[0][0] > 0
+        ensure_schema(con)  # idempotent
+        assert con.execute("SELECT count(*) FROM internal.state_scalars").fetchall()[0][0] == n
+    finally:
+        con.close()
+    after = scalar_views(db)
+    assert all(same_rows(after[n], before[n]) for n in SCALAR_VIEWS)
+
+
+def test_a_prompts_rows_from_its_own_segments_equal_the_views(stores):
+    from geomap.store.scalars import of_prompt
+
+    con = connect(stores["seg"], read_only=True, config=sql_connection_config())  # as a served store reads
+    try:
+        for name in SEGMENT_TABLES:
+            for prompt in (1, 4, 999):
+                relation = of_prompt(con, name, prompt)
+                assert "read_parquet" in relation or prompt == 999
+                own = con.sql(f"SELECT * FROM {relation} WHERE prompt_id = {prompt} ORDER BY ALL").to_arrow_table()
+                view = con.sql(f"SELECT * FROM {name} WHERE prompt_id = {prompt} ORDER BY ALL").to_arrow_table()
+                assert own.schema == view.schema and same_rows(own, view), (name, prompt)
+    finally:
+        con.close()
+    rows = connect(stores["rows"], read_only=True)
+    try:
+        assert of_prompt(rows, "states", 1) == "states"
+    finally:
+        rows.close()
