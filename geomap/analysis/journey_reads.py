@@ -13,6 +13,7 @@ import numpy as np
 
 from geomap.analysis import load
 from geomap.store.db import StoreError
+from geomap.store.scalars import of_prompt
 
 
 def rows(con: duckdb.DuckDBPyConnection, sql: str, *params) -> list[tuple]:
@@ -54,8 +55,9 @@ def attention_at(con, prompt_id: int, pos: int) -> list[tuple]:
 
     Rows ``layer, head, scores, weights, entropy, q, k, v, head_out, share_norm, share``.
     """
-    found = rows(con, """SELECT layer, head, scores, weights, entropy, q, k, v, head_out, share_norm, share
-                         FROM attention WHERE prompt_id = ? AND pos = ? ORDER BY layer, head""", prompt_id, pos)
+    found = rows(con, f"""SELECT layer, head, scores, weights, entropy, q, k, v, head_out, share_norm, share
+                          FROM {of_prompt(con, 'attention', prompt_id)} WHERE prompt_id = ? AND pos = ?
+                          ORDER BY layer, head""", prompt_id, pos)
     if not found:
         raise StoreError(f"Prompt {prompt_id} has no attention stored at position {pos}; capture it with "
                          "attention there (the last position is captured by default).")
@@ -65,22 +67,22 @@ def attention_at(con, prompt_id: int, pos: int) -> list[tuple]:
 def keys_values(con, prompt_id: int, positions: list[int]) -> dict:
     """``{(layer, head, pos): (k, v)}`` at the key positions shown."""
     return {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows(
-        con, "SELECT layer, head, pos, k, v FROM attention WHERE prompt_id = ? AND pos IN (SELECT unnest(?))",
-        prompt_id, positions)}
+        con, f"SELECT layer, head, pos, k, v FROM {of_prompt(con, 'attention', prompt_id)} WHERE prompt_id = ? "
+             "AND pos IN (SELECT unnest(?))", prompt_id, positions)}
 
 
 def key_value(con, prompt_id: int, layer: int, head: int, pos: int) -> tuple | None:
     """One head's stored k and v at a key position, or None where that position's internals were not captured."""
-    found = rows(con, "SELECT k, v FROM attention WHERE prompt_id = ? AND layer = ? AND head = ? AND pos = ?",
-                 prompt_id, layer, head, pos)
+    found = rows(con, f"SELECT k, v FROM {of_prompt(con, 'attention', prompt_id)} WHERE prompt_id = ? AND "
+                      "layer = ? AND head = ? AND pos = ?", prompt_id, layer, head, pos)
     return (found[0][0], found[0][1]) if found and found[0][0] is not None else None
 
 
 def weight_rows(con, prompt_id: int, positions: list[int]) -> dict:
     """``{(layer, head): {query pos: weights}}`` for the causal matrix's query positions."""
     matrix: dict = {}
-    for layer, h, p, w in rows(con, "SELECT layer, head, pos, weights FROM attention WHERE prompt_id = ? "
-                                    "AND pos IN (SELECT unnest(?))", prompt_id, positions):
+    for layer, h, p, w in rows(con, f"SELECT layer, head, pos, weights FROM {of_prompt(con, 'attention', prompt_id)} "
+                                    "WHERE prompt_id = ? AND pos IN (SELECT unnest(?))", prompt_id, positions):
         matrix.setdefault((int(layer), int(h)), {})[int(p)] = w
     return matrix
 
@@ -91,8 +93,9 @@ def layer_rows(con, prompt_id: int, pos: int, model_type: str) -> dict:
     Keys ``contrib`` (attn/mlp norms, attn vector), ``norms``, ``mlp`` (top neurons), ``lens`` (top tokens).
     """
     return {
-        "contrib": rows(con, "SELECT layer, attn_norm, mlp_norm, attn FROM contributions WHERE prompt_id = ? "
-                             "AND pos = ? ORDER BY layer", prompt_id, pos),
+        "contrib": rows(con, "SELECT layer, attn_norm, mlp_norm, attn FROM "
+                             f"{of_prompt(con, 'contributions', prompt_id)} WHERE prompt_id = ? AND pos = ? "
+                             "ORDER BY layer", prompt_id, pos),
         "norms": rows(con, "SELECT n.layer, n.norm, nn.name, n.scale FROM norms n JOIN norm_names nn ON "
                            "nn.model_type = ? AND nn.norm = n.norm WHERE n.prompt_id = ? AND n.pos = ? "
                            "ORDER BY n.layer, n.norm", model_type, prompt_id, pos),
@@ -153,12 +156,13 @@ def map_points(con, projection_id: int) -> tuple[list, list]:
 
 def head_qk(con, prompt_id: int, layer: int, head: int, q_pos: int) -> dict | None:
     """One head's captured q at ``q_pos`` and the k of the stored key it weighs most (post-norm, post-RoPE)."""
-    found = rows(con, "SELECT q, scores, weights FROM attention WHERE prompt_id = ? AND layer = ? AND head = ? "
+    attention = of_prompt(con, "attention", prompt_id)
+    found = rows(con, f"SELECT q, scores, weights FROM {attention} WHERE prompt_id = ? AND layer = ? AND head = ? "
                       "AND pos = ?", prompt_id, layer, head, q_pos)
     if not found:
         return None
     q, scores, weights = found[0]
-    keys = {int(p): k for p, k in rows(con, "SELECT pos, k FROM attention WHERE prompt_id = ? AND layer = ? AND "
+    keys = {int(p): k for p, k in rows(con, f"SELECT pos, k FROM {attention} WHERE prompt_id = ? AND layer = ? AND "
                                             "head = ? AND pos <= ?", prompt_id, layer, head, q_pos)}
     kp = max(keys, key=lambda p: weights[p])
     return {"layer": layer, "head": head, "q_pos": q_pos, "q": q, "key_pos": kp, "k": keys[kp],
@@ -169,9 +173,10 @@ def states(con, prompt_id: int, n_layers: int, pos: int) -> dict[int, object]:
     """The residual at every boundary 0..n_layers at one position (one query; read twice per page, once here)."""
     from geomap.store.codec import from_blob
 
+    sql = (f"SELECT layer, vec, vec_bf16 FROM {of_prompt(con, 'states', prompt_id)} "  # noqa: S608
+           "WHERE prompt_id = ? AND pos = ? AND layer <= ?")
     found = {int(layer): (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
-             for layer, vec, blob in rows(con, "SELECT layer, vec, vec_bf16 FROM states WHERE prompt_id = ? AND "
-                                               "pos = ? AND layer <= ?", prompt_id, pos, n_layers)}
+             for layer, vec, blob in rows(con, sql, prompt_id, pos, n_layers)}
     missing = [ell for ell in range(n_layers + 1) if ell not in found]
     if missing:
         raise StoreError(f"No stored state for prompt {prompt_id} at layer {missing[0]}, position {pos}.")

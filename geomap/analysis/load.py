@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # both modules import torch, which the store-only readers her
 from geomap.store.codec import from_blob
 from geomap.store.db import NotFoundError, StoreError
 from geomap.store.query import final_logit, final_logits
+from geomap.store.scalars import of_prompt
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ def token_id(con: duckdb.DuckDBPyConnection, weights_sha256: str, text: str) -> 
 
 def state(con: duckdb.DuckDBPyConnection, prompt_id: int, layer: int, pos: int) -> np.ndarray:
     """The stored residual (d,) of a prompt at a boundary and position."""
-    rows = con.execute("SELECT vec, vec_bf16 FROM states WHERE prompt_id = ? AND layer = ? AND pos = ?",
-                       [prompt_id, layer, pos]).fetchall()
+    rows = con.execute(f"SELECT vec, vec_bf16 FROM {of_prompt(con, 'states', prompt_id)} "  # noqa: S608
+                       "WHERE prompt_id = ? AND layer = ? AND pos = ?", [prompt_id, layer, pos]).fetchall()
     if not rows:
         raise NotFoundError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}.")
     vec, blob = rows[0]
@@ -117,10 +118,11 @@ def stream_parts(con: duckdb.DuckDBPyConnection, info: PromptInfo, pos: int) -> 
     """The residual stream's parts at one position, for direct logit attribution."""
     from geomap.analysis.attribution import StreamParts
 
-    rows = con.execute("SELECT attn, mlp FROM contributions WHERE prompt_id = ? AND pos = ? ORDER BY layer",
-                       [info.id, pos]).fetchall()
-    heads = con.execute("""SELECT a.layer, list(a.share ORDER BY a.head), any_value(c.attn_bias)
-                           FROM attention a JOIN contributions c USING (prompt_id, pos, layer)
+    contributions, attention = (of_prompt(con, t, info.id) for t in ("contributions", "attention"))
+    rows = con.execute(f"SELECT attn, mlp FROM {contributions} WHERE prompt_id = ? AND pos = ? "  # noqa: S608
+                       "ORDER BY layer", [info.id, pos]).fetchall()
+    heads = con.execute(f"""SELECT a.layer, list(a.share ORDER BY a.head), any_value(c.attn_bias)
+                           FROM {attention} a JOIN {contributions} c USING (prompt_id, pos, layer)
                            WHERE a.prompt_id = ? AND a.pos = ? GROUP BY a.layer ORDER BY a.layer""",
                         [info.id, pos]).fetchall()
     scale = con.execute("SELECT scale FROM norms WHERE prompt_id = ? AND pos = ? AND layer = ?",

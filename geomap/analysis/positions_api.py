@@ -10,6 +10,7 @@ from geomap.analysis.persist import insert_rows
 from geomap.analysis.position import distance_profile, learned_position_similarity, rope_angles
 from geomap.store.db import StoreError, ensure_schema, in_transaction
 from geomap.store.handle import Store, StoreLike
+from geomap.store.scalars import of_prompt
 
 
 def position(store: StoreLike, prompt_id: int, layer: int | None = None, head: int | None = None,
@@ -36,8 +37,9 @@ def position(store: StoreLike, prompt_id: int, layer: int | None = None, head: i
         if a.rope(0) is None:
             return _learned(con, loaded, max_distance)
         q_pos = load.resolve_pos(info, pos)
-        rows = con.execute("""SELECT layer, head, pos, q, k, scores, weights FROM attention
-                              WHERE prompt_id = ? ORDER BY layer, head, pos""", [prompt_id]).fetchall()
+        attention = of_prompt(con, "attention", prompt_id)
+        rows = con.execute(f"""SELECT layer, head, pos, q, k, scores, weights FROM {attention}
+                               WHERE prompt_id = ? ORDER BY layer, head, pos""", [prompt_id]).fetchall()
         stored = {(r[0], r[1], r[2]): r for r in rows}
         layers = sorted({r[0] for r in rows if r[2] == q_pos})
         if not layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -11,6 +12,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from geomap.serve.encode import ARROW_STREAM, arrow_response, dumps, wants_arrow
+from geomap.store.scalars import of_prompt, relation
 from geomap.store.sql import run_sql
 from geomap.store.sql_budget import GATE
 from geomap.store.sql_result import json_value
@@ -239,6 +241,14 @@ def get_prompt(request: Request, prompt_id: Id) -> dict:
     return out
 
 
+def _rows_of(server, sql: Callable[[Any], str], *params) -> list[dict]:
+    """`Server.rows` of a query whose text depends on the store (segment files or scalars to read), one snapshot."""
+    with server.store.snapshot() as con:
+        cur = con.execute(sql(con), list(params))
+        names = [d[0] for d in cur.description]
+        return [{c: json_value(v) for c, v in zip(names, row)} for row in cur.fetchall()]
+
+
 @router.get("/prompts/{prompt_id}/trajectory", tags=["prompts"])
 def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> dict:
     """One token's path through the layers: residual norm, cosine to the final state, lens top-1, entropy, KL."""
@@ -256,8 +266,9 @@ def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(g
     """Every head's scaled scores and softmax weights at one layer, for one query position."""
     server = server_of(request)
     p = _pos(_prompt(server, prompt_id), pos)
-    heads = server.rows("SELECT head, entropy, scores, weights FROM attention WHERE prompt_id = ? AND layer = ? "
-                          "AND pos = ? ORDER BY head", prompt_id, layer, p)
+    heads = _rows_of(server, lambda con: "SELECT head, entropy, scores, weights FROM "
+                     f"{of_prompt(con, 'attention', prompt_id)} WHERE prompt_id = ? AND layer = ? AND pos = ? "
+                     "ORDER BY head", prompt_id, layer, p)
     if not heads:
         raise HTTPException(404, f"No attention stored for prompt {prompt_id} at layer {layer}, position {p} "
                                  "(capture attn_positions decides which positions are kept).")
@@ -294,7 +305,8 @@ def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0, 
 
     server = server_of(request)
     if state_id is not None:
-        found = server.rows("SELECT prompt_id, pos, layer FROM states WHERE id = ?", state_id)
+        found = _rows_of(server, lambda con: f"SELECT prompt_id, pos, layer FROM {relation(con)} WHERE id = ?",
+                         state_id)
         if not found:
             raise HTTPException(404, f"No stored state with id {state_id}.")
         prompt_id, pos, layer = found[0]["prompt_id"], found[0]["pos"], found[0]["layer"]

@@ -215,8 +215,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None, la
     meta = dict(_meta(con))
     stored = int(meta["d_model"]) if "d_model" in meta else None
     layout = meta.get("layout") or ("rows" if stored is not None else layout or segments.new_store_layout())
-    digest = hashlib.sha256((static + vectors + analysis + segments.CATALOG_DDL + scalars.TABLE_DDL + scalars.VIEW_DDL
-                             + layout).encode()).hexdigest()
+    own = segments.CATALOG_DDL + scalars.TABLE_DDL + scalars.VIEW_DDL + scalars.READY
+    digest = hashlib.sha256((static + vectors + analysis + own + layout).encode()).hexdigest()
     if stored is not None and d_model is not None and stored != d_model:
         raise StoreError(f"This store holds vectors of width {stored}; a model of width {d_model} needs another --db.")
     if stored is not None and meta.get("schema_sha256") == digest:

@@ -12,6 +12,7 @@ from geomap.lru import Lru
 from geomap.store.codec import from_blob
 from geomap.store.db import NotFoundError, StoreError
 from geomap.store.handle import Store, StoreLike
+from geomap.store.scalars import of_prompt, relation
 
 _INDEXES: Lru = Lru(32)  # opened state indexes by file identity (bounded: 32 layers' indexes)
 
@@ -26,8 +27,8 @@ def state_vector(con, prompt_id: int, layer: int, pos: int | None = None) -> tup
         if not rows:
             raise NotFoundError(f"No stored prompt with id {prompt_id}")
         pos = rows[0][0]
-    row = con.execute("SELECT id, vec, vec_bf16 FROM states WHERE prompt_id = ? AND layer = ? AND pos = ?",
-                      [prompt_id, layer, pos]).fetchall()
+    row = con.execute(f"SELECT id, vec, vec_bf16 FROM {of_prompt(con, 'states', prompt_id)} "  # noqa: S608
+                      "WHERE prompt_id = ? AND layer = ? AND pos = ?", [prompt_id, layer, pos]).fetchall()
     if not row:
         raise NotFoundError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}")
     state_id, vec, blob = row[0]
@@ -59,14 +60,16 @@ def neighbors(store: StoreLike, prompt_id: int, layer: int, pos: int | None = No
 def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: int, last_only: bool, fetch):
     """The FAISS search of `neighbors`, joined back to DuckDB; ``fetch`` reads the joined result."""
     with Store.use(store, "r") as opened, opened.snapshot() as con:
-        top = con.execute("SELECT max(layer) FROM states WHERE prompt_id = ?", [prompt_id]).fetchall()[0][0]
+        scalars = relation(con)  # the states' keys without their vectors: no segment file is opened
+        top = con.execute(f"SELECT max(layer) FROM {scalars} WHERE prompt_id = ?",  # noqa: S608
+                          [prompt_id]).fetchall()[0][0]
         if top is not None and not 0 <= layer <= top:
             raise StoreError(f"Layer {layer} is outside this store's residual boundaries 0..{top} (the model has "
                              f"{top} layers; 0 is the embedding, {top} the last block's output).")
         _, vec = state_vector(con, prompt_id, layer, pos)
         allowed = None
         if last_only:
-            allowed = con.execute("""SELECT s.id FROM states s JOIN prompts p ON p.id = s.prompt_id
+            allowed = con.execute(f"""SELECT s.id FROM {scalars} s JOIN prompts p ON p.id = s.prompt_id
                                      WHERE s.layer = ? AND s.pos = p.n_tokens - 1""", [layer]).fetchnumpy()["id"]
         if k < 1:
             raise StoreError(f"k must be at least 1, not {k}.")
@@ -74,15 +77,15 @@ def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: i
         k = min(k, state_index.index.ntotal if allowed is None else len(allowed))  # no more than there are
         ids, sims = state_index.search(vec[None], k, allowed)
         keep = ids[0] >= 0
-        result = con.execute("""
+        result = con.execute(f"""
             WITH h AS (SELECT unnest(?::BIGINT[]) AS state_id, unnest(?::FLOAT[]) AS similarity,
                           unnest(?::INTEGER[]) AS rank)
-            SELECT s.prompt_id, s.pos, s.layer, t.text AS token, p.text AS prompt_text, tr.top1_token AS lens_top1,
+            SELECT s.prompt_id, s.pos, s.layer, t.text AS token, p.text AS prompt_text, l.top1_token AS lens_top1,
                    h.similarity::FLOAT AS similarity, h.state_id
-            FROM h JOIN states s ON s.id = h.state_id
+            FROM h JOIN {scalars} s ON s.id = h.state_id
             JOIN prompts p ON p.id = s.prompt_id
             JOIN tokens t ON t.prompt_id = s.prompt_id AND t.pos = s.pos
-            LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
+            LEFT JOIN lens_stats l ON l.prompt_id = s.prompt_id AND l.pos = s.pos AND l.layer = s.layer
             ORDER BY h.rank""", [ids[0][keep].tolist(), sims[0][keep].tolist(), list(range(int(keep.sum())))])
         return fetch(result)
 
@@ -123,7 +126,8 @@ def final_logits(con: duckdb.DuckDBPyConnection, prompt_id: int) -> np.ndarray |
 
     They are stored as rows of 4096 token ids (`geomap.store.writer.logit_chunks`); the padding past V is NaN.
     """
-    rows = con.execute("SELECT logits FROM final_logits WHERE prompt_id = ? ORDER BY chunk", [prompt_id]).fetchnumpy()
+    rows = con.execute(f"SELECT logits FROM {of_prompt(con, 'final_logits', prompt_id)} "  # noqa: S608
+                       "WHERE prompt_id = ? ORDER BY chunk", [prompt_id]).fetchnumpy()
     if not len(rows["logits"]):
         return None
     flat = np.concatenate([np.asarray(r, np.float32) for r in rows["logits"]])
@@ -135,7 +139,8 @@ def final_logit(con: duckdb.DuckDBPyConnection, prompt_id: int, token: int) -> f
     """One token's stored last-position logit (None if none is stored or the id is past the vocabulary)."""
     from geomap.store.codec import LOGIT_CHUNK
 
-    rows = con.execute("SELECT logits[? + 1] FROM final_logits WHERE prompt_id = ? AND chunk = ?",
+    rows = con.execute(f"SELECT logits[? + 1] FROM {of_prompt(con, 'final_logits', prompt_id)} "  # noqa: S608
+                       "WHERE prompt_id = ? AND chunk = ?",
                        [token % LOGIT_CHUNK, prompt_id, token // LOGIT_CHUNK]).fetchall()
     value = rows[0][0] if rows else None
     return None if value is None or np.isnan(value) else float(value)

@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from geomap.faults import kill_point
+from geomap.lru import Lru
 
 COLUMNS = ("id", "prompt_id", "pos", "layer", "norm", "cos_final")
 RELATION = "internal.state_scalars"
@@ -27,6 +28,8 @@ TABLE_DDL = f"""CREATE TABLE IF NOT EXISTS {RELATION} (  -- segments layout: the
     id BIGINT, prompt_id INTEGER, pos INTEGER, layer SMALLINT, norm FLOAT, cos_final FLOAT)"""
 VIEW_DDL = f"CREATE OR REPLACE VIEW {RELATION} AS SELECT {', '.join(COLUMNS)} FROM main.states"
 _SELECT = ", ".join(COLUMNS)
+READY = "state_scalars"  # the ``store_meta`` key saying ``internal.state_scalars`` exists, so a reader asks cheaply
+_TYPES: Lru[list] = Lru(64)  # bounded: a segment table's columns and types, per store file and schema digest
 
 
 def _kind(con: duckdb.DuckDBPyConnection) -> str | None:
@@ -40,13 +43,17 @@ def ensure(con: duckdb.DuckDBPyConnection, layout: str) -> None:
     """Create ``internal.state_scalars`` for the store's layout; backfill a segments store that lacks it.
 
     The segments table is created and filled from the ``states`` view (its segments and ``internal.states_rows``)
-    in one transaction, so a kill leaves either no table (the next writer backfills again) or a full one.
+    in one transaction with the ``store_meta`` key `READY`, so a kill leaves either no table (the next writer
+    backfills again) or a full one.
     """
+    mark = f"INSERT INTO store_meta VALUES ('{READY}', ?) ON CONFLICT DO NOTHING"
     if layout != "segments":
         con.execute(VIEW_DDL)
+        con.execute(mark, [layout])
         return
     kind = _kind(con)
     if kind == "BASE TABLE":
+        con.execute(mark, [layout])
         return
     from geomap.store.db import in_transaction
 
@@ -55,6 +62,8 @@ def ensure(con: duckdb.DuckDBPyConnection, layout: str) -> None:
             con.execute(f"DROP VIEW {RELATION}")
         con.execute(TABLE_DDL)
         con.execute(f"INSERT INTO {RELATION} SELECT {_SELECT} FROM states ORDER BY prompt_id, pos, layer")  # noqa: S608
+        con.execute(f"DELETE FROM store_meta WHERE key = '{READY}'")
+        con.execute(mark, [layout])
         kill_point("scalars.backfilled")
 
 
@@ -70,23 +79,29 @@ def insert(con: duckdb.DuckDBPyConnection, states: pa.Table) -> None:
 def relation(con: duckdb.DuckDBPyConnection) -> str:
     """What to read a state's key and scalars from: ``internal.state_scalars``, else ``states``.
 
-    ``states`` in a store whose schema was not ensured since the table existed (opened read-only, never written by
-    this version of geomap).
+    ``states`` in a store whose schema was not ensured since the relation existed (opened read-only, never written
+    by this version of geomap).
     """
-    return RELATION if _kind(con) else "states"
+    found = con.execute("SELECT count(*) FROM store_meta WHERE key = ?", [READY]).fetchall()[0][0]
+    return RELATION if found else "states"
 
 
 def of_prompt(con: duckdb.DuckDBPyConnection, name: str, prompt_id: int) -> str:
     """SQL for after ``FROM``: table ``name``'s rows, reading only the segment files that may hold ``prompt_id``.
 
     The files are picked by the catalog's prompt ranges; columns are typed as the view types them. The caller still
-    filters on the prompt. In a ``rows`` store, and for tables that are not segment tables, it is the table's own name.
+    filters on the prompt. In a ``rows`` store, and for tables that are not segment tables, it is the table's own
+    name.
     """
-    from geomap.store.segments import SEGMENT_TABLES, layout, refresh_sql
+    from geomap.store import segments
 
-    if name not in SEGMENT_TABLES or layout(con) != "segments":
+    meta = dict(con.execute("SELECT key, value FROM store_meta WHERE key IN ('layout', 'schema_sha256')").fetchall())
+    if name not in segments.SEGMENT_TABLES or meta.get("layout") != "segments":
         return name
-    files = [r[0] for r in con.execute("SELECT file FROM internal.segments WHERE table_name = ? AND min_prompt <= ? "
-                                       "AND max_prompt >= ? ORDER BY min_prompt, file",
-                                       [name, int(prompt_id), int(prompt_id)]).fetchall()]
-    return f"({refresh_sql(con, name, files)})"
+    path, files = con.execute(
+        "SELECT (SELECT path FROM duckdb_databases() WHERE database_name = current_database()), "
+        "(SELECT list(file ORDER BY min_prompt, file) FROM internal.segments WHERE table_name = ? AND "
+        "min_prompt <= ? AND max_prompt >= ?)", [name, int(prompt_id), int(prompt_id)]).fetchall()[0]
+    columns = _TYPES.get_or_put((path, name, meta.get("schema_sha256")),
+                                lambda: segments.segment_columns(con, name))
+    return f"({segments.refresh_sql(con, name, files or [], columns, segments.segment_dir(path))})"

@@ -228,16 +228,23 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def refresh_sql(con: duckdb.DuckDBPyConnection, name: str, files: Sequence[str]) -> str:
+def segment_columns(con: duckdb.DuckDBPyConnection, name: str) -> list[tuple[str, str]]:
+    """A segment table's columns and their schema types (those of its ``internal.<name>_rows`` table)."""
+    return _columns(con, f"{name}_rows")
+
+
+def refresh_sql(con: duckdb.DuckDBPyConnection, name: str, files: Sequence[str],
+                columns: list[tuple[str, str]] | None = None, folder: Path | None = None) -> str:
     """The SELECT of a segment table over its ``_rows`` table and ``files`` of the segment folder.
 
-    Every column is cast to its schema type: the view's body, or one prompt's read (`geomap.store.scalars.of_prompt`).
+    Every column is cast to its schema type: the view's body, or one prompt's read (`geomap.store.scalars.of_prompt`,
+    which passes the columns and folder it knows).
     """
-    columns = _columns(con, f"{name}_rows")
+    columns = columns if columns is not None else segment_columns(con, name)
     plain = ", ".join(f'"{c}"' for c, _ in columns)
     sql = f"SELECT {plain} FROM internal.{name}_rows"  # noqa: S608 (fixed names)
     if files:
-        folder = segment_dir(store_path(con))
+        folder = folder or segment_dir(store_path(con))
         listed = ", ".join(_quote(str(folder / f)) for f in files)
         typed = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns)
         sql += f" UNION ALL SELECT {typed} FROM read_parquet([{listed}])"
@@ -403,6 +410,7 @@ def switch_layout(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(CATALOG_DDL)
         con.execute("DROP VIEW IF EXISTS trajectory")
         con.execute(f"DROP VIEW IF EXISTS {scalars.RELATION}")  # a table of that name replaces it (`scalars.ensure`)
+        con.execute(f"DELETE FROM store_meta WHERE key = '{scalars.READY}'")
         for name in SEGMENT_TABLES:
             kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = ? AND "
                                "table_schema = 'main' AND table_catalog = current_database()", [name]).fetchall()

@@ -51,6 +51,7 @@ from geomap.store.manifest import (
     manifest_rows,
     stats_problem,
 )
+from geomap.store.scalars import relation
 
 __all__ = ["IndexCorruptError", "StateIndex", "build_state_indexes", "open_state_index", "sync_state_indexes",
            "verify_indexes"]
@@ -192,7 +193,7 @@ def choose_nprobe(index: faiss.IndexIVF, queries: np.ndarray, qids: np.ndarray, 
 def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind: str, threshold: int) -> dict | None:
     if kind not in ("auto", "flat", "ivf", "hnsw"):
         raise ValueError(f"Unknown index kind {kind!r}; use 'auto', 'flat', 'ivf' or 'hnsw'.")
-    n = con.execute("SELECT count(*) FROM states WHERE layer = ?", [layer]).fetchall()[0][0]
+    n = con.execute(f"SELECT count(*) FROM {relation(con)} WHERE layer = ?", [layer]).fetchall()[0][0]  # noqa: S608
     if n == 0:
         return None
     chosen = kind if kind != "auto" else ("flat" if n < threshold else "ivf")
@@ -263,7 +264,7 @@ def build_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, layers: l
         ensure_schema(con)
     finish_interrupted(con, db_path)
     if layers is None:
-        layers = [r[0] for r in con.execute("SELECT DISTINCT layer FROM states ORDER BY layer").fetchall()]
+        layers = [r[0] for r in con.execute(f"SELECT DISTINCT layer FROM {relation(con)} ORDER BY layer").fetchall()]
     rows = [_build_layer(con, db_path, int(layer), kind, threshold) for layer in layers]
     return [r for r in rows if r is not None]
 
@@ -287,7 +288,8 @@ def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str 
         ensure_schema(con)
     finish_interrupted(con, db_path)
     manifest, added = manifest_rows(con), 0
-    layers = con.execute("SELECT layer, count(*), max(id) FROM states GROUP BY layer ORDER BY layer").fetchall()
+    scalars = relation(con)  # the states' keys, without opening a vector segment
+    layers = con.execute(f"SELECT layer, count(*), max(id) FROM {scalars} GROUP BY layer ORDER BY layer").fetchall()
     for layer, n, max_id in layers:
         row = manifest.get(layer)
         if row is not None and (n, max_id) == (row["ntotal"], row["max_id"]):
@@ -296,7 +298,7 @@ def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str 
             log.warning("Layer %d: the manifest's standardisation is damaged; rebuilding.", layer)
             row = None
         if row is not None:
-            old = con.execute("SELECT count(*) FROM states WHERE layer = ? AND id <= ?", [layer, row["max_id"]])
+            old = con.execute(f"SELECT count(*) FROM {scalars} WHERE layer = ? AND id <= ?", [layer, row["max_id"]])
             if old.fetchall()[0][0] != row["ntotal"]:
                 log.warning("Layer %d: states at or below id %d changed since the index was built; rebuilding.",
                             layer, row["max_id"])
@@ -321,7 +323,7 @@ def verify_indexes(con: duckdb.DuckDBPyConnection, db_path: Path) -> list[str]:
     """
     folder, problems = index_dir(Path(db_path)), []
     counts = {r[0]: (r[1], r[2]) for r in
-              con.execute("SELECT layer, count(*), max(id) FROM states GROUP BY layer").fetchall()}
+              con.execute(f"SELECT layer, count(*), max(id) FROM {relation(con)} GROUP BY layer").fetchall()}
     if manifest_missing(con):
         return [f"The store has no faiss_manifest table (dropped?): no index can be trusted. {REBUILD}"]
     manifest = manifest_rows(con)

@@ -307,3 +307,19 @@ def test_a_prompts_rows_from_its_own_segments_equal_the_views(stores):
         assert of_prompt(rows, "states", 1) == "states"
     finally:
         rows.close()
+
+
+def test_a_journey_report_reads_the_same_page_from_both_layouts(stores, tiny_models, tmp_path):
+    import shutil
+
+    from geomap.report.api import journey_report
+
+    pages = {}
+    for name in ("rows", "seg"):
+        db = tmp_path / f"{name}.duckdb"
+        shutil.copy(stores[name], db)
+        if segment_dir(stores[name]).is_dir():
+            shutil.copytree(segment_dir(stores[name]), segment_dir(db))
+        shutil.copytree(stores[name].with_name(f"{name}.indexes"), db.with_name(f"{name}.indexes"))
+        pages[name] = journey_report(db, 3, loaded=tiny_models["llama"], write=False).html
+    assert pages["seg"] == pages["rows"]  # vectors, attention, contributions, logits and neighbours alike
