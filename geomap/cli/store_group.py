@@ -40,7 +40,7 @@ def migrate(db: Path | None) -> None:
     """Move the store's vectors from DuckDB rows into segment files, losing nothing (a rerun carries on)."""
     from geomap.store.db import ensure_schema
     from geomap.store.handle import Store
-    from geomap.store.segments import migrate as migrate_segments
+    from geomap.store.segment_migrate import migrate as migrate_segments
     from geomap.store.segments import open_for_writing
 
     with Store.open(existing_store(db), "w") as store, store.writer() as con:

@@ -200,7 +200,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, d_model: int | None = None, la
 
     Every statement is idempotent, so opening an older store adds the tables and views it lacks. A new store gets
     ``layout`` (``rows`` or ``segments``, see `geomap.store.segments`), else ``$GEOMAP_STORE_LAYOUT``'s; a store
-    keeps the layout it was created with until `geomap.store.segments.migrate` moves it.
+    keeps the layout it was created with until `geomap.store.segment_migrate.migrate` moves it.
 
     Returns:
         The store's residual width, or None while no run has fixed it.

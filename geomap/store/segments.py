@@ -1,11 +1,13 @@
 """Vector segments: the bulk vector tables as Parquet files in the store's segment folder, read through views.
 
-In a store whose layout is ``segments`` (``store_meta.layout``), the rows of `SEGMENT_TABLES` are written by pyarrow
-as immutable Parquet files in ``<db stem>.segments/`` beside the DuckDB file, one file per table per merged batch.
+In a store whose layout is ``segments`` (``store_meta.layout``), the rows of `SEGMENT_TABLES` are written
+(`geomap.store.parquet_fast`) as immutable Parquet files in ``<db stem>.segments/`` beside the DuckDB file, one file
+per table per merged batch.
 DuckDB keeps the catalog (``internal.segments``: file, table, sha256, rows, prompt-id range, format) and reads the
 files through a view under each table's usual name, which casts every column back to its schema type (pyarrow's
 FixedSizeList reads as ``FLOAT[]``; the view makes it ``FLOAT[d]`` again). Rows written before the switch stay in a
-``internal.<table>_rows`` DuckDB table that the same view unions in, until `migrate` moves them.
+``internal.<table>_rows`` DuckDB table that the same view unions in, until `geomap.store.segment_migrate` moves them.
+The states' scalars are also kept in a DuckDB table, written in the same commit (`geomap.store.scalars`).
 
 Durability follows the store's rule (`geomap.store.files`): a segment is written under a temporary name, fsynced
 and renamed, inside the transaction of the batch it belongs to; its catalog row and the view that names it commit
@@ -356,70 +358,3 @@ def needs_compaction(con: duckdb.DuckDBPyConnection, threshold: int = COMPACT_TH
     most = con.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM internal.segments WHERE bytes < ? "
                        "GROUP BY table_name)", [COMPACT_TARGET_BYTES // 2]).fetchall()[0][0]
     return (most or 0) > threshold
-
-
-def migrate(con: duckdb.DuckDBPyConnection, prompts_per_segment: int = 256) -> dict[str, int]:
-    """Move a store's vector rows into segments (switching a ``rows`` store to the ``segments`` layout first).
-
-    Runs in steps of ``prompts_per_segment`` prompts, each one transaction (segment written, catalog row, rows
-    deleted from the ``_rows`` table, view rewritten), so a kill loses nothing and a rerun carries on. Every value is
-    kept bit for bit: the segment holds the very rows DuckDB held.
-
-    Returns:
-        Rows moved per table.
-    """
-    from geomap.store.db import ensure_schema, in_transaction
-
-    if layout(con) != "segments":
-        switch_layout(con)
-        ensure_schema(con)
-    moved: dict[str, int] = {}
-    folder = segment_dir(store_path(con))
-    for name in SEGMENT_TABLES:
-        if not _columns(con, f"{name}_rows"):
-            continue
-        while True:
-            first = con.execute(f"SELECT min(prompt_id) FROM internal.{name}_rows").fetchall()[0][0]  # noqa: S608
-            if first is None:
-                break
-            last = con.execute(f"SELECT max(prompt_id) FROM (SELECT DISTINCT prompt_id FROM internal.{name}_rows "  # noqa: S608
-                               f"ORDER BY prompt_id LIMIT ?)", [prompts_per_segment]).fetchall()[0][0]
-            with in_transaction(con):
-                table = con.sql(f"SELECT * FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?",  # noqa: S608
-                                params=[first, last]).to_arrow_table()
-                segment = write_segment(table, name, folder)
-                catalog(con, name, segment, table)
-                con.execute(f"DELETE FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?", [first, last])  # noqa: S608
-                refresh_views(con, [name])
-                kill_point("segment.migrated")
-            moved[name] = moved.get(name, 0) + table.num_rows
-    con.execute("CHECKPOINT")
-    return moved
-
-
-def switch_layout(con: duckdb.DuckDBPyConnection) -> None:
-    """Turn a ``rows`` store into a ``segments`` one, in one transaction.
-
-    Its vector tables move to ``internal.<name>_rows`` (views of the same names replace them when the schema is next
-    ensured); the rows stay in DuckDB until `migrate` moves them into segments.
-    """
-    from geomap.store.db import rollback_quietly
-
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute(CATALOG_DDL)
-        con.execute("DROP VIEW IF EXISTS trajectory")
-        con.execute(f"DROP VIEW IF EXISTS {scalars.RELATION}")  # a table of that name replaces it (`scalars.ensure`)
-        con.execute(f"DELETE FROM store_meta WHERE key = '{scalars.READY}'")
-        for name in SEGMENT_TABLES:
-            kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = ? AND "
-                               "table_schema = 'main' AND table_catalog = current_database()", [name]).fetchall()
-            if kind and kind[0][0] == "BASE TABLE":
-                con.execute(f"CREATE TABLE internal.{name}_rows AS SELECT * FROM main.{name}")  # noqa: S608
-                con.execute(f"DROP TABLE main.{name}")
-        con.execute("DELETE FROM store_meta WHERE key IN ('layout', 'schema_sha256')")
-        con.execute("INSERT INTO store_meta VALUES ('layout', 'segments')")
-        con.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(con)
-        raise
