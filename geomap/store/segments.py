@@ -196,10 +196,14 @@ def store_segments(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]) 
     """
     folder = segment_dir(store_path(con))
     todo = {name: table for name, table in tables.items() if table.num_rows}
-    with ThreadPoolExecutor(max_workers=max(len(todo), 1), thread_name_prefix="geomap-segment") as pool:
-        # pyarrow encodes without the GIL: the tables of a batch are encoded and written side by side
+    pool = ThreadPoolExecutor(max_workers=max(len(todo), 1), thread_name_prefix="geomap-segment")
+    try:  # the tables of a batch are encoded (numpy and zstd, without the GIL) and written side by side
         written = {name: pool.submit(write_segment, table, name, folder, False) for name, table in todo.items()}
         segments = {name: future.result() for name, future in written.items()}
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # no write still running once the batch rolls back
+        raise
+    pool.shutdown(wait=False)  # every result is in: the idle threads exit on their own (a wait for each, under load)
     counts = {}
     for name, segment in segments.items():
         catalog(con, name, segment, todo[name])
