@@ -9,8 +9,13 @@ and a time. The mix, per client, in turn:
 - ``journey``: ``POST /sql`` ``SELECT * FROM journey LIMIT 50``.
 
 A 403 or 408 is a refusal (the budget or the time limit), any other failure an error. The soak repeats ingestion
-jobs under mixed load, samples the server's resident memory every second, fails on more than `SOAK_GROWTH` growth
+jobs under mixed load, samples the server's resident memory after each job, fails on more than `SOAK_GROWTH` growth
 after its warm-up, and checks that every job's prompts and states are stored exactly once.
+
+Beside the resident set it samples what DuckDB accounts for (``duckdb_memory()``): the buffer pool caches the
+store's blocks up to the instance's ``memory_limit``, so while a growing store fills it the resident set grows by
+design and stops at the cap. The growth judged is therefore that of the rest of the process (resident set minus
+DuckDB's accounted memory), and DuckDB's own memory must stay within its limit; both resident figures are reported.
 """
 
 from __future__ import annotations
@@ -269,8 +274,9 @@ def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts
              say: Callable[[str], None] = print) -> dict:
     """Mixed load plus one ingestion job after another for ``minutes``; memory, errors and stored rows checked."""
     proc, port = start_server(db, model, db.with_name(db.name + ".soak.log"))
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []  # minutes, resident MB, DuckDB's accounted MB
     jobs: list[tuple[int, int]] = []
+    duck_limit = 0.0
     try:
         admin = Client(port)
         ids = [r[0] for r in admin.ok("POST", "/sql", {"sql": "SELECT id FROM prompts WHERE status = 'done' "
@@ -290,9 +296,11 @@ def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts
             total.seconds += phase.seconds
             total.server_cpu_s += phase.server_cpu_s
             total.peak_rss_mb = max(total.peak_rss_mb, phase.peak_rss_mb)
-            samples.append((time.perf_counter() - start, rss_mb(proc.pid)))
-            say(f"soak: {len(jobs)} job(s), {samples[-1][0] / 60:.1f} min, server RSS {samples[-1][1]:.0f} MB, "
-                f"{total.requests()} requests, {len(total.errors)} errors")
+            duck, duck_limit = duckdb_mb(admin)
+            samples.append((time.perf_counter() - start, rss_mb(proc.pid), duck))
+            say(f"soak: {len(jobs)} job(s), {samples[-1][0] / 60:.1f} min, server RSS {samples[-1][1]:.0f} MB "
+                f"(DuckDB {duck:.0f} of its {duck_limit:.0f} MB), {total.requests()} requests, "
+                f"{len(total.errors)} errors")
         wait_end = time.time() + 600
         while jobs and not job_done(admin, jobs[-1][0]) and time.time() < wait_end:
             time.sleep(0.5)
@@ -301,15 +309,45 @@ def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts
         admin.close()
     finally:
         stop_server(proc)
+    rss_base, rss_last, rss_growth = _growth([(t, m) for t, m, _ in samples])
+    base, last, growth = _growth([(t, m - d) for t, m, d in samples])
+    duck_peak = max((d for _, _, d in samples), default=0.0)
+    ok = (not total.errors and not failed_jobs and stored["ok"] and growth <= SOAK_GROWTH
+          and duck_peak <= duck_limit * 1.02)
+    return {"minutes": minutes, "jobs": len(jobs), "failed_jobs": failed_jobs, "load": total.row(),
+            "rss_after_warmup_mb": round(rss_base), "rss_end_mb": round(rss_last), "rss_growth": round(rss_growth, 4),
+            "beside_duckdb_after_warmup_mb": round(base), "beside_duckdb_end_mb": round(last),
+            "beside_duckdb_growth": round(growth, 4), "duckdb_peak_mb": round(duck_peak),
+            "duckdb_limit_mb": round(duck_limit),
+            "rss_samples": [(round(t), round(m), round(d)) for t, m, d in samples], "stored_once": stored,
+            "errors": total.errors[:20], "ok": ok}
+
+
+def _growth(samples: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Medians of the first and the last quarter of the samples after the warm-up, and the growth between them.
+
+    The warm-up is the first quarter of the soak's time.
+    """
     warm = [m for t, m in samples if t >= samples[-1][0] * 0.25] if samples else []
     base = statistics.median(warm[: max(1, len(warm) // 4)]) if warm else 0.0
     last = statistics.median(warm[-max(1, len(warm) // 4):]) if warm else 0.0
-    growth = (last - base) / base if base else 0.0
-    ok = not total.errors and not failed_jobs and stored["ok"] and growth <= SOAK_GROWTH
-    return {"minutes": minutes, "jobs": len(jobs), "failed_jobs": failed_jobs, "load": total.row(),
-            "rss_after_warmup_mb": round(base), "rss_end_mb": round(last), "rss_growth": round(growth, 4),
-            "rss_samples": [(round(t), round(m)) for t, m in samples], "stored_once": stored,
-            "errors": total.errors[:20], "ok": ok}
+    return base, last, (last - base) / base if base else 0.0
+
+
+def duckdb_mb(client: Client) -> tuple[float, float]:
+    """What the served DuckDB instance accounts for now, and its ``memory_limit``, MB (through ``POST /sql``)."""
+    row = client.ok("POST", "/sql", {"sql": "SELECT (SELECT sum(memory_usage_bytes) FROM duckdb_memory()), "
+                                            "(SELECT value FROM duckdb_settings() WHERE name = 'memory_limit')"})
+    used, limit = row["rows"][0]
+    return (used or 0) / 2**20, _size_mb(limit)
+
+
+def _size_mb(text: str) -> float:
+    """DuckDB's rendering of a size (``953.6 MiB``, ``1.9 GiB``, ``1.0 GB``) in MiB."""
+    number, unit = text.split()
+    scale = {"bytes": 2**-20, "KiB": 2**-10, "MiB": 1, "GiB": 2**10, "TiB": 2**20,
+             "KB": 1e3 / 2**20, "MB": 1e6 / 2**20, "GB": 1e9 / 2**20, "TB": 1e12 / 2**20}
+    return float(number) * scale[unit]
 
 
 def _stored_once(client: Client, jobs: list[tuple[int, int]]) -> dict:

@@ -22,3 +22,5 @@ def test_load_and_soak_on_a_tiny_store(tiny_dirs, tmp_path):
     report = load_bench.run_soak(db, model, 0.2, clients=2, job_prompts=3, say=lambda line: None)
     assert report["ok"], report
     assert report["jobs"] >= 1 and report["stored_once"]["duplicate_states"] == 0
+    assert 0 < report["duckdb_peak_mb"] <= report["duckdb_limit_mb"] * 1.02, report
+    assert all(rss > duck > 0 for _, rss, duck in report["rss_samples"]), report["rss_samples"]
