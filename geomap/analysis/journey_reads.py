@@ -142,15 +142,19 @@ def pca_projection(con, run_id: int) -> tuple | None:
 
 
 def map_points(con, projection_id: int) -> tuple[list, list]:
-    """A map's points (last positions of the run's prompts) and its placed token directions."""
+    """A map's points (last positions of the run's prompts) and its placed token directions, in stored order.
+
+    The order is the order they were written in (a join's rows come in any order, and the drawing's label
+    placement depends on it: without it a page came out differently from one build to the next).
+    """
     pts = rows(con, """SELECT p.x, p.y, p.layer, p.prompt_id, j.top1_token FROM projection_points p
                        JOIN prompts q ON q.id = p.prompt_id
                        LEFT JOIN journey j ON j.prompt_id = p.prompt_id
-                       WHERE p.projection_id = ? AND p.pos = q.n_tokens - 1""", projection_id)
+                       WHERE p.projection_id = ? AND p.pos = q.n_tokens - 1 ORDER BY p.rowid""", projection_id)
     toks = rows(con, """SELECT t.x, t.y, v.text, t.token_id FROM projection_tokens t
                         JOIN projections pr ON pr.id = t.projection_id JOIN runs r ON r.id = pr.run_id
                         LEFT JOIN vocab v ON v.weights_sha256 = r.weights_sha256 AND v.token_id = t.token_id
-                        WHERE t.projection_id = ?""", projection_id)
+                        WHERE t.projection_id = ? ORDER BY t.rowid""", projection_id)
     return pts, toks
 
 
