@@ -227,12 +227,18 @@ def _continue(store: StoreLike, pipe, prompts, loaded, as_json: bool) -> None:
 
 def write_pipeline_reports(store: StoreLike, pipe, prompts, loaded) -> None:
     """Write the reports a pipeline asks for (``loaded`` None: the report stage loads the model if it needs it)."""
-    from geomap.ingest.runs import model_identity
-    from geomap.models.skeleton import skeleton_model
+    from geomap.models.identity import identity_of
     from geomap.report.api import pipeline_reports
     from geomap.store.writer import prompt_key
 
-    identity = model_identity(loaded or skeleton_model(pipe.model))
+    known = identity_of(pipe.model) if loaded is None else None  # from the model's files: no torch, no skeleton
+    if known is not None:
+        identity = known.key
+    else:
+        from geomap.ingest.runs import model_identity
+        from geomap.models.skeleton import skeleton_model
+
+        identity = model_identity(loaded or skeleton_model(pipe.model))
     keys = [prompt_key(identity, pipe.capture.to_json(), spec.text) for spec in prompts]
     from geomap.analysis.api import model_for
 
