@@ -34,9 +34,11 @@ class IndexCorruptError(StoreError):
     """A derived index file is missing or does not match the sha256 recorded in its manifest row."""
 
 
-def manifest_rows(con: duckdb.DuckDBPyConnection) -> dict[int, dict]:
-    """The state indexes' manifest rows by layer."""
-    rows = con.execute(f"SELECT {COLUMNS} FROM faiss_manifest WHERE kind LIKE 'states%' ORDER BY layer").fetchall()
+def manifest_rows(con: duckdb.DuckDBPyConnection, layers: list[int] | None = None) -> dict[int, dict]:
+    """The state indexes' manifest rows by layer (``layers``: only these layers' rows)."""
+    where = "" if layers is None else " AND layer IN (SELECT unnest(?))"
+    rows = con.execute(f"SELECT {COLUMNS} FROM faiss_manifest WHERE kind LIKE 'states%'{where} ORDER BY layer",
+                       [] if layers is None else [[int(x) for x in layers]]).fetchall()
     return {int(r[0]): dict(zip(COLUMNS.split(", "), r)) for r in rows}
 
 

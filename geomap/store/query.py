@@ -90,17 +90,73 @@ def _nearest(store: StoreLike, prompt_id: int, layer: int, pos: int | None, k: i
         return fetch(result)
 
 
-def _state_index(con, db_path, layer: int):
+def neighbor_rows_by_layer(store: StoreLike, prompt_id: int, layers: list[int], pos: int,
+                           k: int = 10) -> dict[int, list[dict] | StoreError]:
+    """`neighbor_rows` at several layers of one state's position, in one snapshot (what a journey page lists).
+
+    The same rows as one `neighbor_rows` call per layer, from one read of the states, of the manifest and of the
+    joined rows. A layer that cannot be searched maps to the `StoreError` its own call would raise.
+    """
+    from geomap.store.manifest import manifest_rows
+
+    if k < 1:
+        raise StoreError(f"k must be at least 1, not {k}.")
+    out: dict[int, list[dict] | StoreError] = {}
+    with Store.use(store, "r") as opened, opened.snapshot() as con:
+        top = con.execute("SELECT max(layer) FROM states WHERE prompt_id = ?", [prompt_id]).fetchall()[0][0]
+        vectors = {int(layer): (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
+                   for layer, vec, blob in con.execute(
+                       "SELECT layer, vec, vec_bf16 FROM states WHERE prompt_id = ? AND pos = ? AND layer IN "
+                       "(SELECT unnest(?))", [prompt_id, pos, [int(x) for x in layers]]).fetchall()}
+        manifest = manifest_rows(con, layers)
+        hits: list[tuple[int, list, list]] = []
+        for layer in layers:
+            try:
+                if top is not None and not 0 <= layer <= top:
+                    raise StoreError(f"Layer {layer} is outside this store's residual boundaries 0..{top} (the model "
+                                     f"has {top} layers; 0 is the embedding, {top} the last block's output).")
+                if layer not in vectors:
+                    raise NotFoundError(f"No stored state for prompt {prompt_id} at layer {layer}, position {pos}")
+                state_index = _state_index(con, opened.path, layer, manifest)
+                ids, sims = state_index.search(vectors[layer][None], min(k, state_index.index.ntotal))
+            except StoreError as exc:
+                out[layer] = exc
+                continue
+            keep = ids[0] >= 0
+            hits.append((layer, ids[0][keep].tolist(), sims[0][keep].tolist()))
+            out[layer] = []
+        if hits:
+            result = con.execute("""
+                WITH h AS (SELECT unnest(?::BIGINT[]) AS state_id, unnest(?::FLOAT[]) AS similarity,
+                              unnest(?::INTEGER[]) AS rank, unnest(?::INTEGER[]) AS query_layer)
+                SELECT s.prompt_id, s.pos, s.layer, t.text AS token, p.text AS prompt_text,
+                       tr.top1_token AS lens_top1, h.similarity::FLOAT AS similarity, h.state_id, h.query_layer
+                FROM h JOIN states s ON s.id = h.state_id
+                JOIN prompts p ON p.id = s.prompt_id
+                JOIN tokens t ON t.prompt_id = s.prompt_id AND t.pos = s.pos
+                LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
+                ORDER BY h.query_layer, h.rank""",
+                [[i for _, ids, _ in hits for i in ids], [v for _, _, sims in hits for v in sims],
+                 [r for _, ids, _ in hits for r in range(len(ids))],
+                 [layer for layer, ids, _ in hits for _ in ids]])
+            names = [c[0] for c in result.description][:-1]
+            for row in result.fetchall():
+                out[int(row[-1])].append(dict(zip(names, row[:-1])))
+    return out
+
+
+def _state_index(con, db_path, layer: int, manifest: dict[int, dict] | None = None):
     """`open_state_index`, kept per process while its file and manifest row are unchanged.
 
     A report build asks the same five layers for every page; opening one re-reads and re-hashes its file. The
-    manifest's agreement with the stored states is checked on every call, as opening does.
+    manifest's agreement with the stored states is checked on every call, as opening does (``manifest``: its rows,
+    already read in this snapshot).
     """
     from geomap.store.db import index_dir
     from geomap.store.manifest import manifest_rows, stats_problem
     from geomap.store.vectors import open_state_index
 
-    row = manifest_rows(con).get(layer)
+    row = (manifest if manifest is not None else manifest_rows(con)).get(layer)
     if row is None or stats_problem(con, row):
         return open_state_index(con, db_path, layer)  # its error names the fix
     try:
