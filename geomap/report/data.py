@@ -18,6 +18,7 @@ from geomap.analysis.page_reads import page_keys
 from geomap.analysis.weights import Weights, weights_for
 from geomap.report import decoding_view, geometry_view, head_view, layer_view, position_view, strips
 from geomap.report.links import Links, served
+from geomap.report.shared import PageReads
 from geomap.store.db import StoreError
 from geomap.store.handle import Store, StoreLike
 
@@ -82,6 +83,7 @@ class _Context:
     run: reads.RunFacts
     last: int
     weights: Weights
+    shared: PageReads = field(default_factory=PageReads)
     texts: dict = field(default_factory=dict)
     _candidates: object = None
     _states: dict | None = None
@@ -102,12 +104,13 @@ class _Context:
         """Token texts, read once per id."""
         todo = {int(i) for i in ids} - set(self.texts)
         if todo:
-            self.texts.update(load.token_texts(self.con, self.info.weights_sha256, todo))
+            self.texts.update(self.shared.token_texts(self.con, self.info.weights_sha256, todo))
         return {int(i): self.texts.get(int(i)) for i in ids}
 
 
 def journey_data(store: StoreLike, prompt_id: int, head: tuple[int, int] | None = None, knn: int = 6,
-                 pos: int | None = None, links: Links | None = None, weights: Weights | None = None) -> JourneyPage:
+                 pos: int | None = None, links: Links | None = None, weights: Weights | None = None,
+                 shared: PageReads | None = None) -> JourneyPage:
     """Everything the journey page of one token shows (default: the prompt's last), read from the store only.
 
     Args:
@@ -119,11 +122,13 @@ def journey_data(store: StoreLike, prompt_id: int, head: tuple[int, int] | None 
         pos: The token's position (a generation's step ``i`` is position ``n_prompt - 1 + i``).
         links: Which pages the page may link to (default: every page of the store, as served).
         weights: The model's weight slice (default: the one beside the store).
+        shared: The reads this page shares with the other pages of its build (default: its own).
     """
+    shared = shared or PageReads()
     with Store.use(store, "r") as opened, opened.snapshot() as con:
         info = load.prompt_info(con, prompt_id)
-        ctx = _Context(con, opened, info, reads.run_facts(con, info.run_id), load.resolve_pos(info, pos),
-                       weights or weights_for(opened.path, info.weights_sha256))
+        ctx = _Context(con, opened, info, shared.run_facts(con, info.run_id), load.resolve_pos(info, pos),
+                       weights or weights_for(opened.path, info.weights_sha256), shared)
         links = links or served(page_keys(con))
         return _link(_page(ctx, head, knn), ctx, links)
 
@@ -153,7 +158,7 @@ def _page(ctx: _Context, head, knn: int) -> JourneyPage:
         stats={"prediction_depth": stats["prediction_depth"], "final": stats["final"], "curves": stats["curves"]},
         maps={"pca": _map(ctx)}, decoding=_decoding(ctx), geometry=_geometry(ctx, resid[info.n_layers]),
         attribution=_attribution(ctx), neighbours=_neighbours(ctx, knn),
-        generations=reads.generations(con, info.id),
+        generations=ctx.shared.generations(con, info.id),
         strips=_strips(ctx, toks[-1], attn, per_layer, head_layer, head_index),
         neuron_weak_z=layer_view.weak_z(int(ctx.run.vocab_size)))
 
@@ -183,7 +188,7 @@ def _prompt(ctx: _Context, shown: int) -> dict:
     info = ctx.info
     return {"id": info.id, "text": info.text, "n_tokens": info.n_tokens, "run_id": info.run_id, "pos": ctx.last,
             "is_last": ctx.last == info.n_tokens - 1, "shown": shown,
-            **reads.neighbour_prompts(ctx.con, info.run_id, info.id)}
+            **ctx.shared.neighbour_prompts(ctx.con, info.run_id, info.id)}
 
 
 def _model(ctx: _Context) -> dict:
@@ -315,13 +320,12 @@ def neighbour_layers(n_layers: int) -> list[int]:
 
 
 def _neighbours(ctx: _Context, k: int) -> list[dict]:
-    from geomap.store.query import neighbor_rows
+    from geomap.store.query import neighbor_rows_by_layer
 
     out = []
-    for layer in neighbour_layers(ctx.info.n_layers):
-        try:
-            found = neighbor_rows(ctx.store, ctx.info.id, layer, ctx.last, k + 1)
-        except StoreError:
+    by_layer = neighbor_rows_by_layer(ctx.store, ctx.info.id, neighbour_layers(ctx.info.n_layers), ctx.last, k + 1)
+    for layer, found in by_layer.items():
+        if isinstance(found, StoreError):
             continue
         first = found[0]["pos"] if found else None
         listed = [reads.clean({c: v for c, v in r.items() if c != "state_id"}) for r in found
@@ -388,7 +392,7 @@ def _map(ctx: _Context) -> dict:
     """
     from geomap.analysis.projection import place_pca
 
-    found = reads.pca_projection(ctx.con, ctx.info.run_id)
+    found = ctx.shared.pca_projection(ctx.con, ctx.info.run_id)
     if found is None:
         raise StoreError(f"Run {ctx.info.run_id} has no PCA map yet; fit it with `geomap map {ctx.info.run_id}` "
                          "(`geomap report journey` does it first).")
@@ -400,7 +404,7 @@ def _map(ctx: _Context) -> dict:
     rows = ctx.weights.unembed_rows(own)
     dirs = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30) * float(token_scale or 1.0)
     token_xy = place_pca(dirs, *basis) if own else np.zeros((0, 2))
-    pts, toks = reads.map_points(ctx.con, pid)
+    pts, toks = ctx.shared.map_points(ctx.con, pid)
     if len(pts) > MAP_BACKGROUND:  # a large run: an even sample of its points
         pts = [pts[i] for i in np.linspace(0, len(pts) - 1, MAP_BACKGROUND).astype(int)]
     texts = ctx.text_of(own)
