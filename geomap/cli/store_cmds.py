@@ -242,7 +242,7 @@ def write_pipeline_reports(store: StoreLike, pipe, prompts, loaded) -> None:
     keys = [prompt_key(identity, pipe.capture.to_json(), spec.text) for spec in prompts]
     from geomap.analysis.api import model_for
 
-    written = pipeline_reports(store, keys, pipe.reports, loaded, load_model=model_for)
+    written = pipeline_reports(store, keys, pipe.reports, loaded, load_model=model_for, workers=None)
     click.echo(f"reports: {written} written; open {pipe.reports / 'index.html'}", err=True)
 
 

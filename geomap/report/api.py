@@ -94,7 +94,7 @@ def journey_report(store: StoreLike, prompt_id: int,
                    out: str | Path | None = None, single_file: bool = False, loaded=None,
                    write: bool = True, pos: int | None = None, linked: bool = True,
                    links: Links | None = None, ready: bool = False, served: bool = False,
-                   index: bool = True) -> Report:
+                   index: bool = True, shared=None) -> Report:
     """The journey report of a stored prompt's token (default its last), from the store only.
 
     To report on a new text, store it first (`geomap.ingest.engine.store_text`).
@@ -109,9 +109,10 @@ def journey_report(store: StoreLike, prompt_id: int,
         pos: The token's position (default: the last).
         linked: Also write the missing pages of the generation steps the page links to.
         links: What the page may link to (default: written, the pages beside it and its steps' pages; else all).
-        ready: The preconditions (`prepare`) are known to hold: render without checking them.
+        ready: The preconditions (`prepare`) are known to hold, for its steps' pages too: render without checking.
         served: Rendered for a server (its policy lets the page call that server).
         index: Refresh the folder's ``index.html`` (a build of many pages does it once, at its end).
+        shared: What the pages of a build read once (`geomap.report.shared.PageReads`; default: this page's own).
     """
     from geomap.report.data import journey_data
 
@@ -124,20 +125,21 @@ def journey_report(store: StoreLike, prompt_id: int,
             if write:  # the pages beside it, and its generations' steps, which it writes below
                 steps = frozenset(journey_name(p, s) for p, s in links.keys.steps_of([prompt_id])) if linked else ()
                 links = in_folder(links.keys, target.parent if target else DEFAULT_FOLDER, frozenset(steps))
-        data = journey_data(opened, prompt_id, pos=pos, links=links)
+        data = journey_data(opened, prompt_id, pos=pos, links=links, shared=shared)
         page = journey_page(data, single_file, served)
         path = None
         if write:
             name = journey_name(prompt_id, None if data.prompt["is_last"] else data.prompt["pos"])
             path = write_page(page, target or DEFAULT_FOLDER / name, single_file, index=False)
             steps = [s for s in data.generations if s["href"]] if linked else []
-            if steps:
+            if steps and not ready:  # ready: the caller prepared its steps too (a pipeline's build)
                 prepare(opened, {s["prompt_id"] for s in steps}, loaded)
             for step in steps:
                 step_out = path.parent / journey_name(step["prompt_id"], step["pos"])
                 if not step_out.exists():
                     journey_report(opened, step["prompt_id"], out=step_out, single_file=single_file,
-                                   pos=step["pos"], linked=False, links=links, ready=True, index=False)
+                                   pos=step["pos"], linked=False, links=links, ready=True, index=False,
+                                   shared=shared)
             if index:
                 write_index(path.parent)
     return Report(page, path)
@@ -197,17 +199,29 @@ def _state_cosines(store: Store, first: int, second: int) -> list[dict]:
 
 
 def pipeline_reports(store: StoreLike, keys: list[str], folder: str | Path, loaded=None,
-                     progress: bool = True, load_model=None) -> int:
+                     progress: bool = True, load_model=None, workers: int | None = 1) -> int:
     """Write the reports of a pipeline's prompts.
 
     A journey report for each stored prompt with one of these keys (existing files are kept) and for each step
-    of their continuations, then the report of each of their runs, and the folder's index. ``loaded`` or
-    ``load_model`` (`prepare`) serve an older store that has no weight slice yet.
+    of their continuations, then the report of each of their runs, and the folder's index.
+
+    Args:
+        store: The store (a path: it is opened for preparing, then read by the workers).
+        keys: The pipeline's prompt keys.
+        folder: The reports folder.
+        loaded: A loaded model, used only to write the weight slice of an older store that has none (`prepare`).
+        progress: Show a progress bar.
+        load_model: Loads a model for that, when ``loaded`` does not match (`prepare`).
+        workers: Processes that render the journey pages; None: `geomap.report.build.workers_for` (one per core
+            for a large build). More than one starts worker processes, which import the main module again (as
+            multiprocessing's spawn does): a script that calls this must guard its top level with ``if __name__ ==
+            "__main__":``; the CLI asks for None. A store passed open renders in this process.
 
     Returns:
         How many pages were written.
     """
-    from tqdm import tqdm
+    from geomap.report.build import render_journeys, workers_for
+    from geomap.report.shared import PageReads
 
     folder = Path(folder)
     with Store.use(store, "w", create=False) as opened:
@@ -224,14 +238,39 @@ def pipeline_reports(store: StoreLike, keys: list[str], folder: str | Path, load
         planned = {journey_name(p) for p in ours} | {journey_name(p, s) for p, s in links.keys.steps_of(ours)}
         links = in_folder(links.keys, folder, frozenset(planned | {run_name(r) for r in runs}))
         todo = [pid for pid in sorted(ours) if not (folder / journey_name(pid)).exists()]
-        written = 0
-        for pid in tqdm(todo, unit="report", desc="reports", disable=not progress or not todo, dynamic_ncols=True):
-            journey_report(opened, pid, out=folder / journey_name(pid), links=links, ready=True, index=False)
-            written += 1
-        for run_id in runs:
-            run_report(opened, run_id, out=folder / run_name(run_id), links=links, index=False)
-            written += 1
+        db_path = opened.path
+        if isinstance(store, Store):
+            workers = 1  # held open by the caller (for writing, maybe): no other process may open it
+        elif workers is None:
+            workers = workers_for(len(todo))
+        if workers <= 1:
+            written = _journeys_here(opened, todo, folder, links, PageReads(build=True), progress)
+            written += _runs_here(opened, runs, folder, links)
+    if workers > 1:  # the store is closed for writing here: the workers read it, read-only
+        done = render_journeys(db_path, todo, folder, links, workers, progress) if todo else set()
+        with Store.use(store, "r") as opened:
+            rest = [pid for pid in todo if pid not in done]
+            written = len(done) + _journeys_here(opened, rest, folder, links, PageReads(build=True), progress)
+            written += _runs_here(opened, runs, folder, links)
     if written or folder.exists():
         folder.mkdir(parents=True, exist_ok=True)
         write_index(folder)
     return written
+
+
+def _journeys_here(opened: Store, prompt_ids: list[int], folder: Path, links: Links, shared, progress: bool) -> int:
+    """Write these prompts' journey pages (and their steps' pages) in this process; how many prompts."""
+    from tqdm import tqdm
+
+    for pid in tqdm(prompt_ids, unit="report", desc="reports", disable=not progress or not prompt_ids,
+                    dynamic_ncols=True):
+        journey_report(opened, pid, out=folder / journey_name(pid), links=links, ready=True, index=False,
+                       shared=shared)
+    return len(prompt_ids)
+
+
+def _runs_here(opened: Store, runs: list[int], folder: Path, links: Links) -> int:
+    """Write these runs' pages in this process; how many."""
+    for run_id in runs:
+        run_report(opened, run_id, out=folder / run_name(run_id), links=links, index=False)
+    return len(runs)

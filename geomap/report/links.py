@@ -68,12 +68,26 @@ class Links:
         return names | {run_name(r) for r in self.keys.runs.values()}
 
 
+def _always(name: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class _InFolder:
+    """Whether a page is in ``folder`` or ``planned`` (a class, not a closure: build workers receive it pickled)."""
+
+    folder: Path
+    planned: frozenset[str]
+
+    def __call__(self, name: str) -> bool:
+        return name in self.planned or (self.folder / name).exists()
+
+
 def served(keys: PageKeys) -> Links:
     """Links of a served store: every page of the store is rendered on request."""
-    return Links(keys, lambda name: True)
+    return Links(keys, _always)
 
 
 def in_folder(keys: PageKeys, folder: Path, planned: frozenset[str] = frozenset()) -> Links:
     """Links of pages written to ``folder``: to the pages there, plus ``planned`` (written by the same call)."""
-    folder = Path(folder)
-    return Links(keys, lambda name: name in planned or (folder / name).exists())
+    return Links(keys, _InFolder(Path(folder), frozenset(planned)))

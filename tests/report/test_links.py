@@ -10,6 +10,7 @@ from geomap.ingest.engine import ingest
 from geomap.ingest.generation import continue_prompts
 from geomap.report.api import pipeline_reports
 from geomap.report.linkcheck import check_folder, check_served
+from geomap.store.db import StoreError
 from geomap.store.writer import PromptSpec, prompt_key
 from tests.report.test_journey_controls import browser  # noqa: F401 - the Chromium fixture
 from tests.serve.test_serve import start_server, stop_server
@@ -70,6 +71,33 @@ def test_continuation_pages_link_their_neighbouring_steps_in_the_sticky_nav(buil
         nav = page.read_text(encoding="utf-8").split('<nav class="toc"')[1].split("</nav>")[0]
         steps = re.findall(r'data-step-nav="(prev|next)"', nav)
         assert steps in (["next"], ["prev"], ["prev", "next"]), (page.name, steps)  # two steps each here
+
+
+def test_a_build_in_worker_processes_writes_the_same_pages(built, tmp_path):
+    """Two processes, each reading the store read-only, write byte for byte the pages one process writes."""
+    import duckdb
+
+    db, reports, written, _ = built
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        keys = [k for (k,) in con.execute("SELECT key FROM prompts WHERE parent_id IS NULL").fetchall()]
+    finally:
+        con.close()
+    assert pipeline_reports(db, keys, tmp_path, progress=False, workers=2) == written
+    names = sorted(p.name for p in reports.glob("*.html"))
+    assert names == sorted(p.name for p in tmp_path.glob("*.html"))
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (reports / name).read_bytes(), name
+
+
+def test_a_pages_neighbours_at_several_layers_are_each_layers_own(built):
+    from geomap.store.query import neighbor_rows, neighbor_rows_by_layer
+
+    db = built[0]
+    found = neighbor_rows_by_layer(db, 1, [0, 1, 2, 99], 1, 4)
+    assert list(found) == [0, 1, 2, 99] and isinstance(found[99], StoreError)
+    for layer in (0, 1, 2):
+        assert found[layer] == neighbor_rows(db, 1, layer, 1, 4)
 
 
 @pytest.fixture(scope="module")
