@@ -103,11 +103,14 @@ def neighbor_rows_by_layer(store: StoreLike, prompt_id: int, layers: list[int], 
         raise StoreError(f"k must be at least 1, not {k}.")
     out: dict[int, list[dict] | StoreError] = {}
     with Store.use(store, "r") as opened, opened.snapshot() as con:
-        top = con.execute("SELECT max(layer) FROM states WHERE prompt_id = ?", [prompt_id]).fetchall()[0][0]
+        scalars = relation(con)  # the states' keys without their vectors: no segment file is opened
+        top = con.execute(f"SELECT max(layer) FROM {scalars} WHERE prompt_id = ?",  # noqa: S608
+                          [prompt_id]).fetchall()[0][0]
         vectors = {int(layer): (np.asarray(vec, np.float32) if vec is not None else from_blob(blob))
                    for layer, vec, blob in con.execute(
-                       "SELECT layer, vec, vec_bf16 FROM states WHERE prompt_id = ? AND pos = ? AND layer IN "
-                       "(SELECT unnest(?))", [prompt_id, pos, [int(x) for x in layers]]).fetchall()}
+                       f"SELECT layer, vec, vec_bf16 FROM {of_prompt(con, 'states', prompt_id)} "  # noqa: S608
+                       "WHERE prompt_id = ? AND pos = ? AND layer IN (SELECT unnest(?))",
+                       [prompt_id, pos, [int(x) for x in layers]]).fetchall()}
         manifest = manifest_rows(con, layers)
         hits: list[tuple[int, list, list]] = []
         for layer in layers:
@@ -126,15 +129,15 @@ def neighbor_rows_by_layer(store: StoreLike, prompt_id: int, layers: list[int], 
             hits.append((layer, ids[0][keep].tolist(), sims[0][keep].tolist()))
             out[layer] = []
         if hits:
-            result = con.execute("""
+            result = con.execute(f"""
                 WITH h AS (SELECT unnest(?::BIGINT[]) AS state_id, unnest(?::FLOAT[]) AS similarity,
                               unnest(?::INTEGER[]) AS rank, unnest(?::INTEGER[]) AS query_layer)
                 SELECT s.prompt_id, s.pos, s.layer, t.text AS token, p.text AS prompt_text,
-                       tr.top1_token AS lens_top1, h.similarity::FLOAT AS similarity, h.state_id, h.query_layer
-                FROM h JOIN states s ON s.id = h.state_id
+                       l.top1_token AS lens_top1, h.similarity::FLOAT AS similarity, h.state_id, h.query_layer
+                FROM h JOIN {scalars} s ON s.id = h.state_id
                 JOIN prompts p ON p.id = s.prompt_id
                 JOIN tokens t ON t.prompt_id = s.prompt_id AND t.pos = s.pos
-                LEFT JOIN trajectory tr ON tr.prompt_id = s.prompt_id AND tr.pos = s.pos AND tr.layer = s.layer
+                LEFT JOIN lens_stats l ON l.prompt_id = s.prompt_id AND l.pos = s.pos AND l.layer = s.layer
                 ORDER BY h.query_layer, h.rank""",
                 [[i for _, ids, _ in hits for i in ids], [v for _, _, sims in hits for v in sims],
                  [r for _, ids, _ in hits for r in range(len(ids))],
