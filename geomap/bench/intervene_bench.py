@@ -27,6 +27,7 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
     """Sweep vs bare forwards (the same batch shapes, no hooks, no storage), and bytes per intervention."""
     from geomap.ingest.interventions import sweep
     from geomap.intervene import prepare, run_specs
+    from geomap.intervene.measure import Measure
 
     db = folder / "intervene.duckdb"
     sweep(loaded, _specs(loaded, 0), db, name="bench")  # stores the clean journey once; rounds add new seeds
@@ -34,7 +35,6 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
     ids = torch.tensor(loaded.tokenizer(CLEAN)["input_ids"])
     seeds = iter(range(1, 10_000))
     n_bounds = loaded.anatomy.n_layers + 1
-    lens_rows: list[int] = []
 
     @torch.no_grad()
     def forwards():
@@ -45,13 +45,18 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
 
     def hooks_only():
         specs = _specs(loaded, next(seeds))
-        lens_rows[:] = [n_bounds - min(o.last_from, n_bounds)
-                        for batch in run_specs(loaded, specs, prepare(loaded, specs), BATCH) for o in batch]
+        for _ in run_specs(loaded, specs, prepare(loaded, specs), BATCH):
+            pass
 
     def stored():
         sweep(loaded, _specs(loaded, next(seeds)), db, name="bench", batch_size=BATCH)
 
     times = rounds({"forward": forwards, "hooks": hooks_only, "sweep": stored}, repeats)
+    specs = _specs(loaded, next(seeds))  # untimed: the rows the sweep's lens computes
+    base = prepare(loaded, specs)
+    measure = Measure(loaded, base)
+    for batch in run_specs(loaded, specs, base, BATCH):
+        measure.batch(batch)
     n_forwards = math.ceil(n_specs / BATCH) + 1
     figures = [
         judged("intervene: causal-trace sweep vs its bare forwards", median_ratio(times["forward"], times["sweep"]),
@@ -62,11 +67,11 @@ def intervene_figures(loaded, folder: Path, repeats: int) -> list[Figure]:
         judged("intervene: edits and reads through hooks vs bare forwards",
                median_ratio(times["forward"], times["hooks"]), "x", None,
                "the same sweep without storage or lens: hooks, residual reads, baselines"),
-        judged("intervene: lens rows per intervention", sum(lens_rows) / max(len(lens_rows), 1), "rows", None,
-               f"boundaries whose last position goes through the {loaded.anatomy.vocab_size:,}-token unembedding "
-               f"(of {n_bounds}; below an intervention's first change the reference run's lens is reused); each "
-               f"row costs about the multiply-adds of {loaded.anatomy.vocab_size * loaded.anatomy.d_model / 1e6:.0f}M"
-               f" of one forward token's"),
+        judged("intervene: lens rows per intervention", measure.scanned / n_specs, "rows", None,
+               f"last-position rows that go through the {loaded.anatomy.vocab_size:,}-token unembedding (of "
+               f"{n_bounds} boundaries: rows equal to one measured before, the reference run's below an "
+               f"intervention's first change and the last boundary, read off the model's logits, are not); each "
+               f"costs {loaded.anatomy.vocab_size * loaded.anatomy.d_model / 1e6:.0f}M multiply-adds"),
     ]
     return figures + _storage(db, loaded)
 

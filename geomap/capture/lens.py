@@ -166,6 +166,24 @@ class Unembed:
             flat.update(kl=np.zeros(0, np.float32), rank=np.zeros(0, np.int64), prob=np.zeros(0, np.float32))
         return final, {key: value.reshape(n_pos, n_bound, *value.shape[1:]) for key, value in flat.items()}
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding."""
+        return self.head.weight.shape[0]
+
+    @torch.no_grad()
+    def normed(self, h: torch.Tensor) -> torch.Tensor:
+        """Residuals ``h`` (N, d) through the final norm, in the unembedding's dtype (what `block` takes)."""
+        return self._normed(h)
+
+    @torch.no_grad()
+    def block(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Float32 logits of normed rows ``x`` for vocabulary rows ``start:stop``.
+
+        The result lives in a work buffer that the next call reuses (clone it to keep it).
+        """
+        return self._block(x, start, stop)
+
     def _normed(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h.to(self.head.weight.dtype))
 

@@ -10,52 +10,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from geomap.capture.lens import Unembed
-from geomap.intervene.engine import Baseline, Outcome
+from geomap.intervene.engine import Outcome
+from geomap.intervene.scan import LensRows, final_rows
 
 
 @dataclass(frozen=True)
-class LensRows:
-    """The logit lens of some residual rows: top-1 id and probability, and the 1-based ranks of target tokens.
+class Finals:
+    """The final distributions at the last position of some runs (a batch's, or one clean run's).
 
-    Attributes are ``top1_id`` (R,) int32, ``top1_prob`` (R,) float32 and ``ranks`` (R, K) int32 (K targets).
+    Attributes are the model's ``logits`` (R, V) float32, their ``logprobs`` (R, V) in float64 (the KL of two
+    nearly equal runs is a small difference of large terms), and their ``lens`` statistics for the targets (R rows).
     """
 
-    top1_id: np.ndarray
-    top1_prob: np.ndarray
-    ranks: np.ndarray
+    logits: np.ndarray
+    logprobs: torch.Tensor
+    lens: LensRows
 
-    def take(self, index) -> LensRows:
-        """Rows ``index`` of these rows."""
-        return LensRows(self.top1_id[index], self.top1_prob[index], self.ranks[index])
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """The probabilities (R, V), float64."""
+        return self.logprobs.exp()
 
 
-def lens_rows(unembed: Unembed, resid: np.ndarray, targets: np.ndarray, chunk: int = 128) -> LensRows:
-    """The lens of (R, d) residuals in one pass over the unembedding per ``chunk`` rows (one GEMM each).
-
-    Args:
-        unembed: The model's final norm and unembedding.
-        resid: Residual rows.
-        targets: (R, K) token ids whose rank each row reports (on raw logits: 1 + the tokens scoring higher).
-        chunk: Rows per GEMM (each holds chunk × vocabulary float32 logits).
-    """
-    n, k = resid.shape[0], targets.shape[1]
-    ids, probs, ranks = np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros((n, k), np.int32)
-    rows, wanted = torch.from_numpy(np.ascontiguousarray(resid)), torch.from_numpy(targets.astype(np.int64))
-    for start in range(0, n, chunk):
-        logits = unembed.logits(rows[start:start + chunk])
-        top = logits.max(dim=-1)
-        lse = torch.logsumexp(logits, dim=-1)
-        own = logits.gather(1, wanted[start:start + chunk])
-        above = torch.stack([(logits > own[:, j:j + 1]).sum(-1) for j in range(k)], -1) if k else own.long()
-        stop = start + logits.shape[0]
-        ids[start:stop], probs[start:stop] = top.indices.numpy(), torch.exp(top.values - lse).numpy()
-        ranks[start:stop] = above.numpy() + 1
-    return LensRows(ids, probs, ranks)
+def finals(logits: np.ndarray, targets: np.ndarray) -> Finals:
+    """`Finals` of logits (R, V) for target ids (R, K): one log-softmax and one statistics pass for all rows."""
+    z = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return Finals(logits, torch.log_softmax(z.double(), -1), final_rows(z, torch.from_numpy(targets.astype(np.int64))))
 
 
 def delta_rows(outcome: Outcome, lens: LensRows) -> dict[str, np.ndarray | list]:
@@ -83,33 +68,41 @@ def delta_rows(outcome: Outcome, lens: LensRows) -> dict[str, np.ndarray | list]
             "vec": vectors, "top1_id": ids, "top1_prob": probs}
 
 
-def effect_rows(outcome: Outcome, clean: Baseline, targets: Sequence[int], clean_lens: LensRows,
-                lens: LensRows) -> list[dict]:
-    """Effects on each target token of one outcome.
+def effect_rows(final: Finals, clean: Sequence[Finals], targets: np.ndarray, clean_lens: Sequence[LensRows],
+                lens: Sequence[LensRows]) -> list[list[dict]]:
+    """Effects on each target token of a batch of outcomes, one list of rows per outcome.
 
     Args:
-        outcome: The intervened run.
-        clean: The clean run of the same prompt.
-        targets: Token ids to report.
-        clean_lens: The clean run's lens at the last position, per boundary (L+1 rows, ranks of ``targets``).
-        lens: The intervened run's.
+        final: The outcomes' final distributions (one row each).
+        clean: Per outcome, the final distribution of the clean run of its prompt (one row).
+        targets: (B, K) token ids to report per outcome.
+        clean_lens: Per outcome, the clean run's lens at the last position, per boundary (L+1 rows).
+        lens: Per outcome, the intervened run's.
     """
-    clean_top1, top1 = clean_lens.top1_id, lens.top1_id
-    lp_i = torch.log_softmax(torch.from_numpy(outcome.logits).double(), -1)
-    lp_c = torch.log_softmax(torch.from_numpy(clean.logits).double(), -1)
-    kl = float((lp_c.exp() * (lp_c - lp_i)).sum())
-    differs = np.flatnonzero(top1 != clean_top1)
-    first_flip = int(differs[0]) if len(differs) else None
-    top_i, top_c = int(np.argmax(outcome.logits)), int(np.argmax(clean.logits))
-    rows = []
-    for j, t in enumerate(targets):
-        logit, clean_logit = float(outcome.logits[t]), float(clean.logits[t])
-        prob, clean_prob = float(lp_i[t].exp()), float(lp_c[t].exp())
-        rows.append({"token_id": int(t), "logit": logit, "prob": prob,
-                     "rank": int((outcome.logits > outcome.logits[t]).sum()) + 1,
-                     "clean_logit": clean_logit, "clean_prob": clean_prob,
-                     "clean_rank": int((clean.logits > clean.logits[t]).sum()) + 1,
-                     "logit_change": logit - clean_logit, "prob_change": prob - clean_prob, "kl": kl,
-                     "top1_id": top_i, "top1_changed": top_i != top_c, "first_flip_layer": first_flip,
-                     "lens_ranks": lens.ranks[:, j].tolist(), "clean_lens_ranks": clean_lens.ranks[:, j].tolist()})
-    return rows
+    kl = torch.zeros(len(clean), dtype=torch.float64)
+    groups: dict[int, list[int]] = {}
+    for b, c in enumerate(clean):
+        groups.setdefault(id(c), []).append(b)
+    for rows in groups.values():  # KL(clean ‖ intervened) = Σ p_c·(log p_c − log p_i), per clean run
+        c = clean[rows[0]]
+        kl[rows] = (c.probs[0] * (c.logprobs[0] - final.logprobs[rows])).sum(-1)
+    kl = kl.tolist()
+    index = torch.from_numpy(targets.astype(np.int64))
+    probs = final.logprobs.gather(1, index).exp().tolist()
+    clean_probs = [c.logprobs[0, index[b]].exp().tolist() for b, c in enumerate(clean)]
+    out = []
+    for b, (c, c_lens, b_lens) in enumerate(zip(clean, clean_lens, lens)):
+        differs = np.flatnonzero(b_lens.top1_id != c_lens.top1_id)
+        top_i, top_c = int(final.lens.top1_id[b]), int(c.lens.top1_id[0])
+        rows = []
+        for j, t in enumerate(targets[b]):
+            logit, clean_logit = float(final.logits[b, t]), float(c.logits[0, t])
+            prob, clean_prob = probs[b][j], clean_probs[b][j]
+            rows.append({"token_id": int(t), "logit": logit, "prob": prob, "rank": int(final.lens.ranks[b, j]),
+                         "clean_logit": clean_logit, "clean_prob": clean_prob,
+                         "clean_rank": int(c.lens.ranks[0, j]), "logit_change": logit - clean_logit,
+                         "prob_change": prob - clean_prob, "kl": kl[b], "top1_id": top_i,
+                         "top1_changed": top_i != top_c, "first_flip_layer": int(differs[0]) if len(differs) else None,
+                         "lens_ranks": b_lens.ranks[:, j].tolist(), "clean_lens_ranks": c_lens.ranks[:, j].tolist()})
+        out.append(rows)
+    return out

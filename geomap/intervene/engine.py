@@ -43,8 +43,9 @@ class Outcome:
 
     Attributes are the spec, the residual stream (L+1, T, d), the last position's logits (V,), and where changes can
     start: the first residual boundary and the first position an edit touches. ``last_from`` is the first boundary
-    where the last position can differ from the spec's reference run (`reference`): below it the last position's
-    residual is the reference's, in a causal model, so its lens statistics are the reference's too.
+    where the last position can differ from the spec's reference run: below it the last position's residual is the
+    reference's, in a causal model, so its lens statistics are the reference's too (the reference is the clean run,
+    or for a trace with noise the corrupted run: the prompt with the noise alone).
     """
 
     spec: Spec
@@ -163,23 +164,6 @@ def last_from(edits: Sequence[Edit], n: int) -> int:
     """
     bounds = [e.site.first_boundary() + (0 if n - 1 in e.positions else 1) for e in edits if e.site.kind != "embed"]
     return min(bounds, default=0)
-
-
-def reference(loaded: LoadedModel, spec: Spec, base: dict[str, Baseline]) -> Baseline:
-    """The run a spec's outcome equals below `last_from`.
-
-    The clean run of ``spec.prompt``; for a trace with noise, that prompt with the noise alone (the corrupted run,
-    one forward pass, its residual stream and logits only).
-    """
-    target = base[spec.prompt]
-    if spec.operation != "trace" or spec.noise is None:
-        return target
-    n = len(target.ids)
-    noisy = resolve(spec.noise.positions, n, "noise position")
-    edit = Edit(Site("embed"), noisy, noise_value(loaded, len(noisy), spec.noise.scale, spec.noise.seed), mode="add")
-    edits, logits = forward(loaded, [target.ids], [[edit]])
-    resid = torch.stack(edits.resid).float().cpu().numpy()[:, 0]
-    return Baseline(target.ids, resid, logits[0], {})
 
 
 def _vector(spec: Spec, width: int) -> np.ndarray:

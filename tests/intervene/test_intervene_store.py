@@ -186,17 +186,48 @@ def test_bad_intervention_entries_are_one_line_errors(tiny_dirs, tmp_path, extra
     assert not (tmp_path / "s.duckdb").exists()
 
 
+def _plain_lens(unembed, rows, targets):
+    """The lens the slow way: every row's whole vocabulary of logits, its maximum, logsumexp and counts."""
+    import torch
+
+    logits = unembed.logits(torch.from_numpy(np.ascontiguousarray(rows)))
+    own = logits.gather(1, torch.from_numpy(targets))
+    ranks = np.stack([(logits > own[:, j:j + 1]).sum(-1).numpy() + 1 for j in range(targets.shape[1])], -1)
+    top = logits.max(-1)
+    return top.indices.numpy(), torch.exp(top.values - torch.logsumexp(logits, -1)).numpy(), ranks
+
+
+@pytest.mark.parametrize("block", [1 << 20, 300])
+def test_the_blocked_lens_scan_is_the_plain_lens(tiny_models, monkeypatch, block):
+    """Top-1, its probability and target ranks from the blocked pass equal the whole-vocabulary computation."""
+    from geomap.capture.lens import Unembed
+    from geomap.intervene import scan
+
+    monkeypatch.setattr(scan, "_BLOCK_FLOATS", block)  # 300: blocks of a few dozen tokens, targets in several
+    loaded = tiny_models["llama"]
+    base = prepare(loaded, [Spec("ablate", TEXT, Site("resid", 1), (0,), ablation="zero")])
+    rows = base[TEXT].resid.reshape(-1, loaded.anatomy.d_model)
+    vocab = loaded.anatomy.vocab_size
+    targets = np.stack([np.arange(len(rows)) * 7 % vocab, vocab - 1 - np.arange(len(rows)) % 5], -1)
+    unembed = Unembed(loaded.anatomy)
+    got = scan.lens_rows(unembed, rows, targets)
+    ids, probs, ranks = _plain_lens(unembed, rows, targets)
+    np.testing.assert_array_equal(got.top1_id, ids)
+    np.testing.assert_allclose(got.top1_prob, probs, rtol=1e-5)
+    np.testing.assert_array_equal(got.ranks, ranks)
+
+
 def test_the_lens_of_unchanged_rows_is_the_reference_runs(tiny_models):
-    """Below `last_from` the last position is the reference run's: the lens taken from it equals a full lens pass."""
+    """Below `last_from` the last position is the reference run's, and repeated rows are measured once: the lens
+    stored for every boundary equals a plain lens pass over the outcome's own rows."""
     from geomap.intervene import run_specs
-    from geomap.intervene.effects import lens_rows
     from geomap.intervene.measure import Measure
 
     loaded = tiny_models["llama"]
     n_bounds = loaded.anatomy.n_layers + 1
     specs = [*[Spec("trace", TEXT, Site(kind, layer), (pos,), noise=Noise((1, 2), 3.0, 5))
                for kind, top in (("resid", n_bounds), ("mlp", n_bounds - 1)) for layer in range(top)
-               for pos in (-1, 3)],
+               for pos in (-1, 3, 0)],
              *[Spec("patch", TEXT, Site("resid", layer), (pos,), source=OTHER) for layer in range(n_bounds)
                for pos in (-1, 2)],
              Spec("ablate", TEXT, Site("head", 1, 0), (2,), ablation="zero")]
@@ -205,14 +236,14 @@ def test_the_lens_of_unchanged_rows_is_the_reference_runs(tiny_models):
     measure = Measure(loaded, base, target)
     outcomes = [o for batch in run_specs(loaded, specs, base, 7) for o in batch]
     assert {o.last_from for o in outcomes} > {0, 1}  # some rows are taken from the reference
-    skipped = 0
-    for outcome, got in zip(outcomes, measure.batch(outcomes)):
-        full = lens_rows(measure.unembed, outcome.resid[:, -1], np.tile(target, (n_bounds, 1)))
-        last = got.delta["pos"] == len(base[TEXT].ids) - 1
-        np.testing.assert_array_equal(got.delta["top1_id"][last], full.top1_id)
-        np.testing.assert_allclose(got.delta["top1_prob"][last], full.top1_prob, rtol=1e-4)
-        (effect,) = got.effects
-        assert effect["lens_ranks"] == full.ranks[:, 0].tolist()
+    got = [m for start in range(0, len(outcomes), 7) for m in measure.batch(outcomes[start:start + 7])]
+    for outcome, measured in zip(outcomes, got):
+        ids, probs, ranks = _plain_lens(measure.unembed, outcome.resid[:, -1], np.tile(target, (n_bounds, 1)))
+        last = measured.delta["pos"] == len(base[TEXT].ids) - 1
+        np.testing.assert_array_equal(measured.delta["top1_id"][last], ids)
+        np.testing.assert_allclose(measured.delta["top1_prob"][last], probs, rtol=1e-4)
+        (effect,) = measured.effects
+        assert effect["lens_ranks"] == ranks[:, 0].tolist()
         assert effect["lens_ranks"][-1] == effect["rank"]  # the lens at the last boundary is the model's output
-        skipped += outcome.last_from
-    assert skipped > len(outcomes)
+    changed = sum(n_bounds - o.last_from for o in outcomes)
+    assert measure.scanned < changed  # restoring position 0 (before the noise) repeats the corrupted run's rows
