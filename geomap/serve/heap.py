@@ -1,10 +1,11 @@
-"""The server's heap over a long life: fewer malloc arenas, and freed memory handed back after each job.
+"""The server's heap over a long life: freed memory handed back after each job.
 
 A served process runs many threads (uvicorn's loop, a pool of query threads, DuckDB's workers, the job and fit
-workers). glibc gives threads their own arenas (up to 8 a core) and keeps what they free for reuse, so a server that
-ingests job after job between queries holds more and more freed memory that no one uses. `limit_arenas` caps the
-arenas before those threads start, and `trim` returns free pages at the end of each job (`malloc_trim`, a few
-milliseconds). Both do nothing where the C library is not glibc.
+workers). glibc keeps what they free for reuse, so a server that ingests job after job between queries can hold
+freed pages no one uses; `trim` returns them at the end of each job (`malloc_trim`, a few milliseconds).
+`limit_arenas` caps glibc's arenas; the server does not call it: with two arenas its threads contended for them, and
+the load bench lost about a fifth of its throughput (2026-12-02, quiet). Both do nothing where the C library is not
+glibc.
 """
 
 from __future__ import annotations

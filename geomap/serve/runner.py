@@ -49,9 +49,6 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
             print(f"geomap serve: bearer token for this session: {settings.token}", flush=True)
         settings.allowed_hosts = (*settings.allowed_hosts, host)
     from geomap.serve.app import create_app
-    from geomap.serve.heap import limit_arenas
-
-    limit_arenas()  # before the server's threads exist (see geomap.serve.heap)
 
     app = create_app(settings)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
