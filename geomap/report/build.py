@@ -22,7 +22,7 @@ MAX_WORKERS = 4  # processes at most (each holds its own caches: a few hundred M
 MIN_PROMPTS = 8  # fewer prompts than this are rendered in the calling process (a worker's start costs ~2 s)
 ENV = "GEOMAP_REPORT_WORKERS"  # a fixed number of processes (1: render in the calling process)
 
-_WORKER: dict = {}
+_WORKER: dict = {}  # bounded: one worker process's setup (four keys), filled once by `_start`
 
 
 def workers_for(n_prompts: int) -> int:
