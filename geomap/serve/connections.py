@@ -125,13 +125,13 @@ def _httptools_protocol() -> type | None:
             super().data_received(data)
             if self._idle_since is None or self.transport.is_closing():
                 return
-            self._waiting_bytes = getattr(self, "_waiting_bytes", 0) + len(data)
+            self._waiting_bytes += len(data)
             if self._waiting_bytes > MAX_HEADER_BYTES:
                 self._disarm()
                 self.send_400_response("Request headers too large.")
 
         def _count(self, size: int) -> None:
-            self._header_bytes = getattr(self, "_header_bytes", 0) + size
+            self._header_bytes += size
             if self._header_bytes > MAX_HEADER_BYTES:  # the parser stops; uvicorn answers 400 and closes
                 raise HeadersTooLarge(f"request headers past {MAX_HEADER_BYTES} bytes")
 

@@ -1,4 +1,4 @@
-"""The served process's heap: arenas capped, freed pages handed back (glibc only; a no-op elsewhere)."""
+"""The served process's heap: freed pages handed back (glibc only; a no-op elsewhere)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import pytest
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 
-@pytest.mark.skipif(not GLIBC, reason="malloc arenas and malloc_trim are glibc's")
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
 def test_trim_gives_freed_pages_back():
     script = """
 import threading
 from geomap.serve import heap
-assert heap.limit_arenas()
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
 kept = []
