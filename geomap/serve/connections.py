@@ -13,6 +13,10 @@ request headers lives on (every byte it trickles restarts nothing), and each one
   has none, so there the request line and headers are counted as they are parsed, and a request past the limit gets
   400 and a closed connection, as from h11).
 
+Each response's status line and headers are held until its first body bytes and leave in one write with them
+(`Coalescing`): a write is a system call made holding the GIL, and one that wakes the client while the body is still
+to come costs every other request thread a wait (half of the GIL's time under 16 clients went there).
+
 The server speaks HTTP through httptools (llhttp, in C) when it is installed, which costs a fraction of the pure
 Python h11 parser per request (`protocol_class`); the limits are the same in both. Slow request bodies are bounded by
 the perimeter (`geomap.serve.security`).
@@ -31,6 +35,48 @@ MAX_HEADER_BYTES = 16 * 1024
 LIMIT_CONCURRENCY = 256  # uvicorn's bound on open connections and running requests together
 
 
+class Coalescing:
+    """A transport that holds a response's head (status line and headers) until the next write, then sends both at once.
+
+    Armed when a request's headers are in; the next write that is a final response's head is held, and any later
+    write, `flush` or `close` sends it first, so bytes always leave in order. Everything else passes straight through.
+    """
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self._armed = False
+        self._held: bytes | None = None
+
+    def arm(self) -> None:
+        """Hold the next write if it is a response head."""
+        self._armed = True
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` (after any held head), or hold it when it is the head of the armed response."""
+        if self._armed:
+            self._armed = False
+            if data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":  # a 1xx (100 Continue) must leave at once
+                self._held = bytes(data)
+                return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Send a held head now."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.transport.write(held)
+
+    def close(self) -> None:
+        """Send what is held, then close."""
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
+
+
 class _Bounded:
     """The header timer and the idle budget, shared by both protocols (a mixin before uvicorn's class)."""
 
@@ -40,6 +86,7 @@ class _Bounded:
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Count the connection as idle until its first request, arm its header timer, and keep to the budget."""
         super().connection_made(transport)  # type: ignore[misc]
+        self.transport = Coalescing(transport)  # what each request's cycle writes to
         self._arm()
         idle = sorted((c for c in self.connections if getattr(c, "_idle_since", None) is not None and c is not self),
                       key=lambda c: c._idle_since)
@@ -48,6 +95,7 @@ class _Bounded:
 
     def on_response_complete(self) -> None:
         """Idle again after a response: re-arm the header timer for the next request."""
+        self.transport.flush()  # a held head never outlives its response
         super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._arm()
@@ -85,6 +133,7 @@ class BoundedH11Protocol(_Bounded, H11Protocol):
         super().handle_events()
         if self.cycle is not before:
             self._disarm()
+            self.transport.arm()
 
 
 def _httptools_protocol() -> type | None:
@@ -108,6 +157,7 @@ def _httptools_protocol() -> type | None:
         def on_headers_complete(self) -> None:
             """Mark the connection busy once a whole request's headers are in."""
             self._disarm()
+            self.transport.arm()
             super().on_headers_complete()
 
         def on_url(self, url: bytes) -> None:
