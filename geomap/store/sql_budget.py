@@ -217,39 +217,51 @@ class Watchdog:
 
 
 class _Monitor:
-    """One thread for every running query: it looks at each one's clock, and at DuckDB's accounting per instance."""
+    """One thread for every running query: it looks at each one's clock, and at DuckDB's accounting per instance.
+
+    It sleeps until a query can need it: when the youngest grows past `GRACE_S` or the first time limit falls due,
+    so point queries never wake it; while a query older than that runs, it looks every `SAMPLE_S`. Queries of one
+    instance that overlap are marked shared as they start.
+    """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._watches: set[Watchdog] = set()
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._due = math.inf  # when the thread, asleep, next looks
 
     def add(self, watch: Watchdog) -> None:
-        with self._lock:
+        with self._cond:
+            for other in self._watches:
+                if other.instance == watch.instance:
+                    other.shared = watch.shared = True
             self._watches.add(watch)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="geomap-sql-watchdog", daemon=True)
                 self._thread.start()
-            self._wake.set()
+            elif _due(watch, time.perf_counter()) < self._due:
+                self._cond.notify()
 
     def remove(self, watch: Watchdog) -> None:
-        with self._lock:
+        with self._cond:
             self._watches.discard(watch)
 
     def _run(self) -> None:
         idle_since = time.perf_counter()
         while True:
-            with self._lock:
+            with self._cond:
+                now = time.perf_counter()
                 watches = list(self._watches)
-                if not watches and time.perf_counter() - idle_since > 1.0:
+                if not watches and now - idle_since > 1.0:
                     self._thread = None
                     return
-            if not watches:
-                self._wake.wait(0.1)
-                self._wake.clear()
-                continue
-            idle_since = time.perf_counter()
+                due = min((_due(w, now) for w in watches), default=now + 0.1)
+                if due > now:
+                    self._due = due
+                    self._cond.wait(due - now)
+                    self._due = math.inf
+                    continue
+            idle_since = now
             self._look(watches)
             time.sleep(SAMPLE_S)
 
@@ -261,9 +273,6 @@ class _Monitor:
                 w.timed_out.set()
             instances.setdefault(w.instance, []).append(w)
         for group in instances.values():
-            if len(group) > 1:
-                for w in group:
-                    w.shared = True
             old = [w for w in group if now - w.began >= GRACE_S and not w.stopped()]
             used = next((u for w in old if (u := w.used()) is not None), None)
             if used is not None:
@@ -276,6 +285,16 @@ class _Monitor:
         for w in watches:
             if w.stopped():
                 w._stop()
+
+
+def _due(watch: Watchdog, now: float) -> float:
+    """When the monitor must next look at ``watch``.
+
+    Now once it is past `GRACE_S` or stopped; else at its grace's end or its time limit, whichever comes first.
+    """
+    if watch.stopped() or now - watch.began >= GRACE_S:
+        return now
+    return min(watch.began + GRACE_S, watch.start + watch.time_limit)
 
 
 _MONITOR = _Monitor()

@@ -272,3 +272,26 @@ def test_a_whitespace_token_is_visible_in_a_table():
     table = SqlResult(["token", "n"], [(" ", 1), ("\n\n", 2), (" coming", 3)]).format("table").splitlines()
     assert table[2].startswith("' '") and table[3].startswith("'\\n\\n'") and table[4].startswith(" coming")
     assert SqlResult(["token"], [(" ",)]).format("csv") == "token\n \n"  # data formats keep the value as it is
+
+
+def test_point_queries_never_wake_the_watchdog_and_overlapping_ones_are_marked_shared(store, monkeypatch):
+    from geomap.store import sql_budget
+
+    ages = []  # at each look, the age of the oldest query watched
+    real = sql_budget._Monitor._look
+    monkeypatch.setattr(sql_budget._Monitor, "_look", lambda self, watches: (
+        ages.append(max(time.perf_counter() - w.began for w in watches)), real(self, watches)))
+    for _ in range(50):
+        assert run_sql(store, "SELECT 1").rows == [(1,)]
+    assert all(age >= sql_budget.GRACE_S for age in ages)  # it slept through every query younger than its grace
+
+    start = time.perf_counter()
+    first, second = (sql_budget.Watchdog(None, 5.0, 1 << 20, start, lambda: None, "same") for _ in range(2))
+    apart = sql_budget.Watchdog(None, 5.0, 1 << 20, start, lambda: None, "other")
+    with first, apart:
+        assert not first.shared and not apart.shared
+        with second:
+            assert first.shared and second.shared and not apart.shared
+    time.sleep(3 * sql_budget.GRACE_S)
+    with pytest.raises(SqlTimeout):  # a query past its limit is still stopped: the watchdog wakes for it
+        run_sql(store, "SELECT count(*) FROM range(100000000000) a", time_limit=0.2)
