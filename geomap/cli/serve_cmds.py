@@ -32,9 +32,12 @@ from geomap.store.sql_budget import DEFAULT_MEMORY_MB
 @click.option("--ray", "ray_jobs", is_flag=True,
               help="Let jobs run on Ray (started on this machine; needs 'geomap[ray]'): `geomap run --engine ray` "
                    "on this store then goes through the server. Without it, Ray jobs are refused.")
+@click.option("--access-log", is_flag=True,
+              help="Write a line per request to stderr (off by default: under load the log costs about a tenth of "
+                   "the server's time; startup, warnings and errors are always written).")
 def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts: tuple[str, ...],
           models: tuple[str, ...], pipelines: Path, max_body: int, sql_time_limit: float, sql_max_rows: int,
-          sql_memory: float, ray_jobs: bool) -> None:
+          sql_memory: float, ray_jobs: bool, access_log: bool) -> None:
     """Serve the store over HTTP: runs, prompts, SQL, neighbours, ingestion jobs and reports (docs at /docs)."""
     from geomap.cli import quiet_transformers
     from geomap.serve.app import Settings
@@ -50,7 +53,7 @@ def serve(db: Path | None, host: str, port: int, token: str | None, allow_hosts:
     settings = Settings(store_path(db), token=token, allowed_hosts=allow_hosts, max_body=max_body,
                         sql_time_limit=sql_time_limit, sql_max_rows=sql_max_rows,
                         sql_memory_mb=sql_memory, models=models, pipelines=pipelines, ray_jobs=ray_jobs)
-    run_server(settings, host, port)
+    run_server(settings, host, port, access_log=access_log)
 
 
 COMMANDS = [serve]

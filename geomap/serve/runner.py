@@ -32,8 +32,9 @@ def write_discovery(db_path: Path, url: str, token: str | None) -> Path:
     return target
 
 
-def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the server until interrupted.
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          access_log: bool = False) -> None:
+    """Run the server until interrupted (``access_log``: a line per request on stderr).
 
     Raises:
         GeomapError: The bind address is not loopback and no token is set (one is generated and printed then,
@@ -55,7 +56,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
     from geomap.serve.connections import LIMIT_CONCURRENCY, event_loop, protocol_class
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol_class(),
-                            loop=event_loop(), limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5)
+                            loop=event_loop(), limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5,
+                            access_log=access_log)
     class _Announcing(uvicorn.Server):
         """Writes the discovery file once listening; removes it on shutdown (before uvicorn re-raises a signal)."""
 

@@ -107,7 +107,17 @@ def served(tiny_dirs, tmp_path_factory):
     yield api, db, tiny_dirs["llama"], proc
     log = stop_server(proc)
     assert "Traceback" not in log, log
+    assert '"GET /runs' not in log  # no line per request without --access-log
     assert not (folder / "s.duckdb.serve.json").exists()
+
+
+def test_access_log_writes_a_line_per_request(tiny_dirs, tmp_path):
+    proc, port = start_server(tmp_path / "a.duckdb", tiny_dirs["llama"], "--access-log")
+    try:
+        assert Api(port).call("GET", "/healthz")[0] == 200
+    finally:
+        log = stop_server(proc)
+    assert '"GET /healthz HTTP/1.1" 200' in log, log
 
 
 def test_an_ingestion_job_runs_alongside_consistent_queries(served):
