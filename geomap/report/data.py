@@ -139,10 +139,10 @@ def _page(ctx: _Context, head, knn: int) -> JourneyPage:
     attn = reads.attention_at(con, info.id, last)
     per_layer = reads.layer_rows(con, info.id, last, ctx.run.model_type)
     resid = ctx.states()
-    head_layer, head_index = head or _chosen_head(attn, last)
+    head_layer, head_index = head or head_view.chosen_head(attn, last)
     stats = reads.trajectory(con, info, last)
     heat = set(head_view.window(last, HEAT_WINDOW))
-    layers = _layer_rows(ctx, attn, per_layer, stats, resid, toks, heat)
+    layers = layer_view.layer_rows(ctx.weights, ctx.text_of, last, attn, per_layer, stats, resid, toks, heat)
     shown = set(head_view.window(last, TOKEN_WINDOW))
     return JourneyPage(
         prompt=_prompt(ctx, len(shown)), model=_model(ctx), architecture=_architecture(ctx),
@@ -335,54 +335,6 @@ def _neighbours(ctx: _Context, k: int) -> list[dict]:
             r["prompt_text"] = text if len(text) <= NEIGHBOUR_TEXT else text[: NEIGHBOUR_TEXT - 1] + "…"
         out.append({"layer": layer, "rows": listed})
     return out
-
-
-def _chosen_head(attn, last: int) -> tuple[int, int]:
-    """The (layer, head) putting the most weight on one earlier non-BOS token at the last position."""
-    best, pick = -1.0, (int(attn[0][0]), int(attn[0][1]))
-    for layer, head, _, weights, *_ in attn:
-        for w in weights[1:last]:
-            if w > best:
-                best, pick = w, (int(layer), int(head))
-    return pick
-
-
-def _layer_rows(ctx: _Context, attn, per_layer: dict, stats: dict, resid, tokens, shown) -> list[dict]:
-    """Per decoder layer: its heads' weights (drawn window), update norms, norm scales, neurons, residual norms."""
-    by_layer: dict[int, dict] = {}
-    last = ctx.last
-    cols = [p for p in range(last + 1) if p in shown]
-    for layer, head, scores, weights, entropy, *_rest in attn:
-        entry = by_layer.setdefault(int(layer), {"layer": int(layer), "heads": []})
-        top = int(np.argmax(weights[: last + 1]))
-        entry["heads"].append({"head": int(head), "scores": [float(scores[p]) for p in cols],
-                               "weights": [float(weights[p]) for p in cols], "entropy": float(entropy),
-                               "rest": float(sum(weights[: last + 1]) - sum(weights[p] for p in cols)),
-                               "bos": float(weights[0]),
-                               "top_pos": top, "top_token": tokens[top]["text"], "top_weight": float(weights[top])})
-    for layer, attn_norm, mlp_norm, attn_vec in per_layer["contrib"]:
-        if int(layer) in by_layer:
-            mid = np.asarray(resid[int(layer)], np.float64) + np.asarray(attn_vec, np.float64)
-            by_layer[int(layer)].update(attn_norm=float(attn_norm), mlp_norm=float(mlp_norm),
-                                        mid_norm=float(np.linalg.norm(mid)))
-    for layer, index, name, scale in per_layer["norms"]:
-        if int(layer) in by_layer:
-            by_layer[int(layer)].setdefault("norms", {})[int(index)] = {
-                "name": name, "scale": float(scale), "rms": 1.0 / float(scale) if scale else None}
-    for layer, rows in layer_view.neuron_rows(ctx.weights, per_layer["mlp"], ctx.text_of).items():
-        if layer in by_layer:
-            by_layer[layer]["neurons"] = rows
-    for row in stats["curves"]:
-        ell = int(row["layer"]) - 1  # the boundary after decoder layer ell
-        if ell in by_layer:
-            by_layer[ell].update(resid_norm=row["norm"], cos_final=row["cos_final"])
-    kinds, ropes = ctx.weights.meta["architecture"]["layer_kinds"], ctx.weights.meta["architecture"]["ropes"]
-    for ell, entry in by_layer.items():
-        entry["rope_base"] = (ropes[ell] or {}).get("base") if ell < len(ropes) else None
-        entry["resid_in"] = float(np.linalg.norm(resid[ell])) if ell in resid else None
-        entry["norms"] = [entry.get("norms", {}).get(i) for i in range(len(ctx.weights.meta["layer_norms"]))]
-        entry["kind"] = kinds[ell] if ell < len(kinds) else "global"
-    return [by_layer[k] for k in sorted(by_layer)]
 
 
 def _map(ctx: _Context) -> dict:

@@ -118,3 +118,13 @@ def grid(attn, last: int, tokens) -> list[list[dict]]:
                                                 "focus": focus, "token": tokens[focus]["text"],
                                                 "focus_weight": r5(w[focus]), "bos": r5(w[0])})
     return [rows[k] for k in sorted(rows)]
+
+
+def chosen_head(attn, last: int) -> tuple[int, int]:
+    """The (layer, head) putting the most weight on one earlier non-BOS token at the last position."""
+    best, pick = -1.0, (int(attn[0][0]), int(attn[0][1]))
+    for layer, head, _, weights, *_ in attn:
+        for w in weights[1:last]:
+            if w > best:
+                best, pick = w, (int(layer), int(head))
+    return pick

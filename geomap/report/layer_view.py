@@ -178,3 +178,45 @@ def matrix_layout(boxes: list[dict], width: int = 900, side: int = 170) -> dict:
         x += slot_w + gap
         row_h = max(row_h, slot_h)
     return {"width": width, "height": round(y + row_h, 1), "scale": scale, "items": items}
+
+
+def layer_rows(model_weights, text_of, last: int, attn, per_layer: dict, stats: dict, resid, tokens,
+               shown) -> list[dict]:
+    """Per decoder layer: its heads' weights (drawn window), update norms, norm scales, neurons, residual norms.
+
+    ``model_weights`` is the page's weight slice (`geomap.analysis.weights.Weights`), ``text_of`` its token texts,
+    ``last`` the followed position and ``shown`` the positions drawn.
+    """
+    by_layer: dict[int, dict] = {}
+    cols = [p for p in range(last + 1) if p in shown]
+    for layer, head, scores, weights, entropy, *_rest in attn:
+        entry = by_layer.setdefault(int(layer), {"layer": int(layer), "heads": []})
+        top = int(np.argmax(weights[: last + 1]))
+        entry["heads"].append({"head": int(head), "scores": [float(scores[p]) for p in cols],
+                               "weights": [float(weights[p]) for p in cols], "entropy": float(entropy),
+                               "rest": float(sum(weights[: last + 1]) - sum(weights[p] for p in cols)),
+                               "bos": float(weights[0]),
+                               "top_pos": top, "top_token": tokens[top]["text"], "top_weight": float(weights[top])})
+    for layer, attn_norm, mlp_norm, attn_vec in per_layer["contrib"]:
+        if int(layer) in by_layer:
+            mid = np.asarray(resid[int(layer)], np.float64) + np.asarray(attn_vec, np.float64)
+            by_layer[int(layer)].update(attn_norm=float(attn_norm), mlp_norm=float(mlp_norm),
+                                        mid_norm=float(np.linalg.norm(mid)))
+    for layer, index, name, scale in per_layer["norms"]:
+        if int(layer) in by_layer:
+            by_layer[int(layer)].setdefault("norms", {})[int(index)] = {
+                "name": name, "scale": float(scale), "rms": 1.0 / float(scale) if scale else None}
+    for layer, rows in neuron_rows(model_weights, per_layer["mlp"], text_of).items():
+        if layer in by_layer:
+            by_layer[layer]["neurons"] = rows
+    for row in stats["curves"]:
+        ell = int(row["layer"]) - 1  # the boundary after decoder layer ell
+        if ell in by_layer:
+            by_layer[ell].update(resid_norm=row["norm"], cos_final=row["cos_final"])
+    kinds, ropes = model_weights.meta["architecture"]["layer_kinds"], model_weights.meta["architecture"]["ropes"]
+    for ell, entry in by_layer.items():
+        entry["rope_base"] = (ropes[ell] or {}).get("base") if ell < len(ropes) else None
+        entry["resid_in"] = float(np.linalg.norm(resid[ell])) if ell in resid else None
+        entry["norms"] = [entry.get("norms", {}).get(i) for i in range(len(model_weights.meta["layer_norms"]))]
+        entry["kind"] = kinds[ell] if ell < len(kinds) else "global"
+    return [by_layer[k] for k in sorted(by_layer)]
