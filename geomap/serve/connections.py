@@ -63,10 +63,11 @@ class Coalescing:
         self.transport.write(data)
 
     def flush(self) -> None:
-        """Send a held head now."""
+        """Send a held head now (dropped when the connection is already closing: nobody can read it)."""
         if self._held is not None:
             held, self._held = self._held, None
-            self.transport.write(held)
+            if not self.transport.is_closing():
+                self.transport.write(held)
 
     def close(self) -> None:
         """Send what is held, then close."""

@@ -85,3 +85,15 @@ def test_a_held_head_is_sent_by_flush_and_by_close():
         await settle()
 
     assert _exchange(steps) == [HEAD, HEAD]
+
+
+def test_a_head_held_when_the_connection_closes_under_it_is_dropped_quietly():
+    async def steps(t, settle):
+        t.arm()
+        t.write(HEAD)
+        t.transport.close()  # the peer went away: the transport closed beneath the cycle
+        t.flush()
+        t.close()
+        await settle()
+
+    assert _exchange(steps) == [b""]
