@@ -1,8 +1,9 @@
 """Vector segments: the bulk vector tables as Parquet files in the store's segment folder, read through views.
 
-In a store whose layout is ``segments`` (``store_meta.layout``), the rows of `SEGMENT_TABLES` are written
-(`geomap.store.parquet_fast`) as immutable Parquet files in ``<db stem>.segments/`` beside the DuckDB file, one file
-per table per merged batch.
+In a store whose layout is ``segments`` (``store_meta.layout``; every new store's unless ``$GEOMAP_STORE_LAYOUT`` is
+``rows``), the rows of `SEGMENT_TABLES` are written (`geomap.store.parquet_fast`) as immutable Parquet files in
+``<db stem>.segments/`` beside the DuckDB file, one file per table per merged batch. A store keeps the layout it was
+created with: a ``rows`` store (older, or asked for) keeps its vectors in DuckDB tables until it is migrated.
 DuckDB keeps the catalog (``internal.segments``: file, table, sha256, rows, prompt-id range, format) and reads the
 files through a view under each table's usual name, which casts every column back to its schema type (pyarrow's
 FixedSizeList reads as ``FLOAT[]``; the view makes it ``FLOAT[d]`` again). Rows written before the switch stay in a
@@ -43,7 +44,7 @@ SORT_KEYS = {"states": ("prompt_id", "pos", "layer"), "contributions": ("prompt_
 SEGMENT_FORMAT = 1
 LAYOUTS = ("rows", "segments")
 LAYOUT_ENV = "GEOMAP_STORE_LAYOUT"  # the layout a new store gets (default `DEFAULT_LAYOUT`)
-DEFAULT_LAYOUT = "rows"
+DEFAULT_LAYOUT = "segments"
 ROW_GROUP_BYTES = 4 << 20  # about 4 MB a row group (see `write_segment`)
 COMPACT_THRESHOLD = 64  # small segments of one table that trigger automatic compaction after a merge
 RETIRE_GRACE_S = 600.0  # seconds a retired segment outlives its retirement when readers may share the instance

@@ -12,6 +12,7 @@ from geomap.capture.config import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.ingest.engine_config import EngineConfig
 from geomap.store.db import connect
+from geomap.store.segments import layout, new_store_layout
 from geomap.store.vectors import verify_indexes
 from geomap.store.writer import PromptSpec
 from tests.raystore import PROMPTS, assert_same_store, capture_worker_pids, snapshot
@@ -77,6 +78,11 @@ def test_ray_run_stores_what_the_inline_run_stores(local_ray, tiny_dirs, tiny_mo
     try:
         assert verify_indexes(con, db) == []  # FAISS indexes updated after the merge
         assert con.execute("SELECT status FROM runs").fetchall() == [("done",)]
+        assert layout(con) == new_store_layout()  # the driver created the store as any new store
+        if layout(con) == "segments":  # the driver merged every shard into segment files, none into rows
+            assert con.execute("SELECT count(*) FROM internal.states_rows").fetchall() == [(0,)]
+            in_segments = con.execute("SELECT sum(rows) FROM internal.segments WHERE table_name = 'states'")
+            assert in_segments.fetchall()[0][0] == con.execute("SELECT count(*) FROM states").fetchall()[0][0]
     finally:
         con.close()
     again = _ray_run(tiny_dirs["llama"], db)  # a rerun skips every stored key and merges nothing

@@ -171,6 +171,32 @@ def test_migration_moves_an_old_store_into_segments_bit_for_bit(stores, tmp_path
         assert same_rows(after[name], before[name]), name
 
 
+def test_a_new_store_gets_segments_and_an_old_rows_store_stays_rows_when_appended(stores, tiny_models, tmp_path,
+                                                                                  monkeypatch):
+    import shutil
+
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)  # the default layout
+    more = [f"Another prompt {i}: the sea is calm" for i in range(3)]
+    fresh = tmp_path / "fresh.duckdb"
+    ingest(tiny_models["llama"], [PromptSpec(t) for t in more], fresh, ALL, batch_size=2, progress=False)
+    old = tmp_path / "old.duckdb"
+    shutil.copy(stores["rows"], old)  # a store written in the rows layout, appended to now
+    shutil.copytree(stores["root"] / "rows.indexes", tmp_path / "old.indexes")
+    before = tables(old)
+    ingest(tiny_models["llama"], [PromptSpec(t) for t in more], old, ALL, batch_size=2, progress=False)
+    with duckdb.connect(str(fresh), read_only=True) as con:
+        assert layout(con) == "segments" and con.execute("SELECT count(*) FROM internal.segments").fetchall()[0][0]
+        fresh_states = con.execute("SELECT count(*) FROM states").fetchall()[0][0]
+    with duckdb.connect(str(old), read_only=True) as con:
+        assert layout(con) == "rows" and not segment_dir(old).exists()
+        assert con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'states'").fetchall() == [(1,)]
+    after = tables(old)
+    assert after["states"].num_rows == before["states"].num_rows + fresh_states
+    for name in SEGMENT_TABLES:
+        assert after[name, "types"] == before[name, "types"]
+        assert same_rows(after[name].slice(0, before[name].num_rows), before[name]), name  # older rows untouched
+
+
 @pytest.mark.parametrize("query", [
     "SELECT * FROM read_parquet('{segment}')",
     "SELECT * FROM parquet_scan('{segment}')",
