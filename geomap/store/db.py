@@ -114,10 +114,14 @@ def _server_holding(path: Path, pid: int | None) -> str | None:
             "again, or query it through `geomap sql` or the server's API.")
 
 
-def connect(db_path: str | Path, read_only: bool = False, config: dict | None = None) -> duckdb.DuckDBPyConnection:
+def connect(db_path: str | Path, read_only: bool = False, config: dict | None = None,
+            cache_files: bool = True) -> duckdb.DuckDBPyConnection:
     """Open a DuckDB instance of a store's file, turning lock conflicts into a clear `StoreLockedError`.
 
-    The stages open stores through `geomap.store.handle.Store`, which owns what this returns.
+    The stages open stores through `geomap.store.handle.Store`, which owns what this returns. ``cache_files`` false
+    leaves segment files' blocks out of DuckDB's buffer pool: an instance for one query under a small memory limit
+    (`geomap.store.sql.open_reader`) gains nothing from them, and with them a join over the segment views ran out of
+    export's 32 MB (DuckDB 2.0.1).
     """
     path = Path(db_path)
     if read_only and not path.exists():
@@ -150,7 +154,7 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
         # Segment files never change under their names (a new file gets a new random name), so DuckDB may keep
         # their footers and blocks without checking them again: a query over 500 segments in about a third of the time
         con.execute("SET parquet_metadata_cache = true")
-        con.execute("SET cache_local_files = true")
+        con.execute(f"SET cache_local_files = {str(cache_files).lower()}")
         con.execute("SET validate_external_file_cache = 'NO_VALIDATION'")
     if locked:
         _lock_down(con, path)

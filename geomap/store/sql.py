@@ -81,7 +81,8 @@ def open_reader(store: StoreLike, memory_mb: float, share: float = TRIGGER,
         return con, store.cursor, f"served:{store.path.resolve()}"
     path = store.path if isinstance(store, Store) else Path(store)
     config = {**sql_connection_config(), "memory_limit": f"{mb}MB", "max_temp_directory_size": f"{4 * mb}MB"}
-    con = connect(path, read_only=True, config=config if threads is None else {**config, "threads": threads})
+    con = connect(path, read_only=True, config=config if threads is None else {**config, "threads": threads},
+                  cache_files=False)  # one query's instance: no file blocks kept for later queries
     probe = con.cursor()  # made here: the watchdog's thread must not touch a connection while it runs a query
     return con, lambda: probe, f"private:{id(con)}"
 

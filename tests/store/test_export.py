@@ -172,6 +172,19 @@ def test_a_100k_row_export_streams_in_bounded_memory(tmp_path):
     assert pq.ParquetFile(out).metadata.num_rows == 100_000
 
 
+def test_a_join_over_the_vectors_exports_within_its_memory(store, tmp_path):
+    path, vecs = store  # in the segments layout, the private reader keeps no file blocks (they ran out of 32 MB)
+    sql = ("SELECT prompt_id, layer, vec FROM states JOIN (SELECT range::INTEGER AS prompt_id FROM range(0, 600, 2)) "
+           "USING (prompt_id)")
+    done = export(path, sql, tmp_path / "even.parquet")
+    even = (np.arange(len(vecs)) // 19) % 2 == 0
+    assert done.rows == even.sum()
+    got = pq.read_table(tmp_path / "even.parquet")
+    order = np.lexsort([got.column("layer").to_numpy(), got.column("prompt_id").to_numpy()])
+    rows = got.column("vec").combine_chunks().flatten().to_numpy().reshape(-1, D)[order]
+    assert rows.tobytes() == vecs[even].tobytes()
+
+
 def test_cli_export_writes_and_reports(store, tmp_path):
     path, _ = store
     out = tmp_path / "j.arrow"
