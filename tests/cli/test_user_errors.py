@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from geomap.store.segments import segment_dir
 from tests.forked import geomap
 
 
@@ -252,6 +253,8 @@ def test_report_never_overwrites_a_foreign_index_html(world, tmp_path):
     (out / "index.html").write_text("<html>my own page</html>")
     db = tmp_path / "s.duckdb"
     shutil.copy(world["db"], db)
+    if segment_dir(world["db"]).is_dir():  # a segments store is the file and its segment folder
+        shutil.copytree(segment_dir(world["db"]), segment_dir(db))
     done = geomap("report", "journey", "--prompt", "1", "--db", str(db), "--out", str(out / "x.html"))
     assert done.status == 0, done.stderr
     assert (out / "x.html").exists()
