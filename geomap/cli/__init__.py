@@ -147,6 +147,21 @@ def main() -> None:
         message = str(error) if error else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
         click.echo(f"error: {_one_line(message)}", err=True)
         sys.exit(2)
+    except Exception as exc:  # DuckDB's own error types are not imported here (the CLI starts without DuckDB)
+        missing = _missing_segment(exc)
+        if missing is None:
+            raise
+        click.echo(f"error: The store's segment file {missing} is missing: a store is its .duckdb file and the "
+                   "<name>.segments folder beside it (its vectors); copy or move them together.", err=True)
+        sys.exit(2)
+
+
+def _missing_segment(exc: Exception) -> str | None:
+    """The segment file a DuckDB error says it cannot find (a store copied without its segment folder), else None."""
+    import re
+
+    found = re.search(r'No files found that match the pattern "([^"]*\.segments/[^"]*)"', str(exc))
+    return found.group(1) if found and type(exc).__name__ == "IOException" else None
 
 
 def _one_line(message: str) -> str:

@@ -247,6 +247,18 @@ def test_rerun_of_a_finished_ingestion_records_no_empty_run(world):
         con.close()
 
 
+def test_a_segments_store_copied_without_its_segment_folder_says_so(world, tmp_path):
+    if not segment_dir(world["db"]).is_dir():
+        pytest.skip("a rows store has no segment folder")
+    db = tmp_path / "alone.duckdb"
+    shutil.copy(world["db"], db)  # the file without its folder
+    done = geomap("report", "journey", "--prompt", "1", "--db", str(db), "--out", str(tmp_path / "x.html"))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.status == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: The store's segment file "), lines
+    assert "alone.segments/" in lines[0] and "copy or move them together" in lines[0]
+
+
 def test_report_never_overwrites_a_foreign_index_html(world, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
