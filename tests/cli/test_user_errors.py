@@ -16,6 +16,7 @@ import pytest
 
 from geomap.store.segments import segment_dir
 from tests.forked import geomap
+from tests.storedb import copy_store
 
 
 def store_checksum(db: Path) -> str:
@@ -264,9 +265,7 @@ def test_report_never_overwrites_a_foreign_index_html(world, tmp_path):
     out.mkdir()
     (out / "index.html").write_text("<html>my own page</html>")
     db = tmp_path / "s.duckdb"
-    shutil.copy(world["db"], db)
-    if segment_dir(world["db"]).is_dir():  # a segments store is the file and its segment folder
-        shutil.copytree(segment_dir(world["db"]), segment_dir(db))
+    copy_store(world["db"], db)  # a segments store is the file and its segment folder
     done = geomap("report", "journey", "--prompt", "1", "--db", str(db), "--out", str(out / "x.html"))
     assert done.status == 0, done.stderr
     assert (out / "x.html").exists()

@@ -18,6 +18,7 @@ from geomap.faults import POINTS
 from geomap.store.segments import LAYOUT_ENV, segment_dir
 from tests.forked import geomap
 from tests.store.test_segments import as_before_scalars
+from tests.storedb import copy_store
 
 TABLES = ["prompts", "tokens", "states", "contributions", "attention", "norms", "mlp_features", "lens", "lens_stats",
           "next_token", "final_logits", "vocab", "norm_names"]
@@ -34,10 +35,7 @@ def _ingest_args(files: list[Path], db: Path, model: Path) -> list[str]:
 
 
 def _copy_store(src: Path, dst: Path) -> None:
-    shutil.copy(src, dst)
-    shutil.copytree(src.with_name(src.stem + ".indexes"), dst.with_name(dst.stem + ".indexes"))
-    if segment_dir(src).is_dir():
-        shutil.copytree(segment_dir(src), segment_dir(dst))
+    copy_store(src, dst, indexes=True)
 
 
 def _segments_clean(db: Path) -> None:

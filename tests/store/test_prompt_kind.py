@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from geomap.analysis.decoding import Strategy
@@ -11,9 +9,8 @@ from geomap.capture import CaptureConfig
 from geomap.ingest.engine import ingest
 from geomap.ingest.generation import continue_prompts, generate
 from geomap.store.db import connect, ensure_schema
-from geomap.store.segments import segment_dir
 from geomap.store.writer import PromptSpec
-from tests.storedb import rows
+from tests.storedb import copy_store, rows
 
 PROMPTS = ["The storm is", "The market is", "Paris is the capital of"]
 
@@ -51,9 +48,7 @@ def test_trajectory_carries_the_same_kind(store):
 
 def _copy(store, old) -> None:
     """A copy of the store's file, with its segment folder when it has one (a segments store's vectors)."""
-    old.write_bytes(store.read_bytes())
-    if segment_dir(store).is_dir():
-        shutil.copytree(segment_dir(store), segment_dir(old))
+    copy_store(store, old)
 
 
 def test_an_older_stores_views_are_recreated(store, tmp_path):

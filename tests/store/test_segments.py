@@ -18,6 +18,7 @@ from geomap.store.segment_migrate import migrate
 from geomap.store.segments import LAYOUT_ENV, SEGMENT_TABLES, compact, layout, remove_orphans, segment_dir
 from geomap.store.sql import SqlRefused, run_sql, sql_connection_config
 from geomap.store.writer import PromptSpec
+from tests.storedb import copy_store
 
 PROMPTS = [f"Prompt {i}: the storm is {'very ' * (i % 3)}close" for i in range(7)] + [""]
 ALL = CaptureConfig(attn_positions="all", lens_positions="all", top_k=5)
@@ -114,8 +115,7 @@ def test_an_orphan_segment_is_removed_when_the_store_is_next_opened_for_writing(
     import shutil
 
     db = tmp_path / "s.duckdb"
-    shutil.copy(stores["seg"], db)
-    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    copy_store(stores["seg"], db)
     folder = segment_dir(db)
     orphan, temp = folder / "states-0123456789abcdef.parquet", folder / ".states-fedcba9876543210.parquet.tmp"
     shutil.copy(next(folder.glob("states-*.parquet")), orphan)  # renamed into place, its transaction never committed
@@ -128,11 +128,9 @@ def test_an_orphan_segment_is_removed_when_the_store_is_next_opened_for_writing(
 
 
 def test_compaction_merges_segments_keeps_every_row_and_is_idempotent(stores, tmp_path):
-    import shutil
 
     db = tmp_path / "c.duckdb"
-    shutil.copy(stores["seg"], db)
-    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    copy_store(stores["seg"], db)
     before = tables(db)
     con = connect(db)
     try:
@@ -229,11 +227,9 @@ def test_user_sql_reads_the_views_and_the_locked_connection_reaches_only_the_seg
 
 
 def test_retired_segments_stay_for_their_grace_then_go(stores, tmp_path):
-    import shutil
 
     db = tmp_path / "g.duckdb"
-    shutil.copy(stores["seg"], db)
-    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    copy_store(stores["seg"], db)
     con = connect(db)
     try:
         before = {n: con.execute(f"SELECT count(*) FROM {n}").fetchall()[0][0] for n in SEGMENT_TABLES}
@@ -294,11 +290,9 @@ def test_the_trajectory_views_give_the_same_rows_in_both_layouts(stores):
 
 
 def test_a_segments_store_written_before_the_scalars_table_is_backfilled(stores, tmp_path):
-    import shutil
 
     db = tmp_path / "b.duckdb"
-    shutil.copy(stores["seg"], db)
-    shutil.copytree(segment_dir(stores["seg"]), segment_dir(db))
+    copy_store(stores["seg"], db)
     before = scalar_views(stores["seg"])
     as_before_scalars(db)
     assert all(same_rows(scalar_views(db)[n], before[n]) for n in SCALAR_VIEWS)  # the old views read `states`
@@ -337,16 +331,12 @@ def test_a_prompts_rows_from_its_own_segments_equal_the_views(stores):
 
 
 def test_a_journey_report_reads_the_same_page_from_both_layouts(stores, tiny_models, tmp_path):
-    import shutil
 
     from geomap.report.api import journey_report
 
     pages = {}
     for name in ("rows", "seg"):
         db = tmp_path / f"{name}.duckdb"
-        shutil.copy(stores[name], db)
-        if segment_dir(stores[name]).is_dir():
-            shutil.copytree(segment_dir(stores[name]), segment_dir(db))
-        shutil.copytree(stores[name].with_name(f"{name}.indexes"), db.with_name(f"{name}.indexes"))
+        copy_store(stores[name], db, indexes=True)
         pages[name] = journey_report(db, 3, loaded=tiny_models["llama"], write=False).html
     assert pages["seg"] == pages["rows"]  # vectors, attention, contributions, logits and neighbours alike
