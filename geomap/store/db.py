@@ -156,6 +156,9 @@ def connect(db_path: str | Path, read_only: bool = False, config: dict | None = 
         con.execute("SET parquet_metadata_cache = true")
         con.execute(f"SET cache_local_files = {str(cache_files).lower()}")
         con.execute("SET validate_external_file_cache = 'NO_VALIDATION'")
+    from geomap.store.segments import views_here
+
+    views_here(con, path, persist=not read_only)  # a store copied or moved with its folder names the old one
     if locked:
         _lock_down(con, path)
     return con

@@ -146,6 +146,10 @@ def _export(con: duckdb.DuckDBPyConnection, watch: Watchdog, sql: str, params: A
             rows = _write(rel.to_arrow_reader(BATCH_ROWS), tmp, fmt, watch, on_rows)
     except (duckdb.Error, SqlMemory, ExportError, OSError) as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, duckdb.OutOfMemoryException) and not watch.over_memory.is_set():
+            share = max(int(memory_mb * DUCKDB_SHARE), 1)
+            raise no_memory(memory_mb, f": DuckDB's working share of it ({share} MB; an export streams its rows, so "
+                                       f"DuckDB keeps little) ran out after {watch.elapsed():.1f} s") from None
         if watch.over_memory.is_set() or isinstance(exc, (duckdb.OutOfMemoryException, SqlMemory)):
             raise no_memory(memory_mb, f", and was stopped after {watch.elapsed():.1f} s") from None
         if watch.timed_out.is_set():

@@ -272,6 +272,41 @@ def refresh_views(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {refresh_sql(con, name, files)}")
 
 
+def views_here(con: duckdb.DuckDBPyConnection, path: Path, persist: bool) -> None:
+    """Point the segment views at the segment folder beside ``path``, if they name another one.
+
+    The views name their files by absolute path. A store copied or moved with its folder still has views naming the
+    old folder: a writer (``persist``) rewrites them, and a read-only instance gets temporary views of the same names,
+    over the same cataloged files in the folder beside the file, that take their place for this instance.
+    """
+    folder = str(segment_dir(path))
+    try:
+        rows = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'states' AND NOT temporary "
+                           "AND schema_name = 'main'").fetchall()
+        if not rows or "read_parquet(" not in rows[0][0] or _quote(folder + os.sep)[:-1] in rows[0][0]:
+            return
+        if persist:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                refresh_views(con)
+                con.execute("COMMIT")
+            except duckdb.Error:
+                con.execute("ROLLBACK")
+                raise
+            return
+        for name in SEGMENT_TABLES:
+            if not _columns(con, f"{name}_rows"):
+                continue
+            files = [r[0] for r in con.execute("SELECT file FROM internal.segments WHERE table_name = ? "
+                                               "ORDER BY min_prompt, file", [name]).fetchall()]
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS "
+                        f"{refresh_sql(con, name, files, folder=Path(folder))}")
+    except duckdb.CatalogException:  # not a segments store (or not a store yet)
+        return
+    except duckdb.Error:  # e.g. a one-query reader's memory too small to bind them: its queries read the old views
+        return
+
+
 def remove_orphans(con: duckdb.DuckDBPyConnection, grace_s: float = 0.0) -> list[str]:
     """Delete segment files no committed catalog row names (a killed write), and files retired ``grace_s`` ago.
 

@@ -192,3 +192,10 @@ def test_cli_export_writes_and_reports(store, tmp_path):
     assert got.exit_code == 0, got.output
     assert json.loads(got.output.strip().splitlines()[-1])["rows"] == 19
     assert ipc.open_file(pa.memory_map(str(out))).read_all().num_rows == 19
+
+
+def test_an_export_past_duckdbs_share_says_whose_memory_ran_out(store, tmp_path):
+    path, _ = store
+    with pytest.raises(SqlMemory, match=r"DuckDB's working share of it \(1 MB"):
+        export(path, "SELECT id, vec FROM states ORDER BY vec[1]", tmp_path / "x.parquet", memory_mb=8)
+    assert not (tmp_path / "x.parquet").exists()

@@ -3,6 +3,8 @@ user SQL that reaches the segments only through the views."""
 
 from __future__ import annotations
 
+import shutil
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -340,3 +342,25 @@ def test_a_journey_report_reads_the_same_page_from_both_layouts(stores, tiny_mod
         copy_store(stores[name], db, indexes=True)
         pages[name] = journey_report(db, 3, loaded=tiny_models["llama"], write=False).html
     assert pages["seg"] == pages["rows"]  # vectors, attention, contributions, logits and neighbours alike
+
+
+def test_a_store_moved_with_its_folder_reads_its_own_segments_read_only(stores, tmp_path):
+    first, moved = tmp_path / "a" / "s.duckdb", tmp_path / "b" / "s.duckdb"
+    first.parent.mkdir()
+    moved.parent.mkdir()
+    copy_store(stores["seg"], first)
+    with connect(first) as con:  # a writer opens it: its views name the folder beside it
+        ensure_schema(con)
+    copy_store(first, moved)
+    shutil.rmtree(segment_dir(first))  # the place the moved store's views were written for is gone
+    want = tables(stores["seg"])
+    con = duckdb.connect(str(moved), read_only=True)
+    try:
+        assert str(segment_dir(first)) in con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'states' "
+                                                      "AND NOT temporary").fetchone()[0]
+    finally:
+        con.close()
+    got = run_sql(moved, "SELECT * FROM states ORDER BY id", max_rows=10**7).to_arrow()
+    assert same_rows(got, want["states"])
+    for name in SEGMENT_TABLES:  # geomap's own read-only opens read every table from the folder beside the file
+        assert run_sql(moved, f"SELECT count(*) FROM {name}").rows == [(want[name].num_rows,)]
