@@ -258,18 +258,21 @@ def refresh_sql(con: duckdb.DuckDBPyConnection, name: str, files: Sequence[str],
     return sql
 
 
-def refresh_views(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES) -> None:
+def refresh_views(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES, folder: Path | None = None,
+                  temporary: bool = False) -> None:
     """(Re)create the views of the segment tables over their ``_rows`` table and every cataloged segment.
 
     Every column is cast to its schema type. Runs inside the caller's transaction when one is open, so the view
-    commits with the catalog.
+    commits with the catalog. ``folder`` is where the files are (default: beside the store's file); ``temporary``
+    views shadow the stored ones for this instance only.
     """
     for name in names:
         if not _columns(con, f"{name}_rows"):
             continue
         files = [r[0] for r in con.execute("SELECT file FROM internal.segments WHERE table_name = ? "
                                            "ORDER BY min_prompt, file", [name]).fetchall()]
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {refresh_sql(con, name, files)}")
+        kind = "TEMP VIEW" if temporary else "VIEW"
+        con.execute(f"CREATE OR REPLACE {kind} {name} AS {refresh_sql(con, name, files, folder=folder)}")
 
 
 def views_here(con: duckdb.DuckDBPyConnection, path: Path, persist: bool) -> None:
@@ -279,32 +282,21 @@ def views_here(con: duckdb.DuckDBPyConnection, path: Path, persist: bool) -> Non
     old folder: a writer (``persist``) rewrites them, and a read-only instance gets temporary views of the same names,
     over the same cataloged files in the folder beside the file, that take their place for this instance.
     """
-    folder = str(segment_dir(path))
+    from geomap.store.db import in_transaction
+
+    folder = segment_dir(path)
     try:
         rows = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'states' AND NOT temporary "
                            "AND schema_name = 'main'").fetchall()
-        if not rows or "read_parquet(" not in rows[0][0] or _quote(folder + os.sep)[:-1] in rows[0][0]:
+        if not rows or "read_parquet(" not in rows[0][0] or _quote(f"{folder}{os.sep}")[:-1] in rows[0][0]:
             return
-        if persist:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                refresh_views(con)
-                con.execute("COMMIT")
-            except duckdb.Error:
-                con.execute("ROLLBACK")
-                raise
+        if not persist:
+            refresh_views(con, folder=folder, temporary=True)
             return
-        for name in SEGMENT_TABLES:
-            if not _columns(con, f"{name}_rows"):
-                continue
-            files = [r[0] for r in con.execute("SELECT file FROM internal.segments WHERE table_name = ? "
-                                               "ORDER BY min_prompt, file", [name]).fetchall()]
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS "
-                        f"{refresh_sql(con, name, files, folder=Path(folder))}")
-    except duckdb.CatalogException:  # not a segments store (or not a store yet)
-        return
-    except duckdb.Error:  # e.g. a one-query reader's memory too small to bind them: its queries read the old views
-        return
+        with in_transaction(con):
+            refresh_views(con)
+    except duckdb.Error:  # not a segments store (yet), or a one-query reader whose memory cannot bind the views:
+        return  # its queries read the stored views
 
 
 def remove_orphans(con: duckdb.DuckDBPyConnection, grace_s: float = 0.0) -> list[str]:
