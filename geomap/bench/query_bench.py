@@ -38,7 +38,8 @@ def knn_figures(base: np.ndarray, sizes: tuple[int, ...], queries: int = 200) ->
     """IVF (as the store builds it, nprobe calibrated) at each size: single-query p50/p99, recall@10 vs exact."""
     import faiss
 
-    from geomap.store.vectors import choose_nprobe, ivf_lists, new_index, set_parallelism
+    from geomap.store.index_build import choose_nprobe, ivf_lists, new_index
+    from geomap.store.vectors import set_parallelism
 
     figs = []
     for n in sizes:

@@ -11,11 +11,12 @@ Index kinds (manifest ``kind`` ``states:flat|ivf|hnsw``; FAISS ids are ``states.
     ``auto`` picks exact ``IndexFlatIP`` (in ``IndexIDMap2``) below ``threshold`` vectors per layer, else
     ``IndexIVFScalarQuantizer`` holding float16 vectors (half the bytes to scan per probed list, the same recall;
     similarities move by up to ~1e-3): nlist = 4·sqrt(n) (at most n/39 and 4096), trained on
-    ≤ 50·nlist sampled vectors, nprobe the smallest of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ 0.97 against exact
+    ≤ 50·nlist vectors sampled by id (the same sample in any scan order), nprobe the smallest of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ 0.97 against exact
     search for 256 stored states (self excluded), saved in the file (0.97 on a 256-query sample keeps recall on
     other queries above the 0.95 promised). Fewer queries than threads split each query's lists between threads.
     A sync only appends with the frozen stats: a flat index grown past the threshold stays flat (exact,
-    slower) and an IVF keeps its centroids and nprobe, until ``geomap index rebuild``.
+    slower) and an IVF keeps its centroids and nprobe, until ``geomap index rebuild``. Builds and syncs read many
+    layers from one scan of the states (`geomap.store.index_build`).
 
 Files and crashes:
     ``states-L{layer:03d}.faiss`` in `index_dir`. A build writes ``<name>.tmp`` (fsynced), commits the manifest row
@@ -30,7 +31,6 @@ Files and crashes:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,12 +40,11 @@ import duckdb
 import faiss
 import numpy as np
 
-from geomap.store.codec import decode_bf16
 from geomap.store.db import StoreError, ensure_schema, index_dir
+from geomap.store.index_build import build_layers, extend_layers, standardise
 from geomap.store.manifest import (
     REBUILD,
     IndexCorruptError,
-    commit_index,
     file_problem,
     finish_interrupted,
     manifest_missing,
@@ -60,9 +59,6 @@ __all__ = ["IndexCorruptError", "StateIndex", "build_state_indexes", "open_state
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 50_000
-TARGET_RECALL = 0.97  # on the calibration sample; a margin over the 0.95 promised for any query
-_CHUNK = 16_384
-_N_CALIBRATION = 256
 SMALL_SEARCH = 1 << 26  # queries × stored vectors × width at most, for a flat search on one thread
 
 
@@ -79,7 +75,7 @@ class StateIndex:
 
     def prepare(self, raw_vectors: np.ndarray) -> np.ndarray:
         """Standardise and L2-normalise raw residuals (n, d) as the index's vectors were."""
-        return _standardise(np.atleast_2d(raw_vectors), self.mean, self.std)
+        return standardise(np.atleast_2d(raw_vectors), self.mean, self.std)
 
     def search(self, raw_vectors: np.ndarray, k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -154,126 +150,6 @@ def _search_params(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParam
     return params
 
 
-def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    z = np.ascontiguousarray((np.asarray(x, dtype=np.float32) - mean) / std, dtype=np.float32)
-    faiss.normalize_L2(z)
-    return z
-
-
-def _chunks(con: duckdb.DuckDBPyConnection, layer: int, after: int = -(2**63)) -> Iterator[tuple[np.ndarray, ...]]:
-    """Yield ``(ids, vectors)`` of a layer's states with id > ``after``, by id, decoding bf16 rows."""
-    query = "SELECT id, vec, vec_bf16 FROM states WHERE layer = $layer AND id > $after ORDER BY id"
-    # The reader is drained or closed before the connection runs anything else (DuckDB refuses otherwise).
-    reader = con.sql(query, params={"layer": layer, "after": after}).to_arrow_reader(_CHUNK)
-    try:
-        for batch in reader:
-            ids = batch.column(0).to_numpy().astype(np.int64)
-            vec = batch.column(1)
-            d = vec.type.list_size
-            out = np.empty((len(ids), d), dtype=np.float32)
-            null = np.asarray(vec.is_null(), dtype=bool)
-            out[~null] = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
-            if null.any():
-                blobs = batch.column(2).filter(vec.is_null()).to_pylist()
-                for state_id, blob in zip(ids[null], blobs):
-                    if blob is None or len(blob) != 2 * d:
-                        raise StoreError(f"State {state_id} (layer {layer}) has no vec and no {2 * d}-byte vec_bf16.")
-                out[null] = decode_bf16(np.frombuffer(b"".join(blobs), dtype="<u2").reshape(-1, d))
-            yield ids, out
-    finally:
-        reader.close()
-
-
-def ivf_lists(n: int) -> int:
-    return max(1, min(round(4 * math.sqrt(n)), n // 39, 4096))
-
-
-def new_index(kind: str, d: int, nlist: int) -> faiss.Index:
-    if kind == "ivf":
-        return faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                             faiss.METRIC_INNER_PRODUCT)
-    if kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-    inner = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)  # no add_with_ids of its own
-    inner.hnsw.efConstruction, inner.hnsw.efSearch = 80, 64
-    return faiss.IndexIDMap2(inner)
-
-
-def choose_nprobe(index: faiss.IndexIVF, queries: np.ndarray, qids: np.ndarray, truth: np.ndarray) -> float:
-    """Set the smallest nprobe of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ TARGET_RECALL (self excluded).
-
-    Returns:
-        The recall reached on the calibration queries.
-    """
-    k = min(10, index.ntotal - 1)
-    if k < 1:
-        return 1.0
-    want = [set([i for i in row if i != q][:k]) for row, q in zip(truth, qids)]
-    steps = sorted({min(m * 2**e, index.nlist) for e in range(32) for m in (2, 3) if m * 2**e <= 2 * index.nlist})
-    for nprobe in [1, *steps]:  # powers of two and the halfway points between them
-        index.nprobe = nprobe
-        found = index.search(queries, k + 1)[1].tolist()
-        recall = float(np.mean([len(w & set(f)) / k for w, f in zip(want, found)]))
-        if recall >= TARGET_RECALL or nprobe == index.nlist:
-            return recall
-    return recall
-
-
-def _build_layer(con: duckdb.DuckDBPyConnection, db_path: Path, layer: int, kind: str, threshold: int) -> dict | None:
-    if kind not in ("auto", "flat", "ivf", "hnsw"):
-        raise ValueError(f"Unknown index kind {kind!r}; use 'auto', 'flat', 'ivf' or 'hnsw'.")
-    n = con.execute(f"SELECT count(*) FROM {relation(con)} WHERE layer = ?", [layer]).fetchall()[0][0]  # noqa: S608
-    if n == 0:
-        return None
-    chosen = kind if kind != "auto" else ("flat" if n < threshold else "ivf")
-    nlist = ivf_lists(n) if chosen == "ivf" else 0
-    n_train = min(n, 50 * nlist)
-    rng = np.random.default_rng(layer)
-    # Pass 1: per-dimension mean/std (chunked Chan merge in float64) and a raw training sample.
-    seen, mean, m2, sample, sample_ids = 0, None, None, [], []
-    for ids, x in _chunks(con, layer):
-        x64 = x.astype(np.float64)
-        c_mean = x64.mean(0)
-        c_m2 = ((x64 - c_mean) ** 2).sum(0)
-        mean, m2 = (np.zeros_like(c_mean), np.zeros_like(c_mean)) if mean is None else (mean, m2)
-        delta, total = c_mean - mean, seen + len(ids)
-        mean = mean + delta * len(ids) / total
-        m2 = m2 + c_m2 + delta**2 * seen * len(ids) / total
-        seen = total
-        if n_train:
-            pick = rng.random(len(ids)) < n_train / n
-            sample.append(x[pick])
-            sample_ids.append(ids[pick])
-    std = np.sqrt(m2 / max(seen - 1, 1))
-    std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
-    mean = mean.astype(np.float32)
-    index = new_index(chosen, len(mean), nlist)
-    queries = qids = truth_s = truth_i = None
-    if chosen == "ivf":
-        train = _standardise(np.concatenate(sample), mean, std)
-        index.train(train)
-        pick = rng.permutation(len(train))[:_N_CALIBRATION]
-        queries, qids = train[pick], np.concatenate(sample_ids)[pick]
-        truth_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-        truth_i = np.zeros((len(queries), 0), dtype=np.int64)
-    # Pass 2: add the standardised vectors; for IVF also keep exact top-11 of the calibration queries.
-    max_id = -1
-    for ids, x in _chunks(con, layer):
-        z = _standardise(x, mean, std)
-        index.add_with_ids(z, ids)
-        max_id = int(ids[-1])
-        if queries is not None:
-            sims = np.concatenate([truth_s, queries @ z.T], axis=1)
-            cand = np.concatenate([truth_i, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
-            keep = np.argpartition(-sims, min(10, sims.shape[1] - 1), axis=1)[:, :11]  # running exact top-11
-            truth_s, truth_i = np.take_along_axis(sims, keep, 1), np.take_along_axis(cand, keep, 1)
-    if queries is not None:
-        truth = np.take_along_axis(truth_i, np.argsort(-truth_s, axis=1), 1)
-        recall = choose_nprobe(index, queries, qids, truth.tolist())
-        log.info("Layer %d: IVF n=%d nlist=%d nprobe=%d recall@10=%.3f", layer, n, nlist, index.nprobe, recall)
-    return commit_index(con, db_path, layer, index, chosen, mean, std, max_id)
-
-
 def build_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, layers: list[int] | None = None,
                         kind: str = "auto", threshold: int = DEFAULT_THRESHOLD) -> list[dict]:
     """Rebuild state indexes from DuckDB, recomputing each layer's standardisation.
@@ -292,10 +168,10 @@ def build_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, layers: l
         con.execute("DELETE FROM store_meta WHERE key = 'schema_sha256'")
         ensure_schema(con)
     finish_interrupted(con, db_path)
-    if layers is None:
-        layers = [r[0] for r in con.execute(f"SELECT DISTINCT layer FROM {relation(con)} ORDER BY layer").fetchall()]
-    rows = [_build_layer(con, db_path, int(layer), kind, threshold) for layer in layers]
-    return [r for r in rows if r is not None]
+    counts = {int(layer): int(n) for layer, n in
+              con.execute(f"SELECT layer, count(*) FROM {relation(con)} GROUP BY layer").fetchall()}  # noqa: S608
+    wanted = counts if layers is None else {int(layer): counts.get(int(layer), 0) for layer in layers}
+    return build_layers(con, db_path, wanted, kind, threshold)
 
 
 def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str = "auto",
@@ -319,6 +195,7 @@ def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str 
     manifest, added = manifest_rows(con), 0
     scalars = relation(con)  # the states' keys, without opening a vector segment
     layers = con.execute(f"SELECT layer, count(*), max(id) FROM {scalars} GROUP BY layer ORDER BY layer").fetchall()
+    build, extend = {}, {}
     for layer, n, max_id in layers:
         row = manifest.get(layer)
         if row is not None and (n, max_id) == (row["ntotal"], row["max_id"]):
@@ -333,14 +210,22 @@ def sync_state_indexes(con: duckdb.DuckDBPyConnection, db_path: Path, kind: str 
                             layer, row["max_id"])
                 row = None
         if row is None:
-            added += _build_layer(con, db_path, layer, kind, threshold)["ntotal"]
-            continue
-        state, last = open_state_index(con, db_path, layer), row["max_id"]
-        for ids, x in _chunks(con, layer, after=row["max_id"]):
-            state.index.add_with_ids(state.prepare(x), ids)
-            added, last = added + len(ids), int(ids[-1])
-        commit_index(con, db_path, layer, state.index, state.kind, state.mean, state.std, last)
+            build[int(layer)] = int(n)
+        else:
+            extend[int(layer)] = row
+    added += sum(r["ntotal"] for r in build_layers(con, db_path, build, kind, threshold))
+    folder = index_dir(Path(db_path))
+    sizes = {layer: _size(folder / row["path"]) for layer, row in extend.items()}
+    added += extend_layers(con, db_path, {layer: row["max_id"] for layer, row in extend.items()},
+                           lambda layer: open_state_index(con, db_path, layer), sizes)
     return added
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def verify_indexes(con: duckdb.DuckDBPyConnection, db_path: Path) -> list[str]:

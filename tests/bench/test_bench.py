@@ -21,6 +21,9 @@ NAMES = ["capture vs forward with output_hidden_states", "lens vs same-shape pla
          "DuckDB bytes per token per layer (states profile, float32)",
          "store write vs plain fsync'd write of the same bytes", "ingestion vs its FLOP bound",
          "states-only ingestion vs forward with output_hidden_states",
+         "steady state: states-only ingestion vs forward with hidden states (segments layout)",
+         "fixed cost: FAISS build when the run ends (states profile, segments layout)",
+         "fixed cost: FAISS build when the run ends (full profile, segments layout)",
          "ingestion peak memory growth, 100 -> 200 prompts", "ingestion peak memory growth, 200 -> 300 prompts"]
 
 

@@ -234,3 +234,43 @@ def test_vocab_index_exact_and_cached(tmp_path, monkeypatch, caplog):
         rebuilt = vocab_index(matrix, weights_hash, "unembed", folder)
     assert any("sha256" in m for m in caplog.messages)
     assert path.read_bytes() == raw and np.array_equal(rebuilt.search(queries, 10)[1], found)
+
+
+def _built(tmp_path, name: str, rows: list[tuple[np.ndarray, int, np.ndarray]], budget: int, monkeypatch) -> dict:
+    """Indexes built over ``rows`` (ids, layer, vectors: inserted in that order) with scans of ``budget`` bytes."""
+    from geomap.store import index_build
+
+    db = tmp_path / f"{name}.duckdb"
+    con = connect(db)
+    try:
+        ensure_schema(con, D, layout="rows")
+        for ids, layer, x in rows:
+            insert(con, ids, layer, x)
+        monkeypatch.setattr(index_build, "BUILD_BYTES", budget)
+        build_state_indexes(con, db, threshold=2_000)
+        out = {}
+        for layer in (0, 1, 2):
+            state = open_state_index(con, db, layer)
+            found, sims = state.search(residuals(50, seed=7), 10)
+            out[layer] = (state.kind, state.mean, state.std, index_ids(state.index), found, sims)
+        return out
+    finally:
+        con.close()
+
+
+def test_one_scan_for_many_layers_builds_what_a_scan_per_layer_builds(tmp_path, monkeypatch):
+    """Layers built from one scan equal layers built one scan each, whatever order the rows come in."""
+    x = {layer: residuals(n, seed=10 + layer) for layer, n in ((0, 45_000), (1, 500), (2, 800))}  # 0: sampled
+    ids = {0: np.arange(45_000), 1: np.arange(45_000, 45_500), 2: np.arange(45_500, 46_300)}
+    rows = [(ids[layer][i:i + 7_000], layer, x[layer][i:i + 7_000]) for layer in x
+            for i in range(0, len(x[layer]), 7_000)]
+    shared = _built(tmp_path, "one-scan", rows, 1 << 30, monkeypatch)
+    alone = _built(tmp_path, "per-layer", rows[::-1], 1, monkeypatch)  # reversed insertion: another scan order
+    assert [shared[layer][0] for layer in (0, 1, 2)] == ["ivf", "flat", "flat"]
+    for layer in (0, 1, 2):
+        kind, mean, std, stored, found, sims = shared[layer]
+        np.testing.assert_allclose(alone[layer][1], mean, rtol=1e-6)
+        np.testing.assert_allclose(alone[layer][2], std, rtol=1e-6)
+        assert np.array_equal(alone[layer][3], stored) and np.array_equal(stored, np.sort(ids[layer]))
+        assert (alone[layer][4] == found).mean() > 0.99  # the same neighbours (an IVF trained on the same sample)
+        np.testing.assert_allclose(alone[layer][5], sims, atol=1e-3)
