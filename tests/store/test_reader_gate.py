@@ -61,3 +61,34 @@ def test_free_slots_are_taken_at_once_and_alone_waits_for_the_readers_inside():
     gate.leave_alone()
     assert gate.enter(time.perf_counter() + 1)
     gate.leave()
+
+
+def test_many_readers_never_exceed_the_slots_and_none_is_left_waiting():
+    """32 threads taking and giving back 3 slots, with `alone` now and then: no lost wake-up, never a 4th inside."""
+    gate = ReaderGate(size=3)
+    most, errors, lock = [0], [], threading.Lock()
+
+    def reader(i: int) -> None:
+        for n in range(60):
+            if n % 20 == i % 20:
+                if gate.alone(time.perf_counter() + 30):
+                    with lock:
+                        if gate.busy():
+                            errors.append("a reader inside beside alone")
+                    gate.leave_alone()
+                continue
+            if not gate.enter(time.perf_counter() + 30):
+                errors.append("a reader waited 30 s")
+                continue
+            with lock:
+                most[0] = max(most[0], gate.busy())
+            time.sleep(0.0002)
+            gate.leave()
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not errors
+    assert most[0] <= 3 and gate.busy() == 0 and gate.waiting() == 0
