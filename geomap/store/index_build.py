@@ -192,7 +192,12 @@ class LayerBuild:
         if self.kind == "ivf":
             ids = np.concatenate(self.sample_ids)
             order = np.argsort(ids, kind="stable")  # the same training set in the same order, however it was read
-            train = standardise(np.concatenate(self.sample)[order], self.mean, self.std)
+            train = np.concatenate(self.sample)
+            self.sample = []
+            train = train[order]
+            train -= self.mean  # in place: `standardise` without its two temporary copies of the sample
+            train /= self.std
+            faiss.normalize_L2(train)
             self.index.train(train)
             pick = self.rng.permutation(len(train))[:N_CALIBRATION]
             self.queries, self.qids = train[pick], ids[order][pick]

@@ -10,13 +10,13 @@ What similarity means:
 Index kinds (manifest ``kind`` ``states:flat|ivf|hnsw``; FAISS ids are ``states.id``):
     ``auto`` picks exact ``IndexFlatIP`` (in ``IndexIDMap2``) below ``threshold`` vectors per layer, else
     ``IndexIVFScalarQuantizer`` holding float16 vectors (half the bytes to scan per probed list, the same recall;
-    similarities move by up to ~1e-3): nlist = 4·sqrt(n) (at most n/39 and 4096), trained on
-    ≤ 50·nlist vectors sampled by id (the same sample in any scan order), nprobe the smallest of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ 0.97 against exact
-    search for 256 stored states (self excluded), saved in the file (0.97 on a 256-query sample keeps recall on
-    other queries above the 0.95 promised). Fewer queries than threads split each query's lists between threads.
-    A sync only appends with the frozen stats: a flat index grown past the threshold stays flat (exact,
-    slower) and an IVF keeps its centroids and nprobe, until ``geomap index rebuild``. Builds and syncs read many
-    layers from one scan of the states (`geomap.store.index_build`).
+    similarities move by up to ~1e-3): nlist = 4·sqrt(n) (at most n/39 and 4096), trained on ≤ 50·nlist vectors sampled
+    by id (the same sample in any scan order), nprobe the smallest of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ 0.97
+    against exact search for 256 stored states (self excluded), saved in the file (0.97 on a 256-query sample keeps
+    recall on other queries above the 0.95 promised). Fewer queries than threads split each query's lists between
+    threads. A sync only appends with the frozen stats: a flat index grown past the threshold stays flat (exact, slower)
+    and an IVF keeps its centroids and nprobe, until ``geomap index rebuild``. Builds and syncs read many layers from
+    one scan of the states (`geomap.store.index_build`).
 
 Files and crashes:
     ``states-L{layer:03d}.faiss`` in `index_dir`. A build writes ``<name>.tmp`` (fsynced), commits the manifest row
