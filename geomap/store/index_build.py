@@ -58,6 +58,20 @@ def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return z
 
 
+def train_coarse(index: faiss.IndexIVF, train: np.ndarray) -> None:
+    """Train an IVF index's coarse quantizer (k-means) on ``train``, as ``index.train`` does, without its copy.
+
+    ``IndexIVF.train`` also trains the encoder on residuals, which it computes into a copy of the whole sample; a
+    float16 scalar quantizer has nothing to train, so for it that copy is all the step does. Other encoders train
+    as usual.
+    """
+    if not (isinstance(index, faiss.IndexIVFScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
+        index.train(train)
+        return
+    index.train_q1(len(train), faiss.swig_ptr(train), False, index.metric_type)
+    index.is_trained = True
+
+
 def choose_nprobe(index: faiss.IndexIVF, queries: np.ndarray, qids: np.ndarray, truth: np.ndarray) -> float:
     """Set the smallest nprobe of 1, 2, 3, 4, 6, 8, 12, … with recall@10 ≥ TARGET_RECALL (self excluded).
 
@@ -190,20 +204,35 @@ class LayerBuild:
         self.mean = self.mean.astype(np.float32)
         self.index = new_index(self.kind, len(self.mean), self.nlist)
         if self.kind == "ivf":
-            ids = np.concatenate(self.sample_ids)
-            order = np.argsort(ids, kind="stable")  # the same training set in the same order, however it was read
-            train = np.concatenate(self.sample)
-            self.sample = []
-            train = train[order]
+            ids, train = self._sample_by_id(len(self.mean))
             train -= self.mean  # in place: `standardise` without its two temporary copies of the sample
             train /= self.std
             faiss.normalize_L2(train)
-            self.index.train(train)
+            train_coarse(self.index, train)
             pick = self.rng.permutation(len(train))[:N_CALIBRATION]
-            self.queries, self.qids = train[pick], ids[order][pick]
+            self.queries, self.qids = train[pick], ids[pick]
             self.truth_s = np.full((len(self.queries), 0), -np.inf, dtype=np.float32)
             self.truth_i = np.zeros((len(self.queries), 0), dtype=np.int64)
         self.sample, self.sample_ids = [], []
+
+    def _sample_by_id(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """The training sample's ids and vectors in id order (the same set in the same order, however it was read).
+
+        Each chunk is copied to its sorted rows and let go, so the sample is held about once, not three times (the
+        chunks, their concatenation and its sorted copy).
+        """
+        ids = np.concatenate(self.sample_ids)
+        order = np.argsort(ids, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        train = np.empty((len(ids), d), dtype=np.float32)
+        start = 0
+        self.sample.reverse()  # popped from the end: the first chunk first
+        while self.sample:
+            chunk = self.sample.pop()
+            train[rank[start:start + len(chunk)]] = chunk
+            start += len(chunk)
+        return ids[order], train
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         """Pass 2: add a chunk's standardised vectors; for IVF keep the exact top 11 of the calibration queries."""

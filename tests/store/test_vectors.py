@@ -274,3 +274,21 @@ def test_one_scan_for_many_layers_builds_what_a_scan_per_layer_builds(tmp_path, 
         assert np.array_equal(alone[layer][3], stored) and np.array_equal(stored, np.sort(ids[layer]))
         assert (alone[layer][4] == found).mean() > 0.99  # the same neighbours (an IVF trained on the same sample)
         np.testing.assert_allclose(alone[layer][5], sims, atol=1e-3)
+
+
+def test_coarse_training_equals_faiss_training_without_its_residual_copy():
+    """`train_coarse` trains a float16 IVF exactly as ``index.train`` does: the same centroids, the same answers."""
+    from geomap.store.index_build import new_index, standardise, train_coarse
+
+    x = residuals(6_000, seed=3)
+    z = standardise(x, x.mean(0), x.std(0))
+    ours, theirs = new_index("ivf", z.shape[1], 40), new_index("ivf", z.shape[1], 40)
+    train_coarse(ours, z.copy())
+    theirs.train(z.copy())
+    assert ours.is_trained
+    centroids = [index.quantizer.reconstruct_n(0, 40) for index in (ours, theirs)]
+    assert np.array_equal(*centroids)
+    for index in (ours, theirs):
+        index.add_with_ids(z, np.arange(len(z)))
+        index.nprobe = 4
+    assert all(np.array_equal(a, b) for a, b in zip(ours.search(z[:50], 10), theirs.search(z[:50], 10)))
