@@ -1,4 +1,4 @@
-"""``geomap bench --load``: the server under many clients, idle and while a job ingests, and a soak.
+"""``geomap bench --load``: the server under many clients, idle and while a job ingests (the soak: `soak_bench`).
 
 The benchmark starts its own ``geomap serve`` on 127.0.0.1 (a free port) over a store, sends a mix of requests from
 client threads, and stops the server when done. Clients talk to that server only. Every loop is bounded by a count
@@ -8,14 +8,8 @@ and a time. The mix, per client, in turn:
 - ``runs``: ``GET /runs``;
 - ``journey``: ``POST /sql`` ``SELECT * FROM journey LIMIT 50``.
 
-A 403 or 408 is a refusal (the budget or the time limit), any other failure an error. The soak repeats ingestion
-jobs under mixed load, samples the server's resident memory after each job, fails on more than `SOAK_GROWTH` growth
-after its warm-up, and checks that every job's prompts and states are stored exactly once.
-
-Beside the resident set it samples what DuckDB accounts for (``duckdb_memory()``): the buffer pool caches the
-store's blocks up to the instance's ``memory_limit``, so while a growing store fills it the resident set grows by
-design and stops at the cap. The growth judged is therefore that of the rest of the process (resident set minus
-DuckDB's accounted memory), and DuckDB's own memory must stay within its limit; both resident figures are reported.
+A 403 or 408 is a refusal (the budget or the time limit), any other failure an error. The idle phases of the client
+counts run in interleaved rounds (`run_load`), so a drift of the machine's speed falls on every count alike.
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -38,7 +31,6 @@ from geomap.bench import prompts as bench_prompts
 
 KINDS = ("trajectory", "runs", "journey")
 MAX_REQUESTS = 20_000  # per client and phase, whatever the time left
-SOAK_GROWTH = 0.10
 
 
 @dataclass
@@ -57,6 +49,16 @@ class Phase:
     def requests(self) -> int:
         """Answered requests (refusals included)."""
         return sum(len(v) for v in self.latencies.values())
+
+    def absorb(self, other: Phase) -> None:
+        """Add another slice of the same phase: its latencies, refusals, errors, time and CPU; the higher peak."""
+        for kind in KINDS:
+            self.latencies[kind] += other.latencies[kind]
+        self.refused += other.refused
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.server_cpu_s += other.server_cpu_s
+        self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
 
     def row(self) -> dict:
         """A JSON-ready summary: req/s, p50/p99 ms per kind, refusals, errors."""
@@ -237,8 +239,13 @@ def fresh_texts(n: int, tag: str) -> list[str]:
 
 
 def run_load(db: Path, model: str, clients: tuple[int, ...] = (1, 4, 16), seconds: float = 20.0,
-             job_prompts: int = 40, say: Callable[[str], None] = print) -> list[Phase]:
-    """Idle and while-a-job-ingests phases at each client count, against a server this function starts."""
+             job_prompts: int = 40, say: Callable[[str], None] = print, rounds: int = 4) -> list[Phase]:
+    """Idle and while-a-job-ingests phases at each client count, against a server this function starts.
+
+    The idle phases are interleaved: ``rounds`` rounds, each running every client count for ``seconds / rounds``
+    in turn, summed per count. A drift of the machine's speed (on a shared host the same work can take twice the
+    CPU time a minute later) then falls on every count alike, so their ratios compare like with like.
+    """
     proc, port = start_server(db, model, db.with_name(db.name + ".loadbench.log"))
     phases: list[Phase] = []
     try:
@@ -248,9 +255,13 @@ def run_load(db: Path, model: str, clients: tuple[int, ...] = (1, 4, 16), second
         if not ids:
             raise RuntimeError(f"the store {db} holds no prompts: build one first")
         load(port, proc.pid, "warm-up", 2, 3.0, ids)
-        for n in clients:
-            say(f"load: {n} client(s), idle, {seconds:g} s")
-            phases.append(load(port, proc.pid, "idle", n, seconds, ids))
+        idle = {n: Phase("idle", n) for n in clients}
+        for r in range(rounds):
+            say(f"load: idle, round {r + 1} of {rounds}: {', '.join(map(str, clients))} client(s), "
+                f"{seconds / rounds:g} s each")
+            for n in clients:
+                idle[n].absorb(load(port, proc.pid, "idle", n, seconds / rounds, ids))
+        phases += idle.values()
         for n in clients:
             run_id = submit_job(admin, fresh_texts(job_prompts, f"L{n}x{time.time() % 1e5:.0f}"))
             say(f"load: {n} client(s) while job {run_id} ingests {job_prompts} prompts")
@@ -268,107 +279,6 @@ def run_load(db: Path, model: str, clients: tuple[int, ...] = (1, 4, 16), second
     finally:
         stop_server(proc)
     return phases
-
-
-def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts: int = 20,
-             say: Callable[[str], None] = print) -> dict:
-    """Mixed load plus one ingestion job after another for ``minutes``; memory, errors and stored rows checked."""
-    proc, port = start_server(db, model, db.with_name(db.name + ".soak.log"))
-    samples: list[tuple[float, float, float]] = []  # minutes, resident MB, DuckDB's accounted MB
-    jobs: list[tuple[int, int]] = []
-    duck_limit = 0.0
-    try:
-        admin = Client(port)
-        ids = [r[0] for r in admin.ok("POST", "/sql", {"sql": "SELECT id FROM prompts WHERE status = 'done' "
-                                                              "ORDER BY id", "max_rows": 1_000_000})["rows"]]
-        start = time.perf_counter()
-        end = start + 60 * minutes
-        total = Phase("soak", clients)
-        while time.perf_counter() < end:
-            run_id = submit_job(admin, fresh_texts(job_prompts, f"S{len(jobs)}x{time.time() % 1e5:.0f}"))
-            jobs.append((run_id, job_prompts))
-            phase = load(port, proc.pid, "soak", clients, max(1.0, min(120.0, end - time.perf_counter())), ids,
-                         until=lambda r=run_id: job_done(admin, r))
-            for kind in KINDS:
-                total.latencies[kind] += phase.latencies[kind]
-            total.refused += phase.refused
-            total.errors += phase.errors
-            total.seconds += phase.seconds
-            total.server_cpu_s += phase.server_cpu_s
-            total.peak_rss_mb = max(total.peak_rss_mb, phase.peak_rss_mb)
-            duck, duck_limit = duckdb_mb(admin)
-            samples.append((time.perf_counter() - start, rss_mb(proc.pid), duck))
-            say(f"soak: {len(jobs)} job(s), {samples[-1][0] / 60:.1f} min, server RSS {samples[-1][1]:.0f} MB "
-                f"(DuckDB {duck:.0f} of its {duck_limit:.0f} MB), {total.requests()} requests, "
-                f"{len(total.errors)} errors")
-        wait_end = time.time() + 600
-        while jobs and not job_done(admin, jobs[-1][0]) and time.time() < wait_end:
-            time.sleep(0.5)
-        failed_jobs = [r for r, _ in jobs if admin.ok("GET", f"/runs/{r}")["job"]["status"] != "done"]
-        stored = _stored_once(admin, jobs)
-        admin.close()
-    finally:
-        stop_server(proc)
-    rss_base, rss_last, rss_growth = _growth([(t, m) for t, m, _ in samples])
-    base, last, growth = _growth([(t, m - d) for t, m, d in samples])
-    duck_peak = max((d for _, _, d in samples), default=0.0)
-    ok = (not total.errors and not failed_jobs and stored["ok"] and growth <= SOAK_GROWTH
-          and duck_peak <= duck_limit * 1.02)
-    return {"minutes": minutes, "jobs": len(jobs), "failed_jobs": failed_jobs, "load": total.row(),
-            "rss_after_warmup_mb": round(rss_base), "rss_end_mb": round(rss_last), "rss_growth": round(rss_growth, 4),
-            "beside_duckdb_after_warmup_mb": round(base), "beside_duckdb_end_mb": round(last),
-            "beside_duckdb_growth": round(growth, 4), "duckdb_peak_mb": round(duck_peak),
-            "duckdb_limit_mb": round(duck_limit),
-            "rss_samples": [(round(t), round(m), round(d)) for t, m, d in samples], "stored_once": stored,
-            "errors": total.errors[:20], "ok": ok}
-
-
-def _growth(samples: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """Medians of the first and the last quarter of the samples after the warm-up, and the growth between them.
-
-    The warm-up is the first quarter of the soak's time.
-    """
-    warm = [m for t, m in samples if t >= samples[-1][0] * 0.25] if samples else []
-    base = statistics.median(warm[: max(1, len(warm) // 4)]) if warm else 0.0
-    last = statistics.median(warm[-max(1, len(warm) // 4):]) if warm else 0.0
-    return base, last, (last - base) / base if base else 0.0
-
-
-def duckdb_mb(client: Client) -> tuple[float, float]:
-    """What the served DuckDB instance accounts for now, and its ``memory_limit``, MB (through ``POST /sql``)."""
-    row = client.ok("POST", "/sql", {"sql": "SELECT (SELECT sum(memory_usage_bytes) FROM duckdb_memory()), "
-                                            "(SELECT value FROM duckdb_settings() WHERE name = 'memory_limit')"})
-    used, limit = row["rows"][0]
-    return (used or 0) / 2**20, _size_mb(limit)
-
-
-def _size_mb(text: str) -> float:
-    """DuckDB's rendering of a size (``953.6 MiB``, ``1.9 GiB``, ``1.0 GB``) in MiB."""
-    number, unit = text.split()
-    scale = {"bytes": 2**-20, "KiB": 2**-10, "MiB": 1, "GiB": 2**10, "TiB": 2**20,
-             "KB": 1e3 / 2**20, "MB": 1e6 / 2**20, "GB": 1e9 / 2**20, "TB": 1e12 / 2**20}
-    return float(number) * scale[unit]
-
-
-def _stored_once(client: Client, jobs: list[tuple[int, int]]) -> dict:
-    """Every job's stored prompts are in the store once, under its run, and no prompt key or state is there twice."""
-    sql = client.ok
-    counted = sql("POST", "/sql", {"sql": "SELECT run_id, count(*) FROM prompts WHERE status = 'done' GROUP BY run_id",
-                                   "max_rows": 100_000})["rows"]
-    per_run = {run: n for run, n in counted}
-    short, failed = {}, 0
-    for run_id, n in jobs:
-        progress = sql("GET", f"/runs/{run_id}")["job"]["progress"]
-        failed += int(progress.get("failed") or 0)
-        if per_run.get(run_id, 0) != progress.get("stored") or progress.get("stored", 0) + int(
-                progress.get("failed") or 0) + int(progress.get("skipped") or 0) != n:
-            short[run_id] = {"in the store": per_run.get(run_id, 0), "job": progress}
-    dup_keys = sql("POST", "/sql", {"sql": "SELECT count(*) FROM (SELECT key FROM prompts GROUP BY key "
-                                           "HAVING count(*) > 1)", "time_limit": 60})["rows"][0][0]
-    dup_states = sql("POST", "/sql", {"sql": "SELECT count(*) FROM (SELECT prompt_id, pos, layer FROM states "
-                                             "GROUP BY ALL HAVING count(*) > 1)", "time_limit": 60})["rows"][0][0]
-    return {"ok": not short and dup_keys == 0 and dup_states == 0, "runs_not_matching": short,
-            "prompts_failed": failed, "duplicate_prompt_keys": dup_keys, "duplicate_states": dup_states}
 
 
 def build_store(db: Path, model: str, n_prompts: int, say: Callable[[str], None] = print) -> Path:
@@ -397,4 +307,14 @@ def as_markdown(phases: list[Phase]) -> str:
         lines.append(f"| {p.clients} | {p.name} | {r['req_per_s']} | {pair('trajectory')} | {pair('runs')} | "
                      f"{pair('journey')} | {r['refused']} | {r['errors']} | {r['peak_rss_mb']} MB | "
                      f"{r['server_cpu_ms_per_request']} ms |")
-    return "\n".join(lines)
+    return "\n".join(lines + _ratios(phases))
+
+
+def _ratios(phases: list[Phase]) -> list[str]:
+    """A line under the table: each idle phase's throughput against the first idle phase's (fewest clients)."""
+    idle = [p for p in phases if p.name == "idle" and p.seconds]
+    if len(idle) < 2 or not idle[0].requests():
+        return []
+    base = idle[0].requests() / idle[0].seconds
+    parts = [f"{p.clients} clients {p.requests() / p.seconds / base:.2f}x" for p in idle[1:]]
+    return ["", f"Idle throughput against {idle[0].clients} client(s), interleaved rounds: {', '.join(parts)}."]

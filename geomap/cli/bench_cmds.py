@@ -43,15 +43,18 @@ import click
 @click.option("--clients", default="1,4,16", show_default=True, help="With --load: client counts.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=20.0, show_default=True,
               help="With --load: seconds of each idle phase (a job phase lasts until its job ends, 60 s at least).")
+@click.option("--rounds", type=click.IntRange(min=1, max=100), default=4, show_default=True,
+              help="With --load: the idle phases run in this many interleaved rounds (each client count in turn, "
+                   "--seconds / --rounds at a time), so a drift of the machine's speed falls on every count alike.")
 def bench(quick: bool, segments_states: int | None, as_json: bool, only: str | None, model_name: str,
           markdown: Path | None, load_: bool, soak: float | None, db: Path | None, n_prompts: int, reports_: bool,
-          pipeline: Path, clients: str, seconds: float) -> None:
+          pipeline: Path, clients: str, seconds: float, rounds: int) -> None:
     """Measure geomap beside the bare model, the peers and the machine (medians of interleaved rounds)."""
     if reports_:
         _reports(db or Path("data/geomap.duckdb"), pipeline, as_json, markdown, quick)
         return
     if load_ or soak is not None:
-        _load(model_name, as_json, markdown, soak, db, n_prompts, clients, seconds)
+        _load(model_name, as_json, markdown, soak, db, n_prompts, clients, seconds, rounds)
         return
     from geomap.bench import run_bench, run_segment_bench
     from geomap.bench.core import as_json as to_json
@@ -95,10 +98,10 @@ def _reports(db: Path, pipeline: Path, as_json: bool, markdown: Path | None, qui
 
 
 def _load(model: str, as_json: bool, markdown: Path | None, soak: float | None, db: Path | None, n_prompts: int,
-          clients: str, seconds: float) -> None:
+          clients: str, seconds: float, rounds: int) -> None:
     import tempfile
 
-    from geomap.bench import load_bench
+    from geomap.bench import load_bench, soak_bench
     from geomap.cli import quiet_transformers
 
     quiet_transformers()
@@ -115,11 +118,11 @@ def _load(model: str, as_json: bool, markdown: Path | None, soak: float | None, 
     with tempfile.TemporaryDirectory() as tmp:
         store = db or load_bench.build_store(Path(tmp) / "load.duckdb", model, n_prompts, say)
         if soak is not None:
-            report = load_bench.run_soak(store, model, soak, say=say)
+            report = soak_bench.run_soak(store, model, soak, say=say)
             click.echo(json.dumps(report) if as_json else json.dumps({k: v for k, v in report.items()
                                                                        if k != "rss_samples"}, indent=1))
             sys.exit(0 if report["ok"] else 1)
-        phases = load_bench.run_load(store, model, counts, seconds, say=say)
+        phases = load_bench.run_load(store, model, counts, seconds, say=say, rounds=rounds)
     table = load_bench.as_markdown(phases)
     if markdown:
         markdown.write_text(table + "\n", encoding="utf-8")
