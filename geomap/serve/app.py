@@ -25,13 +25,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from geomap.errors import GeomapError
+from geomap.serve.admission import Admission
 from geomap.serve.fits import FitRunner
 from geomap.serve.jobs import JobRunner
 from geomap.serve.security import BODY_TIMEOUT_S, LOOPBACK_NAMES, BodyTimeout, BodyTooLarge, Perimeter
 from geomap.store.db import INGEST_MEMORY, WRITE_CHECKPOINT_THRESHOLD, NotFoundError, StoreError, ensure_schema
 from geomap.store.handle import Store
 from geomap.store.sql import sql_connection_config
-from geomap.store.sql_budget import DEFAULT_MEMORY_MB
+from geomap.store.sql_budget import DEFAULT_MEMORY_MB, GATE
 from geomap.store.sql_result import json_value
 
 log = logging.getLogger("geomap.serve")
@@ -214,7 +215,7 @@ def _warm_reports() -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The application, wrapped in its perimeter (Host/Origin checks, token, body size limit)."""
+    """The application, wrapped in its perimeter (Host/Origin checks, token, body size limit) and admission."""
     from geomap.serve.docs import router as docs_router
     from geomap.serve.report_routes import router as report_router
     from geomap.serve.routes import router
@@ -258,7 +259,8 @@ def create_app(settings: Settings) -> FastAPI:
                             status_code=408, headers={"connection": "close"})
 
     hosts = {h.lower() for h in (*LOOPBACK_NAMES, *settings.allowed_hosts)}
-    return Perimeter(app, hosts, settings.token, settings.max_body)  # type: ignore[return-value]
+    admitted = Admission(app, GATE.size, settings.sql_time_limit)  # read requests wait in line outside the app
+    return Perimeter(admitted, hosts, settings.token, settings.max_body)  # type: ignore[return-value]
 
 
 def _version() -> str:

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from geomap.serve.admission import arrived
 from geomap.serve.encode import ARROW_STREAM, arrow_response, dumps, wants_arrow
 from geomap.store.scalars import of_prompt, relation
 from geomap.store.sql import run_sql
@@ -354,14 +355,15 @@ async def post_sql(request: Request, body: SqlRequest) -> Response:
     settings = server_of(request).settings
     limit, cap = min(body.time_limit, settings.sql_time_limit), min(body.max_rows, settings.sql_max_rows)
     arrow = wants_arrow(request.headers.get("accept"))
-    return await run_in_threadpool(_sql_answer, server_of(request), body, limit, cap, arrow)  # the loop moves bytes
+    return await run_in_threadpool(_sql_answer, server_of(request), body, limit, cap, arrow,  # the loop moves bytes
+                                   arrived(request.scope))
 
 
-def _sql_answer(server, body: SqlRequest, limit: float, cap: int, arrow: bool) -> Response:
-    """Run the query and encode its answer, in a worker thread."""
+def _sql_answer(server, body: SqlRequest, limit: float, cap: int, arrow: bool, since: float) -> Response:
+    """Run the query and encode its answer, in a worker thread; its time limit counts from ``since``."""
     settings = server.settings
     result = run_sql(server.store, body.sql, body.params, time_limit=limit, max_rows=cap,
-                     memory_mb=settings.sql_memory_mb)
+                     memory_mb=settings.sql_memory_mb, since=since)
     if arrow:
         return arrow_response(result.to_arrow(), {"x-geomap-truncated": str(result.truncated).lower(),
                                                   "x-geomap-elapsed-s": f"{result.elapsed_s:.6f}",

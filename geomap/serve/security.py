@@ -65,30 +65,30 @@ class Perimeter:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = host_name(headers.get("host", ""))
         if host not in self.allowed:
-            return await _reply(send, 403, f"Host {host!r} is not served here (allowed: {sorted(self.allowed)}); "
+            return await reply(send, 403, f"Host {host!r} is not served here (allowed: {sorted(self.allowed)}); "
                                            "this check stops DNS-rebinding attacks.")
         origin = headers.get("origin")
         if origin and origin != "null" and host_name(origin) not in self.allowed:
-            return await _reply(send, 403, f"Cross-origin requests from {origin!r} are refused.")
+            return await reply(send, 403, f"Cross-origin requests from {origin!r} are refused.")
         if origin == "null":
-            return await _reply(send, 403, "Requests from an opaque origin are refused.")
+            return await reply(send, 403, "Requests from an opaque origin are refused.")
         site = headers.get("sec-fetch-site", "").strip().lower()
         if site and site not in ("same-origin", "none") and scope["path"] not in self.open_paths:
-            return await _reply(send, 403, f"Cross-site requests are refused (Sec-Fetch-Site: {site}): open this "
+            return await reply(send, 403, f"Cross-site requests are refused (Sec-Fetch-Site: {site}): open this "
                                            "server's pages directly, not from another site's page.")
         referer = headers.get("referer")
         if referer and host_name(referer) not in self.allowed and scope["path"] not in self.open_paths:
-            return await _reply(send, 403, "Cross-site requests are refused: the request came from a page of "
+            return await reply(send, 403, "Cross-site requests are refused: the request came from a page of "
                                            "another site (Referer).")
         if self.token and scope["path"] not in self.open_paths:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                return await _reply(send, 401, "A bearer token is required: send 'Authorization: Bearer <token>' "
+                return await reply(send, 401, "A bearer token is required: send 'Authorization: Bearer <token>' "
                                                "(geomap serve printed it, and wrote it to the store's .serve.json).",
                                     {"www-authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _reply(send, 413, f"Request body too large: the limit is {self.max_body} bytes.")
+            return await reply(send, 413, f"Request body too large: the limit is {self.max_body} bytes.")
         return await self.app(scope, self._limited(receive), send)
 
     def _limited(self, receive):
@@ -117,7 +117,8 @@ class BodyTimeout(Exception):
     """A request body stopped arriving."""
 
 
-async def _reply(send, status: int, detail: str, extra: dict | None = None) -> None:
+async def reply(send, status: int, detail: str, extra: dict | None = None) -> None:
+    """Answer a request directly: ``{"detail": detail}`` as JSON, with ``status`` and any ``extra`` headers."""
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
