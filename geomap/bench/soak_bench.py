@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from geomap.bench.load_bench import (
-    KINDS,
     Client,
     Phase,
     fresh_texts,
@@ -52,13 +51,7 @@ def run_soak(db: Path, model: str, minutes: float, clients: int = 4, job_prompts
             jobs.append((run_id, job_prompts))
             phase = load(port, proc.pid, "soak", clients, max(1.0, min(120.0, end - time.perf_counter())), ids,
                          until=lambda r=run_id: job_done(admin, r))
-            for kind in KINDS:
-                total.latencies[kind] += phase.latencies[kind]
-            total.refused += phase.refused
-            total.errors += phase.errors
-            total.seconds += phase.seconds
-            total.server_cpu_s += phase.server_cpu_s
-            total.peak_rss_mb = max(total.peak_rss_mb, phase.peak_rss_mb)
+            total.absorb(phase)
             duck, duck_limit = duckdb_mb(admin)
             samples.append((time.perf_counter() - start, rss_mb(proc.pid), duck))
             say(f"soak: {len(jobs)} job(s), {samples[-1][0] / 60:.1f} min, server RSS {samples[-1][1]:.0f} MB "
