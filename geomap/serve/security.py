@@ -66,7 +66,7 @@ class Perimeter:
         host = host_name(headers.get("host", ""))
         if host not in self.allowed:
             return await reply(send, 403, f"Host {host!r} is not served here (allowed: {sorted(self.allowed)}); "
-                                           "this check stops DNS-rebinding attacks.")
+                                          "this check stops DNS-rebinding attacks.")
         origin = headers.get("origin")
         if origin and origin != "null" and host_name(origin) not in self.allowed:
             return await reply(send, 403, f"Cross-origin requests from {origin!r} are refused.")
@@ -75,17 +75,17 @@ class Perimeter:
         site = headers.get("sec-fetch-site", "").strip().lower()
         if site and site not in ("same-origin", "none") and scope["path"] not in self.open_paths:
             return await reply(send, 403, f"Cross-site requests are refused (Sec-Fetch-Site: {site}): open this "
-                                           "server's pages directly, not from another site's page.")
+                                          "server's pages directly, not from another site's page.")
         referer = headers.get("referer")
         if referer and host_name(referer) not in self.allowed and scope["path"] not in self.open_paths:
             return await reply(send, 403, "Cross-site requests are refused: the request came from a page of "
-                                           "another site (Referer).")
+                                          "another site (Referer).")
         if self.token and scope["path"] not in self.open_paths:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 return await reply(send, 401, "A bearer token is required: send 'Authorization: Bearer <token>' "
-                                               "(geomap serve printed it, and wrote it to the store's .serve.json).",
-                                    {"www-authenticate": "Bearer"})
+                                              "(geomap serve printed it, and wrote it to the store's .serve.json).",
+                                   {"www-authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await reply(send, 413, f"Request body too large: the limit is {self.max_body} bytes.")
