@@ -18,9 +18,9 @@ def store() -> None:
 @db_option
 def compact(db: Path | None) -> None:
     """Merge small vector segments into large ones (idempotent; a killed compaction is finished by a rerun)."""
+    from geomap.store.compaction import compact as compact_segments
     from geomap.store.db import ensure_schema
     from geomap.store.handle import Store
-    from geomap.store.segments import compact as compact_segments
     from geomap.store.segments import layout, open_for_writing
 
     with Store.open(existing_store(db), "w") as store, store.writer() as con:  # this process holds the store alone

@@ -17,7 +17,7 @@ import duckdb
 import numpy as np
 
 from geomap.capture.journey import Journey, PromptFailure
-from geomap.store.segments import compact_if_needed
+from geomap.store.compaction import compact_if_needed
 from geomap.store.shards import Shard, build_shard, merge_shard
 from geomap.store.writer import PromptSpec
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from types import GeneratorType
 
 import faiss
 
 
-def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview | list) -> str:
-    """Write an index (or bytes, or a buffer, or a list of buffers in order) to ``tmp``, flushed and fsynced.
+def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview | Iterable) -> str:
+    """Write an index (or bytes, or a buffer, or buffers in order: a list, or a generator) to ``tmp``, fsynced.
 
     Returns:
         The sha256 of what was written.
@@ -24,7 +26,7 @@ def write_temp(tmp: Path, content: faiss.Index | bytes | memoryview | list) -> s
 
         if isinstance(content, bytes | memoryview):
             sink(content)
-        elif isinstance(content, list):
+        elif isinstance(content, list | GeneratorType):
             for part in content:
                 sink(part)
         else:  # the temporary writer is released (and flushed) when write_index returns

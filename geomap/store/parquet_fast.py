@@ -15,7 +15,7 @@ and the caller writes the table with pyarrow.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -102,24 +102,25 @@ def _levels(encoded: bytes) -> list:
 
 
 class _Column:
-    """One column's schema elements and its pages, one per row group."""
+    """One column's schema elements, and the encoding of its pages (one per row group) from slices of its values."""
 
-    def __init__(self, field: pa.Field, column: pa.ChunkedArray, pack: bool) -> None:
-        self.name, self.packed = field.name, False
-        self.array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-        kind = self.array.type
+    def __init__(self, field: pa.Field, all_null: bool, pack: bool) -> None:
+        self.name, self.packed, self.all_null = field.name, False, all_null
+        kind = field.type
         self.nested = pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)
-        self.all_null = self.array.null_count == len(self.array)
         leaf = kind.value_type if self.nested else kind
         if self.all_null and leaf == pa.binary():  # vec_bf16 beside float32 vectors: nulls only, no values
             self.physical, self.numpy, self.converted = BYTE_ARRAY, None, None
             return
         if leaf not in _NUMBERS:
-            raise _Unsupported(f"{self.name}: {kind}")
-        if self.nested and not self.all_null and self.array.values.null_count:
-            raise _Unsupported(f"{self.name}: null list elements")
+            raise Unsupported(f"{self.name}: {kind}")
         self.physical, self.numpy, self.converted = _NUMBERS[leaf]
         self.packed = pack and self.nested and leaf == pa.float32() and not self.all_null
+
+    def check(self, column: pa.ChunkedArray) -> None:
+        """Raise `Unsupported` for values this writer cannot encode (null elements inside a list)."""
+        if self.nested and not self.all_null and any(c.values.null_count for c in column.chunks):
+            raise Unsupported(f"{self.name}: null list elements")
 
     def schema(self) -> list[bytes]:
         leaf = [(1, T_I32, self.physical), (3, T_I32, OPTIONAL if not self.nested else REQUIRED),
@@ -129,15 +130,14 @@ class _Column:
         return [_thrift([(3, T_I32, OPTIONAL), (4, T_BINARY, self.name), (5, T_I32, 1), (6, T_I32, CONVERTED_LIST)]),
                 _thrift([(3, T_I32, REPEATED), (4, T_BINARY, "list"), (5, T_I32, 1)]), _thrift(leaf)]
 
-    def page(self, start: int, stop: int) -> tuple[list, int, int, np.ndarray | None, int]:
-        """The data page of rows ``start:stop``: its body's parts, its raw size, its level count, values and nulls.
+    def page(self, part: pa.Array) -> tuple[list, int, int, np.ndarray | None, int]:
+        """The data page of the rows ``part``: its body's parts, its raw size, its level count, values and nulls.
 
         A packed column's floats are split into four byte streams (the exponent bytes of activations repeat, the
         low mantissa bytes of bfloat16-born values are often zero) and the page is compressed with zstd: about
         0.55 of the raw bytes, every value kept bit for bit.
         """
-        part = self.array.slice(start, stop - start)
-        body, entries, values = self._page(part, stop - start)
+        body, entries, values = self._page(part, len(part))
         raw = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in body)
         if self.packed:
             body[-1] = np.ascontiguousarray(values.view(np.uint8).reshape(-1, 4).T)
@@ -163,7 +163,7 @@ class _Column:
             offsets = part.offsets.to_numpy()
             lengths = np.diff(offsets)
             if (lengths == 0).any():
-                raise _Unsupported(f"{self.name}: empty lists")
+                raise Unsupported(f"{self.name}: empty lists")
             flat = part.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy()
             if valid is not None:
                 keep = np.repeat(valid, lengths)
@@ -183,7 +183,7 @@ class _Column:
         return [*_levels(_bitpacked(rep, 1)), *_levels(def_levels), flat], total, flat
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """A column this writer does not handle (the caller falls back to pyarrow)."""
 
 
@@ -207,6 +207,11 @@ def _chunk_meta(col: _Column, offset: int, size: int, raw: int, entries: int, va
     return _thrift([(2, T_I64, offset), (3, T_STRUCT, meta)])
 
 
+def columns_for(schema: pa.Schema, all_null: Sequence[bool], pack: bool) -> list[_Column]:
+    """The writer's columns for ``schema``, given which columns hold nulls only; `Unsupported` if it cannot."""
+    return [_Column(field, bool(empty), pack) for field, empty in zip(schema, all_null, strict=True)]
+
+
 def write_parquet(table: pa.Table, row_group_rows: int, statistics: Sequence[str] = (),
                   pack: bool = True) -> list | None:
     """The bytes of ``table`` as a Parquet file, as a list of buffers to write in order; None if unsupported.
@@ -219,38 +224,50 @@ def write_parquet(table: pa.Table, row_group_rows: int, statistics: Sequence[str
     """
     if not table.num_rows:
         return None
+    step = max(row_group_rows, 1)
     try:
-        columns = [_Column(f, table.column(i), pack) for i, f in enumerate(table.schema)]
-    except _Unsupported:
-        return None
-    try:
-        return _assemble(table.num_rows, columns, max(row_group_rows, 1), set(statistics))
-    except _Unsupported:
+        columns = columns_for(table.schema, [c.null_count == table.num_rows for c in table.columns], pack)
+        for col, column in zip(columns, table.columns):
+            col.check(column)
+        return list(stream_parquet(columns, (table.slice(s, step) for s in range(0, table.num_rows, step)),
+                                   statistics))
+    except Unsupported:
         return None
 
 
-def _assemble(n_rows: int, columns: list[_Column], step: int, statistics: set[str]) -> list:
-    parts: list = [MAGIC]
-    offset, groups = len(MAGIC), []
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
+def stream_parquet(columns: list[_Column], groups: Iterable[pa.Table], statistics: Sequence[str] = ()) -> Iterator:
+    """The buffers of a Parquet file, in order, one row group of ``groups`` at a time (`columns_for` their schema).
+
+    Only one row group is encoded and held at a time, so a file of any size is written in the memory of one group.
+    The bytes equal `write_parquet`'s for the same rows cut into the same groups. `Unsupported` can still be raised
+    midway (a variable list column with an empty list): the caller drops what it wrote and falls back.
+    """
+    wanted = set(statistics)
+    yield MAGIC
+    offset, groups_meta, n_rows = len(MAGIC), [], 0
+    for group in groups:
         chunks, group_bytes = [], 0
-        for col in columns:
-            body, raw, entries, values, nulls = col.page(start, stop)
+        for col, column in zip(columns, group.columns, strict=True):
+            col.check(column)
+            part = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            body, raw, entries, values, nulls = col.page(part)
             size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in body)
             encoding = BYTE_STREAM_SPLIT if col.packed else PLAIN
             header = _thrift([(1, T_I32, 0), (2, T_I32, raw), (3, T_I32, size),
                               (5, T_STRUCT, _thrift([(1, T_I32, entries), (2, T_I32, encoding), (3, T_I32, RLE),
                                                      (4, T_I32, RLE)]))])
             chunks.append(_chunk_meta(col, offset, len(header) + size, len(header) + raw, entries, values, nulls,
-                                      col.name in statistics))
-            parts += [header, *body]
+                                      col.name in wanted))
+            yield header
+            yield from body
             offset += len(header) + size
             group_bytes += len(header) + size
-        groups.append(_thrift([(1, T_LIST, (T_STRUCT, chunks)), (2, T_I64, group_bytes), (3, T_I64, stop - start)]))
+        groups_meta.append(_thrift([(1, T_LIST, (T_STRUCT, chunks)), (2, T_I64, group_bytes),
+                                    (3, T_I64, group.num_rows)]))
+        n_rows += group.num_rows
     schema = [_thrift([(4, T_BINARY, "schema"), (5, T_I32, len(columns))])]
     for col in columns:
         schema += col.schema()
     footer = _thrift([(1, T_I32, 1), (2, T_LIST, (T_STRUCT, schema)), (3, T_I64, n_rows),
-                      (4, T_LIST, (T_STRUCT, groups)), (6, T_BINARY, "geomap segment writer")])
-    return [*parts, footer, struct.pack("<i", len(footer)), MAGIC]
+                      (4, T_LIST, (T_STRUCT, groups_meta)), (6, T_BINARY, "geomap segment writer")])
+    yield from (footer, struct.pack("<i", len(footer)), MAGIC)

@@ -14,6 +14,7 @@ from geomap.store.db import ensure_schema, in_transaction, rollback_quietly
 from geomap.store.segments import (
     CATALOG_DDL,
     SEGMENT_TABLES,
+    Extent,
     catalog,
     layout,
     refresh_views,
@@ -52,7 +53,7 @@ def migrate(con: duckdb.DuckDBPyConnection, prompts_per_segment: int = 256) -> d
                 table = con.sql(f"SELECT * FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?",  # noqa: S608
                                 params=[first, last]).to_arrow_table()
                 segment = write_segment(table, name, folder)
-                catalog(con, name, segment, table)
+                catalog(con, name, segment, Extent.of(table, name))
                 con.execute(f"DELETE FROM internal.{name}_rows WHERE prompt_id BETWEEN ? AND ?", [first, last])  # noqa: S608
                 refresh_views(con, [name])
                 kill_point("segment.migrated")

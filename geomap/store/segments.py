@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +46,7 @@ LAYOUTS = ("rows", "segments")
 LAYOUT_ENV = "GEOMAP_STORE_LAYOUT"  # the layout a new store gets (default `DEFAULT_LAYOUT`)
 DEFAULT_LAYOUT = "segments"
 ROW_GROUP_BYTES = 4 << 20  # about 4 MB a row group (see `write_segment`)
-COMPACT_THRESHOLD = 64  # small segments of one table that trigger automatic compaction after a merge
 RETIRE_GRACE_S = 600.0  # seconds a retired segment outlives its retirement when readers may share the instance
-COMPACT_TARGET_BYTES = 128 << 20  # a compacted segment holds at most about this many bytes
 PACKED = frozenset(SEGMENT_TABLES)  # tables whose float vectors are stored as zstd'd byte streams
 
 CATALOG_DDL = """
@@ -149,44 +147,92 @@ def _sorted(table: pa.Table, name: str) -> pa.Table:
     return pa.table(columns, schema=table.schema)
 
 
+def group_rows(nbytes: int, rows: int) -> int:
+    """Rows per row group for a table of ``rows`` rows and ``nbytes`` bytes in memory: about `ROW_GROUP_BYTES`."""
+    return max(64, ROW_GROUP_BYTES // max(nbytes // max(rows, 1), 1))
+
+
+def statistics_for(name: str, column_names: Sequence[str]) -> list[str]:
+    """The columns of table ``name`` whose row groups carry min/max statistics (its sort keys and state ids)."""
+    return [k for k in (*SORT_KEYS[name], "id") if k in column_names]
+
+
 def write_segment(table: pa.Table, name: str, folder: Path, sync_folder: bool = True) -> Segment:
     """Write a table's rows as a new segment file of ``folder``: sorted, fsynced and renamed into place.
 
     Rows are sorted by (prompt, position, layer) and cut into row groups of about `ROW_GROUP_BYTES`, so a point
-    read of one prompt's trajectory reads a few row groups. Vector columns are stored uncompressed (float32 barely
-    compresses, and the write rate is the point); nulls (``attn_bias`` away from captured positions) cost no bytes.
-    The file is built in memory, hashed there and written with one call. ``sync_folder`` false leaves the
-    rename's fsync of the folder to the caller (one for all the segments of a batch).
+    read of one prompt's trajectory reads a few row groups. Float vectors are stored as zstd'd byte streams
+    (`PACKED`); nulls (``attn_bias`` away from captured positions) cost no bytes. The file is built in memory,
+    hashed and written by `place`. ``sync_folder`` false leaves the rename's fsync of the folder to the caller (one
+    for all the segments of a batch).
     """
-    folder.mkdir(parents=True, exist_ok=True)
     table = _sorted(table, name)
-    row_bytes = max(table.nbytes // max(table.num_rows, 1), 1)
-    file = f"{name}-{uuid.uuid4().hex[:16]}.parquet"
-    tmp = folder / f".{file}.tmp"
-    stats = [k for k in (*SORT_KEYS[name], "id") if k in table.column_names]
-    group_rows = max(64, ROW_GROUP_BYTES // row_bytes)
-    parts = write_parquet(table, group_rows, stats, pack=name in PACKED)  # `geomap.store.parquet_fast`
+    step = group_rows(table.nbytes, table.num_rows)
+    stats = statistics_for(name, table.column_names)
+    parts = write_parquet(table, step, stats, pack=name in PACKED)  # `geomap.store.parquet_fast`
     if parts is None:  # a column that writer does not handle (bfloat16 vectors as binary): pyarrow's writer
         buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer, row_group_size=group_rows, compression="none", use_dictionary=False,
+        pq.write_table(table, buffer, row_group_size=step, compression="none", use_dictionary=False,
                        write_statistics=stats, store_schema=False)
         parts = [buffer.getvalue()]
-    digest = write_temp(tmp, parts)
-    size = sum(memoryview(p).nbytes for p in parts)
+    return place(folder, name, parts, table.num_rows, sync_folder)
+
+
+def place(folder: Path, name: str, parts: Iterable, rows: int, sync_folder: bool = True) -> Segment:
+    """Write the buffers ``parts`` as a new segment of table ``name``: under a temporary name, fsynced, renamed.
+
+    ``parts`` is a list, or a generator that makes the buffers as they are written; nothing is left behind if it
+    fails.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    file = f"{name}-{uuid.uuid4().hex[:16]}.parquet"
+    tmp = folder / f".{file}.tmp"
+    sizes: list[int] = []
+
+    def counted() -> Iterator:
+        for part in parts:
+            sizes.append(memoryview(part).nbytes)
+            yield part
+
+    try:
+        digest = write_temp(tmp, counted())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     kill_point("segment.temp_written")
     os.replace(tmp, folder / file)
     if sync_folder:
         fsync_path(folder)
-    return Segment(file, table.num_rows, size, digest)
+    return Segment(file, rows, sum(sizes), digest)
 
 
-def catalog(con: duckdb.DuckDBPyConnection, name: str, segment: Segment, table: pa.Table) -> None:
+@dataclass(frozen=True)
+class Extent:
+    """What a segment's catalog row says of its rows: the prompt-id range, and the largest state id (states)."""
+
+    min_prompt: int
+    max_prompt: int
+    max_id: int | None = None
+
+    @classmethod
+    def of(cls, table: pa.Table, name: str) -> Extent:
+        """The extent of a table's rows (table ``name`` of `SEGMENT_TABLES`)."""
+        prompts = table.column("prompt_id")
+        max_id = pc.max(table.column("id")).as_py() if name == "states" else None
+        return cls(pc.min(prompts).as_py(), pc.max(prompts).as_py(), max_id)
+
+    def join(self, other: Extent) -> Extent:
+        """The extent of both segments' rows together."""
+        ids = [i for i in (self.max_id, other.max_id) if i is not None]
+        return Extent(min(self.min_prompt, other.min_prompt), max(self.max_prompt, other.max_prompt),
+                      max(ids) if ids else None)
+
+
+def catalog(con: duckdb.DuckDBPyConnection, name: str, segment: Segment, extent: Extent) -> None:
     """Insert a segment's catalog row (inside the caller's transaction)."""
-    prompts = table.column("prompt_id")
-    max_id = pc.max(table.column("id")).as_py() if name == "states" else None
     con.execute("INSERT INTO internal.segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                [segment.file, name, segment.rows, segment.bytes, segment.sha256, pc.min(prompts).as_py(),
-                 pc.max(prompts).as_py(), max_id, SEGMENT_FORMAT])
+                [segment.file, name, segment.rows, segment.bytes, segment.sha256, extent.min_prompt,
+                 extent.max_prompt, extent.max_id, SEGMENT_FORMAT])
 
 
 def store_segments(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]) -> dict[str, int]:
@@ -207,7 +253,7 @@ def store_segments(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]) 
     pool.shutdown(wait=False)  # every result is in: the idle threads exit on their own (a wait for each, under load)
     counts = {}
     for name, segment in segments.items():
-        catalog(con, name, segment, todo[name])
+        catalog(con, name, segment, Extent.of(todo[name], name))
         counts[name] = todo[name].num_rows
     if "states" in todo:
         scalars.insert(con, todo["states"])  # what the trajectory views read, in the same commit
@@ -331,62 +377,3 @@ def open_for_writing(con: duckdb.DuckDBPyConnection) -> None:
     """A writer's first step on a segments store: remove orphans, and retired files past their grace."""
     if layout(con) == "segments":
         remove_orphans(con, RETIRE_GRACE_S)
-
-
-def compact_if_needed(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    """Compact when some table has more than `COMPACT_THRESHOLD` small segments (between a writer's batches).
-
-    The replaced files are kept for `RETIRE_GRACE_S`: readers of a served store may still be reading them.
-    """
-    if layout(con) != "segments" or not needs_compaction(con):
-        return {}
-    return compact(con, grace_s=RETIRE_GRACE_S)
-
-
-def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES,
-            target_bytes: int = COMPACT_TARGET_BYTES, grace_s: float = 0.0) -> dict[str, int]:
-    """Merge each table's small segments into few large ones; idempotent and kill-safe.
-
-    Small segments (under ``target_bytes // 2``) are taken in prompt order and packed into new segments of up to
-    ``target_bytes``; memory holds one new segment at a time. Each new segment commits with its catalog row, the
-    old rows' removal and the rewritten view in one transaction; the old files are retired, and deleted once
-    ``grace_s`` has passed (at once by default: a process that holds the store alone), by this or a later writer.
-
-    Returns:
-        Segments replaced per table.
-    """
-    from geomap.store.db import in_transaction
-
-    folder = segment_dir(store_path(con))
-    replaced = {}
-    for name in names:
-        small = con.execute("SELECT file, bytes FROM internal.segments WHERE table_name = ? AND bytes < ? "
-                            "ORDER BY min_prompt, file", [name, max(target_bytes // 2, 1)]).fetchall()
-        groups, current, size = [], [], 0
-        for file, rows in small:
-            if current and size + rows > target_bytes:
-                groups.append(current)
-                current, size = [], 0
-            current.append(file)
-            size += rows
-        if current:
-            groups.append(current)
-        for files in (g for g in groups if len(g) > 1):
-            table = pa.concat_tables([pq.read_table(folder / f) for f in files])
-            with in_transaction(con):
-                segment = write_segment(table, name, folder)
-                con.execute("DELETE FROM internal.segments WHERE file IN (SELECT unnest(?))", [files])
-                catalog(con, name, segment, table)
-                con.execute("INSERT INTO internal.retired_segments SELECT unnest(?), now()", [files])
-                refresh_views(con, [name])
-                kill_point("segment.compacted")
-            replaced[name] = replaced.get(name, 0) + len(files)
-    remove_orphans(con, grace_s)
-    return replaced
-
-
-def needs_compaction(con: duckdb.DuckDBPyConnection, threshold: int = COMPACT_THRESHOLD) -> bool:
-    """Whether some table has more than ``threshold`` small segments."""
-    most = con.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM internal.segments WHERE bytes < ? "
-                       "GROUP BY table_name)", [COMPACT_TARGET_BYTES // 2]).fetchall()[0][0]
-    return (most or 0) > threshold

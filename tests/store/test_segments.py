@@ -15,9 +15,10 @@ import pytest
 from geomap.capture import CaptureConfig
 from geomap.digest import sha256_of
 from geomap.ingest.engine import ingest
+from geomap.store.compaction import compact
 from geomap.store.db import connect, ensure_schema
 from geomap.store.segment_migrate import migrate
-from geomap.store.segments import LAYOUT_ENV, SEGMENT_TABLES, compact, layout, remove_orphans, segment_dir
+from geomap.store.segments import LAYOUT_ENV, SEGMENT_TABLES, layout, remove_orphans, segment_dir
 from geomap.store.sql import SqlRefused, run_sql, sql_connection_config
 from geomap.store.writer import PromptSpec
 from tests.storedb import copy_store
