@@ -36,11 +36,11 @@ from geomap.store.segments import (
     PACKED,
     RETIRE_GRACE_S,
     SEGMENT_TABLES,
-    SORT_KEYS,
     Extent,
     Segment,
     catalog,
     group_rows,
+    key_order,
     layout,
     place,
     refresh_views,
@@ -172,7 +172,7 @@ def _streamed(paths: list[Path], name: str, folder: Path, types: dict[str, pa.Da
             schema, nulls = table.schema, np.zeros(table.num_columns, np.int64)
         elif not table.schema.equals(schema):
             raise Unsupported(f"{path.name}: another schema")
-        if not _in_order(table, name):
+        if key_order(table, name) is not None:  # each source is in segment order, as `write_segment` leaves it
             raise Unsupported(f"{path.name}: rows out of order")
         rows, nbytes = rows + table.num_rows, nbytes + table.nbytes
         nulls += [c.null_count for c in table.columns]
@@ -183,13 +183,6 @@ def _streamed(paths: list[Path], name: str, folder: Path, types: dict[str, pa.Da
     step = group_rows(nbytes, rows)
     parts = stream_parquet(columns, _row_groups(paths, step, types), statistics_for(name, schema.names))
     return place(folder, name, parts, rows, sync_folder=True), extent
-
-
-def _in_order(table: pa.Table, name: str) -> bool:
-    """Whether a source's rows are in the segment order (`SORT_KEYS`), as `write_segment` leaves them."""
-    keys = [table.column(k).to_numpy() for k in reversed(SORT_KEYS[name]) if k in table.column_names]
-    order = np.lexsort(keys)
-    return bool((order == np.arange(len(order))).all())
 
 
 def _row_groups(paths: list[Path], step: int, types: dict[str, pa.DataType]) -> Iterator[pa.Table]:

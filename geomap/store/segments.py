@@ -118,11 +118,17 @@ def rows_ddl(ddl: str) -> str:
     return ddl
 
 
-def _sorted(table: pa.Table, name: str) -> pa.Table:
-    """The rows in key order; vectors are scattered straight from their chunks with numpy (one copy, not two)."""
+def key_order(table: pa.Table, name: str) -> np.ndarray | None:
+    """The permutation that puts a table's rows in segment order (`SORT_KEYS`), or None when they are in it."""
     keys = [k for k in SORT_KEYS[name] if k in table.column_names]
     order = np.lexsort([table.column(k).to_numpy() for k in reversed(keys)])
-    if (order == np.arange(len(order))).all():
+    return None if (order == np.arange(len(order))).all() else order
+
+
+def _sorted(table: pa.Table, name: str) -> pa.Table:
+    """The rows in key order; vectors are scattered straight from their chunks with numpy (one copy, not two)."""
+    order = key_order(table, name)
+    if order is None:
         return table
     where = np.empty_like(order)
     where[order] = np.arange(len(order))  # the sorted position of every row
