@@ -18,7 +18,8 @@ Names (the process stops *at* the call, so "before X" means X did not happen):
     ``batch.committed``: a batch's transaction committed.
     ``segment.temp_written``: a vector segment's temp file is written and fsynced, not yet renamed into place.
     ``segment.cataloged``: a batch's segments are renamed into place and cataloged, its transaction not committed.
-    ``segment.compacted``: a compacted segment is in place and cataloged, its transaction not committed.
+    ``segment.compacted``: a compacted (or rewritten) segment is in place and cataloged, its transaction not
+        committed.
     ``segment.migrated``: a migrated segment is in place and its rows deleted, its transaction not committed.
     ``scalars.backfilled``: a segments store written before ``internal.state_scalars`` has the table created and
     filled from its segments, the transaction not committed.

@@ -17,8 +17,12 @@ def store() -> None:
 @store.command("compact")
 @db_option
 def compact(db: Path | None) -> None:
-    """Merge small vector segments into large ones (idempotent; a killed compaction is finished by a rerun)."""
+    """Merge small vector segments into large ones (idempotent; a killed compaction is finished by a rerun).
+
+    Segments an older geomap wrote with pyarrow's uncompressed fallback are written again by geomap's own writer.
+    """
     from geomap.store.compaction import compact as compact_segments
+    from geomap.store.compaction import rewrite_foreign
     from geomap.store.db import ensure_schema
     from geomap.store.handle import Store
     from geomap.store.segments import layout, open_for_writing
@@ -30,8 +34,10 @@ def compact(db: Path | None) -> None:
             return
         open_for_writing(con)
         replaced = compact_segments(con)
+        rewritten = sum(rewrite_foreign(con).values())
         left = con.execute("SELECT count(*) FROM internal.segments").fetchall()[0][0]
-    click.echo(f"compacted {sum(replaced.values())} segments; {left} segments now")
+    again = f"; rewrote {rewritten} written by an older geomap" if rewritten else ""
+    click.echo(f"compacted {sum(replaced.values())} segments{again}; {left} segments now")
 
 
 @store.command("migrate")

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geomap.faults import kill_point
-from geomap.store.parquet_fast import Unsupported, columns_for, stream_parquet
+from geomap.store.parquet_fast import WRITER, Unsupported, columns_for, stream_parquet
 from geomap.store.segments import (
     PACKED,
     RETIRE_GRACE_S,
@@ -88,8 +88,6 @@ def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLE
     Returns:
         Segments replaced per table.
     """
-    from geomap.store.db import in_transaction
-
     folder = segment_dir(store_path(con))
     replaced = {}
     for name in names:
@@ -97,17 +95,76 @@ def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLE
                             "AND bytes < ? ORDER BY min_prompt, file", [name, max(target_bytes // 2, 1)]).fetchall()
         types = arrow_types(segment_columns(con, name))
         for group in (g for g in _groups(small, target_bytes) if len(g) > 1):
-            files = [row[0] for row in group]
-            with in_transaction(con):
-                segment, extent = _merge(folder, name, group, types, stream)
-                con.execute("DELETE FROM internal.segments WHERE file IN (SELECT unnest(?))", [files])
-                catalog(con, name, segment, extent)
-                con.execute("INSERT INTO internal.retired_segments SELECT unnest(?), now()", [files])
-                refresh_views(con, [name])
-                kill_point("segment.compacted")
-            replaced[name] = replaced.get(name, 0) + len(files)
+            _replace(con, folder, name, group, types, stream)
+            replaced[name] = replaced.get(name, 0) + len(group)
     remove_orphans(con, grace_s)
     return replaced
+
+
+def rewrite_foreign(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES,
+                    grace_s: float = 0.0) -> dict[str, int]:
+    """Write again, one by one, the segments that another writer made and geomap's own writer can now encode.
+
+    Earlier compactions fell back to pyarrow's writer for ``contributions`` (its vectors read back as variable
+    lists, which that writer's fallback stored uncompressed). Those files are rewritten by `parquet_fast`, with the
+    same rows; a file only pyarrow can write (bfloat16 vectors) is left as it is, so a second call does nothing.
+    Each rewrite commits as a compaction does (kill-safe, at the same boundary; the old file is retired).
+
+    Returns:
+        Segments rewritten per table.
+    """
+    folder = segment_dir(store_path(con))
+    rewritten = {}
+    for name in names:
+        rows = con.execute("SELECT file, bytes, min_prompt, max_prompt FROM internal.segments WHERE table_name = ? "
+                           "ORDER BY min_prompt, file", [name]).fetchall()
+        types = arrow_types(segment_columns(con, name))
+        for row in (r for r in rows if foreign(folder / r[0], types, pack=name in PACKED)):
+            _replace(con, folder, name, [row], types, True)
+            rewritten[name] = rewritten.get(name, 0) + 1
+    remove_orphans(con, grace_s)
+    return rewritten
+
+
+def foreign(path: Path, types: dict[str, pa.DataType], pack: bool) -> bool:
+    """Whether a segment file was written by another writer than geomap's, which could encode it now.
+
+    A column whose values only pyarrow writes (non-null binary: bfloat16 vectors) keeps the file as it is; so does a
+    binary column whose footer does not say it is null throughout.
+    """
+    meta = pq.read_metadata(path)
+    if meta.created_by == WRITER or not meta.num_rows:
+        return False
+    schema = pq.read_schema(path)
+    schema = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in schema])
+    all_null = []
+    for i in range(meta.num_columns):
+        chunks = [meta.row_group(g).column(i) for g in range(meta.num_row_groups)]
+        stats = [c.statistics for c in chunks]
+        known = all(s is not None and s.has_null_count for s in stats)
+        all_null.append(known and sum(s.null_count for s in stats) == meta.num_rows)
+    leaves = [c.path_in_schema for c in (meta.row_group(0).column(i) for i in range(meta.num_columns))]
+    by_field = [next((n for leaf, n in zip(leaves, all_null) if leaf.split(".")[0] == f.name), False) for f in schema]
+    try:
+        columns_for(schema, by_field, pack)
+    except Unsupported:
+        return False
+    return True
+
+
+def _replace(con: duckdb.DuckDBPyConnection, folder: Path, name: str, group: list[tuple],
+             types: dict[str, pa.DataType], stream: bool) -> None:
+    """Write ``group``'s rows as one new segment and swap it in, in one transaction, the old files retired."""
+    from geomap.store.db import in_transaction
+
+    files = [row[0] for row in group]
+    with in_transaction(con):
+        segment, extent = _merge(folder, name, group, types, stream)
+        con.execute("DELETE FROM internal.segments WHERE file IN (SELECT unnest(?))", [files])
+        catalog(con, name, segment, extent)
+        con.execute("INSERT INTO internal.retired_segments SELECT unnest(?), now()", [files])
+        refresh_views(con, [name])
+        kill_point("segment.compacted")
 
 
 def _groups(small: list[tuple], target_bytes: int) -> list[list[tuple]]:

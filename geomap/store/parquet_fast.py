@@ -183,6 +183,9 @@ class _Column:
         return [*_levels(_bitpacked(rep, 1)), *_levels(def_levels), flat], total, flat
 
 
+WRITER = "geomap segment writer"  # the files' ``created_by``: what tells them from pyarrow's
+
+
 class Unsupported(Exception):
     """A column this writer does not handle (the caller falls back to pyarrow)."""
 
@@ -267,5 +270,5 @@ def stream_parquet(columns: list[_Column], groups: Iterable[pa.Table], statistic
     for col in columns:
         schema += col.schema()
     footer = _thrift([(1, T_I32, 1), (2, T_LIST, (T_STRUCT, schema)), (3, T_I64, n_rows),
-                      (4, T_LIST, (T_STRUCT, groups_meta)), (6, T_BINARY, "geomap segment writer")])
+                      (4, T_LIST, (T_STRUCT, groups_meta)), (6, T_BINARY, WRITER)])
     yield from (footer, struct.pack("<i", len(footer)), MAGIC)

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from geomap.store import compaction
-from geomap.store.compaction import _merge, compact
+from geomap.store import compaction, segments
+from geomap.store.compaction import _merge, compact, foreign, rewrite_foreign
 from geomap.store.db import connect
+from geomap.store.parquet_fast import WRITER
 from geomap.store.segments import SEGMENT_TABLES, Extent, segment_dir, write_segment
 from tests.store.test_segments import same_rows, stores, tables  # noqa: F401 (the module's fixture of two stores)
 from tests.storedb import copy_store
@@ -131,3 +132,49 @@ def test_compacting_a_real_store_streams_and_matches_the_in_memory_path(stores, 
         assert writers == {"geomap segment writer"}  # vectors read back as lists were typed again: no fallback
     assert catalogs[0] == catalogs[1]  # every compacted file the same, byte for byte (by sha256)
     assert files[0] == files[1] == len(catalogs[0])  # and nothing else is left in the folder
+
+
+def _writers(db) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in segment_dir(db).iterdir():
+        out.setdefault(p.name.split("-")[0], set()).add(pq.read_metadata(p).created_by)
+    return out
+
+
+def test_store_compact_rewrites_what_an_older_compaction_left_to_pyarrow(stores, tmp_path, monkeypatch):  # noqa: F811
+    db = tmp_path / "old.duckdb"
+    copy_store(stores["seg"], db)
+    before = tables(db)
+    con = connect(db)
+    try:
+        with monkeypatch.context() as m:  # before fb7a196, contributions' compaction fell back to pyarrow's writer
+            m.setattr(segments, "write_parquet", lambda *args, **kwargs: None)
+            compact(con, names=["contributions"], stream=False)
+        compact(con)
+        old = [p for p in segment_dir(db).iterdir() if pq.read_metadata(p).created_by != WRITER]
+        assert [p.name.split("-")[0] for p in old] == ["contributions"]  # its null attn_bias rows fell back
+        assert pq.read_metadata(old[0]).row_group(0).column(4).compression == "UNCOMPRESSED"
+        assert rewrite_foreign(con) == {"contributions": 1}
+        assert _writers(db) == {name: {WRITER} for name in SEGMENT_TABLES}
+        assert (segment_dir(db) / old[0].name).exists() is False  # retired and removed (no grace: held alone)
+        assert rewrite_foreign(con) == {}  # idempotent
+        assert compact(con) == {}
+        files = {r[0] for r in con.execute("SELECT file FROM internal.segments").fetchall()}
+    finally:
+        con.close()
+    assert files == {p.name for p in segment_dir(db).iterdir()}
+    after = tables(db)
+    assert all(same_rows(after[n], before[n]) for n in SEGMENT_TABLES)
+
+
+def test_a_file_only_pyarrow_can_write_is_not_foreign(tmp_path):
+    folder = tmp_path / "seg"
+    t = _states([1, 2], seed=1, extra=False)
+    bf16 = pa.array([np.frombuffer(np.ones(WIDTH, np.uint16).tobytes(), np.uint8).tobytes()] * t.num_rows, pa.binary())
+    seg = write_segment(t.drop_columns(["vec", "extra"]).append_column("vec_bf16", bf16), "states", folder)
+    assert pq.read_metadata(folder / seg.file).created_by != WRITER  # the fallback
+    assert not foreign(folder / seg.file, {}, pack=True)  # rewriting would give the same file again
+    pq.write_table(t, folder / "states-old.parquet", compression="none")
+    assert foreign(folder / "states-old.parquet", TYPES, pack=True)  # float vectors geomap's writer now takes
+    ours = write_segment(t, "states", folder)
+    assert not foreign(folder / ours.file, TYPES, pack=True)
