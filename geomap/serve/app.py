@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from geomap.errors import GeomapError
+from geomap.serve import heap
 from geomap.serve.admission import Admission
 from geomap.serve.fits import FitRunner
 from geomap.serve.jobs import JobRunner
@@ -199,10 +200,10 @@ def _finite(value):
 
 
 def _warm_reports() -> None:
-    """Import the report stage and load its templates while the server waits for its first request.
+    """Import the report stage and load its templates while the server waits for its first request, then settle.
 
     A reader's first journey page then pays for its own data only, not for the imports and template loading every
-    page shares.
+    page shares. What start-up made is then frozen out of the collector's full walks (`heap.settle`).
     """
     try:
         from geomap.report import data  # noqa: F401
@@ -212,6 +213,7 @@ def _warm_reports() -> None:
             environment().get_template(name)
     except Exception:  # noqa: BLE001 (a warm-up only: the first page loads them itself)
         log.debug("report warm-up failed", exc_info=True)
+    heap.settle()  # what start-up imported lives as long as the server: out of full collections' walks
 
 
 def create_app(settings: Settings) -> FastAPI:

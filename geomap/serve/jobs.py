@@ -154,4 +154,5 @@ class JobRunner:
                     pass
             finally:
                 job.finished = time.time()
+                heap.settle()  # torch and the model stay: out of later full collections' walks
                 heap.trim()  # a job's batches were freed: give their pages back rather than hold them for reuse
