@@ -161,6 +161,14 @@ class StateSet:
     x: np.ndarray
 
 
+def check_stored(con: duckdb.DuckDBPyConnection, run_id: int) -> None:
+    """Raise a one-line `StoreError` if run ``run_id`` stored no prompt (nothing of it to show or analyse)."""
+    stored = con.execute("SELECT count(*) FROM prompts WHERE run_id = ? AND status = 'done'", [run_id]).fetchall()
+    if not stored[0][0]:
+        raise StoreError(f"Run {run_id} stored no prompts (it failed, or every prompt it was given was stored "
+                         "before): there is nothing of it to show; `geomap sql \"SELECT * FROM runs\"` lists the runs.")
+
+
 def run_states(con: duckdb.DuckDBPyConnection, run_id: int, layers: list[int] | None = None) -> StateSet:
     """Every stored state of a run's prompts (at ``layers``, default all), decoded to float32."""
     from geomap.store.codec import decode_bf16
@@ -172,6 +180,7 @@ def run_states(con: duckdb.DuckDBPyConnection, run_id: int, layers: list[int] | 
                     params={"run": run_id}).to_arrow_table()
     n = table.num_rows
     if n == 0:
+        check_stored(con, run_id)
         raise StoreError(f"Run {run_id} has no stored states" + ("" if layers is None else f" at layers {layers}"))
     vec = table.column("vec").combine_chunks()
     d = vec.type.list_size

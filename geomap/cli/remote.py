@@ -79,8 +79,9 @@ def run_job(client: Client, prompts, model: str, capture, vector_dtype: str, bat
     p = view["progress"]
     from geomap.ingest.runs import RunSummary  # torch-free until a job runs (a report's CLI stays fast)
 
-    summary = RunSummary(run_id, p.get("stored", 0), p.get("skipped", 0), p.get("failed", 0), p.get("tokens", 0),
-                         float(p.get("seconds", 0.0)), tuple(p.get("failures", ())))
+    recorded = p.get("recorded", True)  # False: every prompt was stored before, and the server kept no empty run
+    summary = RunSummary(run_id if recorded else None, p.get("stored", 0), p.get("skipped", 0), p.get("failed", 0),
+                         p.get("tokens", 0), float(p.get("seconds", 0.0)), tuple(p.get("failures", ())))
     return summary, view
 
 

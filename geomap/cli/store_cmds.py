@@ -207,7 +207,7 @@ def _run_on_server(client, store: Path, pipe, prompts, engine, device: str | Non
                             pipe.name, engine=_server_engine(engine, device))
     report_summary(summary, as_json, store, prompt_keys_of(pipe.model, pipe.capture, prompts))
     if pipe.continuation_tokens:
-        click.echo("note: continuation_tokens is not run through a server; run `geomap generate` there.", err=True)
+        _missing_continuations(client, view)
     if pipe.reports and not no_reports:
         stored = view["progress"].get("prompts", [])
         pages = [f"journey-{pid}.html" for pid, _ in stored if not (pipe.reports / f"journey-{pid}.html").exists()]
@@ -215,6 +215,21 @@ def _run_on_server(client, store: Path, pipe, prompts, engine, device: str | Non
         for page in pages:
             fetch_report(client, page, pipe.reports / page)
         click.echo(f"reports: {len(pages)} written; open {pipe.reports / 'index.html'}", err=True)
+
+
+def _missing_continuations(client, view: dict) -> None:
+    """Say how many of the job's prompts have no stored continuation: a server job stores prompts, not those."""
+    ids = [pid for pid, _ in view["progress"].get("prompts", [])]
+    if not ids:
+        return
+    answer = client.request("POST", "/sql", {"sql": "SELECT count(DISTINCT parent_id) FROM prompt_kind WHERE kind = "
+                                                    "'continuation' AND parent_id IN (SELECT unnest(?))",
+                                             "params": [ids]})
+    missing = len(ids) - int(answer["rows"][0][0])
+    if missing > 0:
+        click.echo(f"note: {missing} of the pipeline's prompts have no continuation (continuation_tokens) stored: "
+                   "a server job stores prompts only. Stop the server and run `geomap run` again to add them (what "
+                   "is stored is skipped).", err=True)
 
 
 def _continue(store: StoreLike, pipe, prompts, loaded, as_json: bool) -> None:

@@ -135,7 +135,7 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, opti
         dtype: The workers' weights dtype.
 
     Returns:
-        A summary of the run.
+        A summary of the run; its ``run_id`` is None when every prompt was stored before (no run is recorded).
 
     Raises:
         RayMissingError: Ray is not installed.
@@ -150,8 +150,8 @@ def ingest_ray(model: str, prompts: Sequence[PromptSpec], store: StoreLike, opti
         skeleton = skeleton_model(model, plan.device, dtype)
         with Store.use(store, "w") as opened, opened.writer() as con:
             run = Run(opened, con, skeleton, options)
-            run.plan(prompts)
-            run.start()
+            if run.start(needed=bool(run.plan(prompts))) is None:  # all stored before: no empty run, as inline
+                return run.complete()
             try:
                 _drive(ray, run, prompts, model, plan, engine, dtype, shard_folder(opened.path, engine))
                 return run.complete()

@@ -166,7 +166,7 @@ class Run:
 
         Args:
             needed: Whether there is anything to store; if not, and no run is there to take up, no run is recorded
-                and None is returned.
+                (a reserved ``queued`` row is deleted) and None is returned.
         """
         o = self.options
         run_id = o.run_id
@@ -174,6 +174,9 @@ class Run:
             run_id = resumable_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline)
             if run_id is None and not needed:
                 return None
+        elif not needed and self.con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id",
+                                             [run_id]).fetchall():
+            return None  # a reserved row with nothing to fill it: no empty run is recorded, as without a server
         self.run_id = self.tally.run_id = start_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline,
                                                     run_id)
         kill_point("run.started")
@@ -282,14 +285,16 @@ def ensure_vocab(con, loaded: LoadedModel) -> None:
         raise
 
 
-def reserve_run(con, pipeline: str) -> int:
+def reserve_run(con, pipeline: str, above: int = 0) -> int:
     """Insert a ``queued`` run row (filled in when its ingestion starts) and return its id.
 
     One statement picks the id and inserts the row; `start_run` fills a queued row in place, so no other writer
-    ever sees the largest id disappear and hands it out twice.
+    ever sees the largest id disappear and hands it out twice. A queued row that turns out not to be needed is
+    deleted (`Run.start`); ``above`` (the largest id the caller reserved before) keeps its id from being handed out
+    again to the same caller, whose clients may still ask about it.
     """
-    return int(con.execute("INSERT INTO runs (id, started_at, status, pipeline) SELECT coalesce(max(id), 0) + 1, "
-                           "now(), 'queued', ? FROM runs RETURNING id", [pipeline]).fetchall()[0][0])
+    return int(con.execute("INSERT INTO runs (id, started_at, status, pipeline) SELECT greatest(coalesce(max(id), 0), "
+                           "?) + 1, now(), 'queued', ? FROM runs RETURNING id", [above, pipeline]).fetchall()[0][0])
 
 
 def resumable_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str) -> int | None:

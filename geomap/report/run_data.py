@@ -26,6 +26,7 @@ def run_data(store: StoreLike, run_id: int, links=None) -> dict:
         if not runs:
             raise NotFoundError(f"No run with id {run_id}; list them with `geomap sql \"SELECT * FROM runs\"`.")
         model, pipeline, n_layers, n_heads, started, status, sha = runs[0]
+        load.check_stored(con, run_id)
         weights = weights_for(opened.path, sha)
         prompts = con.execute("""SELECT j.prompt_id, j.text, j.tags, j.n_tokens, j.top1_token, j.top1_prob, j.entropy,
                                         j.prediction_depth FROM journey j WHERE j.run_id = ? ORDER BY j.prompt_id""",

@@ -83,6 +83,7 @@ class Server:
         self.report_lock = threading.Lock()  # reports may persist analyses (projections, geometry): one at a time
         self.jobs: JobRunner | None = None
         self.fits: FitRunner | None = None
+        self._reserved = 0  # the largest run id this server reserved (`_reserve`)
 
     @property
     def store(self) -> Store:
@@ -138,7 +139,8 @@ class Server:
 
         with self.store.writer() as con:
             ensure_schema(con)
-            return reserve_run(con, pipeline)
+            self._reserved = reserve_run(con, pipeline, above=self._reserved)  # a dropped empty run's id stays its
+            return self._reserved
 
     def _fail(self, run_id: int) -> None:
         from geomap.ingest.runs import mark_failed

@@ -140,8 +140,10 @@ class JobRunner:
             job.status, job.started = "running", time.time()
             try:
                 loaded, summary = self._ingest(job)
-                job.progress.update(seconds=round(summary.seconds, 3), failures=list(summary.failures),
-                                    prompts=self._stored(loaded, job.spec))
+                job.progress.update(stored=summary.stored, skipped=summary.skipped, failed=summary.failed,
+                                    tokens=summary.tokens, seconds=round(summary.seconds, 3),
+                                    failures=list(summary.failures), prompts=self._stored(loaded, job.spec),
+                                    recorded=summary.run_id is not None)  # the final counts, empty runs' too
                 if job.spec.interventions:
                     self._intervene(job)
                 job.status = "done"

@@ -284,3 +284,18 @@ def test_pipeline_continuation_tokens(tiny_dirs, tmp_path):
     again = CliRunner().invoke(cli, ["run", str(tmp_path / "tiny.toml")])
     assert again.exit_code == 0
     assert len(rows(tmp_path / "s.duckdb", "SELECT id FROM prompts WHERE parent_id = 1")) == 1  # reused, not redone
+
+    from tests.forked import geomap
+    from tests.serve.test_serve import start_server, stop_server
+
+    proc, _ = start_server(tmp_path / "s.duckdb", tiny_dirs["llama"])  # the same pipeline through a server
+    try:
+        served = geomap("run", str(tmp_path / "tiny.toml"), "--no-reports")
+        assert served.status == 0, served.stderr
+        assert "(no run recorded)" in served.stderr and "note:" not in served.stderr  # its continuation is there
+        (tmp_path / "p.txt").write_text("The storm is\nThe market is\n", encoding="utf-8")
+        served = geomap("run", str(tmp_path / "tiny.toml"), "--no-reports")
+        assert served.status == 0, served.stderr
+        assert "note: 1 of the pipeline's prompts have no continuation" in served.stderr, served.stderr
+    finally:
+        stop_server(proc)

@@ -10,6 +10,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ from geomap.ingest.generation import generate
 from geomap.report.api import journey_report
 from geomap.report.render import showtok
 from geomap.store.writer import PromptSpec
+from tests.forked import geomap as forked_geomap
 from tests.storedb import rows
 
 XSS = "</script><img src=x onerror=alert(1)> <bos> <s>"
@@ -322,6 +324,12 @@ def test_report_commands(tiny_dirs, tmp_path, monkeypatch):
     assert both.exit_code != 0 and "--prompt ID or --text" in both.output
     index = (tmp_path / "reports" / "index.html").read_text(encoding="utf-8")
     assert all(name in index for name in ("journey-2.html", "compare-1-2.html", "run-1.html"))
+    con = duckdb.connect(db)  # a run that stored nothing (it failed at once, or an older server kept an empty run)
+    con.execute("INSERT INTO runs (id, started_at, status, pipeline) VALUES (2, now(), 'failed', 'ingest')")
+    con.close()
+    empty = forked_geomap("report", "run", "--run", "2", "--db", db)
+    assert empty.status == 2 and empty.stderr.startswith("error: Run 2 stored no prompts"), empty.stderr
+    assert len(empty.stderr.strip().splitlines()) == 1
 
 
 def _store_bytes(db: Path) -> str:

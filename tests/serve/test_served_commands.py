@@ -65,3 +65,18 @@ def test_other_commands_name_the_server(served, args):
     assert len(lines) == 1 and "Traceback" not in done.stderr, lines
     assert "geomap's own server" in lines[0] and f"pid {proc.pid}" in lines[0] and str(port) in lines[0], lines[0]
     assert "writing to it" not in lines[0]
+
+
+def test_a_rerun_through_the_server_records_no_empty_run(served):
+    db, folder, _, port, model = served
+    api = Api(port)
+    last = api.ok("POST", "/sql", {"sql": "SELECT max(id) FROM runs"})["rows"][0][0]
+    done = geomap("ingest", str(folder / "p.txt"), "--db", str(db), "--model", str(model))
+    assert done.status == 0, done.stderr
+    assert "no prompts to store: all 2 are stored already (no run recorded)" in done.stderr, done.stderr
+    assert api.ok("POST", "/sql", {"sql": "SELECT count(*) FROM runs WHERE id > ?", "params": [last]})["rows"] == [[0]]
+    state = api.ok("GET", f"/runs/{last + 1}")  # the job that found nothing to do still answers under its id
+    assert state["job"]["status"] == "done" and state["job"]["progress"]["recorded"] is False
+    job = api.ok("POST", "/runs", {"prompts": ["A prompt not stored yet"], "model": str(model)})
+    assert job["run_id"] == last + 2  # the dropped id is not handed out again while a client may ask about it
+    assert api.wait(job["run_id"])["status"] == "done"
