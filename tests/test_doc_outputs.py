@@ -298,7 +298,7 @@ def test_documented_commands_print_what_the_page_shows(demo_home, page, monkeypa
     monkeypatch.delenv("GEOMAP_DB", raising=False)
     monkeypatch.setenv("COLUMNS", "120")
     for earlier in PAGES[:PAGES.index(page)]:  # a reader reaches this page after the ones before it: their commands
-        if earlier not in _RAN:                  # changed the store (README's trace stores a prompt), as here
+        if earlier not in _RAN:                  # changed the store (generate and intervene store prompts)
             _run_page(earlier)
     failures = _run_page(page)
     assert not failures, "\n\n".join(failures)

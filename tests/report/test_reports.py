@@ -359,3 +359,33 @@ def test_rendering_a_journey_page_writes_nothing_to_the_store(reports, tmp_path)
         with pytest.raises(duckdb.Error, match="read-only"):  # the handle really is read-only
             store.cursor().execute("CREATE TABLE probe (a INTEGER)")
     assert _store_bytes(db) == before
+
+
+OUTSIDE = """() => {  // every SVG label drawn inside its chart: none clipped by the chart's edge
+  const out = [];
+  for (const svg of document.querySelectorAll('svg')) {
+    const box = svg.getBoundingClientRect();
+    if (!box.width || !box.height) continue;  // a chart not shown (another tab, a closed panel)
+    for (const t of svg.querySelectorAll('text')) {
+      const r = t.getBoundingClientRect();
+      if (!r.width) continue;
+      if (r.top < box.top - 1 || r.bottom > box.bottom + 1 || r.left < box.left - 1 || r.right > box.right + 1)
+        out.push(`${t.textContent.trim()} (${svg.getAttribute('aria-label') || svg.id || 'svg'})`);
+    }
+  }
+  return out;
+}"""
+
+
+@pytest.mark.browser
+def test_in_chromium_every_chart_label_is_inside_its_chart(reports, browser):
+    from geomap.report.api import compare_report, run_report
+
+    model, db, pages, _ = reports
+    folder = pages[1].path.parent
+    paths = [pages[1].path, pages[4].path, run_report(db, 1, out=folder / "run-1.html", loaded=model).path,
+             compare_report(db, 1, 2, out=folder / "compare-1-2.html", loaded=model).path]
+    for path in paths:
+        page, _ = open_page(browser, path)
+        assert page.evaluate(OUTSIDE) == [], path.name
+        page.close()

@@ -134,7 +134,7 @@
                  p: drawn.p, kind: "kept", rank: drawn.rank + 1, drawn: true});
       shown += drawn.p;
     }
-    bars.push({label: "every other token", p: Math.max(0, 1 - shown), kind: "tail", rank: null});
+    bars.push({label: "other tokens", p: Math.max(0, 1 - shown), kind: "tail", rank: null});  // short: labels cut at 14
     var W = 760, H = 250, x0 = 56, y0 = 10, pw = W - x0 - 10, ph = 150;
     var peak = Math.max.apply(null, bars.map(function (b) { return b.p; }).concat([1e-12]));
     var step = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1].filter(function (s) { return s * 4 >= peak; })[0] || 1;
@@ -329,9 +329,11 @@
   function matrix(head) {
     var svg = document.querySelector("[data-matrix]"); if (!svg || !head.matrix) { return; }
     while (svg.firstChild) { svg.removeChild(svg.firstChild); }
-    var pos = data.heads.matrix_pos, toks = data.heads.matrix_tokens, n = pos.length, pad = 92, size = 400;
+    var pos = data.heads.matrix_pos, toks = data.heads.matrix_tokens, n = pos.length, pad = 92, size = 400, right = 50;
     var cell = (size - pad) / n;
-    svg.setAttribute("viewBox", "0 0 " + (size + 10) + " " + (size + 10));
+    // `right`: room for the last column's slanted label, which leans past the grid's edge
+    svg.setAttribute("viewBox", "0 0 " + (size + right) + " " + (size + 10));
+    svg.setAttribute("width", Math.round(420 * (size + right) / (size + 10)));
     function el(name, attrs, text) {
       var e = document.createElementNS(SVG, name);
       Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
