@@ -282,14 +282,16 @@ def stats(prompt_id: int, pos: int | None, db: Path | None, as_json: bool) -> No
         return
     click.echo(f"prompt {prompt_id} {a['text']!r}, position {a['pos']}: the model predicts "
                f"{_show(a['final']['token'])}; prediction depth {a['prediction_depth']}")
-    click.echo("layer  lens top-1          p      margin  entropy     KL  rank      norm  growth  cos_final")
+    # numbers right-aligned under their names; a margin of 137.102 (a layer-0 lens sure of itself) still fits
+    click.echo(f"layer  {'lens top-1':<18} {'p':>6} {'margin':>8} {'entropy':>8} {'KL':>6} {'rank':>6} {'norm':>9} "
+               f"{'growth':>7} {'cos_final':>10}")
     for r in frame.itertuples():
         if r.top1_id != r.top1_id or r.top1_id is None:  # no lens at this boundary
-            click.echo(f"{r.layer:>5}  {'':<18} {'':>6} {'':>7} {'':>8} {'':>6} {'':>5} {r.norm:>9.1f}")
+            click.echo(f"{r.layer:>5}  {'':<18} {'':>6} {'':>8} {'':>8} {'':>6} {'':>6} {r.norm:>9.1f}")
             continue
         growth = "" if r.norm_growth != r.norm_growth else f"{r.norm_growth:.3f}"
-        click.echo(f"{r.layer:>5}  {_show(r.top1_token):<18} {r.top1_prob:>6.3f} {r.lens_margin:>7.3f} "
-                   f"{r.entropy:>8.3f} {r.kl_to_final:>6.2f} {int(r.final_rank):>5} {r.norm:>9.1f} {growth:>7} "
+        click.echo(f"{r.layer:>5}  {_show(r.top1_token):<18} {r.top1_prob:>6.3f} {r.lens_margin:>8.3f} "
+                   f"{r.entropy:>8.3f} {r.kl_to_final:>6.2f} {int(r.final_rank):>6} {r.norm:>9.1f} {growth:>7} "
                    f"{r.cos_final:>10.3f}")
 
 

@@ -58,12 +58,14 @@ def format_trace(summary: dict) -> str:
     """Render `trace_summary` as terminal text."""
     lines = [f"geomap trace · {summary['model']} · {summary['text']!r}", "", "tokens:"]
     lines.append("  " + "  ".join(f"[{i}] {t['text']!r} ({t['id']})" for i, t in enumerate(summary["tokens"])))
-    lines += ["", "layer  logit lens at the last token (top 3)                 where each head looks most"]
-    for entry in summary["layers"]:
-        lens = "  ".join(f"{c['token']!r} {c['prob']:.3f}" for c in entry["lens_top"])
+    lenses = ["  ".join(f"{c['token']!r} {c['prob']:.3f}" for c in entry["lens_top"]) for entry in summary["layers"]]
+    width = max([52, *map(len, lenses)])  # the widest row sets the column: the heads line up below one another
+    lines += ["", f"layer  {'logit lens at the last token (top 3)':<{width}}  where each head looks most"]
+    for entry, lens in zip(summary["layers"], lenses):
         heads = "  ".join(f"h{h['head']}→[{h['pos']}]{h['token']!r} {h['weight']:.2f}" for h in entry["heads"])
-        lines.append(f"{entry['layer']:>5}  {lens:<52}  {heads}")
+        lines.append(f"{entry['layer']:>5}  {lens:<{width}}  {heads}".rstrip())
     lines += ["", "next token (final distribution):"]
+    shown = max([20, *(len(repr(c["token"])) for c in summary["next_tokens"])])
     for rank, c in enumerate(summary["next_tokens"], 1):
-        lines.append(f"  {rank:>2}. {c['token']!r:<20} p={c['prob']:.4f}  logit={c['logit']:.3f}")
+        lines.append(f"  {rank:>2}. {c['token']!r:<{shown}} p={c['prob']:.4f}  logit={c['logit']:.3f}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ The budget judges that query alone, and many such queries run at once (`geomap.s
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -135,7 +136,22 @@ def error_for(exc: duckdb.Error) -> SqlError:
         return SqlRefused(f"Refused: the query writes to the store, which store SQL can only read. DuckDB said: {msg}")
     if "configuration has been locked" in msg:
         return SqlRefused(f"Refused: the query changes a setting; settings are locked. DuckDB said: {msg}")
-    return SqlError(f"SQL error: {msg}")
+    return SqlError(f"SQL error: {_one_line(msg)}")
+
+
+_CARET = re.compile(r"\n*LINE (\d+): ([^\n]*)\n( *)\^+[^\n]*")
+
+
+def _one_line(message: str) -> str:
+    """DuckDB's message on one line: its quoted line and caret become ``(line N, column C)``, its hints follow."""
+    where = ""
+    match = _CARET.search(message)
+    if match:
+        column = len(match.group(3)) - len(f"LINE {match.group(1)}: ") + 1
+        where = f" (line {match.group(1)}, column {max(column, 1)})"
+        message = message[:match.start()] + message[match.end():]
+    first, *rest = [line.strip() for line in message.strip().splitlines() if line.strip()] or [""]
+    return " ".join([first + where, *rest])
 
 
 def no_memory(memory_mb: float, detail: str = "") -> SqlMemory:

@@ -246,12 +246,14 @@ def test_docs_render_offline_in_chromium(limited):
             page.wait_for_selector("section.op", timeout=10_000)
             ops = page.locator("section.op").count()
             text = page.inner_text("main")
+            codes = page.locator("section.op code").all_inner_texts()  # docstrings' ``code``, shown as code
         finally:
             browser.close()
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
     assert all(url.startswith(origin + "/") for url in requests), requests
     assert not errors, errors
     assert ops >= 10 and "/sql" in text and "time_limit" in text
+    assert "``" not in text and "GET /runs/{run_id}" in codes, codes
 
 
 def test_the_cli_shows_control_characters_through_the_server(limited, tmp_path):

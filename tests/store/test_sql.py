@@ -177,6 +177,11 @@ def test_syntax_error_keeps_duckdb_message(store):
         run_sql(store, "SELEC 1")
     with pytest.raises(SqlError, match="no_such_table"):
         run_sql(store, "SELECT * FROM no_such_table")
+    with pytest.raises(SqlError) as info:  # one line: DuckDB's caret under the quoted line becomes a position
+        run_sql(store, "SELECT 1\n  FROM prompts\n  WHER id = 1")
+    message = str(info.value)
+    assert "\n" not in message and "^" not in message and "LINE" not in message, message
+    assert message.startswith('SQL error: Parser Error: syntax error at or near "id" (line 3, column 8)'), message
 
 
 def test_missing_store(tmp_path):

@@ -9,6 +9,18 @@ function el(tag, cls, text) {
   return node;
 }
 
+// Docstrings mark code as ``this`` (reStructuredText) or `this`: such a part becomes a <code> node, the rest text.
+function prose(tag, cls, text) {
+  const node = el(tag, cls);
+  const parts = String(text || "").split(/``([\s\S]+?)``|`([^`\n]+)`/);
+  for (let i = 0; i < parts.length; i += 3) {
+    if (parts[i]) node.appendChild(document.createTextNode(parts[i]));
+    const code = parts[i + 1] !== undefined ? parts[i + 1] : parts[i + 2];
+    if (code !== undefined) node.appendChild(el("code", null, code));
+  }
+  return node;
+}
+
 function resolve(spec, schema, depth) {
   if (!schema || depth > 8) return schema || {};
   if (schema.$ref) {
@@ -50,7 +62,7 @@ function fieldTable(spec, rows) {
     tr.appendChild(el("td", "mono", typeOf(spec, r.schema)));
     tr.appendChild(el("td", null, r.required ? "yes" : ""));
     tr.appendChild(el("td", "mono", limits(resolve(spec, r.schema, 0))));
-    tr.appendChild(el("td", null, r.description || resolve(spec, r.schema, 0).description || ""));
+    tr.appendChild(prose("td", null, r.description || resolve(spec, r.schema, 0).description || ""));
     table.appendChild(tr);
   }
   return table;
@@ -64,8 +76,8 @@ function operation(spec, path, method, op, index) {
   h.appendChild(document.createTextNode(path));
   for (const tag of op.tags || []) h.appendChild(el("span", "tag", tag));
   section.appendChild(h);
-  if (op.summary) section.appendChild(el("p", "desc", op.summary));
-  if (op.description && op.description !== op.summary) section.appendChild(el("p", "desc", op.description));
+  if (op.summary) section.appendChild(prose("p", "desc", op.summary));
+  if (op.description && op.description !== op.summary) section.appendChild(prose("p", "desc", op.description));
   const params = (op.parameters || []).map((p) => ({name: p.name + " (" + p.in + ")", schema: p.schema || {},
                                                     required: p.required, description: p.description}));
   if (params.length) {
