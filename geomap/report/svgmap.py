@@ -223,12 +223,13 @@ def needs_zoom(m: dict) -> bool:
 def palette(values: list, top: int = 8, kind: str = "token") -> dict:
     """Colours for the ``top`` most frequent values (the rest share grey): ``{value: css colour}``.
 
-    ``kind="tag"`` uses a paler, shifted palette so that a tag never wears a token's colour on the same page.
+    ``kind="tag"`` uses another palette, lighter and with hues between the tokens' (a golden-angle walk, so the
+    first tags differ most), so that a tag never wears a token's colour on the same page.
     """
     counts: dict = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     ranked = sorted(counts, key=lambda v: (-counts[v], str(v)))
-    hue, style = (0, "65%,42%") if kind == "token" else (23, "30%,68%")
-    colours = {v: f"hsl({(hue + i * 47) % 360},{style})" for i, v in enumerate(ranked[:top])}
+    hue, step, style = (0, 47, "65%,42%") if kind == "token" else (23, 137.5, "55%,56%")
+    colours = {v: f"hsl({(hue + i * step) % 360:g},{style})" for i, v in enumerate(ranked[:top])}
     return {v: colours.get(v, "#9aa3ad") for v in ranked}
