@@ -126,7 +126,9 @@ def _index(server) -> str:
 
 
 @router.get("/reports/{page}", response_class=HTMLResponse, tags=["reports"])
-async def get_report(request: Request, page: Annotated[str, Path(max_length=100)]) -> HTMLResponse:
+async def get_report(request: Request, page: Annotated[str, Path(max_length=100, description=(
+        "A page name: `index.html`, `journey-ID.html` (`journey-ID-pPOS.html` for one position), `run-ID.html` or "
+        "`compare-ID-ID.html`."))]) -> HTMLResponse:
     """A report rendered from the store (pages link to each other by these names)."""
     server = server_of(request)
     try:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,6 +20,11 @@ from geomap.store.sql_result import json_value
 
 router = APIRouter()
 Id = Annotated[int, Field(ge=0, le=2**31 - 1)]
+RunId = Annotated[int, Path(ge=0, le=2**31 - 1, description="A run's id (`runs.id`).")]
+PromptId = Annotated[int, Path(ge=0, le=2**31 - 1, description="A stored prompt's id (`prompts.id`).")]
+Pos = Annotated[int | None, Query(ge=0, le=2**31 - 1, description="A token position (default: the prompt's last).")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="Rows to return, at most 1,000.")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="Rows to skip: the next page starts at limit + offset.")]
 PIPELINE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -53,8 +58,7 @@ def healthz(request: Request) -> dict:
 # ---- runs and prompts ----------------------------------------------------------------------------------------------
 
 @router.get("/runs", tags=["runs"])
-def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
+def list_runs(request: Request, limit: Limit = 100, offset: Offset = 0) -> list[dict]:
     """Stored runs, newest first."""
     return server_of(request).rows("SELECT r.id, started_at, finished_at, r.status, pipeline, model, model_type, "
                  "vector_dtype, n_layers, d_model, n_heads, coalesce(n.n, 0) AS n_prompts FROM runs r LEFT JOIN "
@@ -191,7 +195,7 @@ def submit_run(request: Request, body: RunRequest) -> dict:
 
 
 @router.get("/runs/{run_id}", tags=["runs"])
-def get_run(request: Request, run_id: Id) -> dict:
+def get_run(request: Request, run_id: RunId) -> dict:
     """A run's row, and the progress of the job filling it (when this server runs or ran it)."""
     server = server_of(request)
     rows = server.rows("SELECT * EXCLUDE (capture_config), capture_config::VARCHAR AS capture_config, "
@@ -207,8 +211,9 @@ def get_run(request: Request, run_id: Id) -> dict:
 
 
 @router.get("/prompts", tags=["prompts"])
-def list_prompts(request: Request, run_id: Id | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                 offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict]:
+def list_prompts(request: Request, limit: Limit = 100, offset: Offset = 0,
+                 run_id: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Only this run's prompts.")]
+                 = None) -> list[dict]:
     """Stored prompts (optionally of one run), by id."""
     where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
     return server_of(request).rows(f"SELECT id, run_id, text, tags, n_tokens, status, parent_id FROM prompts {where} "
@@ -233,7 +238,7 @@ def _pos(prompt: dict, pos: int | None) -> int:
 
 
 @router.get("/prompts/{prompt_id}", tags=["prompts"])
-def get_prompt(request: Request, prompt_id: Id) -> dict:
+def get_prompt(request: Request, prompt_id: PromptId) -> dict:
     """A prompt and its tokens (id, text, raw bytes as hex, special, generated)."""
     server = server_of(request)
     out = _prompt(server, prompt_id)
@@ -251,7 +256,7 @@ def _rows_of(server, sql: Callable[[Any], str], *params) -> list[dict]:
 
 
 @router.get("/prompts/{prompt_id}/trajectory", tags=["prompts"])
-def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> dict:
+def get_trajectory(request: Request, prompt_id: PromptId, pos: Pos = None) -> dict:
     """One token's path through the layers: residual norm, cosine to the final state, lens top-1, entropy, KL."""
     server = server_of(request)
     p = _pos(_prompt(server, prompt_id), pos)
@@ -262,8 +267,9 @@ def get_trajectory(request: Request, prompt_id: Id, pos: Id | None = None) -> di
 
 
 @router.get("/prompts/{prompt_id}/attention", tags=["prompts"])
-def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(ge=0, le=10_000)],
-                  pos: Id | None = None) -> dict:
+def get_attention(request: Request, prompt_id: PromptId,
+                  layer: Annotated[int, Query(ge=0, le=10_000, description="A decoder layer, 0..L-1.")],
+                  pos: Pos = None) -> dict:
     """Every head's scaled scores and softmax weights at one layer, for one query position."""
     server = server_of(request)
     p = _pos(_prompt(server, prompt_id), pos)
@@ -277,8 +283,9 @@ def get_attention(request: Request, prompt_id: Id, layer: Annotated[int, Query(g
 
 
 @router.get("/prompts/{prompt_id}/lens", tags=["prompts"])
-def get_lens(request: Request, prompt_id: Id, pos: Id | None = None,
-             top: Annotated[int, Query(ge=1, le=50)] = 10) -> dict:
+def get_lens(request: Request, prompt_id: PromptId, pos: Pos = None,
+             top: Annotated[int, Query(ge=1, le=50, description="Lens candidates per layer, at most 50.")] = 10
+             ) -> dict:
     """The logit lens at every layer: the top tokens and their probabilities."""
     server = server_of(request)
     prompt = _prompt(server, prompt_id)
@@ -297,10 +304,16 @@ def get_lens(request: Request, prompt_id: Id, pos: Id | None = None,
 
 
 @router.get("/neighbors", tags=["neighbors"])
-def get_neighbors(request: Request, state_id: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
-                  prompt_id: Id | None = None, layer: Annotated[int | None, Query(ge=0, le=10_000)] = None,
-                  pos: Id | None = None,
-                  k: Annotated[int, Query(ge=1, le=200)] = 10, last: bool = False) -> dict:
+def get_neighbors(request: Request, state_id: Annotated[int | None, Query(
+                      ge=0, le=2**63 - 1, description="A stored state's id (`states.id`, also its FAISS id).")] = None,
+                  prompt_id: Annotated[int | None, Query(ge=0, le=2**31 - 1, description=(
+                      "With `layer`: the state of this prompt there, at `pos`."))] = None,
+                  layer: Annotated[int | None, Query(ge=0, le=10_000, description=(
+                      "A residual boundary, 0..L (0: the embedding output)."))] = None,
+                  pos: Pos = None,
+                  k: Annotated[int, Query(ge=1, le=200, description="Neighbours to return, at most 200.")] = 10,
+                  last: Annotated[bool, Query(description="Search only each sequence's last position.")] = False
+                  ) -> dict:
     """Nearest stored states (FAISS), by ``state_id`` or by ``prompt_id`` + ``layer`` (+ ``pos``)."""
     from geomap.store.query import neighbors
 
