@@ -117,7 +117,8 @@ class Server:
             if name not in self._models:
                 from geomap.models import load_model
 
-                self._models[name] = load_model(name)
+                with heap.paused():  # one collection after the load, not a dozen of a growing heap during it
+                    self._models[name] = load_model(name)
             return self._models[name]
 
     def model_for_run(self, run_id: int):
@@ -215,7 +216,7 @@ def _warm_reports() -> None:
             environment().get_template(name)
     except Exception:  # noqa: BLE001 (a warm-up only: the first page loads them itself)
         log.debug("report warm-up failed", exc_info=True)
-    heap.settle()  # what start-up imported lives as long as the server: out of full collections' walks
+    heap.settle(full=True)  # what start-up imported lives as long as the server: out of collections' walks
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -8,18 +8,25 @@ them, and the load bench lost about a fifth of its throughput (2026-12-02, quiet
 library is not glibc.
 
 Python's cyclic collector walks every tracked object in a full collection: imported modules, FastAPI's routes,
-DuckDB's and pyarrow's types and, once a job has run, torch and the loaded model. In a load bench (2026-12-03) one
-full collection stopped the server for 81 ms in the middle of 16 clients' requests, which is the size of the whole
-p99 bar. `settle` collects once and freezes what is alive (`gc.freeze`), after start-up and after each job, so a
-later full collection walks only what the requests made since.
+DuckDB's and pyarrow's types and, once a job has loaded one, torch and the model (about 400k objects: 250 ms a
+walk). Measured on 2026-12-03 in the load bench's job phases: the first job's model load set off 16 full
+collections of 100-490 ms each while 16 clients waited, and at idle one full collection stopped the server for
+81 ms. So the server loads a model with collection paused (`paused`), and `settle`s (collects once, then freezes
+what lives, `gc.freeze`) after start-up, after a model load and after each job: a later collection walks only
+what the requests made since. A settle walks only what is not frozen, except every `FULL_EVERY`-th, which walks
+everything once more, to free the cycles that frozen objects left when they were dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import gc
+import itertools
+import time
+from collections.abc import Iterator
 
 
 @functools.cache
@@ -39,12 +46,32 @@ def trim() -> bool:
     return bool(libc is not None and libc.malloc_trim(0))
 
 
-def settle() -> None:
-    """Collect cyclic garbage once, then keep every object alive now out of later collections' walks.
+FULL_EVERY = 8  # one settle in this many walks the frozen objects too
+_settles = itertools.count(1)
 
-    Frozen objects are still freed by reference counting when they are dropped; only a cycle among them is left
-    to the next `settle` (which unfreezes, collects and freezes again).
+
+def settle(full: bool = False) -> float:
+    """Collect cyclic garbage, then keep every object alive now out of later collections' walks; the seconds it took.
+
+    Frozen objects are still freed by reference counting when they are dropped; only a cycle among them waits for
+    a full settle (``full``, and every `FULL_EVERY`-th call), which unfreezes, collects and freezes again.
     """
-    gc.unfreeze()
+    start = time.perf_counter()
+    if full or next(_settles) % FULL_EVERY == 0:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Collection paused for the block (a model load, whose every object lives on), then one `settle`."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        settle()

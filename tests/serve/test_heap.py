@@ -34,7 +34,7 @@ print(before - rss())
     assert int(out.stdout.strip()) > 50 * 2**20, out.stdout  # most of the ~700 MB freed comes back
 
 
-def test_settle_freezes_what_lives_and_a_later_settle_collects_its_cycles():
+def test_settle_freezes_what_lives_and_a_full_settle_collects_its_cycles():
     script = """
 import gc, weakref
 from geomap.serve import heap
@@ -44,13 +44,21 @@ def cycle():
     return node
 dropped = cycle(); gone = weakref.ref(dropped); del dropped  # garbage before settle: collected by it
 kept = cycle(); held = weakref.ref(kept)
-heap.settle()
+heap.settle(full=True)
 assert gone() is None and held() is not None and gc.get_freeze_count() > 1000
 del kept
 gc.collect()  # a full collection no longer walks the frozen objects: the cycle outlives it
+heap.settle()  # nor does a light settle
 assert held() is not None
-heap.settle()  # unfreezes, collects, freezes again
+heap.settle(full=True)  # unfreezes, collects, freezes again
 assert held() is None
+young = cycle(); fresh = weakref.ref(young); del young
+heap.settle()  # a light settle collects what was made since the last one
+assert fresh() is None
+with heap.paused():
+    assert not gc.isenabled()
+    loaded = [cycle() for _ in range(1000)]
+assert gc.isenabled() and gc.get_count()[0] < 100  # collection back on, the load's objects settled
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
