@@ -22,7 +22,7 @@ alone), by this or a later writer.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import duckdb
@@ -88,17 +88,11 @@ def compact(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLE
     Returns:
         Segments replaced per table.
     """
-    folder = segment_dir(store_path(con))
-    replaced = {}
-    for name in names:
-        small = con.execute("SELECT file, bytes, min_prompt, max_prompt FROM internal.segments WHERE table_name = ? "
-                            "AND bytes < ? ORDER BY min_prompt, file", [name, max(target_bytes // 2, 1)]).fetchall()
-        types = arrow_types(segment_columns(con, name))
-        for group in (g for g in _groups(small, target_bytes) if len(g) > 1):
-            _replace(con, folder, name, group, types, stream)
-            replaced[name] = replaced.get(name, 0) + len(group)
-    remove_orphans(con, grace_s)
-    return replaced
+    def small(name: str, rows: list[tuple], types: dict, folder: Path) -> list[list[tuple]]:
+        below = [row for row in rows if row[1] < max(target_bytes // 2, 1)]
+        return [group for group in _groups(below, target_bytes) if len(group) > 1]
+
+    return _swap(con, names, small, grace_s, stream)
 
 
 def rewrite_foreign(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGMENT_TABLES,
@@ -113,17 +107,30 @@ def rewrite_foreign(con: duckdb.DuckDBPyConnection, names: Sequence[str] = SEGME
     Returns:
         Segments rewritten per table.
     """
+    def others(name: str, rows: list[tuple], types: dict, folder: Path) -> list[list[tuple]]:
+        return [[row] for row in rows if foreign(folder / row[0], types, pack=name in PACKED)]
+
+    return _swap(con, names, others, grace_s, stream=True)
+
+
+def _swap(con: duckdb.DuckDBPyConnection, names: Sequence[str], pick: Callable, grace_s: float,
+          stream: bool) -> dict[str, int]:
+    """For each table, replace every group of segments ``pick`` chooses by one new segment; then remove orphans.
+
+    ``pick(name, rows, types, folder)`` gets the table's catalog rows (file, bytes, min and max prompt) in prompt
+    order. Returns the segments replaced per table.
+    """
     folder = segment_dir(store_path(con))
-    rewritten = {}
+    replaced: dict[str, int] = {}
     for name in names:
         rows = con.execute("SELECT file, bytes, min_prompt, max_prompt FROM internal.segments WHERE table_name = ? "
                            "ORDER BY min_prompt, file", [name]).fetchall()
         types = arrow_types(segment_columns(con, name))
-        for row in (r for r in rows if foreign(folder / r[0], types, pack=name in PACKED)):
-            _replace(con, folder, name, [row], types, True)
-            rewritten[name] = rewritten.get(name, 0) + 1
+        for group in pick(name, rows, types, folder):
+            _replace(con, folder, name, group, types, stream)
+            replaced[name] = replaced.get(name, 0) + len(group)
     remove_orphans(con, grace_s)
-    return rewritten
+    return replaced
 
 
 def foreign(path: Path, types: dict[str, pa.DataType], pack: bool) -> bool:
