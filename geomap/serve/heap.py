@@ -25,7 +25,6 @@ import ctypes.util
 import functools
 import gc
 import itertools
-import time
 from collections.abc import Iterator
 
 
@@ -50,18 +49,16 @@ FULL_EVERY = 8  # one settle in this many walks the frozen objects too
 _settles = itertools.count(1)
 
 
-def settle(full: bool = False) -> float:
-    """Collect cyclic garbage, then keep every object alive now out of later collections' walks; the seconds it took.
+def settle(full: bool = False) -> None:
+    """Collect cyclic garbage, then keep every object alive now out of later collections' walks.
 
     Frozen objects are still freed by reference counting when they are dropped; only a cycle among them waits for
     a full settle (``full``, and every `FULL_EVERY`-th call), which unfreezes, collects and freezes again.
     """
-    start = time.perf_counter()
     if full or next(_settles) % FULL_EVERY == 0:
         gc.unfreeze()
     gc.collect()
     gc.freeze()
-    return time.perf_counter() - start
 
 
 @contextlib.contextmanager

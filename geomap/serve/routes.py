@@ -19,7 +19,6 @@ from geomap.store.sql_budget import GATE
 from geomap.store.sql_result import json_value
 
 router = APIRouter()
-Id = Annotated[int, Field(ge=0, le=2**31 - 1)]
 RunId = Annotated[int, Path(ge=0, le=2**31 - 1, description="A run's id (`runs.id`).")]
 PromptId = Annotated[int, Path(ge=0, le=2**31 - 1, description="A stored prompt's id (`prompts.id`).")]
 Pos = Annotated[int | None, Query(ge=0, le=2**31 - 1, description="A token position (default: the prompt's last).")]

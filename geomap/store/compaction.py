@@ -144,16 +144,13 @@ def foreign(path: Path, types: dict[str, pa.DataType], pack: bool) -> bool:
         return False
     schema = pq.read_schema(path)
     schema = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in schema])
-    all_null = []
+    all_null = []  # one leaf column per field: segment tables hold no structs
     for i in range(meta.num_columns):
-        chunks = [meta.row_group(g).column(i) for g in range(meta.num_row_groups)]
-        stats = [c.statistics for c in chunks]
+        stats = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
         known = all(s is not None and s.has_null_count for s in stats)
         all_null.append(known and sum(s.null_count for s in stats) == meta.num_rows)
-    leaves = [c.path_in_schema for c in (meta.row_group(0).column(i) for i in range(meta.num_columns))]
-    by_field = [next((n for leaf, n in zip(leaves, all_null) if leaf.split(".")[0] == f.name), False) for f in schema]
     try:
-        columns_for(schema, by_field, pack)
+        columns_for(schema, all_null, pack)
     except Unsupported:
         return False
     return True

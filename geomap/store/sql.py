@@ -139,7 +139,7 @@ def error_for(exc: duckdb.Error) -> SqlError:
     return SqlError(f"SQL error: {_one_line(msg)}")
 
 
-_CARET = re.compile(r"\n*LINE (\d+): ([^\n]*)\n( *)\^+[^\n]*")
+_CARET = re.compile(r"\n*LINE (\d+): [^\n]*\n( *)\^+[^\n]*")
 
 
 def _one_line(message: str) -> str:
@@ -147,7 +147,7 @@ def _one_line(message: str) -> str:
     where = ""
     match = _CARET.search(message)
     if match:
-        column = len(match.group(3)) - len(f"LINE {match.group(1)}: ") + 1
+        column = len(match.group(2)) - len(f"LINE {match.group(1)}: ") + 1
         where = f" (line {match.group(1)}, column {max(column, 1)})"
         message = message[:match.start()] + message[match.end():]
     first, *rest = [line.strip() for line in message.strip().splitlines() if line.strip()] or [""]

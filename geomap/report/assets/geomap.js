@@ -333,7 +333,7 @@
     var cell = (size - pad) / n;
     // `right`: room for the last column's slanted label, which leans past the grid's edge
     svg.setAttribute("viewBox", "0 0 " + (size + right) + " " + (size + 10));
-    svg.setAttribute("width", Math.round(420 * (size + right) / (size + 10)));
+    svg.setAttribute("width", Math.round(svg.getAttribute("height") * (size + right) / (size + 10)));
     function el(name, attrs, text) {
       var e = document.createElementNS(SVG, name);
       Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
