@@ -112,6 +112,7 @@ def diff_data(db_path: str | Path, intervention_id: int) -> dict:
     row = eff.iloc[0]
     names = _vocab(db_path, [*diff.clean_top1_id.dropna(), *diff.top1_id.dropna()])
     first_flip = _none(row.first_flip_layer)
+    head = _none(row["head"])  # not row.head: that is the Series' own head() method
     ranks = _ranks(eff)
     layers = [{"layer": int(r.layer), "clean_norm": float(r.clean_norm), "norm": float(r.norm),
                "cosine": float(r.cosine), "changed": bool(r.changed),
@@ -122,7 +123,8 @@ def diff_data(db_path: str | Path, intervention_id: int) -> dict:
                          if t["rank"] else {"token_id": t["token_id"], "clean": None, "rank": None} for t in ranks]}
               for r in diff.itertuples()]
     return {"id": intervention_id, "sweep": str(row.sweep), "operation": str(row.operation), "site": str(row.site),
-            "layer": int(row.layer), "head": _none(row.head), "positions": [int(p) for p in row.positions],
+            "layer": int(row.layer), "head": None if head is None else int(head),
+            "positions": [int(p) for p in row.positions],
             "coefficient": float(row.coefficient or 0.0), "prompt": _prompt_text(db_path, int(row.prompt_id)),
             "tokens": _tokens(db_path, int(row.prompt_id)), "first_flip": first_flip, "layers": layers,
             "rank_targets": [{"token_id": t["token_id"], "text": t["text"]} for t in ranks],

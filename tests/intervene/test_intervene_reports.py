@@ -107,3 +107,13 @@ def _ranks_shown_are_stored(page, db, n_layers: int) -> None:
         assert marked.count() == (0 if flip is None else 1)
         if flip is not None:
             assert marked.get_attribute("data-layer") == str(flip)
+
+
+def test_diff_page_header_names_the_site_not_a_python_object(pages):
+    folder, written, _ = pages
+    for path in written:
+        if not path.name.startswith("intervention-"):
+            continue
+        header = path.read_text().split("<header>")[1].split("</header>")[0]
+        assert "bound method" not in header and "dtype" not in header, header[:200]
+        assert " head " not in header  # every site here is the residual stream: no head to name
