@@ -107,16 +107,18 @@ def grid(attn, last: int, tokens) -> list[list[dict]]:
     """Layer × head cells: entropy, a head's focus and its weight on position 0.
 
     The focus is the largest weight on an earlier position other than the first; ``bos`` is the weight on position
-    0, where a head parks attention it does not need (the attention sink).
+    0, where a head parks attention it does not need (the attention sink). At position 0 or 1 no such position
+    exists: the focus, its token and its weight are None (the page says so rather than name position 0).
     """
     rows: dict[int, list[dict]] = {}
     for layer, head, _scores, weights, entropy, *_ in attn:
         w = np.asarray(weights[: last + 1], np.float64)
-        earlier = w[1:last] if last > 1 else np.zeros(1)
-        focus = int(np.argmax(earlier)) + 1 if last > 1 else int(np.argmax(w))
+        focus = int(np.argmax(w[1:last])) + 1 if last > 1 else None
         rows.setdefault(int(layer), []).append({"layer": int(layer), "head": int(head), "entropy": r5(entropy),
-                                                "focus": focus, "token": tokens[focus]["text"],
-                                                "focus_weight": r5(w[focus]), "bos": r5(w[0])})
+                                                "focus": focus,
+                                                "token": None if focus is None else tokens[focus]["text"],
+                                                "focus_weight": None if focus is None else r5(w[focus]),
+                                                "bos": r5(w[0])})
     return [rows[k] for k in sorted(rows)]
 
 
