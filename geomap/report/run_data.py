@@ -34,7 +34,7 @@ def run_data(store: StoreLike, run_id: int, links=None) -> dict:
         curves = con.execute("""SELECT l.layer, avg(l.entropy), avg(l.kl_to_final), avg((l.final_rank = 1)::INT)
                                 FROM lens_stats l JOIN prompts p ON p.id = l.prompt_id
                                 WHERE p.run_id = ? GROUP BY l.layer ORDER BY l.layer""", [run_id]).fetchall()
-        heads = con.execute("""SELECT h.layer, h.head, avg(h.entropy)
+        heads = con.execute("""SELECT h.layer, h.head, sum(h.entropy * h.queries) / sum(h.queries)  -- every query
                                FROM head_stats h JOIN prompts p ON p.id = h.prompt_id
                                WHERE p.run_id = ? GROUP BY h.layer, h.head ORDER BY h.layer, h.head""",
                             [run_id]).fetchall()
