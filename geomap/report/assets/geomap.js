@@ -395,7 +395,7 @@
     if (!info || !data.lens) { return; }
     function reading(ell) {
       var row = data.lens.filter(function (r) { return r.layer === ell; })[0];
-      return "layer " + ell + (row ? ": the lens reads \u201c" + showtok(row.token) + "\u201d with p = " + fmt(row.prob, 3) : "");
+      return "boundary " + ell + (row ? ": the lens reads \u201c" + showtok(row.token) + "\u201d with p = " + fmt(row.prob, 3) : "");
     }
     document.querySelectorAll("[data-map]").forEach(function (svg) {
       var steps = Array.prototype.slice.call(svg.querySelectorAll("circle.step"));
