@@ -54,3 +54,14 @@ def test_in_chromium_wide_tables_scroll_inside_their_card(run_page, browser):  #
         return c.getBoundingClientRect().right <= c.closest('section').getBoundingClientRect().right; }""")
     assert narrow  # a long unbroken prompt wraps inside its cell
     page.close()
+
+
+def test_a_one_prompt_run_says_why_it_has_no_map(tiny_models, tmp_path):
+    """Two empty frames and a legend with nothing after its colon told the reader nothing."""
+    model = tiny_models["llama"]
+    db = tmp_path / "one.duckdb"
+    ingest(model, [PromptSpec("The storm is")], db, CaptureConfig(), progress=False)
+    html = run_report(db, 1, out=tmp_path / "run-1.html", loaded=model).html
+    section = html.split('id="map"')[1].split("</section>")[0]
+    assert "data-no-map" in section and "this run has 1" in section
+    assert '<figure class="map"' not in section
