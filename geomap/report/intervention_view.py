@@ -37,6 +37,14 @@ def _prompt_text(db_path, prompt_id: int) -> str:
         return con.execute("SELECT text FROM prompts WHERE id = ?", [prompt_id]).fetchall()[0][0]
 
 
+def _vector_label(db_path, intervention_id: int) -> str | None:
+    """The label of a steer's direction (e.g. ``u(' over') - u(' coming')``), from the ledger's spec."""
+    with Store.use(db_path, "r") as opened, opened.snapshot() as con:
+        label = con.execute("SELECT spec->>'$.vector.label' FROM interventions WHERE id = ?",
+                            [intervention_id]).fetchall()
+    return label[0][0] if label else None
+
+
 def _none(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value) else value
 
@@ -51,9 +59,14 @@ def sweep_data(db_path: str | Path, name: str) -> dict:
     targets = list(dict.fromkeys(int(t) for t in frame.token_id))
     texts = dict(zip(frame.token_id.astype(int), frame.token))
     op = str(frame.operation.iloc[0])
+    sources = [int(p) for p in frame.source_prompt_id.dropna().unique()]
     data = {"name": name, "operation": op, "targets": [{"id": t, "text": texts[t]} for t in targets],
-            "prompts": [{"id": int(p), "text": _prompt_text(db_path, int(p))} for p in frame.prompt_id.unique()]}
+            "prompts": [{"id": int(p), "text": _prompt_text(db_path, int(p))} for p in frame.prompt_id.unique()],
+            "sources": [{"id": p, "text": _prompt_text(db_path, p)} for p in sources],
+            "sites": sorted({str(x) for x in frame.site}), "layers": sorted({int(x) for x in frame.layer}),
+            "positions": sorted({int(p) for ps in frame.positions for p in ps})}
     if op == "steer":
+        data["vector"] = _vector_label(db_path, int(frame.intervention_id.iloc[0]))
         data["series"] = _series(frame, targets)
         return data
     target = targets[0]
@@ -113,6 +126,7 @@ def diff_data(db_path: str | Path, intervention_id: int) -> dict:
     names = _vocab(db_path, [*diff.clean_top1_id.dropna(), *diff.top1_id.dropna()])
     first_flip = _none(row.first_flip_layer)
     head = _none(row["head"])  # not row.head: that is the Series' own head() method
+    source = _none(row.source_prompt_id)
     ranks = _ranks(eff)
     layers = [{"layer": int(r.layer), "clean_norm": float(r.clean_norm), "norm": float(r.norm),
                "cosine": float(r.cosine), "changed": bool(r.changed),
@@ -125,6 +139,7 @@ def diff_data(db_path: str | Path, intervention_id: int) -> dict:
     return {"id": intervention_id, "sweep": str(row.sweep), "operation": str(row.operation), "site": str(row.site),
             "layer": int(row.layer), "head": None if head is None else int(head),
             "positions": [int(p) for p in row.positions],
+            "source": None if source is None else {"id": int(source), "text": _prompt_text(db_path, int(source))},
             "coefficient": float(row.coefficient or 0.0), "prompt": _prompt_text(db_path, int(row.prompt_id)),
             "tokens": _tokens(db_path, int(row.prompt_id)), "first_flip": first_flip, "layers": layers,
             "rank_targets": [{"token_id": t["token_id"], "text": t["text"]} for t in ranks],

@@ -117,3 +117,18 @@ def test_diff_page_header_names_the_site_not_a_python_object(pages):
         header = path.read_text().split("<header>")[1].split("</header>")[0]
         assert "bound method" not in header and "dtype" not in header, header[:200]
         assert " head " not in header  # every site here is the residual stream: no head to name
+
+
+def test_sweep_pages_say_what_was_done_and_where_the_states_come_from(pages):
+    """A pair's unpatched run is the prompt's own, not a clean one; the source run and the steered site are named."""
+    _, written, _ = pages
+    sweeps = {p.read_text().split("<title>")[1].split("</title>")[0]: p.read_text()
+              for p in written if p.name.startswith("intervene-")}
+    names = ("storm&lt;/b&gt;", "pairs", "steer")
+    trace, pairs, steer = (next(h for t, h in sweeps.items() if t.endswith(n)) for n in names)
+    assert "Clean run: p =" in trace and "source run" not in trace  # noise: the effects' clean run is the clean one
+    what = pairs.split("<p data-what>")[1].split("</p>")[0]
+    assert OTHER in what and TEXT in what and "Clean run" not in pairs and "Nothing restored" in pairs
+    assert "<code>random</code> to the resid at boundary 1, position " in steer
+    diff = next(p.read_text() for p in written if p.name.startswith("intervention-") and "data-source" in p.read_text())
+    assert "clean” below is this prompt's own run" in diff
