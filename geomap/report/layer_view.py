@@ -37,7 +37,7 @@ def _params(params: list, prefix: str, conv1d: bool) -> list[dict]:
         else:
             role = "per-dimension weight"
         out.append({"name": f"{prefix}.{name}" if prefix else name, "label": label if kind != "bias" else
-                    f"{label} bias", "short": label.split(" ")[0], "shape": " × ".join(str(s) for s in shape),
+                    f"{label} bias", "short": label.split(" (")[0], "shape": " × ".join(str(s) for s in shape),
                     "role": role, "rows": int(rows), "cols": int(cols), "bias": kind == "bias"})
     return out
 

@@ -202,6 +202,8 @@ def test_layer_boxes_follow_the_architecture(tiny_models, tmp_path):
         assert {"W_Q", "W_K", "W_V", "W_O"} <= labels or "W_Q|W_K|W_V" in labels, (arch, labels)
         if gemma:
             assert {"q norm", "k norm"} <= labels
+            shorts = {m["short"] for b in boxes for m in b["matrices"] if not m["bias"]}
+            assert {"q norm", "k norm"} <= shorts and not {"q", "k"} & shorts  # the diagram's q strip is q_norm's w
 
 
 @pytest.mark.browser
