@@ -217,3 +217,13 @@ def test_neurons_show_their_strength_and_flag_little_signal(drawn, page):
     for s, n in zip(shown, row["neurons"]):
         assert s["strength"] == pytest.approx(n["strength"], rel=1e-6)
         assert ("little signal" in s["text"]) == (n["strength"] < weak)
+
+
+def test_the_decoding_chart_caption_describes_its_cut_tokens(page):
+    """A cut token's bar has p = 0 after the controls, so no grey bar is ever drawn: the caption promises none."""
+    page.fill("input[name=top_k]", "2")
+    page.dispatch_event("input[name=top_k]", "input")
+    heights = page.eval_on_selector_all("svg[data-dist-chart] g.dbar.cut rect", "es => es.map(e => e.getBBox().height)")
+    assert heights and max(heights) == 0
+    caption = page.inner_text("figure:has(svg[data-dist-chart]) figcaption")
+    assert "grey: cut" not in caption and "empty slot" in caption
