@@ -159,9 +159,9 @@ def test_every_control_shows_the_stores_numbers(journey, browser):
     assert page.locator("input[name=seed]").input_value() == "8"
     expected = page.evaluate("() => geomapDraw(2.5, 3, 1, 7).rank + 1")
     assert int(first_draw) == expected
-    # Map hover names the layer and the lens's reading there.
+    # Map hover names the boundary and the lens's reading there.
     page.locator("[data-map] circle.step[data-layer='0']").first.hover()
-    assert re.match(r"layer 0: the lens reads", page.locator("[data-map-info]").text_content())
+    assert re.match(r"boundary 0: the lens reads", page.locator("[data-map-info]").text_content())
     assert events["console"] == [] and all(u.startswith("file://") for u in events["requests"])
     page.close()
 

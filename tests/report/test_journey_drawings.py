@@ -194,7 +194,7 @@ def test_maps_keep_their_path_and_labels_inside_and_every_point_reachable(page):
         circle.evaluate("c => c.closest('figure').scrollIntoView({block: 'center'})")
         box = circle.bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        assert f"layer {layer}" in page.inner_text("[data-map-info]")
+        assert f"boundary {layer}" in page.inner_text("[data-map-info]")
 
 
 def test_neurons_show_their_strength_and_flag_little_signal(drawn, page):
