@@ -132,3 +132,12 @@ def test_sweep_pages_say_what_was_done_and_where_the_states_come_from(pages):
     assert "<code>random</code> to the resid at boundary 1, position " in steer
     diff = next(p.read_text() for p in written if p.name.startswith("intervention-") and "data-source" in p.read_text())
     assert "clean” below is this prompt's own run" in diff
+
+
+def test_diff_pages_number_residual_sites_by_boundary(pages):
+    """A resid site's layer is a residual boundary (0 = the embedding output), and so is each row of the diff."""
+    _, written, _ = pages
+    html = next(p.read_text() for p in written if p.name.startswith("intervention-"))
+    header = html.split("<header>")[1].split("</header>")[0]
+    assert " · boundary " in header and " layer " not in header
+    assert "<th>boundary</th>" in html and "<th>layer</th>" not in html
