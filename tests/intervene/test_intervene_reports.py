@@ -140,4 +140,4 @@ def test_diff_pages_number_residual_sites_by_boundary(pages):
     html = next(p.read_text() for p in written if p.name.startswith("intervention-"))
     header = html.split("<header>")[1].split("</header>")[0]
     assert " · boundary " in header and " layer " not in header
-    assert "<th>boundary</th>" in html and "<th>layer</th>" not in html
+    assert "<th>boundary</th>" in html and "<th>layer</th>" not in html and "layer by layer" not in html
