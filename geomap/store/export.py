@@ -156,7 +156,7 @@ def _export(con: duckdb.DuckDBPyConnection, watch: Watchdog, sql: str, params: A
             raise SqlTimeout(f"Refused: the export ran past its time limit of {watch.time_limit:g} s and was stopped "
                              f"after {watch.elapsed():.1f} s; narrow it (WHERE) or raise --time-limit.") from None
         if isinstance(exc, duckdb.Error):
-            raise error_for(exc) from None
+            raise error_for(exc, sql) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -123,11 +123,14 @@ def guard(con: duckdb.DuckDBPyConnection, sql: str, budget: int, memory_mb: floa
             raise SqlError(str(exc)) from None
         raise no_memory(memory_mb, f": {exc}") if isinstance(exc, TooBig) else SqlRefused(f"Refused {exc}") from None
     except duckdb.Error as exc:
-        raise error_for(exc) from None
+        raise error_for(exc, sql) from None
 
 
-def error_for(exc: duckdb.Error) -> SqlError:
-    """Map a DuckDB error to a `SqlRefused` naming what was refused, else a `SqlError` with DuckDB's message."""
+def error_for(exc: duckdb.Error, sql: str | None = None) -> SqlError:
+    """Map a DuckDB error to a `SqlRefused` naming what was refused, else a `SqlError` with DuckDB's message.
+
+    ``sql`` (the query) places the error in its line when DuckDB quoted only a window of a long line.
+    """
     msg = str(exc).strip()
     if isinstance(exc, duckdb.PermissionException):
         return SqlRefused(f"Refused: the query reaches outside the store (files, network or extensions): files "
@@ -136,22 +139,41 @@ def error_for(exc: duckdb.Error) -> SqlError:
         return SqlRefused(f"Refused: the query writes to the store, which store SQL can only read. DuckDB said: {msg}")
     if "configuration has been locked" in msg:
         return SqlRefused(f"Refused: the query changes a setting; settings are locked. DuckDB said: {msg}")
-    return SqlError(f"SQL error: {_one_line(msg)}")
+    return SqlError(f"SQL error: {_one_line(msg, sql)}")
 
 
-_CARET = re.compile(r"\n*LINE (\d+): [^\n]*\n( *)\^+[^\n]*")
+_CARET = re.compile(r"\n*LINE (\d+): ([^\n]*)\n( *)\^+[^\n]*")
+_CUT = "..."  # DuckDB quotes a window of a long line, cut at either end with this
 
 
-def _one_line(message: str) -> str:
-    """DuckDB's message on one line: its quoted line and caret become ``(line N, column C)``, its hints follow."""
+def _one_line(message: str, sql: str | None = None) -> str:
+    """DuckDB's message on one line: its quoted line and caret become ``(line N, column C)``, its hints follow.
+
+    DuckDB quotes a long line as a window (``...`` at a cut end), its caret under the window: the window is found
+    in ``sql``'s line to give the column in the line; without ``sql``, or if it is not found, only the line is named.
+    """
     where = ""
     match = _CARET.search(message)
     if match:
-        column = len(match.group(2)) - len(f"LINE {match.group(1)}: ") + 1
-        where = f" (line {match.group(1)}, column {max(column, 1)})"
+        number, shown = int(match.group(1)), match.group(2)
+        column = len(match.group(3)) - len(f"LINE {number}: ") + 1
+        where = f" (line {number}, column {max(column, 1)})"
+        if shown.startswith(_CUT):
+            start = _window(sql, number, shown)
+            where = f" (line {number})" if start is None else f" (line {number}, column {start + column - len(_CUT)})"
         message = message[:match.start()] + message[match.end():]
     first, *rest = [line.strip() for line in message.strip().splitlines() if line.strip()] or [""]
     return " ".join([first + where, *rest])
+
+
+def _window(sql: str | None, number: int, shown: str) -> int | None:
+    """Where DuckDB's quoted window ``shown`` (cut at its start) begins in line ``number`` of ``sql`` (0-based)."""
+    lines = (sql or "").splitlines()
+    text = shown[len(_CUT):].removesuffix(_CUT)
+    if not text or not 0 < number <= len(lines):
+        return None
+    found = lines[number - 1].find(text)
+    return None if found < 0 else found
 
 
 def no_memory(memory_mb: float, detail: str = "") -> SqlMemory:
@@ -290,7 +312,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params, time_limit: float, ma
         if watch.timed_out.is_set():
             raise SqlTimeout(f"Refused: the query ran past its time limit of {time_limit:g} s and was stopped "
                              f"after {elapsed:.1f} s; narrow it (WHERE, LIMIT) or raise the limit.") from None
-        raise error_for(exc) from None
+        raise error_for(exc, sql) from None
     if watch.over_memory.is_set():
         if watch.shared and not alone:
             raise _Rerun()

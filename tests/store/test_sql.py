@@ -184,6 +184,17 @@ def test_syntax_error_keeps_duckdb_message(store):
     assert message.startswith('SQL error: Parser Error: syntax error at or near "id" (line 3, column 8)'), message
 
 
+def test_an_error_in_a_long_line_names_its_column_in_the_line(store):
+    """DuckDB quotes a window of a long line ("..." at the cut): the column counts from the line's start."""
+    columns = ", ".join(f"id AS c{i}" for i in range(40))
+    sql = f"SELECT 1,\n  {columns} FROM FROM prompts"
+    with pytest.raises(SqlError) as info:
+        run_sql(store, sql)
+    column = sql.splitlines()[1].index("FROM FROM") + len("FROM ") + 1
+    assert column > 100  # past DuckDB's window
+    assert f'syntax error at or near "FROM" (line 2, column {column})' in str(info.value), str(info.value)
+
+
 def test_missing_store(tmp_path):
     with pytest.raises(StoreError, match="No store"):
         run_sql(tmp_path / "absent.duckdb", "SELECT 1")
