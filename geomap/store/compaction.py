@@ -21,6 +21,7 @@ alone), by this or a later writer.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -139,10 +140,11 @@ def foreign(path: Path, types: dict[str, pa.DataType], pack: bool) -> bool:
     A column whose values only pyarrow writes (non-null binary: bfloat16 vectors) keeps the file as it is; so does a
     binary column whose footer does not say it is null throughout.
     """
-    meta = pq.read_metadata(path)
-    if meta.created_by == WRITER or not meta.num_rows:
-        return False
-    schema = pq.read_schema(path)
+    with unreadable(path):
+        meta = pq.read_metadata(path)
+        if meta.created_by == WRITER or not meta.num_rows:
+            return False
+        schema = pq.read_schema(path)
     schema = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in schema])
     all_null = []  # one leaf column per field: segment tables hold no structs
     for i in range(meta.num_columns):
@@ -202,12 +204,36 @@ def arrow_types(columns: Sequence[tuple[str, str]]) -> dict[str, pa.DataType]:
 
 def _read(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
     """A segment file's rows, its vector columns in the types they were written with (`arrow_types`)."""
-    table = pq.read_table(path)
+    with unreadable(path):
+        table = pq.read_table(path)
     for i, field in enumerate(table.schema):
         kind = types.get(field.name)
         if kind is not None and field.type != kind:
             table = table.set_column(i, field.name, table.column(i).cast(kind))
     return table
+
+
+@contextlib.contextmanager
+def unreadable(path: Path) -> Iterator[None]:
+    """Turn a segment file that is missing or cannot be read as Parquet into one `StoreError` naming it.
+
+    A disk's own refusal (an ``OSError`` with an errno) passes as it is, for the CLI's storage message.
+    """
+    from geomap.store.db import StoreError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise StoreError(f"The store's segment file {path} is missing: a store is its .duckdb file and the "
+                         f"{path.parent.name} folder beside it (its vectors); copy or move them together. "
+                         "Nothing was compacted from this file.") from None
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        detail = " ".join(str(exc).split())
+        raise StoreError(f"The store's segment file {path} cannot be read ({detail}): it is damaged, and the rows "
+                         "it holds with it; nothing was compacted from it. Restore the store (its .duckdb file and "
+                         "segment folder) from a copy.") from None
 
 
 def _merge(folder: Path, name: str, group: list[tuple], types: dict[str, pa.DataType],

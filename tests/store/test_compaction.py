@@ -16,6 +16,7 @@ from geomap.store.compaction import _merge, compact, foreign, rewrite_foreign
 from geomap.store.db import connect
 from geomap.store.parquet_fast import WRITER
 from geomap.store.segments import SEGMENT_TABLES, Extent, segment_dir, write_segment
+from tests.forked import geomap
 from tests.store.test_segments import same_rows, stores, tables  # noqa: F401 (the module's fixture of two stores)
 from tests.storedb import copy_store
 
@@ -178,3 +179,31 @@ def test_a_file_only_pyarrow_can_write_is_not_foreign(tmp_path):
     assert foreign(folder / "states-old.parquet", TYPES, pack=True)  # float vectors geomap's writer now takes
     ours = write_segment(t, "states", folder)
     assert not foreign(folder / ours.file, TYPES, pack=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_store_compact_names_a_damaged_or_missing_segment_in_one_line(stores, tmp_path, damage):  # noqa: F811
+    db = tmp_path / "store.duckdb"
+    copy_store(stores["seg"], db)
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        before = con.execute("SELECT * FROM internal.segments ORDER BY file").fetchall()
+    finally:
+        con.close()
+    victim = segment_dir(db) / next(r[0] for r in before if r[1] == "states")
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:100])
+    done = geomap("store", "compact", "--db", str(db))
+    assert done.status == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("error: The store's segment file") and str(victim) in lines[0], lines[0]
+    assert ("is missing" if damage == "missing" else "cannot be read") in lines[0]
+    con = duckdb.connect(str(db), read_only=True)
+    try:  # the states' catalog is as it was: nothing of the damaged table was compacted
+        after = con.execute("SELECT * FROM internal.segments WHERE table_name = 'states' ORDER BY file").fetchall()
+    finally:
+        con.close()
+    assert after == [r for r in before if r[1] == "states"]
