@@ -12,9 +12,11 @@ import subprocess
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from geomap.faults import POINTS
+from geomap.store.parquet_fast import WRITER
 from geomap.store.segments import LAYOUT_ENV, segment_dir
 from tests.forked import geomap
 from tests.store.test_segments import as_before_scalars
@@ -159,6 +161,42 @@ def test_kill_at_a_segment_boundary_then_rerun(setup, segment_setup, tmp_path, p
         assert sorted(per_table) == [(1,)] * 4  # the small segments are one per table now
         again = geomap(*args, env=env)  # idempotent: a second run changes nothing
         assert again.status == 0 and snapshot(db) == snapshot(reference)
+
+
+def _with_a_foreign_segment(db: Path, monkeypatch) -> None:
+    """Compact ``db`` as geomap did before fb7a196: contributions through pyarrow's uncompressed fallback."""
+    from geomap.store import segments
+    from geomap.store.compaction import compact
+    from geomap.store.db import connect
+
+    con = connect(db)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(segments, "write_parquet", lambda *args, **kwargs: None)
+            compact(con, names=["contributions"], stream=False)
+        compact(con)
+    finally:
+        con.close()
+    writers = {pq.read_metadata(p).created_by for p in segment_dir(db).iterdir()}
+    assert len(writers) == 2 and WRITER in writers  # one file for `rewrite_foreign` to write again
+
+
+@pytest.mark.parametrize("point", ["segment.temp_written@1", "segment.compacted@1"])
+def test_kill_while_store_compact_rewrites_a_foreign_segment_then_rerun(setup, segment_setup, tmp_path, monkeypatch,
+                                                                       point):
+    """`rewrite_foreign`'s swap: killed after its temp file, or before its commit; one rerun finishes it."""
+    db, env = tmp_path / "store.duckdb", {LAYOUT_ENV: "segments"}
+    _copy_store(segment_setup["both"], db)
+    _with_a_foreign_segment(db, monkeypatch)
+    args = ["store", "compact", "--db", str(db)]
+    killed = geomap(*args, env={**env, "GEOMAP_KILL_AT": point})  # compaction has nothing to do: the rewrite's call
+    assert killed.status == -signal.SIGKILL, f"the kill point {point} was not reached: {killed.stderr[-2000:]}"
+    rerun = geomap(*args, env=env)
+    assert rerun.status == 0 and "rewrote 1 written by an older geomap" in rerun.stdout, rerun.stderr
+    assert snapshot(db) == snapshot(setup["both"])
+    _verified(db)
+    _segments_clean(db)
+    assert {pq.read_metadata(p).created_by for p in segment_dir(db).iterdir()} == {WRITER}
 
 
 @pytest.mark.parametrize(("point", "stage"), CASES, ids=[f"{s}-{p}" for p, s in CASES])
