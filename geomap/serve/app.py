@@ -144,8 +144,16 @@ class Server:
             return self._reserved
 
     def _fail(self, run_id: int) -> None:
+        """After a job's error: drop its run row if the run never started (bad input), else mark the run failed.
+
+        A job refused before its run started (layers the model lacks, a prompt too long) records no run, as the same
+        command without a server; the job still answers under its id (`JobRunner.get`).
+        """
         from geomap.ingest.runs import mark_failed
 
+        with self.store.writer() as con:
+            if con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id", [run_id]).fetchall():
+                return
         mark_failed(self.store, run_id)  # the run lifecycle's failure path, as an engine's own failure takes
 
     def start(self) -> None:

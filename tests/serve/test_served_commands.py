@@ -80,3 +80,17 @@ def test_a_rerun_through_the_server_records_no_empty_run(served):
     job = api.ok("POST", "/runs", {"prompts": ["A prompt not stored yet"], "model": str(model)})
     assert job["run_id"] == last + 2  # the dropped id is not handed out again while a client may ask about it
     assert api.wait(job["run_id"])["status"] == "done"
+
+
+def test_bad_input_through_the_server_records_no_run(served):
+    db, folder, _, port, model = served
+    api = Api(port)
+    last = api.ok("POST", "/sql", {"sql": "SELECT max(id) FROM runs"})["rows"][0][0]
+    (folder / "new.txt").write_text("A prompt the store does not hold\n")
+    done = geomap("ingest", str(folder / "new.txt"), "--db", str(db), "--model", str(model), "--layers", "99")
+    assert done.status == 2, done.stderr
+    errors = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr and "layers [99]" in errors[0], done.stderr
+    assert api.ok("POST", "/sql", {"sql": "SELECT count(*) FROM runs WHERE id > ?", "params": [last]})["rows"] == [[0]]
+    state = api.ok("GET", f"/runs/{last + 1}")  # the refused job still answers under its id
+    assert state["job"]["status"] == "failed" and "layers [99]" in state["job"]["error"]
