@@ -80,6 +80,7 @@ def run_job(client: Client, prompts, model: str, capture, vector_dtype: str, bat
     from geomap.ingest.runs import RunSummary  # torch-free until a job runs (a report's CLI stays fast)
 
     recorded = p.get("recorded", True)  # False: every prompt was stored before, and the server kept no empty run
+    run_id = p.get("run_id") or run_id  # the job took up a killed run of this command: that run's id
     summary = RunSummary(run_id if recorded else None, p.get("stored", 0), p.get("skipped", 0), p.get("failed", 0),
                          p.get("tokens", 0), float(p.get("seconds", 0.0)), tuple(p.get("failures", ())))
     return summary, view

@@ -174,14 +174,21 @@ class Run:
             run_id = resumable_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline)
             if run_id is None and not needed:
                 return None
-        elif not needed and self.con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id",
-                                             [run_id]).fetchall():
+        elif (earlier := resumable_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline, below=run_id)) \
+                is not None and self._drop_queued(run_id):
+            run_id = earlier  # a server's job reruns a killed run of this same command: it takes that run up
+        elif not needed and self._drop_queued(run_id):
             return None  # a reserved row with nothing to fill it: no empty run is recorded, as without a server
         self.run_id = self.tally.run_id = start_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline,
                                                     run_id)
         kill_point("run.started")
         self.tally.report()
         return self.run_id
+
+    def _drop_queued(self, run_id: int) -> bool:
+        """Delete run ``run_id`` if it is a ``queued`` reservation; whether it was."""
+        return bool(self.con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id",
+                                     [run_id]).fetchall())
 
     def merger(self, on_merged: Callable[[Merged], None] | None = None, depth: int = 2) -> ShardMerger:
         """The run's one writer thread (a context manager): batches and shards put into it are merged in order.
@@ -297,14 +304,16 @@ def reserve_run(con, pipeline: str, above: int = 0) -> int:
                            "?) + 1, now(), 'queued', ? FROM runs RETURNING id", [above, pipeline]).fetchall()[0][0])
 
 
-def resumable_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str) -> int | None:
+def resumable_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str,
+                  below: int | None = None) -> int | None:
     """The store's last run if a kill or a failure stopped it and it ran this same command; else None.
 
     Same command: same pipeline name, weights, capture options and vector dtype. A rerun finishes such a run under
-    its own id, so a killed run plus one rerun leaves the store as one uninterrupted run would.
+    its own id, so a killed run plus one rerun leaves the store as one uninterrupted run would. ``below`` (a server
+    job's reserved run) looks at the last run before that one.
     """
     rows = con.execute("SELECT id, status, weights_sha256, capture_config::VARCHAR, vector_dtype, pipeline FROM runs "
-                       "ORDER BY id DESC LIMIT 1").fetchall()
+                       "WHERE id < ? ORDER BY id DESC LIMIT 1", [2**63 - 1 if below is None else below]).fetchall()
     if not rows:
         return None
     run_id, status, sha, config_json, dtype, name = rows[0]

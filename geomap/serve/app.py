@@ -167,7 +167,8 @@ class Server:
                              f"2GB): {str(exc).splitlines()[0]}") from None
         with self.store.writer() as con:
             ensure_schema(con)
-            con.execute("UPDATE runs SET status = 'interrupted' WHERE status IN ('queued', 'running')")
+            con.execute("DELETE FROM runs WHERE status = 'queued'")  # jobs a stop dropped before they started: no run
+            con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")  # a rerun takes them up
         self.jobs = JobRunner(self.store, self.model, self._reserve, self._fail)
         self.fits = FitRunner(self.store, self.model_for_run)
 
