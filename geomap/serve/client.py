@@ -22,6 +22,10 @@ class ServerError(GeomapError):
         self.status = status
 
 
+class ServerGone(GeomapError):
+    """The server did not answer at all: stopped, killed, or unreachable."""
+
+
 class Client:
     """JSON over HTTP to one geomap server (standard library only)."""
 
@@ -70,6 +74,11 @@ class Client:
             except ValueError:
                 detail = payload
             raise ServerError(exc.code, detail if isinstance(detail, str) else json.dumps(detail)) from None
+        except OSError as exc:  # URLError, a reset or closed connection, a timeout: no answer at all
+            reason = getattr(exc, "reason", None) or exc
+            raise ServerGone(f"The server at {self.url} did not answer ({reason}): it stopped or was stopped. "
+                             "Start it again, or run without it, and rerun the same command: it takes up where it "
+                             "left off.") from None
         try:
             seconds = float(retry)
         except ValueError:
