@@ -18,8 +18,10 @@ from click.testing import CliRunner
 from geomap.cli import cli
 from geomap.store.db import connect, ensure_schema, in_transaction
 from geomap.store.export import ExportError, export
-from geomap.store.segments import layout, store_segments
+from geomap.store.segments import layout, segment_dir, store_segments
 from geomap.store.sql import SqlMemory, SqlRefused, run_sql
+from tests.forked import geomap
+from tests.storedb import copy_store
 
 D = 640  # the real model's width
 
@@ -199,3 +201,21 @@ def test_an_export_past_duckdbs_share_says_whose_memory_ran_out(store, tmp_path)
     with pytest.raises(SqlMemory, match=r"DuckDB's working share of it \(1 MB"):
         export(path, "SELECT id, vec FROM states ORDER BY vec[1]", tmp_path / "x.parquet", memory_mb=8)
     assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("where", ["store", "wal", "segment", "link"])
+def test_an_export_over_the_stores_own_files_is_refused_and_changes_nothing(store, tmp_path, where):
+    path = tmp_path / "s.duckdb"
+    copy_store(store[0], path)
+    before = path.read_bytes()
+    out = {"store": path, "wal": path.with_name(path.name + ".wal"), "segment": segment_dir(path) / "x.parquet",
+           "link": tmp_path / "link.parquet"}[where]
+    if where == "link":
+        out.symlink_to(path)
+    with pytest.raises(ExportError, match="one of the store's own files"):
+        export(path, "prompts", out, fmt="parquet")
+    got = geomap("export", "prompts", "--out", str(out), "--format", "parquet", "--db", str(path))
+    lines = [line for line in got.stderr.splitlines() if line.strip()]
+    assert got.status == 2 and len(lines) == 1 and "one of the store's own files" in lines[0], got.stderr
+    assert path.read_bytes() == before
+    assert where == "link" or not out.exists() or out == path
