@@ -187,7 +187,9 @@ def trace(prompt, db, model_name, layers, positions, site, heads, targets, name,
 def report(db, out, names, single_file):
     """Write each sweep's page (heatmap or steering chart) and every intervened journey beside its clean one."""
     from geomap.report.intervention_view import intervention_reports
+    from geomap.store.owned import refuse_store_file
 
+    refuse_store_file(store_path(db), out)
     written = intervention_reports(store_path(db), out, list(names) or None, single_file)
     click.echo(f"{len(written)} pages written; open {out / 'index.html'}")
 

@@ -39,6 +39,7 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
 
     if (prompt_id is None) == (text is None):
         raise click.UsageError("Give exactly one of --prompt ID or --text TEXT.")
+    _not_the_store(db, out)
     if (client := server_for(store_path(db))) is not None:
         if prompt_id is None:
             from geomap.capture import CaptureConfig
@@ -60,6 +61,14 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
     _prepare(store_path(db), [prompt_id])
     done = journey_report(store_path(db), prompt_id, out, single_file, pos=pos)
     click.echo(f"wrote {done.path} ({len(done.html.encode()) / 1e3:.0f} kB); index: {done.path.parent / 'index.html'}")
+
+
+def _not_the_store(db: Path | None, out: Path | None) -> None:
+    """Refuse an ``--out`` that is one of the store's own files (`geomap.store.owned`), before anything is done."""
+    from geomap.store.owned import refuse_store_file
+
+    if out is not None:
+        refuse_store_file(store_path(db), out)
 
 
 def _prepare(db: Path, prompt_ids: list[int]) -> None:
@@ -96,6 +105,7 @@ def report_run(run_id: int, out: Path | None, single_file: bool, db: Path | None
     from geomap.cli.remote import fetch_report, server_for
     from geomap.report.api import DEFAULT_FOLDER, run_report
 
+    _not_the_store(db, out)
     if (client := server_for(store_path(db))) is not None:
         _fetched(fetch_report(client, f"run-{run_id}.html", out or DEFAULT_FOLDER / f"run-{run_id}.html"))
         return
@@ -117,6 +127,7 @@ def report_compare(prompt_ids: tuple[int, ...], out: Path | None, single_file: b
 
     if len(prompt_ids) != 2:
         raise click.UsageError("Give --prompt exactly twice.")
+    _not_the_store(db, out)
     if (client := server_for(store_path(db))) is not None:
         page = f"compare-{prompt_ids[0]}-{prompt_ids[1]}.html"
         _fetched(fetch_report(client, page, out or DEFAULT_FOLDER / page))

@@ -30,6 +30,7 @@ import numpy as np
 
 from geomap.errors import GeomapError
 from geomap.store.handle import StoreLike
+from geomap.store.owned import refuse_store_file
 from geomap.store.sql import (
     SqlMemory,
     SqlTimeout,
@@ -82,25 +83,6 @@ def format_for(out: str | Path, fmt: str | None = None) -> str:
     return fmt
 
 
-def refuse_store_file(db: Path, out: Path) -> None:
-    """Refuse an export over the store's own files: its DuckDB file and those named after it, or its folders.
-
-    Raises:
-        ExportError: ``out`` is (or links to) the store's file, a ``<db>.*`` file beside it (its WAL, weights,
-            server file), or a path inside its segment, index or shard folder.
-    """
-    from geomap.store.db import index_dir
-    from geomap.store.segments import segment_dir
-
-    db, target = db.resolve(), out.resolve()
-    folders = [segment_dir(db), index_dir(db), db.with_name(db.stem + ".shards")]
-    own = target == db or (target.parent == db.parent and target.name.startswith(db.name + "."))
-    own = own or any(target == f or f in target.parents for f in folders)
-    if own or (out.exists() and db.exists() and out.samefile(db)):
-        raise ExportError(f"--out {out} is one of the store's own files ({db} and the files and folders named "
-                          "after it): the export would replace it; write to another path.")
-
-
 def query_for(query_or_table: str) -> str:
     """A bare name (``states``, ``journey``) as ``SELECT * FROM name``; anything else is taken as SQL."""
     text = query_or_table.strip()
@@ -135,7 +117,7 @@ def export(store: StoreLike, query_or_table: str, out: str | Path, fmt: str | No
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give a file name (e.g. {out / ('export.' + fmt)}).")
-    refuse_store_file(Path(store if isinstance(store, (str, Path)) else store.path), out)
+    refuse_store_file(store if isinstance(store, (str, Path)) else store.path, out)
     sql, budget, start = query_for(query_or_table), int(memory_mb * 2**20), time.perf_counter()
     if not GATE.enter(start + time_limit):
         raise SqlTimeout(f"Refused: all {GATE.size} reader slots stayed busy for the whole time limit of "

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from geomap.cli import cli
-from geomap.store.db import connect, ensure_schema, in_transaction
+from geomap.store.db import StoreError, connect, ensure_schema, in_transaction
 from geomap.store.export import ExportError, export
 from geomap.store.segments import layout, segment_dir, store_segments
 from geomap.store.sql import SqlMemory, SqlRefused, run_sql
@@ -212,7 +212,7 @@ def test_an_export_over_the_stores_own_files_is_refused_and_changes_nothing(stor
            "link": tmp_path / "link.parquet"}[where]
     if where == "link":
         out.symlink_to(path)
-    with pytest.raises(ExportError, match="one of the store's own files"):
+    with pytest.raises(StoreError, match="one of the store's own files"):
         export(path, "prompts", out, fmt="parquet")
     got = geomap("export", "prompts", "--out", str(out), "--format", "parquet", "--db", str(path))
     lines = [line for line in got.stderr.splitlines() if line.strip()]
