@@ -370,6 +370,8 @@ def remove_orphans(con: duckdb.DuckDBPyConnection, grace_s: float = 0.0) -> list
                                      "epoch(now()::TIMESTAMP) - epoch(retired_at) >= ?", [grace_s]).fetchall()}
     removed = []
     for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            continue  # not a segment (a folder someone made here): left as it is, and no writer fails on it
         orphan = path.name.startswith(".") or (path.name not in live and path.name not in retired)
         if orphan or path.name in due:
             path.unlink(missing_ok=True)

@@ -207,3 +207,13 @@ def test_store_compact_names_a_damaged_or_missing_segment_in_one_line(stores, tm
     finally:
         con.close()
     assert after == [r for r in before if r[1] == "states"]
+
+
+def test_a_folder_inside_the_segment_folder_stops_no_writer(stores, tmp_path):  # noqa: F811
+    db = tmp_path / "store.duckdb"
+    copy_store(stores["seg"], db)
+    (segment_dir(db) / "notes").mkdir()  # a folder someone made there (was: every writer failed on it)
+    (segment_dir(db) / "notes" / "keep.txt").write_text("mine")
+    done = geomap("store", "compact", "--db", str(db))
+    assert done.status == 0, done.stderr
+    assert (segment_dir(db) / "notes" / "keep.txt").read_text() == "mine"
