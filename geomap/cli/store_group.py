@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -12,6 +14,23 @@ from geomap.cli.store_cmds import db_option, existing_store
 @click.group()
 def store() -> None:
     """Upkeep of the store's files: vector segments."""
+
+
+@contextlib.contextmanager
+def _disk_refusals(db: Path) -> Iterator[None]:
+    """A write the disk refused (full, read-only) as one `StorageError`, naming the store where the error names no file.
+
+    A segment's write that the disk refuses half-way names no file (``OSError: [Errno 28]``).
+    """
+    from geomap.store.db import storage_error
+
+    try:
+        yield
+    except OSError as exc:
+        error = storage_error(exc, db)
+        if error is None:
+            raise
+        raise error from None
 
 
 @store.command("compact")
@@ -27,7 +46,8 @@ def compact(db: Path | None) -> None:
     from geomap.store.handle import Store
     from geomap.store.segments import layout, open_for_writing
 
-    with Store.open(existing_store(db), "w") as store, store.writer() as con:  # this process holds the store alone
+    path = existing_store(db)
+    with _disk_refusals(path), Store.open(path, "w") as store, store.writer() as con:  # it holds the store alone
         ensure_schema(con)
         if layout(con) != "segments":
             click.echo("this store keeps its vectors in DuckDB rows; `geomap store migrate` moves them to segments")
@@ -49,7 +69,8 @@ def migrate(db: Path | None) -> None:
     from geomap.store.segment_migrate import migrate as migrate_segments
     from geomap.store.segments import open_for_writing
 
-    with Store.open(existing_store(db), "w") as store, store.writer() as con:
+    path = existing_store(db)
+    with _disk_refusals(path), Store.open(path, "w") as store, store.writer() as con:
         ensure_schema(con)
         open_for_writing(con)
         moved = migrate_segments(con)

@@ -331,3 +331,19 @@ def test_disk_full_during_index_rebuild_leaves_no_temp_file(setup, small_disk):
     assert geomap("index", "rebuild", "--db", str(db)).status == 0
     _verified(db)
     assert snapshot(db) == snapshot(setup["both"])
+
+
+def test_disk_full_during_store_compact_then_rerun_after_freeing_space(setup, segment_setup, small_disk):
+    db = small_disk / "store.duckdb"
+    _copy_store(segment_setup["both"], db)
+    filler = _fill(small_disk, 64 << 10)  # room for none of the compacted segments
+    args = ["store", "compact", "--db", str(db)]
+    full = geomap(*args, env={LAYOUT_ENV: "segments"})
+    assert full.status == 2, full.stderr
+    line = _one_error_line(full.stderr)
+    assert "No space left on device" in line and str(db) in line, line  # the store named, not "Cannot write :"
+    filler.unlink()
+    assert geomap(*args).status == 0
+    assert snapshot(db) == snapshot(setup["both"])
+    _verified(db)
+    _segments_clean(db)
