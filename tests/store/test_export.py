@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 import threading
 
 import numpy as np
@@ -219,3 +220,13 @@ def test_an_export_over_the_stores_own_files_is_refused_and_changes_nothing(stor
     assert got.status == 2 and len(lines) == 1 and "one of the store's own files" in lines[0], got.stderr
     assert path.read_bytes() == before
     assert where == "link" or not out.exists() or out == path
+
+
+def test_an_export_to_a_pipe_is_refused_and_the_pipe_stays_a_pipe(store, tmp_path):
+    """An export renames its file into place: over a device or a pipe (``/dev/full`` as root) it would replace it."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(ExportError, match="not a regular file"):
+        export(store[0], "prompts", pipe, fmt="csv")
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # and no temporary file is left beside it
