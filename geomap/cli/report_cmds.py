@@ -64,10 +64,11 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
 
 
 def _not_the_store(db: Path | None, out: Path | None) -> None:
-    """Refuse an ``--out`` that is one of the store's own files (`geomap.store.owned`), before anything is done."""
-    from geomap.store.owned import refuse_store_file
+    """Refuse an ``--out`` that is the store's own or a device or pipe (`geomap.store.owned`), before anything runs."""
+    from geomap.store.owned import refuse_special, refuse_store_file
 
     if out is not None:
+        refuse_special(out)
         refuse_store_file(store_path(db), out)
 
 

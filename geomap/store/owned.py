@@ -1,4 +1,4 @@
-"""The paths a store owns: its DuckDB file, the files named after it, and its folders; no command writes over them."""
+"""Where a command may write its output: not over the store's own files and folders, not over a device or a pipe."""
 
 from __future__ import annotations
 
@@ -35,3 +35,20 @@ def refuse_store_file(db: str | Path, out: str | Path, option: str = "--out") ->
     if owns(db, out):
         raise StoreError(f"{option} {out} is one of the store's own files ({Path(db).resolve()} and the files and "
                          "folders named after it): writing it would damage the store; write to another path.")
+
+
+def refuse_special(out: str | Path, option: str = "--out") -> None:
+    """Refuse an ``out`` that exists and is not a regular file: a device, pipe or socket.
+
+    Outputs are written beside their destination and renamed into place, which would replace such a file (as root,
+    ``/dev/full`` became a plain file).
+
+    Raises:
+        GeomapError: ``out`` is a device, pipe or socket.
+    """
+    from geomap.errors import GeomapError
+
+    out = Path(out)
+    if out.exists() and not out.is_file() and not out.is_dir():
+        raise GeomapError(f"{option} {out} is not a regular file (a device, pipe or socket): the output is written "
+                          "beside it and renamed into place; give a file path.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,6 +48,7 @@ def world(tiny_dirs, tmp_path_factory):
     }
     for name, content in files.items():
         (root / name).write_bytes(content)
+    os.mkfifo(root / "pipe")  # a report over it would make it a plain file
     pq.write_table(pa.table({"text": [1, 2]}), root / "int-text.parquet")
     pipelines = {
         "tags-string": 'tags = "demo"', "unknown-key": "tag = ['demo']", "batch-eight": 'batch_size = "eight"',
@@ -154,6 +156,8 @@ CASES = [
                                      "{root}/store/s.indexes/c.html", "--db", "{db}"], "one of the store's own files"),
     ("intervene-report-into-segments", ["intervene", "report", "--out", "{root}/store/s.segments", "--db", "{db}"],
      "one of the store's own files"),
+    ("report-run-to-a-pipe", ["report", "run", "--run", "1", "--out", "{root}/pipe", "--db", "{db}"],
+     "not a regular file"),
     ("report-no-prompt", ["report", "journey", "--prompt", "999", "--db", "{db}", "--out", "{root}/r/x.html"], "999"),
     ("attribute-no-prompt", ["attribute", "--prompt", "999", "--db", "{db}"], "999"),
     # a token budget: a prompt over it is refused before anything is stored (naming it, its length, the budget)

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from geomap.cli import cli
+from geomap.errors import GeomapError
 from geomap.store.db import StoreError, connect, ensure_schema, in_transaction
 from geomap.store.export import ExportError, export
 from geomap.store.segments import layout, segment_dir, store_segments
@@ -226,7 +227,7 @@ def test_an_export_to_a_pipe_is_refused_and_the_pipe_stays_a_pipe(store, tmp_pat
     """An export renames its file into place: over a device or a pipe (``/dev/full`` as root) it would replace it."""
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
-    with pytest.raises(ExportError, match="not a regular file"):
+    with pytest.raises(GeomapError, match="not a regular file"):
         export(store[0], "prompts", pipe, fmt="csv")
     assert stat.S_ISFIFO(pipe.stat().st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # and no temporary file is left beside it
