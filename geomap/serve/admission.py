@@ -14,8 +14,9 @@ longer than the server's longest time limit gets 408. Other requests (health, re
 are not held.
 
 A request's body is read before it joins the line, so a client that trickles its body holds no slot while it does.
-The body's limits (size, a body that stops arriving) stay the perimeter's: their errors are handed on to the
-application at the point where it reads the body, which answers them as before.
+The body's limits (size, a body that stops arriving) stay the perimeter's, which reads the body first and answers
+them itself (`geomap.serve.security`); an error of the body that reaches here is handed on to the application at
+the point where it reads the body.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections import deque
 
-from geomap.serve.security import reply
+from geomap.serve.security import read_body, replay, reply
 
 ARRIVED = "geomap.arrived"  # the scope key holding a gated request's arrival (``time.perf_counter()``)
 READS = re.compile(r"^/(runs|runs/[^/]+|prompts|prompts/.+|neighbors)$")
@@ -66,8 +66,8 @@ class Admission:
         if scope["type"] != "http" or not is_read(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         scope[ARRIVED] = time.perf_counter()
-        messages, failure = await _read_body(receive)
-        receive = _replay(messages, failure, receive)
+        messages, failure = await read_body(receive)
+        receive = replay(messages, failure, receive)
         if failure is not None or messages[-1]["type"] != "http.request":
             return await self.app(scope, receive, send)  # the app answers the body's error, or sees the disconnect
         free = self._semaphore()
@@ -84,30 +84,3 @@ class Admission:
             return await self.app(scope, receive, send)
         finally:
             free.release()
-
-
-async def _read_body(receive) -> tuple[list[dict], BaseException | None]:
-    """A request's messages up to its whole body (or a disconnect), and the error that stopped reading, if any."""
-    messages: list[dict] = []
-    try:
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return messages, None
-    except Exception as exc:  # noqa: BLE001 - the perimeter's body limits: handed to the app where it reads
-        return messages, exc
-
-
-def _replay(messages: list[dict], failure: BaseException | None, receive):
-    """A ``receive`` that gives the messages already read, then raises their error or goes on with ``receive``."""
-    queue = deque(messages)
-
-    async def replayed() -> dict:
-        if queue:
-            return queue.popleft()
-        if failure is not None:
-            raise failure
-        return await receive()
-
-    return replayed

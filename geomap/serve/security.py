@@ -11,6 +11,9 @@
 - **Size**: a body over the limit gets 413, whether announced by ``Content-Length`` or streamed.
 - **Slow bodies**: a request whose body stops arriving for `BODY_TIMEOUT_S` is dropped (408), so a client that
   trickles its body cannot hold a request slot.
+
+A body is read whole here, before the application sees the request, so these two are answered here: raised
+inside FastAPI's own read of the body, they became its "There was an error parsing the body" (400).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import asyncio
 import hmac
 import ipaddress
 import json
+from collections import deque
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 BODY_TIMEOUT_S = 10.0
+BODY_METHODS = ("POST", "PUT", "PATCH")  # requests whose body the perimeter reads before the application sees them
 
 
 def is_loopback(host: str) -> bool:
@@ -89,7 +94,20 @@ class Perimeter:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await reply(send, 413, f"Request body too large: the limit is {self.max_body} bytes.")
-        return await self.app(scope, self._limited(receive), send)
+        return await self._with_body(scope, self._limited(receive), send)
+
+    async def _with_body(self, scope, receive, send):
+        """Read a request's body whole (answering its limits' errors here, not as FastAPI's 400), then pass it on."""
+        if scope["method"] in BODY_METHODS:
+            messages, failure = await read_body(receive)
+            if isinstance(failure, BodyTooLarge):
+                return await reply(send, 413, f"Request body too large: the limit is {self.max_body} bytes.",
+                                   {"connection": "close"})
+            if isinstance(failure, BodyTimeout):
+                return await reply(send, 408, f"The request body stopped arriving for {BODY_TIMEOUT_S:g} s.",
+                                   {"connection": "close"})
+            receive = replay(messages, failure, receive)
+        return await self.app(scope, receive, send)
 
     def _limited(self, receive):
         seen = 0
@@ -107,6 +125,33 @@ class Perimeter:
             return message
 
         return wrapped
+
+
+async def read_body(receive) -> tuple[list[dict], BaseException | None]:
+    """A request's messages up to its whole body (or a disconnect), and the error that stopped reading, if any."""
+    messages: list[dict] = []
+    try:
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return messages, None
+    except Exception as exc:  # noqa: BLE001 - the body's limits, or the server's own error: the caller decides
+        return messages, exc
+
+
+def replay(messages: list[dict], failure: BaseException | None, receive):
+    """A ``receive`` that gives the messages already read, then raises their error or goes on with ``receive``."""
+    queue = deque(messages)
+
+    async def replayed() -> dict:
+        if queue:
+            return queue.popleft()
+        if failure is not None:
+            raise failure
+        return await receive()
+
+    return replayed
 
 
 class BodyTooLarge(Exception):
