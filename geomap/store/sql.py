@@ -132,6 +132,11 @@ def error_for(exc: duckdb.Error, sql: str | None = None) -> SqlError:
     ``sql`` (the query) places the error in its line when DuckDB quoted only a window of a long line.
     """
     msg = str(exc).strip()
+    elsewhere = re.search(r'Cannot access file "([^"]*\.segments/[^"]*)"', msg)
+    if isinstance(exc, duckdb.PermissionException) and elsewhere:  # the store's own views, not the user's SQL
+        return SqlError(f"The store's views name the segment file {elsewhere.group(1)}, outside the store's own "
+                        "segment folder: the store was copied or moved without its .segments folder (its vectors); "
+                        "copy or move the .duckdb file and its folder together.")
     if isinstance(exc, duckdb.PermissionException):
         return SqlRefused(f"Refused: the query reaches outside the store (files, network or extensions): files "
                           f"cannot be read, only the store's tables and views. DuckDB said: {msg}")

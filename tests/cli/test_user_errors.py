@@ -277,6 +277,21 @@ def test_a_segments_store_copied_without_its_segment_folder_says_so(world, tmp_p
     assert "alone.segments/" in lines[0] and "copy or move them together" in lines[0]
 
 
+@pytest.mark.parametrize("command", [["sql", "SELECT count(*) FROM states"],
+                                     ["export", "states", "--out", "{tmp}/states.parquet"]])
+def test_sql_on_a_store_copied_without_its_folder_says_so(world, tmp_path, command):
+    """The original folder is still there: the copy's views name it, which store SQL may not read."""
+    if not segment_dir(world["db"]).is_dir():
+        pytest.skip("a rows store has no segment folder")
+    db = tmp_path / "alone.duckdb"
+    shutil.copy(world["db"], db)  # the file without its folder
+    done = geomap(*[a.format(tmp=tmp_path) for a in command], "--db", str(db))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.status == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and "without its .segments folder" in lines[0], lines  # not "reaches outside the store"
+    assert "copy or move the .duckdb file and its folder together" in lines[0]
+
+
 def test_report_never_overwrites_a_foreign_index_html(world, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
