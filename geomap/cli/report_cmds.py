@@ -65,11 +65,10 @@ def report_journey(prompt_id: int | None, text: str | None, pos: int | None, out
 
 def _not_the_store(db: Path | None, out: Path | None) -> None:
     """Refuse an ``--out`` that is the store's own or a device or pipe (`geomap.store.owned`), before anything runs."""
-    from geomap.store.owned import refuse_special, refuse_store_file
+    from geomap.store.owned import refuse_output
 
     if out is not None:
-        refuse_special(out)
-        refuse_store_file(store_path(db), out)
+        refuse_output(store_path(db), out)
 
 
 def _prepare(db: Path, prompt_ids: list[int]) -> None:

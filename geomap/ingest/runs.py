@@ -175,20 +175,15 @@ class Run:
             if run_id is None and not needed:
                 return None
         elif (earlier := resumable_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline, below=run_id)) \
-                is not None and self._drop_queued(run_id):
+                is not None and drop_queued(self.con, run_id):
             run_id = earlier  # a server's job reruns a killed run of this same command: it takes that run up
-        elif not needed and self._drop_queued(run_id):
+        elif not needed and drop_queued(self.con, run_id):
             return None  # a reserved row with nothing to fill it: no empty run is recorded, as without a server
         self.run_id = self.tally.run_id = start_run(self.con, self.model, o.config, o.vector_dtype, o.pipeline,
                                                     run_id)
         kill_point("run.started")
         self.tally.report()
         return self.run_id
-
-    def _drop_queued(self, run_id: int) -> bool:
-        """Delete run ``run_id`` if it is a ``queued`` reservation; whether it was."""
-        return bool(self.con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id",
-                                     [run_id]).fetchall())
 
     def merger(self, on_merged: Callable[[Merged], None] | None = None, depth: int = 2) -> ShardMerger:
         """The run's one writer thread (a context manager): batches and shards put into it are merged in order.
@@ -302,6 +297,11 @@ def reserve_run(con, pipeline: str, above: int = 0) -> int:
     """
     return int(con.execute("INSERT INTO runs (id, started_at, status, pipeline) SELECT greatest(coalesce(max(id), 0), "
                            "?) + 1, now(), 'queued', ? FROM runs RETURNING id", [above, pipeline]).fetchall()[0][0])
+
+
+def drop_queued(con, run_id: int) -> bool:
+    """Delete run ``run_id`` if it is still a ``queued`` reservation (`reserve_run`) that no ingestion started."""
+    return bool(con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id", [run_id]).fetchall())
 
 
 def resumable_run(con, loaded: LoadedModel, config: CaptureConfig, vector_dtype: str, pipeline: str,

@@ -149,10 +149,10 @@ class Server:
         A job refused before its run started (layers the model lacks, a prompt too long) records no run, as the same
         command without a server; the job still answers under its id (`JobRunner.get`).
         """
-        from geomap.ingest.runs import mark_failed
+        from geomap.ingest.runs import drop_queued, mark_failed
 
         with self.store.writer() as con:
-            if con.execute("DELETE FROM runs WHERE id = ? AND status = 'queued' RETURNING id", [run_id]).fetchall():
+            if drop_queued(con, run_id):
                 return
         mark_failed(self.store, run_id)  # the run lifecycle's failure path, as an engine's own failure takes
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from geomap.errors import GeomapError
 from geomap.store.handle import StoreLike
-from geomap.store.owned import refuse_special, refuse_store_file
+from geomap.store.owned import refuse_output
 from geomap.store.sql import (
     SqlMemory,
     SqlTimeout,
@@ -117,8 +117,7 @@ def export(store: StoreLike, query_or_table: str, out: str | Path, fmt: str | No
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give a file name (e.g. {out / ('export.' + fmt)}).")
-    refuse_special(out)
-    refuse_store_file(store if isinstance(store, (str, Path)) else store.path, out)
+    refuse_output(store if isinstance(store, (str, Path)) else store.path, out)
     sql, budget, start = query_for(query_or_table), int(memory_mb * 2**20), time.perf_counter()
     if not GATE.enter(start + time_limit):
         raise SqlTimeout(f"Refused: all {GATE.size} reader slots stayed busy for the whole time limit of "

@@ -52,3 +52,9 @@ def refuse_special(out: str | Path, option: str = "--out") -> None:
     if out.exists() and not out.is_file() and not out.is_dir():
         raise GeomapError(f"{option} {out} is not a regular file (a device, pipe or socket): the output is written "
                           "beside it and renamed into place; give a file path.")
+
+
+def refuse_output(db: str | Path, out: str | Path, option: str = "--out") -> None:
+    """Refuse an output file that is a device, pipe or socket (`refuse_special`) or one of the store's (`owns`)."""
+    refuse_special(out, option)
+    refuse_store_file(db, out, option)
